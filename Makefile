@@ -1,0 +1,32 @@
+# The two commands of the README. Both create .venv when it is missing and install into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Ray 2.60 turns token authentication on for local clusters; say so explicitly everywhere.
+export RAY_AUTH_MODE ?= token
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch pinned on its own first: on these machines 2.13.0 is a local CPU wheel.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	test -d demo-data || $(VENV)/bin/fedward demo-data --out demo-data --hospitals 3 --seed 0
+	$(VENV)/bin/fedward simulate configs/demo_images.yaml
+	$(VENV)/bin/fedward simulate configs/demo_ehr.yaml
+	$(VENV)/bin/fedward compare configs/demo_images.yaml
+	$(VENV)/bin/fedward compare configs/demo_ehr.yaml
+
+test: install
+	$(PY) -m pytest
+
+clean-demo:
+	rm -rf demo-data runs

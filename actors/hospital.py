@@ -1,0 +1,168 @@
+"""One hospital: its data, its copy of the model, its own state. A plain class.
+
+It becomes a Ray actor only in `actors/remote.py`, so tests build it directly. Everything it
+returns is an `Update`, an `Evaluation`, counts or summary statistics: raw data, per-patient
+scores and file names stay in its own work area (`work_dir`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_adapters.dicom import load_dicom
+from data_adapters.harmonize import PreprocessingSpec, TableSummary, summarize
+from data_adapters.report import DataReport
+from data_adapters.samples import Samples
+from data_adapters.splits import split_by_patient
+from data_adapters.tables import load_table
+from fedward.config import FedwardConfig
+from fedward.errors import DataError, HospitalError
+from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, Update
+from models.flat import flatten, load_flat
+from models.networks import build_model
+from models import training
+from pipelines.checkpoint import atomic_torch_save
+from privacy.hooks import build_hook
+
+KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
+
+
+class Hospital:
+    def __init__(self, name: str, config: FedwardConfig):
+        self.name = name
+        self.config = config
+        own = config.hospital(name)
+        self.data_dir = Path(own.data).expanduser()
+        self.work_dir = Path(own.work_dir).expanduser() if own.work_dir else self.data_dir / ".fedward"
+        self.run_dir = self.work_dir / "runs" / config.run.name
+        self.hook = build_hook("plaintext")
+        self.samples: Samples | None = None
+        self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
+        self.model: nn.Module | None = None
+        self.personal: frozenset[str] = frozenset()
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def load(self) -> DataCounts:
+        """Read and check the data, split it by patient; only counts leave the hospital."""
+        if not self.data_dir.is_dir():
+            raise DataError(f"{self.name}: data folder {self.data_dir} does not exist on this node")
+        report = DataReport(self.name)
+        data = self.config.data
+        if data.kind == "table":
+            samples = load_table(self.data_dir, data.table, report)
+        else:
+            samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache")
+        report.write(self.run_dir / "data_report.json")
+        usable, classes = len(samples), set(np.unique(samples.labels).tolist())
+        if usable < data.min_samples or classes != {0, 1}:
+            raise DataError(
+                f"{self.name}: {usable} usable samples with labels {sorted(classes)}; joining needs at least "
+                f"data.min_samples={data.min_samples} and both classes. Skipped per reason: {report.counts()}; "
+                f"details in the hospital's report {self.run_dir / 'data_report.json'}"
+            )
+        self.samples = samples
+        self.train_idx, self.holdout_idx = split_by_patient(
+            samples.patient_ids, samples.labels, data.holdout_fraction, self.config.run.seed
+        )
+        self._write_split()
+        return DataCounts(
+            hospital=self.name,
+            train_examples=len(self.train_idx),
+            holdout_examples=len(self.holdout_idx),
+            train_patients=len(np.unique(samples.patient_ids[self.train_idx])),
+            holdout_patients=len(np.unique(samples.patient_ids[self.holdout_idx])),
+            positives=int(samples.labels.sum()),
+            skipped=report.counts(),
+            fingerprint=samples.fingerprint,
+        )
+
+    def _write_split(self) -> None:
+        ids = np.asarray(self.samples.sample_ids)
+        body = {"train": ids[self.train_idx].tolist(), "holdout": ids[self.holdout_idx].tolist()}
+        atomic_torch_save(body, self.run_dir / "split.pt")
+
+    def summarize(self) -> TableSummary | None:
+        """Summary statistics of the training split for federated harmonization (tables only)."""
+        if self.config.data.kind != "table":
+            return None
+        return summarize(self._loaded().features.take(self.train_idx), self.config.data.table, self.name)
+
+    def prepare(self, preprocessing: dict | None, personal: frozenset[str]) -> tuple[int, ...]:
+        """Apply the agreed preprocessing and build the local model; returns one sample's shape."""
+        samples = self._loaded()
+        if preprocessing is not None:
+            x = PreprocessingSpec.from_dict(preprocessing).apply(samples.features)
+        else:
+            x = samples.features
+        self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        self.y = torch.from_numpy(samples.labels.astype(np.float32))
+        self.personal = frozenset(personal)
+        torch.manual_seed(self.config.run.seed)  # personal layers start the same on every resume
+        self.model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
+        return tuple(self.x.shape[1:])
+
+    def _loaded(self) -> Samples:
+        if self.samples is None:
+            raise HospitalError(f"{self.name}: data not loaded; the pipeline calls load() first")
+        return self.samples
+
+    # -- training and evaluation ------------------------------------------------------------------
+
+    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None) -> Update:
+        model = self._model_with(weights, layout)
+        train_loss = training.train(
+            model,
+            self.x[self.train_idx],
+            self.y[self.train_idx],
+            epochs=plan.local_epochs,
+            lr=plan.lr,
+            seed=plan.seed,
+            config=self.config.train,
+        )
+        self._save_state(plan.round)
+        flat, shared = flatten(model, self.personal)
+        update = Update(
+            round=plan.round,
+            hospital=self.name,
+            weights=flat,
+            layout=shared,
+            num_examples=len(self.train_idx),
+            metrics={"train_loss": train_loss},
+        )
+        return self.hook.encode(update, hook_setup)
+
+    def evaluate(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
+        model = self._model_with(weights, layout)
+        return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+
+    def _model_with(self, weights: np.ndarray, layout: Layout) -> nn.Module:
+        if self.model is None:
+            raise HospitalError(f"{self.name}: model not prepared; the pipeline calls prepare() first")
+        load_flat(self.model, weights, layout, self.personal)
+        return self.model
+
+    # -- the hospital's own state -----------------------------------------------------------------
+
+    def _state_path(self, round: int) -> Path:
+        return self.run_dir / "state" / f"round_{round:04d}.pt"
+
+    def _save_state(self, round: int) -> None:
+        # Personal layers and counters (e.g. BatchNorm's) live only here; the driver never sees them.
+        atomic_torch_save({"round": round, "model": self.model.state_dict()}, self._state_path(round))
+        for old in sorted(self._state_path(0).parent.glob("round_*.pt"))[:-KEEP_STATES]:
+            old.unlink()
+
+    def restore(self, round: int) -> bool:
+        """Reload the state saved after `round`; False when there is none (a fresh hospital)."""
+        path = self._state_path(round)
+        if round == 0 or not path.is_file():
+            return False
+        state = torch.load(path, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        return True

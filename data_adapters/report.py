@@ -1,0 +1,46 @@
+"""A hospital's data report: every input that was not used, with why.
+
+The full report names files, rows and fields, which can identify patients, so it is written only
+into the hospital's own area; only `counts()` (reason -> number) leaves the hospital.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: str  # file path relative to the data folder, or "TABLE row N"
+    field: str  # the DICOM attribute or column at fault, or "file"
+    reason: str  # a short stable key, counted across hospitals, e.g. "unreadable_dicom"
+    detail: str  # what was expected and what was found
+
+
+class DataReport:
+    def __init__(self, hospital: str):
+        self.hospital = hospital
+        self.skipped: list[Skipped] = []
+        self.used = 0
+
+    def skip(self, source: str, field: str, reason: str, detail: str) -> None:
+        self.skipped.append(Skipped(str(source), field, reason, detail))
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(s.reason for s in self.skipped).items()))
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {
+            "hospital": self.hospital,
+            "used": self.used,
+            "skipped_counts": self.counts(),
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2))
+        os.replace(tmp, path)

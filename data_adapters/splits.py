@@ -1,0 +1,30 @@
+"""Training / held-out split by patient, stratified by label.
+
+A patient's samples all land on one side, so no patient is both learned from and evaluated on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def split_by_patient(
+    patient_ids: np.ndarray, labels: np.ndarray, holdout_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and held-out samples."""
+    patients, inverse = np.unique(patient_ids, return_inverse=True)
+    # A patient counts as positive if any of their samples is, so strata are by patient.
+    patient_label = np.zeros(len(patients), np.int64)
+    np.maximum.at(patient_label, inverse, np.asarray(labels, np.int64))
+    rng = np.random.default_rng(seed)
+    holdout_patient = np.zeros(len(patients), bool)
+    for label in (0, 1):
+        members = np.flatnonzero(patient_label == label)
+        if len(members) == 0:
+            continue
+        take = int(round(holdout_fraction * len(members)))
+        # Keep both classes on both sides whenever a class has at least two patients.
+        take = min(max(take, 1), len(members) - 1) if len(members) >= 2 else take
+        holdout_patient[rng.permutation(members)[:take]] = True
+    holdout = holdout_patient[inverse]
+    return np.flatnonzero(~holdout), np.flatnonzero(holdout)

@@ -1,0 +1,326 @@
+"""The run's configuration: typed, validated once, parsed from YAML in one place.
+
+Every section is a frozen keyword-only dataclass that checks itself in `__post_init__` and
+raises `ConfigError` naming the field and the fix. `load_config` is the only reader of YAML;
+`config_hash` is what makes a run directory refuse a changed configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+import yaml
+
+from fedward.errors import ConfigError
+
+FeatureType = Literal["numeric", "categorical", "boolean"]
+NormKind = Literal["batch", "group", "none"]
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelRule:
+    """How a label column becomes the binary outcome.
+
+    Give `positive_values` (values meaning 1, e.g. ["died", "icu"]) or `threshold` (numeric values
+    at or above it mean 1), or neither when the column already holds 0/1 or true/false.
+    """
+
+    column: str
+    positive_values: tuple[str, ...] | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        _need(bool(self.column), "label.column: name the column that holds the outcome")
+        _need(
+            self.positive_values is None or self.threshold is None,
+            f"label ({self.column}): give either positive_values or threshold, not both",
+        )
+        if self.positive_values is not None:
+            object.__setattr__(self, "positive_values", tuple(str(v) for v in self.positive_values))
+            _need(len(self.positive_values) > 0, "label.positive_values: list at least one value")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureSpec:
+    name: str
+    type: FeatureType
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableSpec:
+    """An EHR export at each hospital: one row per sample, one column per feature."""
+
+    file: str  # relative to the hospital's data folder; .parquet, .csv, .arrow/.feather
+    features: tuple[FeatureSpec, ...]
+    label: LabelRule
+    patient_id: str | None = None  # rows of one patient stay on one side of the split
+    # A category seen fewer times at a hospital is reported as "other": a rare value identifies.
+    min_category_count: int = 5
+
+    def __post_init__(self):
+        _need(bool(self.features), "data.table.features: list the feature columns and their types")
+        names = [f.name for f in self.features]
+        _need(len(set(names)) == len(names), f"data.table.features: duplicate column in {names}")
+        _need(self.label.column not in names, f"data.table: label column {self.label.column!r} is also a feature")
+        _need(self.min_category_count >= 1, "data.table.min_category_count: must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomSpec:
+    """A folder of DICOM files at each hospital plus a table of labels."""
+
+    images: str = "images"  # folder relative to the hospital's data folder, any nesting
+    labels: str = "labels.csv"  # CSV or Parquet, relative to the hospital's data folder
+    # What the label table is keyed by: the file's SOPInstanceUID, its PatientID, or its path
+    # relative to the images folder.
+    key: Literal["sop_instance_uid", "patient_id", "path"] = "sop_instance_uid"
+    key_column: str = "SOPInstanceUID"
+    label: LabelRule
+    image_size: int = 64  # images are resized to image_size x image_size
+    frames: Literal["all", "first", "middle"] = "middle"  # which frames of a multi-frame file
+    # "voi" uses the file's VOI window when present and min-max otherwise; "minmax" always min-max.
+    window: Literal["voi", "minmax"] = "voi"
+
+    def __post_init__(self):
+        _need(8 <= self.image_size <= 512, f"data.dicom.image_size: expected 8..512, got {self.image_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    kind: Literal["table", "dicom"]
+    table: TableSpec | None = None
+    dicom: DicomSpec | None = None
+    holdout_fraction: float = 0.25  # share of patients kept for evaluation, stratified by label
+    min_samples: int = 20  # a hospital with fewer usable samples refuses to join
+
+    def __post_init__(self):
+        _need(
+            (self.kind == "table") == (self.table is not None)
+            and (self.kind == "dicom") == (self.dicom is not None),
+            f"data: kind is {self.kind!r}, so give exactly the data.{self.kind} section",
+        )
+        _need(0.0 < self.holdout_fraction < 1.0, "data.holdout_fraction: expected a number in (0, 1)")
+        _need(self.min_samples >= 2, "data.min_samples: must be at least 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    kind: Literal["mlp", "cnn"]
+    norm: NormKind = "none"  # FedBN needs "batch", DP-SGD needs "group"
+    hidden: tuple[int, ...] = (64, 32)  # MLP layer widths
+    channels: tuple[int, ...] = (16, 32, 32)  # CNN: one conv block per entry
+    dropout: float = 0.0
+    groups: int = 4  # GroupNorm groups; must divide every width
+
+    def __post_init__(self):
+        widths = self.hidden if self.kind == "mlp" else self.channels
+        _need(len(widths) > 0 and all(w > 0 for w in widths), f"model: layer widths must be positive, got {widths}")
+        _need(0.0 <= self.dropout < 1.0, "model.dropout: expected a number in [0, 1)")
+        if self.norm == "group":
+            _need(all(w % self.groups == 0 for w in widths), f"model.groups={self.groups} must divide every width {widths}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _need(self.local_epochs >= 1, "train.local_epochs: must be at least 1")
+        _need(self.batch_size >= 1, "train.batch_size: must be at least 1")
+        _need(self.lr > 0, "train.lr: must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyConfig:
+    name: Literal["fedavg"] = "fedavg"
+    fraction: float = 1.0  # share of available hospitals asked each round
+
+    def __post_init__(self):
+        _need(0.0 < self.fraction <= 1.0, "strategy.fraction: expected a number in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HospitalConfig:
+    name: str
+    data: str  # the hospital's data folder, as seen on the node the hospital runs on
+    work_dir: str | None = None  # its own area for caches, reports, state; default DATA/.fedward
+    cpus: float = 0.5
+    model: dict[str, Any] = field(default_factory=dict)  # per-hospital model options
+
+    def __post_init__(self):
+        _need(
+            bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+            f"hospitals: name {self.name!r} must be letters, digits, '-' or '_' (it is a Ray resource)",
+        )
+        _need(self.cpus >= 0, f"hospitals.{self.name}.cpus: must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str
+    root: str = "runs"  # the run directory is ROOT/NAME; cluster jobs want an absolute root
+    seed: int = 0
+    rounds: int = 5
+    min_hospitals: int = 2  # quorum: a round with fewer successful hospitals fails
+    round_timeout_s: float = 900.0  # a hospital silent for longer is left out of the round
+
+    def __post_init__(self):
+        _need(bool(self.name) and "/" not in self.name, f"run.name: expected a folder name, got {self.name!r}")
+        _need(self.rounds >= 1, "run.rounds: must be at least 1")
+        _need(self.min_hospitals >= 1, "run.min_hospitals: must be at least 1")
+        _need(self.round_timeout_s > 0, "run.round_timeout_s: must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedwardConfig:
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    hospitals: tuple[HospitalConfig, ...]
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+
+    def __post_init__(self):
+        names = [h.name for h in self.hospitals]
+        _need(len(names) > 0, "hospitals: list at least one hospital")
+        _need(len(set(names)) == len(names), f"hospitals: duplicate names in {names}")
+        _need(
+            self.run.min_hospitals <= len(names),
+            f"run.min_hospitals={self.run.min_hospitals} but only {len(names)} hospitals are listed",
+        )
+        for h in self.hospitals:
+            self.model_for(h.name)  # validates each hospital's overrides now, not mid-run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root).expanduser().absolute() / self.run.name
+
+    def hospital(self, name: str) -> HospitalConfig:
+        for h in self.hospitals:
+            if h.name == name:
+                return h
+        raise ConfigError(f"no hospital named {name!r}; known: {[h.name for h in self.hospitals]}")
+
+    def model_for(self, hospital: str) -> ModelConfig:
+        overrides = self.hospital(hospital).model
+        try:
+            return dataclasses.replace(self.model, **_parse_fields(ModelConfig, overrides, f"hospitals.{hospital}.model", partial=True))
+        except TypeError as e:
+            raise ConfigError(f"hospitals.{hospital}.model: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    args = get_args(hint)
+    if hint is Any:
+        return value
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _coerce(value, rest[0] if len(rest) == 1 else rest, where)
+    if origin is Literal:
+        _need(value in args, f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        _need(isinstance(value, dict), f"{where}: expected a mapping, got {type(value).__name__}")
+        return hint(**_parse_fields(hint, value, where))
+    if origin is tuple:
+        _need(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _need(isinstance(value, dict), f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is float:
+        _need(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        _need(isinstance(value, int) and not isinstance(value, bool), f"{where}: expected a whole number, got {value!r}")
+        return value
+    if hint is str:
+        _need(isinstance(value, str), f"{where}: expected text, got {value!r}")
+        return value
+    if hint is bool:
+        _need(isinstance(value, bool), f"{where}: expected true or false, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: cannot read a value of type {hint}")
+
+
+def _parse_fields(cls: type, raw: dict, where: str, partial: bool = False) -> dict:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(raw) - known)
+    _need(not unknown, f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    if not partial:
+        required = {f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(raw))
+        _need(not missing, f"{where}: missing field(s) {missing}")
+    return {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+
+
+def _features(raw: Any, where: str) -> list[dict]:
+    # A mapping `name: type` reads better in YAML than a list of records; accept both.
+    if isinstance(raw, dict):
+        return [{"name": k, "type": v} for k, v in raw.items()]
+    return raw
+
+
+def parse_config(raw: dict, source: str = "config") -> FedwardConfig:
+    _need(isinstance(raw, dict), f"{source}: expected a mapping at the top level")
+    raw = json.loads(json.dumps(raw))  # a private copy we may normalise
+    table = raw.get("data", {}).get("table") if isinstance(raw.get("data"), dict) else None
+    if isinstance(table, dict) and "features" in table:
+        table["features"] = _features(table["features"], f"{source}: data.table.features")
+    try:
+        return FedwardConfig(**_parse_fields(FedwardConfig, raw, source))
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def load_config(path: str | Path) -> FedwardConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(raw, str(path))
+
+
+def config_to_dict(config: FedwardConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_hash(config: FedwardConfig) -> str:
+    canonical = json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of what changed between two config dicts, for refusing a resume."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        where = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_diff(a, b, where + "."))
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,51 @@
+"""Discrimination metrics that can be pooled without per-patient scores leaving a hospital.
+
+A hospital sends, per class, a histogram of its predicted probabilities over fixed bins. Summed
+across hospitals these give pooled AUROC and AUPRC: exact up to ties inside a bin, and
+`auroc_error_bound` says how far off that can be.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BINS = 500  # fine enough that binning moves AUROC by < 0.005 on the demo, coarse enough to blur single scores
+
+
+def score_histograms(scores: np.ndarray, labels: np.ndarray, bins: int = BINS) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.clip((np.asarray(scores, np.float64) * bins).astype(np.int64), 0, bins - 1)
+    labels = np.asarray(labels).astype(bool)
+    return (
+        np.bincount(idx[labels], minlength=bins).astype(np.int64),
+        np.bincount(idx[~labels], minlength=bins).astype(np.int64),
+    )
+
+
+def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Probability that a random positive outscores a random negative, ties in a bin counted half."""
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def auroc_error_bound(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Largest possible gap to the exact AUROC: half of the positive-negative pairs sharing a bin."""
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float(0.5 * (pos * neg).sum() / (n_pos * n_neg))
+
+
+def auprc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Average precision with one threshold per bin edge, from the highest bin down."""
+    n_pos = pos.sum()
+    if n_pos == 0:
+        return float("nan")
+    tp = np.cumsum(pos[::-1])
+    fp = np.cumsum(neg[::-1])
+    predicted = tp + fp
+    precision = np.divide(tp, predicted, out=np.ones_like(tp, dtype=np.float64), where=predicted > 0)
+    recall_step = pos[::-1] / n_pos
+    return float((precision * recall_step).sum())

@@ -1,0 +1,87 @@
+"""What travels between the driver and the hospitals: small frozen dataclasses.
+
+Only numpy buffers and scalars cross a process boundary; never torch modules, adapters, Ray
+handles or patient rows. Weights travel as one flat float32 buffer plus its `Layout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and shapes of the tensors packed, in order, into a flat float32 buffer."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(prod(s) for s in self.shapes)
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            out[name] = slice(start, start + prod(shape))
+            start += prod(shape)
+        return out
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the driver asks of one hospital in one round."""
+
+    round: int
+    hospital: str
+    seed: int  # the hospital's training randomness for this round, derived from the run seed
+    local_epochs: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a hospital returns after local training: weights, never data."""
+
+    round: int
+    hospital: str
+    weights: np.ndarray  # flat float32, laid out by `layout`
+    layout: Layout
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A hospital's evaluation of a model on its held-out split.
+
+    Per-patient scores stay at the hospital: pooled AUROC and AUPRC are computed at the driver
+    from the per-class score histograms (`bins` equal-width bins over [0, 1]).
+    """
+
+    round: int
+    hospital: str
+    num_examples: int
+    loss: float  # mean binary cross-entropy
+    accuracy: float
+    auroc: float
+    auprc: float
+    positive_hist: np.ndarray  # int64 counts of positive samples' scores per bin
+    negative_hist: np.ndarray
+
+
+@dataclass(frozen=True)
+class DataCounts:
+    """How a hospital's data went: usable samples and skipped ones per reason, no identifiers."""
+
+    hospital: str
+    train_examples: int
+    holdout_examples: int
+    train_patients: int
+    holdout_patients: int
+    positives: int
+    skipped: dict[str, int]  # reason -> count
+    fingerprint: str  # hash of the content hashes of the usable inputs, for the audit manifest

@@ -1,0 +1,67 @@
+"""Local training and evaluation of one model on one set of tensors.
+
+Shared by the hospital (a round of local training) and the demo's baselines (central and
+local-only training on the same budget), so the comparison trains exactly the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+from torch import nn
+
+from fedward.config import TrainConfig
+from fedward.metrics import score_histograms
+from fedward.types import Evaluation
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int, config: TrainConfig) -> float:
+    """Minibatch training with a fresh optimizer; returns the mean training loss.
+
+    All randomness (shuffling, dropout) comes from `seed`, so the same call gives the same weights.
+    """
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=order)
+        for start in range(0, len(y), config.batch_size):
+            batch = perm[start : start + config.batch_size]
+            if len(batch) < 2:  # BatchNorm cannot normalise a batch of one
+                continue
+            opt.zero_grad()
+            loss = loss_fn(model(x[batch]).squeeze(1), y[batch])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, round: int, hospital: str) -> Evaluation:
+    """Scores stay here; what returns is aggregate metrics and per-class score histograms."""
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model(x[i : i + 256]).squeeze(1) for i in range(0, len(y), 256)])
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+    scores = torch.sigmoid(logits).numpy().astype(np.float64)
+    labels = y.numpy().astype(np.int64)
+    both = len(np.unique(labels)) == 2
+    pos, neg = score_histograms(scores, labels)
+    return Evaluation(
+        round=round,
+        hospital=hospital,
+        num_examples=len(labels),
+        loss=loss,
+        accuracy=float(((scores >= 0.5) == labels).mean()),
+        auroc=float(roc_auc_score(labels, scores)) if both else float("nan"),
+        auprc=float(average_precision_score(labels, scores)) if both else float("nan"),
+        positive_hist=pos,
+        negative_hist=neg,
+    )

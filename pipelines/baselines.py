@@ -1,0 +1,71 @@
+"""Reference points for a federated run on demo data: central and local-only training.
+
+Central training pools every hospital's training rows in one process, which a real consortium
+must never do; it exists to show how close federation comes on synthetic data. Every model gets
+the same budget as the federated run (rounds x local epochs) and the same initial weights, and is
+evaluated on the hospitals' own held-out splits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from actors.hospital import Hospital
+from data_adapters.harmonize import merge_summaries
+from fedward.config import FedwardConfig
+from fedward.errors import DataError
+from models import training
+from models.networks import build_model
+from pipelines.run import pooled_metrics
+from pipelines.strategy import round_seed
+
+
+def compare(config: FedwardConfig) -> dict:
+    metrics = config.run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise DataError(f"no federated run at {config.run_dir} to compare with; run `fedward simulate` first")
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    hospitals = [Hospital(h.name, config) for h in config.hospitals]
+    for h in hospitals:
+        h.load()
+    preprocessing = None
+    if config.data.kind == "table":
+        preprocessing = merge_summaries([h.summarize() for h in hospitals], config.data.table).to_dict()
+    shape = {h.prepare(preprocessing, frozenset()) for h in hospitals}.pop()
+    epochs = config.run.rounds * config.train.local_epochs
+
+    def fresh_model() -> torch.nn.Module:
+        torch.manual_seed(config.run.seed)
+        return build_model(config.model, shape)
+
+    def fit(model, x, y, name):
+        training.train(model, x, y, epochs=epochs, lr=config.train.lr, seed=round_seed(config.run.seed, 0, name), config=config.train)
+        return model
+
+    def held_out(h: Hospital, model):
+        return training.evaluate(model, h.x[h.holdout_idx], h.y[h.holdout_idx], round=0, hospital=h.name)
+
+    central = fit(
+        fresh_model(),
+        torch.cat([h.x[h.train_idx] for h in hospitals]),
+        torch.cat([h.y[h.train_idx] for h in hospitals]),
+        "central",
+    )
+    central_evals = [held_out(h, central) for h in hospitals]
+    local_evals = [held_out(h, fit(fresh_model(), h.x[h.train_idx], h.y[h.train_idx], h.name)) for h in hospitals]
+
+    return {
+        "federated": {
+            "round": last["round"],
+            "pooled_auroc": last["pooled"]["auroc"],
+            "per_hospital": {h: m["auroc"] for h, m in last["hospitals"].items()},
+        },
+        "central": {"pooled_auroc": pooled_metrics(central_evals)["auroc"], "per_hospital": {e.hospital: e.auroc for e in central_evals}},
+        "local_only": {
+            "pooled_auroc": pooled_metrics(local_evals)["auroc"],
+            "mean_auroc": sum(e.auroc for e in local_evals) / len(local_evals),
+            "per_hospital": {e.hospital: e.auroc for e in local_evals},
+        },
+    }

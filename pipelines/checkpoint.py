@@ -1,0 +1,119 @@
+"""Durable files: atomic writes and the per-round run checkpoint.
+
+Everything is written to a temporary file, fsynced, renamed over the target and the folder
+fsynced, so a crash at any instant leaves the old file or the new one, never half of one. A run
+checkpoint also records its own sha256 in `latest.json`; a checkpoint that fails its hash is
+reported and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedward.errors import CheckpointError
+from fedward.types import Layout
+
+KEEP = 3  # run checkpoints kept on disk: the newest and two fallbacks
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def atomic_write_json(path: Path, body: object) -> None:
+    atomic_write(path, json.dumps(body, indent=2, sort_keys=True).encode())
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """Everything the driver needs to continue after `round`."""
+
+    round: int
+    weights: np.ndarray
+    layout: Layout
+    strategy_state: dict
+    rng_state: dict  # numpy bit generator state of the driver's selection RNG
+    config_hash: str
+
+
+def save_checkpoint(run_dir: Path, ckpt: RunCheckpoint) -> Path:
+    folder = Path(run_dir) / "checkpoints"
+    path = folder / f"round_{ckpt.round:04d}.pt"
+    body = {
+        "round": ckpt.round,
+        "weights": torch.from_numpy(ckpt.weights),
+        "layout": {"names": list(ckpt.layout.names), "shapes": [list(s) for s in ckpt.layout.shapes]},
+        "strategy_state": ckpt.strategy_state,
+        "rng_state": json.dumps(ckpt.rng_state),
+        "config_hash": ckpt.config_hash,
+    }
+    buffer = io.BytesIO()
+    torch.save(body, buffer)
+    data = buffer.getvalue()
+    atomic_write(path, data)
+    history = _history(folder)
+    history.append({"round": ckpt.round, "file": path.name, "sha256": hashlib.sha256(data).hexdigest()})
+    for old in history[:-KEEP]:
+        (folder / old["file"]).unlink(missing_ok=True)
+    atomic_write_json(folder / "latest.json", {"checkpoints": history[-KEEP:]})
+    return path
+
+
+def _history(folder: Path) -> list[dict]:
+    index = folder / "latest.json"
+    if not index.is_file():
+        return []
+    try:
+        return json.loads(index.read_text())["checkpoints"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{index} is corrupt ({e}); move it away to start the run afresh") from None
+
+
+def load_checkpoint(run_dir: Path, warn=print) -> RunCheckpoint | None:
+    """The newest checkpoint whose hash verifies, or None when the run has none yet."""
+    folder = Path(run_dir) / "checkpoints"
+    for entry in reversed(_history(folder)):
+        path = folder / entry["file"]
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            warn(f"checkpoint {path} is missing or fails its sha256; using the one before it")
+            continue
+        body = torch.load(io.BytesIO(data), weights_only=True)
+        return RunCheckpoint(
+            round=body["round"],
+            weights=body["weights"].numpy(),
+            layout=Layout(tuple(body["layout"]["names"]), tuple(tuple(s) for s in body["layout"]["shapes"])),
+            strategy_state=body["strategy_state"],
+            rng_state=json.loads(body["rng_state"]),
+            config_hash=body["config_hash"],
+        )
+    return None

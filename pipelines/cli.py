@@ -1,0 +1,87 @@
+"""The `fedward` command (also `python -m pipelines`, which a Ray job runs from its working dir)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedward.errors import FedwardError
+
+
+def _demo_data(args) -> None:
+    from data_adapters.demo import write_demo_data
+
+    truth = write_demo_data(Path(args.out), hospitals=args.hospitals, seed=args.seed)
+    print(f"wrote {len(truth['hospitals'])} demo hospitals to {args.out}")
+    for task in ("images", "ehr"):
+        print(f"  {task}: best achievable AUROC (pooled) {truth[task]['best_auroc']['pooled']:.3f}")
+
+
+def _simulate(args, address: str | None = None) -> None:
+    from fedward.config import load_config
+    from pipelines.run import Pipeline
+
+    config = load_config(args.config)
+    Pipeline(config, address=address, progress=not args.no_progress).run()
+    _print_status(config.run_dir)
+
+
+def _run(args) -> None:
+    _simulate(args, address=args.address)
+
+
+def _print_status(run_dir: Path) -> None:
+    from pipelines.status import run_status
+
+    print(run_status(Path(run_dir)))
+
+
+def _compare(args) -> None:
+    from fedward.config import load_config
+    from pipelines.baselines import compare
+
+    result = compare(load_config(args.config))
+    print(json.dumps(result, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedward", description="Federated learning across hospitals, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write synthetic demo hospitals (DICOM images and EHR tables)")
+    p.add_argument("--out", required=True, help="folder to write the hospitals into")
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("simulate", help="run CONFIG as a local simulation on an embedded Ray")
+    p.add_argument("config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("run", help="run CONFIG on an existing Ray cluster")
+    p.add_argument("config")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("status", help="show where a run directory stands")
+    p.add_argument("run_dir")
+    p.set_defaults(func=lambda a: _print_status(Path(a.run_dir)))
+
+    p = sub.add_parser("compare", help="train central and local-only baselines on CONFIG's hospitals (demo data)")
+    p.add_argument("config")
+    p.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FedwardError as e:
+        print(f"fedward: error: {e}", file=sys.stderr)
+        return 2
+    return 0

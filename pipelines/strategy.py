@@ -1,0 +1,58 @@
+"""The `Strategy` interface: what a federated algorithm decides, and nothing else.
+
+The pipeline owns the round loop, Ray and checkpoints; a strategy only says who trains with
+what settings (`configure_round`), how updates become the next global weights (`aggregate`), and
+which parameters stay at the hospital (`personal_keys`). Strategies never mutate their inputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedward.config import FedwardConfig
+from fedward.types import RoundPlan, Update
+
+
+def round_seed(run_seed: int, round: int, hospital: str) -> int:
+    """A hospital's training seed for a round: a pure function, so resuming replays it exactly."""
+    entropy = [run_seed, round, *hospital.encode()]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
+
+
+class Strategy(ABC):
+    def __init__(self, config: FedwardConfig):
+        self.config = config
+
+    def configure_round(self, round: int, hospitals: Sequence[str], rng: np.random.Generator) -> list[RoundPlan]:
+        """Plans for the hospitals asked this round: a share `strategy.fraction` of those available."""
+        cfg = self.config
+        count = max(cfg.run.min_hospitals, int(np.ceil(cfg.strategy.fraction * len(hospitals))))
+        chosen = sorted(hospitals) if count >= len(hospitals) else sorted(rng.choice(sorted(hospitals), count, replace=False))
+        return [
+            RoundPlan(
+                round=round,
+                hospital=h,
+                seed=round_seed(cfg.run.seed, round, h),
+                local_epochs=cfg.train.local_epochs,
+                lr=cfg.train.lr,
+            )
+            for h in chosen
+        ]
+
+    @abstractmethod
+    def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
+        """The next global weights, or None to keep `current`."""
+
+    def personal_keys(self) -> frozenset[str]:
+        """State-dict entries that stay at each hospital and never enter the aggregate."""
+        return frozenset()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")

@@ -1,0 +1,79 @@
+import pytest
+
+from fedward.config import config_diff, config_hash, config_to_dict, load_config, parse_config
+from fedward.errors import ConfigError
+
+
+def raw_config(**overrides):
+    raw = {
+        "run": {"name": "t", "rounds": 2},
+        "data": {
+            "kind": "table",
+            "table": {
+                "file": "ehr.csv",
+                "features": {"age": "numeric", "sex": "categorical"},
+                "label": {"column": "outcome", "positive_values": ["died"]},
+            },
+        },
+        "model": {"kind": "mlp"},
+        "hospitals": [{"name": "a", "data": "d/a"}, {"name": "b", "data": "d/b", "model": {"dropout": 0.1}}],
+    }
+    for section, value in overrides.items():
+        raw[section] = value
+    return raw
+
+
+def test_parses_nested_sections_and_per_hospital_model_options():
+    config = parse_config(raw_config())
+    assert config.data.table.features[1].name == "sex"
+    assert config.data.table.label.positive_values == ("died",)
+    assert config.model_for("a").dropout == 0.0
+    assert config.model_for("b").dropout == 0.1
+    assert config.run_dir.name == "t"
+
+
+@pytest.mark.parametrize(
+    "section, value, fragment",
+    [
+        ("run", {"name": "t", "rounds": "3"}, "run.rounds: expected a whole number"),
+        ("run", {"name": "t", "colour": 1}, "unknown field(s) ['colour']"),
+        ("model", {"kind": "transformer"}, "model.kind: expected one of ['mlp', 'cnn']"),
+        ("model", {"kind": "mlp", "norm": "group", "hidden": [6], "groups": 4}, "must divide every width"),
+        ("hospitals", [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}], "duplicate names"),
+        ("hospitals", [{"name": "a b", "data": "x"}, {"name": "b", "data": "y"}], "must be letters"),
+        ("hospitals", [{"name": "a", "data": "x", "model": {"widht": 3}}, {"name": "b", "data": "y"}], "hospitals.a.model: unknown field"),
+    ],
+)
+def test_bad_values_name_the_field(section, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw_config(**{section: value}))
+    assert fragment in str(err.value)
+
+
+def test_mutually_exclusive_label_rules_fail_early():
+    raw = raw_config()
+    raw["data"]["table"]["label"] = {"column": "y", "positive_values": ["1"], "threshold": 0.5}
+    with pytest.raises(ConfigError, match="either positive_values or threshold"):
+        parse_config(raw)
+
+
+def test_quorum_larger_than_federation_is_refused():
+    with pytest.raises(ConfigError, match="min_hospitals=3 but only 2"):
+        parse_config(raw_config(run={"name": "t", "min_hospitals": 3}))
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_hash_and_diff_follow_changes():
+    a = parse_config(raw_config())
+    b = parse_config(raw_config(run={"name": "t", "rounds": 3}))
+    assert config_hash(a) == config_hash(parse_config(raw_config()))
+    assert config_hash(a) != config_hash(b)
+    assert config_diff(config_to_dict(a), config_to_dict(b)) == ["run.rounds: 2 -> 3"]

@@ -316,9 +316,11 @@ def config_hash(config: FedwardConfig) -> str:
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Human-readable list of what changed between two config dicts, for refusing a resume."""
     out = []
-    for key in sorted(set(old) | set(new)):
-        where = f"{prefix}{key}"
+    for key in sorted(set(old) | set(new), key=str):
+        where = f"{prefix}{key}" if isinstance(key, str) else f"{prefix.rstrip('.')}[{key}]"
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            a, b = dict(enumerate(a)), dict(enumerate(b))
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(config_diff(a, b, where + "."))
         elif a != b:

@@ -77,3 +77,11 @@ def test_hash_and_diff_follow_changes():
     assert config_hash(a) == config_hash(parse_config(raw_config()))
     assert config_hash(a) != config_hash(b)
     assert config_diff(config_to_dict(a), config_to_dict(b)) == ["run.rounds: 2 -> 3"]
+
+
+def test_diff_names_list_items():
+    a = parse_config(raw_config())
+    raw = raw_config()
+    raw["data"]["table"]["features"] = {"sex": "categorical", "age": "numeric"}
+    diff = config_diff(config_to_dict(a), config_to_dict(parse_config(raw)))
+    assert "data.table.features[0].name: 'age' -> 'sex'" in diff

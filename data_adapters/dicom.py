@@ -1,0 +1,368 @@
+"""DICOM adapter: a hospital's folder of DICOM files plus a label table become image samples.
+
+Every image is brought to one convention, whatever scanner wrote it: the modality LUT (e.g. CT
+Hounsfield units), then the file's VOI window (its output range maps onto [0, 1], values outside
+the window clip) or per-frame min-max, MONOCHROME1 inverted so bright always means dense. Colour
+images become grayscale by ITU-R BT.601 luminance. Each frame is then resized so its longer side
+is `image_size`, keeping the aspect ratio, and centre-padded with 0 (black) to a square.
+
+Files that cannot be used are skipped and recorded in the DataReport, never fatal; only a missing
+images folder or an unusable label table raises `DataError`. Hidden files and folders (names
+starting with ".") are ignored without a record: they are system debris, not inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pydicom
+import torch
+import torch.nn.functional as F
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
+from pydicom.pixels.utils import get_expected_length
+
+from data_adapters.report import DataReport
+from data_adapters.samples import Samples
+from fedward.config import DicomSpec, LabelRule
+from fedward.errors import DataError
+
+# Bump whenever preprocessing changes meaning, so no cache serves arrays made the old way.
+CACHE_VERSION = 1
+# Process-wide counts of files "decoded" and served from cache ("cache_hits"), for monitoring.
+stats: Counter[str] = Counter()
+
+_PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
+_TRUE, _FALSE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no"}
+_MISSING = {"", "na", "n/a", "#n/a", "nan", "-nan", "null", "none"}  # as text, in either table format
+
+
+class _Skip(Exception):
+    """Why one file or row is not used; caught per item and written to the report."""
+
+    def __init__(self, reason: str, field: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: Path | None = None) -> Samples:
+    """Load every labelled, decodable image under `data_dir / spec.images`.
+
+    Sample ids are paths relative to `data_dir`; with `frames="all"` each frame of a multi-frame
+    file is its own sample, `"<path>#frame<i>"`. An image without a PatientID is its own patient
+    (all frames of a file stay together). With `cache_dir`, each file's preprocessed frames are
+    kept under its content hash and the preprocessing settings.
+    """
+    data_dir = Path(data_dir)
+    images_dir = data_dir / spec.images
+    if not images_dir.is_dir():
+        raise DataError(f"images folder {images_dir} does not exist (data.dicom.images)")
+    labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report)
+    cache = _Cache(Path(cache_dir), spec) if cache_dir is not None else None
+    files = _image_files(images_dir)
+    if spec.key == "path":  # a labelled file that proves unreadable is reported once, as itself
+        labels.seen.update(p.relative_to(images_dir).as_posix() for p in files)
+
+    arrays, targets, patients, sample_ids, hashes = [], [], [], [], []
+    for path in files:
+        source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
+        try:
+            with warnings.catch_warnings():
+                # pydicom warns about odd elements quoting their values, which may be patients'.
+                warnings.simplefilter("ignore")
+                digest, label, patient, frames = _load_file(path, key_path, spec, labels, cache)
+        except _Skip as skip:
+            report.skip(source, skip.field, skip.reason, skip.detail)
+            continue
+        for i, frame in enumerate(frames):
+            arrays.append(frame)
+            targets.append(label)
+            patients.append(patient or source)
+            sample_ids.append(f"{source}#frame{i}" if len(frames) > 1 else source)
+        hashes.append(digest)
+    labels.report_unmatched(report)
+
+    size = spec.image_size
+    report.used = len(targets)
+    return Samples(
+        features=np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, size, size), np.float32),
+        labels=np.array(targets, dtype=np.int64),
+        patient_ids=np.array(patients, dtype=str),
+        sample_ids=sample_ids,
+        fingerprint=hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest(),
+    )
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = (p for p in folder.rglob("*") if p.is_file())
+    visible = (p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(visible, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _load_file(
+    path: Path, key_path: str, spec: DicomSpec, labels: _Labels, cache: _Cache | None
+) -> tuple[str, int, str, np.ndarray]:
+    """(content hash, label, PatientID, frames as float32 (F, S, S)) of one file, or `_Skip`."""
+    try:
+        data = path.read_bytes()
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError:
+        raise _Skip("not_dicom", "file", "expected a DICOM file (128-byte preamble, then 'DICM')") from None
+    except Exception as e:  # pydicom signals a truncated or garbled file in many ways
+        raise _Skip("unreadable_dicom", "file", f"cannot read the file ({type(e).__name__})") from None
+    key = key_path if spec.key == "path" else _text(ds, _KEY_ELEMENTS[spec.key])
+    labels.seen.add(key)
+    if not any(element in ds for element in _PIXEL_ELEMENTS):
+        # pydicom reads a file cut short within its header silently, so that lands here too.
+        raise _Skip("no_pixel_data", "PixelData", "no PixelData element: not an image, or a file cut short")
+    label = labels.take(key)
+    digest = hashlib.sha256(data).hexdigest()
+    frames = cache.get(digest) if cache else None
+    if frames is None:
+        frames = _preprocess(ds, spec)
+        if cache:
+            cache.put(digest, frames)
+    return digest, label, _text(ds, "PatientID"), frames
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    try:  # pydicom converts values on first access, so a garbled one fails only here
+        return str(ds.get(keyword, "") or "").strip()
+    except Exception as e:
+        raise _Skip("unreadable_dicom", keyword, f"cannot read {keyword} ({type(e).__name__})") from None
+
+
+def _preprocess(ds: pydicom.Dataset, spec: DicomSpec) -> np.ndarray:
+    """The selected frames as float32 (F, S, S) in [0, 1]."""
+    _check_decodable(ds)
+    try:
+        n = int(ds.get("NumberOfFrames") or 1)
+        indices = {"first": [0], "middle": [n // 2], "all": range(n)}[spec.frames]
+        frames = iter_pixels(ds, indices=indices)
+        out = np.stack([_fit_square(_to_unit(frame, ds, spec.window), spec.image_size) for frame in frames])
+    except Exception as e:  # decoders and LUTs fail in many ways on unusual files
+        # Decoder messages name codecs and image attributes, which tell the operator what to fix.
+        why = " ".join(str(e).split())[:200]
+        raise _Skip("decode_error", "PixelData", f"cannot decode the image: {type(e).__name__}: {why}") from None
+    stats["decoded"] += 1
+    if not np.isfinite(out).all():
+        raise _Skip("decode_error", "PixelData", "the image holds non-finite values")
+    return out
+
+
+def _check_decodable(ds: pydicom.Dataset) -> None:
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if tsyntax is None:
+        raise _Skip("decode_error", "TransferSyntaxUID", "the file meta names no transfer syntax")
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise _Skip("no_decoder", "TransferSyntaxUID", f"pydicom cannot decode {tsyntax.name} ({tsyntax})") from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies)
+        raise _Skip("no_decoder", "TransferSyntaxUID", f"{tsyntax.name} ({tsyntax}) needs a decoder: {needs}")
+    # Checked here because the decoder reports a cut-off copy only as a generic ValueError.
+    if not tsyntax.is_encapsulated and _is_truncated(ds):
+        raise _Skip("unreadable_dicom", "PixelData", "PixelData is shorter than its Rows x Columns x frames: truncated")
+
+
+def _is_truncated(ds: pydicom.Dataset) -> bool:
+    try:
+        return "PixelData" in ds and len(ds.PixelData) < get_expected_length(ds)
+    except Exception:  # malformed image tags: left to the decoder to reject
+        return False
+
+
+def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
+    """One decoded frame as float64 (H, W) in [0, 1], bright meaning dense."""
+    photometric = ds.get("PhotometricInterpretation", "")
+    if photometric == "PALETTE COLOR":
+        frame = apply_color_lut(frame, ds)
+    if frame.ndim == 3:  # colour: the modality and VOI LUTs are defined for grayscale only
+        gray = frame.astype(np.float64) @ _LUMA
+        return _scale(gray, gray.min(), gray.max())
+    values = apply_modality_lut(frame, ds)
+    if window == "voi" and _has_voi(ds):
+        unit = _scale(apply_voi_lut(values, ds), *_voi_range(ds))
+    else:
+        unit = _scale(values, values.min(), values.max())
+    return 1.0 - unit if photometric == "MONOCHROME1" else unit
+
+
+def _has_voi(ds: pydicom.Dataset) -> bool:
+    windowed = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    return windowed or bool(ds.get("VOILUTSequence"))
+
+
+def _voi_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """The output range of the file's modality + VOI transform over every storable value.
+
+    A window sends everything below/above it to the ends of its output range; pushing the extreme
+    stored values through pydicom's own transforms yields those ends without re-deriving PS3.3 C.11.
+    """
+    bits = int(ds.BitsStored)
+    low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
+    ends = apply_voi_lut(apply_modality_lut(np.array([low, low + (1 << bits) - 1]), ds), ds)
+    return float(ends.min()), float(ends.max())
+
+
+def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    span = hi - lo
+    return np.clip((x - lo) / span, 0.0, 1.0) if span > 0 else np.zeros(x.shape)
+
+
+def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize (H, W) so the longer side is `size`, then centre-pad the shorter side with 0."""
+    h, w = image.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = torch.from_numpy(image.astype(np.float32))[None, None]
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    x = F.pad(x, (left, size - nw - left, top, size - nh - top))
+    return x[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+class _Cache:
+    """Preprocessed frames by file content and preprocessing settings, so no setting serves stale data."""
+
+    def __init__(self, folder: Path, spec: DicomSpec):
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = dict(version=CACHE_VERSION, image_size=spec.image_size, frames=spec.frames, window=spec.window)
+        self._folder = folder
+        self._tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _path(self, digest: str) -> Path:
+        return self._folder / f"{digest}-{self._tag}.npy"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        try:
+            frames = np.load(self._path(digest), allow_pickle=False)
+        except (OSError, ValueError):  # absent or unreadable: decode again
+            return None
+        stats["cache_hits"] += 1
+        return frames
+
+    def put(self, digest: str, frames: np.ndarray) -> None:
+        path = self._path(digest)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, frames)
+        os.replace(tmp, path)  # readers see the whole array or none
+
+
+def _read_label_table(path: Path, spec: DicomSpec) -> pa.Table:
+    columns = {spec.key_column: "data.dicom.key_column", spec.label.column: "data.dicom.label.column"}
+    kind = {".csv": "CSV", ".parquet": "Parquet"}.get(path.suffix.lower())
+    if not path.is_file():
+        raise DataError(f"label file {path} does not exist (data.dicom.labels)")
+    if kind is None:
+        raise DataError(f"label file {path}: expected a .csv or .parquet file (data.dicom.labels)")
+    try:
+        if kind == "Parquet":
+            table = pq.read_table(path)
+        else:  # as strings, so IDs keep their leading zeros
+            options = pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()))
+            table = pacsv.read_csv(path, convert_options=options)
+    except (pa.ArrowException, OSError) as e:  # the message may quote a row, so only its type is shown
+        raise DataError(f"label file {path}: not a readable {kind} table ({type(e).__name__})") from None
+    for column, field in columns.items():
+        if column not in table.column_names:
+            raise DataError(f"label file {path}: no column {column!r} ({field}); it has {table.column_names}")
+    return table
+
+
+def _binary(value: object, rule: LabelRule) -> int | None:
+    """0/1 by the rule, None when missing; ValueError when the rule cannot read the value."""
+    text = "" if value is None else str(value).strip()
+    if text.lower() in _MISSING:
+        return None
+    if rule.positive_values is not None:
+        return int(text in rule.positive_values)
+    if rule.threshold is not None:
+        return int(float(text) >= rule.threshold)
+    if text.lower() in _TRUE | _FALSE:
+        return int(text.lower() in _TRUE)
+    raise ValueError(text)
+
+
+def _expected(rule: LabelRule) -> str:
+    # Only these rules can fail to read a value: any value is or is not among positive_values.
+    if rule.threshold is not None:
+        return f"expected a number to compare with threshold {rule.threshold}"
+    return "expected 0/1, true/false or yes/no"
+
+
+class _Labels:
+    """The label table as key -> 0/1; rows that give none are reported as they are read."""
+
+    def __init__(self, table: pa.Table, spec: DicomSpec, report: DataReport):
+        self._spec = spec
+        self.labels: dict[str, int] = {}
+        self.failed: dict[str, str] = {}  # key -> why none of its rows gives a label
+        self.rows: dict[str, list[int]] = defaultdict(list)  # key -> rows with a usable label
+        self.seen: set[str] = set()  # keys of files found, usable or not
+        found: dict[str, set[int]] = defaultdict(set)
+        keys = table.column(spec.key_column).to_pylist()
+        values = table.column(spec.label.column).to_pylist()
+        for row, (key, value) in enumerate(zip(keys, values), start=1):
+            key = "" if key is None else str(key).strip()
+            where = self._where(row)
+            if not key:
+                report.skip(where, spec.key_column, "label_without_image", f"the row has no {spec.key_column}")
+                continue
+            try:
+                label = _binary(value, spec.label)
+            except ValueError:
+                report.skip(where, spec.label.column, "invalid_label", _expected(spec.label))
+                self.failed.setdefault(key, "invalid_label")
+                continue
+            if label is None:
+                report.skip(where, spec.label.column, "missing_label", "the label is empty")
+                self.failed.setdefault(key, "missing_label")
+                continue
+            found[key].add(label)
+            self.rows[key].append(row)
+        for key, labels in found.items():
+            if len(labels) == 1:
+                self.labels[key] = labels.pop()
+                self.failed.pop(key, None)
+                continue
+            self.failed[key] = "conflicting_label"
+            for row in self.rows.pop(key):
+                disagree = f"rows with this {spec.key_column} disagree"
+                report.skip(self._where(row), spec.label.column, "conflicting_label", disagree)
+
+    def _where(self, row: int) -> str:
+        return f"{self._spec.labels} row {row}"
+
+    def take(self, key: str) -> int:
+        spec = self._spec
+        if key in self.labels:
+            return self.labels[key]
+        if key in self.failed:
+            raise _Skip(self.failed[key], spec.label.column, f"its rows in {spec.labels} give no usable label")
+        if not key:
+            element = _KEY_ELEMENTS[spec.key]
+            raise _Skip("image_without_label", element, f"the file has no {element} to find its label by")
+        raise _Skip("image_without_label", spec.key_column, f"no row of {spec.labels} matches its {spec.key_column}")
+
+    def report_unmatched(self, report: DataReport) -> None:
+        column = self._spec.key_column
+        for key in sorted(set(self.labels) - self.seen):
+            for row in self.rows[key]:
+                report.skip(self._where(row), column, "label_without_image", f"no image matches this {column}")
+

@@ -1,0 +1,69 @@
+"""A Hospital built directly, without Ray: what it reads, keeps and returns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from actors.hospital import Hospital
+from data_adapters.harmonize import merge_summaries
+from fedward.config import parse_config
+from fedward.errors import DataError
+from fedward.types import RoundPlan
+from models.flat import flatten
+from models.networks import build_model
+from tests.conftest import ehr_config, image_config
+
+
+def test_a_table_hospital_trains_and_returns_only_weights_counts_and_aggregates(demo_data, tmp_path):
+    config = parse_config(ehr_config(demo_data, tmp_path))
+    hospital = Hospital("hospital_a", config)
+    counts = hospital.load()
+    assert counts.train_examples + counts.holdout_examples == 900
+    assert counts.skipped == {}
+    spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
+    shape = hospital.prepare(spec, frozenset())
+    weights, layout = flatten(build_model(config.model, shape))
+
+    update = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.01), weights, layout)
+    assert update.weights.dtype == np.float32 and update.weights.shape == weights.shape
+    assert update.layout == layout and update.num_examples == counts.train_examples
+    assert not np.array_equal(update.weights, weights)
+    again = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.01), weights, layout)
+    assert np.array_equal(again.weights, update.weights)  # same plan, same weights: reproducible
+
+    evaluation = hospital.evaluate(1, update.weights, layout)
+    assert evaluation.positive_hist.sum() + evaluation.negative_hist.sum() == counts.holdout_examples
+    assert 0.0 <= evaluation.auroc <= 1.0 and math.isfinite(evaluation.loss)
+    assert hospital.restore(1)  # its own state for round 1 was saved in its own area
+    report = json.loads((tmp_path / "sites" / "hospital_a" / "runs" / "ehr" / "data_report.json").read_text())
+    assert report["used"] == 900
+
+
+def test_an_image_hospital_splits_by_patient(demo_data, tmp_path):
+    config = parse_config(image_config(demo_data, tmp_path))
+    hospital = Hospital("hospital_b", config)
+    counts = hospital.load()
+    assert counts.train_examples + counts.holdout_examples == 300
+    patients = hospital.samples.patient_ids
+    assert not set(patients[hospital.train_idx]) & set(patients[hospital.holdout_idx])
+    assert counts.train_patients + counts.holdout_patients == len(set(patients))
+    assert hospital.prepare(None, frozenset()) == (1, 64, 64)
+
+
+def test_missing_folder_and_too_few_samples_are_refused_with_the_reason(demo_data, tmp_path):
+    raw = ehr_config(demo_data, tmp_path)
+    raw["hospitals"][0]["data"] = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="nowhere does not exist"):
+        Hospital("hospital_a", parse_config(raw)).load()
+
+    small = tmp_path / "small"
+    small.mkdir()
+    lines = (demo_data / "hospital_a" / "ehr.csv").read_text().splitlines()
+    (small / "ehr.csv").write_text("\n".join(lines[:31]) + "\n")
+    raw["hospitals"][0]["data"] = str(small)
+    with pytest.raises(DataError, match=r"30 usable samples .* data.min_samples=50"):
+        Hospital("hospital_a", parse_config(raw)).load()

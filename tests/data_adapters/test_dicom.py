@@ -1,0 +1,370 @@
+"""The DICOM adapter against real files written with pydicom and pydicom's own test files.
+
+References are computed from the stored arrays and tags with numpy (and PIL for resizing), never
+with the adapter's code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, MPEG2MPML, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from data_adapters import dicom
+from data_adapters.dicom import load_dicom
+from data_adapters.report import DataReport
+from fedward.config import DicomSpec, LabelRule
+from fedward.errors import DataError
+
+SKIP_REASONS = {
+    "unreadable_dicom", "not_dicom", "no_pixel_data", "no_decoder", "image_without_label",
+    "label_without_image", "decode_error", "missing_label", "conflicting_label", "invalid_label",
+}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int | None = None, patient: str | None = "P1", **tags) -> Dataset:
+    """A valid Part-10 file holding `pixels`, plus any extra tags (e.g. RescaleIntercept=-1024)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if patient is not None:
+        ds.PatientID = patient
+    ds.set_pixel_data(pixels, photometric, bits or pixels.dtype.itemsize * 8, generate_instance_uid=False)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def write_labels(path: Path, rows: list[tuple[str, str]], key="key", label="y") -> None:
+    path.write_text("\n".join([f"{key},{label}", *(f"{k},{v}" for k, v in rows)]) + "\n")
+
+
+def spec(**kw) -> DicomSpec:
+    defaults = dict(key="path", key_column="key", label=LabelRule(column="y"), image_size=8)
+    return DicomSpec(**{**defaults, **kw})
+
+
+def load(root: Path, cache_dir: Path | None = None, **kw):
+    report = DataReport("h")
+    return load_dicom(root, spec(**kw), report, cache_dir), report
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def ramp(shape=(8, 8), dtype=np.int16, lo=0, hi=None) -> np.ndarray:
+    n = int(np.prod(shape))
+    hi = n - 1 if hi is None else hi
+    return np.linspace(lo, hi, n).round().astype(dtype).reshape(shape)
+
+
+def skipped(report: DataReport) -> dict[str, str]:
+    return {s.source: s.reason for s in report.skipped}
+
+
+# --- intensities --------------------------------------------------------------------------------
+
+
+def test_ct_rescale_then_voi_window_matches_the_standard_linear_formula(tmp_path):
+    stored = ramp(lo=800, hi=1400)  # HU -224..376 with the intercept below; the window is 40/400
+    write_dicom(tmp_path / "images/ct.dcm", stored, RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=40, WindowWidth=400)
+    write_labels(tmp_path / "labels.csv", [("ct.dcm", "1")])
+
+    voi, _ = load(tmp_path)
+    plain, _ = load(tmp_path, window="minmax")
+
+    hu = stored.astype(np.float64) - 1024
+    # PS3.3 C.11.2.1.2.1, LINEAR, mapped onto [0, 1]
+    expected = np.clip((hu - (40 - 0.5)) / (400 - 1) + 0.5, 0, 1)
+    np.testing.assert_allclose(voi.features[0, 0], expected, atol=1e-6)
+    assert voi.features.min() == 0 and voi.features.max() == 1  # the ramp passes both window ends
+    np.testing.assert_allclose(plain.features[0, 0], minmax(hu), atol=1e-6)
+    assert voi.features.dtype == np.float32 and voi.features.shape == (1, 1, 8, 8)
+
+
+def test_a_window_is_a_fixed_mapping_not_stretched_to_the_image(tmp_path):
+    stored = ramp(lo=1000, hi=1080)  # HU -24..56, all inside the 40/400 window
+    write_dicom(tmp_path / "images/ct.dcm", stored, RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=40, WindowWidth=400)
+    write_labels(tmp_path / "labels.csv", [("ct.dcm", "0")])
+    got, _ = load(tmp_path)
+    expected = (stored - 1024 - 39.5) / 399 + 0.5
+    np.testing.assert_allclose(got.features[0, 0], expected, atol=1e-6)
+    assert 0.3 < got.features.min() and got.features.max() < 0.6
+
+
+def test_monochrome1_is_inverted_so_bright_means_dense(tmp_path):
+    stored = ramp(dtype=np.uint16, lo=0, hi=4095)
+    write_dicom(tmp_path / "images/cr.dcm", stored, photometric="MONOCHROME1", bits=12)
+    write_dicom(tmp_path / "images/cr_voi.dcm", stored, photometric="MONOCHROME1", bits=12, WindowCenter=2048, WindowWidth=4096)
+    write_labels(tmp_path / "labels.csv", [("cr.dcm", "1"), ("cr_voi.dcm", "1")])
+    got, _ = load(tmp_path)
+    np.testing.assert_allclose(got.features[0, 0], 1 - minmax(stored), atol=1e-6)
+    windowed = np.clip((stored - 2047.5) / 4095 + 0.5, 0, 1)
+    np.testing.assert_allclose(got.features[1, 0], 1 - windowed, atol=1e-6)
+    assert got.features[0, 0, 0, 0] == 1.0  # the lowest stored value is the densest
+
+
+def test_rgb_becomes_bt601_luminance(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    write_dicom(tmp_path / "images/photo.dcm", rgb, photometric="RGB", bits=8)
+    write_labels(tmp_path / "labels.csv", [("photo.dcm", "0")])
+    got, _ = load(tmp_path)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    np.testing.assert_allclose(got.features[0, 0], minmax(luma), atol=1e-6)
+
+
+def test_resize_keeps_aspect_by_centre_padding_and_matches_pil(tmp_path):
+    wide = ramp((4, 8))
+    big = np.random.default_rng(1).integers(0, 1000, (32, 32)).astype(np.int16)
+    write_dicom(tmp_path / "images/wide.dcm", wide)
+    write_dicom(tmp_path / "images/big.dcm", big)
+    write_labels(tmp_path / "labels.csv", [("wide.dcm", "0"), ("big.dcm", "1")])
+    got, _ = load(tmp_path)
+    big_out, wide_out = got.features[:, 0]  # sorted by path
+    np.testing.assert_array_equal(wide_out[:2], 0)
+    np.testing.assert_array_equal(wide_out[6:], 0)
+    np.testing.assert_allclose(wide_out[2:6], minmax(wide), atol=1e-6)
+    pil = Image.fromarray(minmax(big).astype(np.float32), mode="F").resize((8, 8), Image.Resampling.BILINEAR)
+    np.testing.assert_allclose(big_out, np.asarray(pil), atol=1e-5)
+
+
+@pytest.mark.parametrize("frames, chosen", [("first", [0]), ("middle", [2]), ("all", [0, 1, 2, 3, 4])])
+def test_multi_frame_rules(tmp_path, frames, chosen):
+    stack = np.stack([np.roll(ramp(), 7 * i) for i in range(5)])  # min-max cannot hide a wrong frame
+    write_dicom(tmp_path / "images/cine.dcm", stack, patient="P9")
+    write_labels(tmp_path / "labels.csv", [("cine.dcm", "1")])
+    got, report = load(tmp_path, frames=frames)
+    assert len(got) == report.used == len(chosen)
+    for sample, i in zip(got.features[:, 0], chosen):
+        np.testing.assert_allclose(sample, minmax(stack[i]), atol=1e-6)
+    expected_ids = [f"images/cine.dcm#frame{i}" for i in range(5)] if frames == "all" else ["images/cine.dcm"]
+    assert got.sample_ids == expected_ids
+    assert set(got.patient_ids) == {"P9"} and set(got.labels) == {1}
+
+
+# --- files and labels ---------------------------------------------------------------------------
+
+
+def test_any_nesting_and_file_name_hidden_files_ignored_and_order_deterministic(tmp_path):
+    names = ["b/deep/er/IMG 0001", "a/x (1).DCM", "c.bin", "a/z"]
+    for i, name in enumerate(names):
+        write_dicom(tmp_path / "images" / name, ramp() + i, patient=f"P{i}")
+    (tmp_path / "images/.DS_Store").write_bytes(b"\0\1junk")
+    write_dicom(tmp_path / "images/.trash/old.dcm", ramp())
+    write_labels(tmp_path / "labels.csv", [(n, "1") for n in names])
+    got, report = load(tmp_path)
+    assert got.sample_ids == [f"images/{n}" for n in sorted(names)]
+    assert report.skipped == [] and report.used == 4
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+@pytest.mark.parametrize("key", ["sop_instance_uid", "patient_id", "path"])
+def test_labels_join_by_each_key_kind(tmp_path, key, suffix):
+    a = write_dicom(tmp_path / "images/a.dcm", ramp(), patient="007")
+    b = write_dicom(tmp_path / "images/sub/b.dcm", ramp() + 1, patient="007")
+    c = write_dicom(tmp_path / "images/c.dcm", ramp() + 2, patient="012")
+    keys = {
+        "sop_instance_uid": [a.SOPInstanceUID, b.SOPInstanceUID, c.SOPInstanceUID],
+        "patient_id": ["007", "012"],  # one row per patient labels all their images
+        "path": ["a.dcm", "sub/b.dcm", "c.dcm"],
+    }[key]
+    values = {"sop_instance_uid": ["1", "1", "0"], "patient_id": ["1", "0"], "path": ["1", "1", "0"]}[key]
+    if suffix == "csv":
+        write_labels(tmp_path / "labels.csv", list(zip(keys, values)), key="ID")
+    else:  # a Parquet label column may be boolean
+        pq.write_table(pa.table({"ID": keys, "y": [v == "1" for v in values]}), tmp_path / "labels.parquet")
+    got, report = load(tmp_path, key=key, key_column="ID", labels=f"labels.{suffix}")
+    assert got.sample_ids == ["images/a.dcm", "images/c.dcm", "images/sub/b.dcm"]
+    assert got.labels.tolist() == [1, 0, 1] and got.labels.dtype == np.int64
+    assert got.patient_ids.tolist() == ["007", "012", "007"]  # leading zeros kept
+    assert report.skipped == []
+
+
+@pytest.mark.parametrize(
+    "rule, values, expected",
+    [
+        (LabelRule(column="y", positive_values=("died", "icu")), ["died", "home", "icu"], [1, 0, 1]),
+        (LabelRule(column="y", threshold=0.5), ["0.7", "0.2", "0.5"], [1, 0, 1]),
+        (LabelRule(column="y"), ["TRUE", "no", "yes"], [1, 0, 1]),
+    ],
+)
+def test_label_rules(tmp_path, rule, values, expected):
+    names = ["a.dcm", "b.dcm", "c.dcm"]
+    for i, name in enumerate(names):
+        write_dicom(tmp_path / "images" / name, ramp() + i)
+    write_labels(tmp_path / "labels.csv", list(zip(names, values)))
+    got, _ = load(tmp_path, label=rule)
+    assert got.labels.tolist() == expected
+
+
+def test_parquet_nan_and_null_labels_are_missing(tmp_path):
+    names = ["a.dcm", "b.dcm", "c.dcm", "d.dcm"]
+    for i, name in enumerate(names):
+        write_dicom(tmp_path / "images" / name, ramp() + i)
+    table = pa.table({"key": names, "y": pa.array([0.9, float("nan"), None, 0.1], pa.float64())})
+    pq.write_table(table, tmp_path / "labels.parquet")
+    got, report = load(tmp_path, labels="labels.parquet", label=LabelRule(column="y", threshold=0.5))
+    assert got.sample_ids == ["images/a.dcm", "images/d.dcm"] and got.labels.tolist() == [1, 0]
+    assert skipped(report) == {
+        "images/b.dcm": "missing_label", "images/c.dcm": "missing_label",
+        "labels.parquet row 2": "missing_label", "labels.parquet row 3": "missing_label",
+    }
+
+
+def test_every_skip_reason_is_recorded_and_the_rest_is_used(tmp_path):
+    img = tmp_path / "images"
+    good = write_dicom(img / "good.dcm", ramp())
+    write_dicom(img / "cut_pixels.dcm", ramp())
+    write_dicom(img / "cut_header.dcm", ramp())
+    data = (img / "cut_pixels.dcm").read_bytes()
+    (img / "cut_pixels.dcm").write_bytes(data[:-20])
+    (img / "cut_header.dcm").write_bytes(data[: -128 - 2])  # inside the PixelData element's length
+    (img / "notes.txt").write_text("not an image\n")
+    no_pixels = write_dicom(img / "no_pixels.dcm", ramp())
+    del no_pixels.PixelData
+    no_pixels.save_as(img / "no_pixels.dcm", enforce_file_format=True)
+    mpeg = write_dicom(img / "video.dcm", ramp(dtype=np.uint8), bits=8)
+    mpeg.file_meta.TransferSyntaxUID = MPEG2MPML
+    mpeg.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+    mpeg.save_as(img / "video.dcm", enforce_file_format=True)
+    broken_jpeg = write_dicom(img / "broken.dcm", ramp(dtype=np.uint8), bits=8)
+    broken_jpeg.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    broken_jpeg.PixelData = encapsulate([b"\xff\xd8 not really a jpeg \xff\xd9"])
+    broken_jpeg.save_as(img / "broken.dcm", enforce_file_format=True)
+    for name in ["unlabelled.dcm", "nan.dcm", "conflict.dcm", "maybe.dcm"]:
+        write_dicom(img / name, ramp())
+    names = ["good.dcm", "cut_pixels.dcm", "cut_header.dcm", "notes.txt", "no_pixels.dcm", "video.dcm", "broken.dcm"]
+    rows = [(n, "1") for n in names] + [("nan.dcm", "NaN"), ("conflict.dcm", "1"), ("conflict.dcm", "0")]
+    rows += [("gone.dcm", "1"), ("maybe.dcm", "maybe")]
+    write_labels(tmp_path / "labels.csv", rows)
+
+    got, report = load(tmp_path)
+
+    assert got.sample_ids == ["images/good.dcm"] and report.used == 1
+    assert skipped(report) == {
+        "images/cut_pixels.dcm": "unreadable_dicom",
+        "images/cut_header.dcm": "unreadable_dicom",
+        "images/notes.txt": "not_dicom",
+        "images/no_pixels.dcm": "no_pixel_data",
+        "images/video.dcm": "no_decoder",
+        "images/broken.dcm": "decode_error",
+        "images/unlabelled.dcm": "image_without_label",
+        "images/nan.dcm": "missing_label",
+        "labels.csv row 8": "missing_label",
+        "images/conflict.dcm": "conflicting_label",
+        "labels.csv row 9": "conflicting_label",
+        "labels.csv row 10": "conflicting_label",
+        "labels.csv row 11": "label_without_image",
+        "images/maybe.dcm": "invalid_label",
+        "labels.csv row 12": "invalid_label",
+    }
+    no_decoder = next(s for s in report.skipped if s.reason == "no_decoder")
+    assert MPEG2MPML in no_decoder.detail and no_decoder.field == "TransferSyntaxUID"
+    assert all(good.PatientID not in s.detail for s in report.skipped)
+
+
+def test_missing_folder_label_file_or_column_raises_naming_file_and_column(tmp_path):
+    with pytest.raises(DataError, match=r"images.*data\.dicom\.images"):
+        load(tmp_path)
+    write_dicom(tmp_path / "images/a.dcm", ramp())
+    with pytest.raises(DataError, match="labels.csv"):
+        load(tmp_path)
+    write_labels(tmp_path / "labels.csv", [("a.dcm", "1")], label="outcome")
+    with pytest.raises(DataError, match=r"labels\.csv.*'y'.*label\.column"):
+        load(tmp_path)
+    with pytest.raises(DataError, match=r"labels\.csv.*'SOP'.*key_column"):
+        load(tmp_path, key_column="SOP", label=LabelRule(column="outcome"))
+
+
+def test_no_usable_image_gives_empty_samples(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/readme.txt").write_text("nothing here")
+    write_labels(tmp_path / "labels.csv", [])
+    got, report = load(tmp_path, image_size=16)
+    assert got.features.shape == (0, 1, 16, 16) and got.features.dtype == np.float32
+    assert len(got) == 0 and report.used == 0 and got.labels.dtype == np.int64
+    assert skipped(report) == {"images/readme.txt": "not_dicom"}
+
+
+def test_patient_defaults_to_the_sample_and_fingerprint_follows_content(tmp_path):
+    write_dicom(tmp_path / "images/anon.dcm", ramp(), patient=None)
+    write_dicom(tmp_path / "images/empty.dcm", ramp() + 1, patient="")
+    write_labels(tmp_path / "labels.csv", [("anon.dcm", "1"), ("empty.dcm", "0")])
+    first, _ = load(tmp_path)
+    assert first.patient_ids.tolist() == ["images/anon.dcm", "images/empty.dcm"]
+    assert load(tmp_path)[0].fingerprint == first.fingerprint
+    write_dicom(tmp_path / "images/anon.dcm", ramp() + 5, patient=None)
+    assert load(tmp_path)[0].fingerprint != first.fingerprint
+
+
+# --- cache --------------------------------------------------------------------------------------
+
+
+def test_cache_serves_the_second_load_and_never_a_stale_setting(tmp_path):
+    stored = ramp(lo=800, hi=1400)
+    write_dicom(tmp_path / "images/ct.dcm", stored, RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=40, WindowWidth=400)
+    write_dicom(tmp_path / "images/multi.dcm", np.stack([ramp(), ramp() * 2, ramp()[::-1]]))
+    write_labels(tmp_path / "labels.csv", [("ct.dcm", "1"), ("multi.dcm", "0")])
+    cache = tmp_path / "cache"
+    decoded = dicom.stats["decoded"]
+
+    first, _ = load(tmp_path, cache)
+    assert dicom.stats["decoded"] == decoded + 2
+    hits = dicom.stats["cache_hits"]
+    second, _ = load(tmp_path, cache)
+    assert dicom.stats["decoded"] == decoded + 2 and dicom.stats["cache_hits"] == hits + 2
+    np.testing.assert_array_equal(first.features, second.features)
+    content_hash = hashlib.sha256((tmp_path / "images/ct.dcm").read_bytes()).hexdigest()
+    assert any(p.name.startswith(content_hash + "-") and p.suffix == ".npy" for p in cache.iterdir())
+
+    minmaxed, _ = load(tmp_path, cache, window="minmax")
+    assert dicom.stats["decoded"] == decoded + 4
+    np.testing.assert_allclose(minmaxed.features[0, 0], minmax(stored), atol=1e-6)
+    assert not np.allclose(minmaxed.features[0], first.features[0])
+    bigger, _ = load(tmp_path, cache, image_size=16)
+    assert bigger.features.shape == (2, 1, 16, 16) and dicom.stats["decoded"] == decoded + 6
+    all_frames, _ = load(tmp_path, cache, frames="all")
+    assert len(all_frames) == 4 and dicom.stats["decoded"] == decoded + 8
+    assert not any(p.suffix == ".tmp" for p in cache.iterdir())
+
+
+# --- pydicom's own test files -------------------------------------------------------------------
+
+
+def test_pydicom_bundled_files_decode_or_are_skipped_with_a_known_reason(tmp_path):
+    bundled = Path(pydicom.__file__).parent / "data" / "test_files"
+    shutil.copytree(bundled, tmp_path / "images")
+    files = sorted(p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*") if p.is_file())
+    write_labels(tmp_path / "labels.csv", [(f, str(i % 2)) for i, f in enumerate(files)])
+
+    got, report = load(tmp_path, frames="all", image_size=16)
+
+    used_files = {s.split("#")[0] for s in got.sample_ids}
+    print(f"{len(used_files)} of {len(files)} bundled files used ({len(got)} samples); skipped: {report.counts()}")
+    assert len(used_files) >= 60
+    assert {s.reason for s in report.skipped} <= SKIP_REASONS
+    assert used_files | {s.source for s in report.skipped} == {f"images/{f}" for f in files}  # each file accounted for
+    assert got.features.shape == (len(got), 1, 16, 16)
+    assert np.isfinite(got.features).all() and got.features.min() >= 0 and got.features.max() <= 1
+    assert report.counts()["no_pixel_data"] > 0 and report.counts()["not_dicom"] > 0
+    assert skipped(report)["images/MR_truncated.dcm"] == "unreadable_dicom"

@@ -1,0 +1,147 @@
+"""Whole federations on a real Ray with real files: learning, chance on shuffled labels, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fedward.config import parse_config
+from fedward.errors import CheckpointError
+from pipelines.checkpoint import load_checkpoint
+from pipelines.run import Pipeline
+from tests.conftest import copy_hospitals, ehr_config, image_config
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).parents[2]
+NOT_YET = SimpleNamespace(round=0)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def shuffle_labels(data_root: Path, file: str, column: str) -> None:
+    """Permute one column of each hospital's CSV, leaving every other cell as written."""
+    for site in sorted(p for p in data_root.iterdir() if p.is_dir()):
+        with open(site / file, newline="") as f:
+            rows = list(csv.DictReader(f))
+        permuted = np.random.default_rng(1).permutation([r[column] for r in rows])
+        for row, value in zip(rows, permuted):
+            row[column] = value
+        with open(site / file, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def test_ehr_federation_learns_everywhere_and_a_hospital_without_data_stays_out(ray_session, demo_data, tmp_path):
+    raw = ehr_config(demo_data, tmp_path)
+    tiny = tmp_path / "tiny_site"
+    tiny.mkdir()
+    (tiny / "ehr.csv").write_text("\n".join((demo_data / "hospital_a" / "ehr.csv").read_text().splitlines()[:11]) + "\n")
+    raw["hospitals"].append({"name": "hospital_d", "data": str(tiny), "work_dir": str(tmp_path / "sites" / "d")})
+    config = parse_config(raw)
+
+    Pipeline(config, progress=False).run()
+
+    records = metrics(config.run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    last = records[-1]
+    assert sorted(last["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
+    assert all(m["auroc"] >= 0.75 for m in last["hospitals"].values()), last["hospitals"]
+    assert last["pooled"]["auroc"] >= 0.78
+    data = json.loads((config.run_dir / "data.json").read_text())
+    assert "min_samples=50" in data["refused"]["hospital_d"]
+    assert sorted(data["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
+    # The full data report stays at the hospital; the run directory only has counts.
+    assert (tmp_path / "sites" / "hospital_a" / "runs" / "ehr" / "data_report.json").is_file()
+    assert not list(config.run_dir.rglob("data_report.json"))
+    manifest = json.loads((config.run_dir / "manifest.json").read_text())
+    assert manifest["packages"]["torch"].startswith("2.13.0")
+    assert len(manifest["data"]["hospital_a"]["fingerprint"]) == 64
+    assert (config.run_dir / "preprocessing.json").is_file()
+
+    changed = dict(raw, run={**raw["run"], "rounds": 6}, hospitals=raw["hospitals"][:3])
+    with pytest.raises(CheckpointError, match="run.rounds: 5 -> 6"):
+        Pipeline(parse_config(changed), progress=False).run()
+
+
+def test_shuffled_labels_stay_at_chance(ray_session, demo_data, tmp_path):
+    data = copy_hospitals(demo_data, tmp_path / "data")
+    shuffle_labels(data, "ehr.csv", "discharge_status")
+    config = parse_config(ehr_config(data, tmp_path / "runs", name="shuffled"))
+    Pipeline(config, progress=False).run()
+    assert metrics(config.run_dir)[-1]["pooled"]["auroc"] <= 0.6
+
+
+def test_image_federation_learns_at_every_hospital(ray_session, demo_data, tmp_path):
+    config = parse_config(image_config(demo_data, tmp_path))
+    Pipeline(config, progress=False).run()
+    last = metrics(config.run_dir)[-1]
+    assert all(m["auroc"] >= 0.75 for m in last["hospitals"].values()), last["hospitals"]
+    assert last["pooled"]["auroc"] >= 0.8
+
+
+def test_shuffled_image_labels_stay_at_chance(ray_session, demo_data, tmp_path):
+    data = copy_hospitals(demo_data, tmp_path / "data")
+    shuffle_labels(data, "labels.csv", "finding")
+    config = parse_config(image_config(data, tmp_path / "runs", name="shuffled-images"))
+    Pipeline(config, progress=False).run()
+    assert metrics(config.run_dir)[-1]["pooled"]["auroc"] <= 0.6
+
+
+def test_driver_killed_mid_round_resumes_to_identical_weights(ray_session, demo_data, tmp_path):
+    rounds = 5
+
+    def slow_config(run_root):  # more local epochs, so a round lasts long enough to be killed inside
+        raw = ehr_config(demo_data, run_root, rounds=rounds)
+        raw["train"]["local_epochs"] = 40
+        return raw
+
+    reference = parse_config(slow_config(tmp_path / "reference"))
+    Pipeline(reference, progress=False).run()
+
+    raw = slow_config(tmp_path / "killed")
+    config_file = tmp_path / "killed.yaml"
+    config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    killed = parse_config(raw)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "simulate", str(config_file), "--no-progress"],
+        cwd=ROOT,
+        start_new_session=True,  # its own process group: the kill takes its embedded Ray down too
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        # Wait for round 2 (round 1 also pays for warm-up), then kill at a random point of round 3.
+        while (load_checkpoint(killed.run_dir) or NOT_YET).round < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "driver ended before round 2"
+            time.sleep(0.02)
+        round_seconds = metrics(killed.run_dir)[1]["seconds"]
+        time.sleep(random.Random(os.getpid()).uniform(0.1, 0.9) * round_seconds)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    stopped_after = load_checkpoint(killed.run_dir).round
+    assert stopped_after < rounds, "the driver finished before it could be killed"
+
+    resumed = Pipeline(killed, progress=False).run()
+
+    expected = load_checkpoint(reference.run_dir).weights
+    assert torch.equal(torch.from_numpy(resumed), torch.from_numpy(expected))
+    assert torch.equal(torch.from_numpy(load_checkpoint(killed.run_dir).weights), torch.from_numpy(expected))
+    assert [r["round"] for r in metrics(killed.run_dir)] == list(range(1, rounds + 1))

@@ -9,6 +9,7 @@ evaluated on the hospitals' own held-out splits.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -69,3 +70,23 @@ def compare(config: FedwardConfig) -> dict:
             "per_hospital": {e.hospital: e.auroc for e in local_evals},
         },
     }
+
+
+def format_comparison(config: FedwardConfig, result: dict) -> str:
+    """The demo's table: federated beside central and local-only, per hospital and pooled."""
+    names = sorted(result["federated"]["per_hospital"])
+    truth = Path(config.hospitals[0].data).expanduser().parent / "truth.json"
+    best = ""
+    if truth.is_file():
+        task = "ehr" if config.data.kind == "table" else "images"
+        best = f" (best achievable on all data: {json.loads(truth.read_text())[task]['best_auroc']['pooled']:.3f})"
+    rows = [
+        (f"federated ({config.strategy.name}, {result['federated']['round']} rounds)", result["federated"]),
+        ("central (rows pooled: demo only)", result["central"]),
+        ("local-only (mean of sites)", {**result["local_only"], "pooled_auroc": result["local_only"]["mean_auroc"]}),
+    ]
+    lines = [f"{config.run.name}: AUROC on the hospitals' held-out splits{best}",
+             f"  {'model':<40}{'pooled':>8}" + "".join(f"{n:>12}" for n in names)]
+    for label, r in rows:
+        lines.append(f"  {label:<40}{r['pooled_auroc']:>8.3f}" + "".join(f"{r['per_hospital'][n]:>12.3f}" for n in names))
+    return "\n".join(lines)

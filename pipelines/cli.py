@@ -40,10 +40,13 @@ def _print_status(run_dir: Path) -> None:
 
 def _compare(args) -> None:
     from fedward.config import load_config
-    from pipelines.baselines import compare
+    from pipelines.baselines import compare, format_comparison
+    from pipelines.checkpoint import atomic_write_json
 
-    result = compare(load_config(args.config))
-    print(json.dumps(result, indent=2))
+    config = load_config(args.config)
+    result = compare(config)
+    atomic_write_json(config.run_dir / "baselines.json", result)
+    print(format_comparison(config, result))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,8 @@ HOSPITALS = ("hospital_a", "hospital_b", "hospital_c")
 def demo_data(tmp_path_factory) -> Path:
     """Three small demo hospitals, written once per session; tests copy before changing them."""
     out = tmp_path_factory.mktemp("demo")
-    write_demo_data(out, hospitals=3, seed=0)  # the demo's own sizes: small sites learn too noisily to test
+    # Larger than the demo's 120-image site: ~30 held-out images make one site's AUROC too noisy to assert on.
+    write_demo_data(out, hospitals=3, seed=0, images_per_hospital=(360, 300, 420))
     return out
 
 

@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Ray 2.60 turns token authentication on for local clusters; say so explicitly everywhere.
-export RAY_AUTH_MODE ?= token
+RAY_AUTH_MODE := $(or $(RAY_AUTH_MODE),token)
+export RAY_AUTH_MODE
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test clean-demo

@@ -32,9 +32,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
 from pydicom.pixels.utils import get_expected_length
 
+from data_adapters.cells import label_values
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
-from fedward.config import DicomSpec, LabelRule
+from fedward.config import DicomSpec
 from fedward.errors import DataError
 
 # Bump whenever preprocessing changes meaning, so no cache serves arrays made the old way.
@@ -45,8 +46,6 @@ stats: Counter[str] = Counter()
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
-_TRUE, _FALSE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no"}
-_MISSING = {"", "na", "n/a", "#n/a", "nan", "-nan", "null", "none"}  # as text, in either table format
 
 
 class _Skip(Exception):
@@ -285,27 +284,6 @@ def _read_label_table(path: Path, spec: DicomSpec) -> pa.Table:
     return table
 
 
-def _binary(value: object, rule: LabelRule) -> int | None:
-    """0/1 by the rule, None when missing; ValueError when the rule cannot read the value."""
-    text = "" if value is None else str(value).strip()
-    if text.lower() in _MISSING:
-        return None
-    if rule.positive_values is not None:
-        return int(text in rule.positive_values)
-    if rule.threshold is not None:
-        return int(float(text) >= rule.threshold)
-    if text.lower() in _TRUE | _FALSE:
-        return int(text.lower() in _TRUE)
-    raise ValueError(text)
-
-
-def _expected(rule: LabelRule) -> str:
-    # Only these rules can fail to read a value: any value is or is not among positive_values.
-    if rule.threshold is not None:
-        return f"expected a number to compare with threshold {rule.threshold}"
-    return "expected 0/1, true/false or yes/no"
-
-
 class _Labels:
     """The label table as key -> 0/1; rows that give none are reported as they are read."""
 
@@ -316,25 +294,22 @@ class _Labels:
         self.rows: dict[str, list[int]] = defaultdict(list)  # key -> rows with a usable label
         self.seen: set[str] = set()  # keys of files found, usable or not
         found: dict[str, set[int]] = defaultdict(set)
+        # Parsed as the table adapter parses labels, so a rule means the same for images and tables.
+        values, problems = label_values(table, spec.label, spec.labels)
+        values = values.to_pylist()
         keys = table.column(spec.key_column).to_pylist()
-        values = table.column(spec.label.column).to_pylist()
-        for row, (key, value) in enumerate(zip(keys, values), start=1):
+        for row, key in enumerate(keys, start=1):
             key = "" if key is None else str(key).strip()
             where = self._where(row)
             if not key:
                 report.skip(where, spec.key_column, "label_without_image", f"the row has no {spec.key_column}")
                 continue
-            try:
-                label = _binary(value, spec.label)
-            except ValueError:
-                report.skip(where, spec.label.column, "invalid_label", _expected(spec.label))
-                self.failed.setdefault(key, "invalid_label")
+            problem = next(((reason, detail) for _, reason, detail, rows in problems if rows[row - 1]), None)
+            if problem:
+                report.skip(where, spec.label.column, *problem)
+                self.failed.setdefault(key, problem[0])
                 continue
-            if label is None:
-                report.skip(where, spec.label.column, "missing_label", "the label is empty")
-                self.failed.setdefault(key, "missing_label")
-                continue
-            found[key].add(label)
+            found[key].add(int(values[row - 1]))
             self.rows[key].append(row)
         for key, labels in found.items():
             if len(labels) == 1:

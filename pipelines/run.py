@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from data_adapters.harmonize import merge_summaries
 from fedward.config import FedwardConfig, config_diff, config_hash, config_to_dict
 from fedward.errors import CheckpointError, DataError, QuorumError
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
-from fedward.types import DataCounts, Evaluation, Layout, Update
+from fedward.types import DataCounts, Evaluation, Layout
 from models.flat import flatten
 from models.networks import build_model
 from pipelines.checkpoint import RunCheckpoint, atomic_write, atomic_write_json, load_checkpoint, save_checkpoint

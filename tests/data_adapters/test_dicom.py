@@ -28,7 +28,7 @@ from fedward.errors import DataError
 
 SKIP_REASONS = {
     "unreadable_dicom", "not_dicom", "no_pixel_data", "no_decoder", "image_without_label",
-    "label_without_image", "decode_error", "missing_label", "conflicting_label", "invalid_label",
+    "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label",
 }
 
 
@@ -275,8 +275,8 @@ def test_every_skip_reason_is_recorded_and_the_rest_is_used(tmp_path):
         "labels.csv row 9": "conflicting_label",
         "labels.csv row 10": "conflicting_label",
         "labels.csv row 11": "label_without_image",
-        "images/maybe.dcm": "invalid_label",
-        "labels.csv row 12": "invalid_label",
+        "images/maybe.dcm": "bad_label",
+        "labels.csv row 12": "bad_label",
     }
     no_decoder = next(s for s in report.skipped if s.reason == "no_decoder")
     assert MPEG2MPML in no_decoder.detail and no_decoder.field == "TransferSyntaxUID"

@@ -1,0 +1,96 @@
+"""Reading a table's cells as text and parsing them into typed values, one cell at a time.
+
+Shared by the EHR table adapter and the DICOM adapter's label table, so a label rule, a boolean or
+a missing value means the same in both. Missing cells are empty, NaN, or the text "nan" in any
+case; they become nulls. A cell that does not parse costs its row; a column where no filled cell
+parses refuses the whole table, since the configuration and the file then disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fedward.config import LabelRule
+from fedward.errors import DataError
+
+_TRUE = pa.array(["true", "1", "yes"])
+_FALSE = pa.array(["false", "0", "no"])
+_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"  # no inf: it would wreck the standardisation
+
+
+def find_column(table: pa.Table, name: str, expected: str, file: str) -> pa.ChunkedArray:
+    found = table.schema.get_all_field_indices(name)
+    if len(found) != 1:
+        problem = "is missing" if not found else "appears more than once"
+        raise DataError(f"{file}: column {name!r} ({expected}) {problem}; columns are {table.column_names}")
+    return table.column(found[0])
+
+
+def _is_scalar_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):  # pandas categoricals arrive dictionary-encoded
+        return _is_scalar_type(t.value_type)
+    checks = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_integer,
+              pa.types.is_floating, pa.types.is_decimal, pa.types.is_boolean)
+    return any(check(t) for check in checks)
+
+
+def as_text(column: pa.ChunkedArray, name: str, expected: str, file: str) -> pa.ChunkedArray:
+    """The column as trimmed text, null where the cell is missing."""
+    if not _is_scalar_type(column.type):
+        raise DataError(f"{file}: column {name!r} should hold {expected} values but is of type {column.type}")
+    text = pc.utf8_trim_whitespace(column.cast(pa.string()))  # a float NaN becomes "nan"
+    return pc.if_else(pc.is_in(pc.utf8_lower(text), pa.array(["", "nan"])), None, text)
+
+
+def _parse_numeric(text: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.if_else(pc.match_substring_regex(text, _NUMBER), text, None).cast(pa.float64())
+
+
+def _parse_boolean(text: pa.ChunkedArray) -> pa.ChunkedArray:
+    lower = pc.utf8_lower(text)
+    return pc.if_else(pc.is_in(lower, _TRUE), True, pc.if_else(pc.is_in(lower, _FALSE), False, None))
+
+
+PARSERS = {"numeric": _parse_numeric, "boolean": _parse_boolean, "categorical": lambda text: text}
+
+
+def row_mask(values: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(pc.fill_null(values, False).to_numpy(), dtype=bool)
+
+
+def parse_cells(text: pa.ChunkedArray, parse, name: str, expected: str, found: pa.DataType, file: str):
+    """Parsed values (null where missing or unparseable) and the mask of unparseable cells."""
+    values = parse(text)
+    bad = row_mask(pc.and_(text.is_valid(), values.is_null()))
+    if bad.any() and bad.sum() == text.length() - text.null_count:
+        raise DataError(
+            f"{file}: column {name!r} should hold {expected} values, but none of its "
+            f"{bad.sum()} filled cells is one (found {found} cells)"
+        )
+    return values, bad
+
+
+def _label_parser(rule: LabelRule) -> tuple[Callable, str]:
+    if rule.positive_values is not None:
+        return (lambda text: pc.is_in(text, pa.array(rule.positive_values))), "text"
+    if rule.threshold is not None:
+        return (lambda text: pc.greater_equal(_parse_numeric(text), rule.threshold)), "numeric"
+    return _parse_boolean, "0/1, true/false or yes/no"
+
+
+Problem = tuple[str, str, str, np.ndarray]  # field, reason, detail, mask of the rows affected
+
+
+def label_values(table: pa.Table, rule: LabelRule, file: str) -> tuple[pa.ChunkedArray, list[Problem]]:
+    column = find_column(table, rule.column, "label", file)
+    text = as_text(column, rule.column, "label", file)
+    parse, expected = _label_parser(rule)
+    values, bad = parse_cells(text, parse, rule.column, expected, column.type, file)
+    return values, [
+        (rule.column, "missing_label", "expected an outcome, found an empty cell", row_mask(text.is_null())),
+        (rule.column, "bad_label", f"expected a {expected} label, found a {column.type} cell that is not one", bad),
+    ]

@@ -7,6 +7,7 @@ scores and file names stay in its own work area (`work_dir`).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, Update
 from models.flat import flatten, load_flat
 from models.networks import build_model
 from models import training
-from pipelines.checkpoint import atomic_torch_save
+from pipelines.checkpoint import atomic_torch_save, atomic_write_json
 from privacy.hooks import build_hook
 
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
@@ -70,7 +71,7 @@ class Hospital:
         self.train_idx, self.holdout_idx = split_by_patient(
             samples.patient_ids, samples.labels, data.holdout_fraction, self.config.run.seed
         )
-        self._write_split()
+        holdout = self._write_split()
         return DataCounts(
             hospital=self.name,
             train_examples=len(self.train_idx),
@@ -80,12 +81,15 @@ class Hospital:
             positives=int(samples.labels.sum()),
             skipped=report.counts(),
             fingerprint=samples.fingerprint,
+            split_fingerprint=hashlib.sha256("\n".join(sorted(holdout)).encode()).hexdigest(),
         )
 
-    def _write_split(self) -> None:
+    def _write_split(self) -> list[str]:
+        """Record which samples were held out, in the hospital's own area; returns the held-out ids."""
         ids = np.asarray(self.samples.sample_ids)
         body = {"train": ids[self.train_idx].tolist(), "holdout": ids[self.holdout_idx].tolist()}
-        atomic_torch_save(body, self.run_dir / "split.pt")
+        atomic_write_json(self.run_dir / "split.json", body)
+        return body["holdout"]
 
     def summarize(self) -> TableSummary | None:
         """Summary statistics of the training split for federated harmonization (tables only)."""

@@ -85,3 +85,4 @@ class DataCounts:
     positives: int
     skipped: dict[str, int]  # reason -> count
     fingerprint: str  # hash of the content hashes of the usable inputs, for the audit manifest
+    split_fingerprint: str  # hash of the held-out sample ids: shows the split, reveals no sample

@@ -52,6 +52,7 @@ def write_manifest(run_dir: Path, config: FedwardConfig, digest: str, counts: di
             "data": {
                 name: {
                     "fingerprint": c.fingerprint,
+                    "split_fingerprint": c.split_fingerprint,
                     "train_examples": c.train_examples,
                     "holdout_examples": c.holdout_examples,
                     "skipped": c.skipped,

@@ -22,6 +22,7 @@ from fedward.config import parse_config
 from fedward.errors import CheckpointError
 from pipelines.checkpoint import load_checkpoint
 from pipelines.run import Pipeline
+from pipelines.status import run_status
 from tests.conftest import copy_hospitals, ehr_config, image_config
 
 pytestmark = pytest.mark.e2e
@@ -73,6 +74,8 @@ def test_ehr_federation_learns_everywhere_and_a_hospital_without_data_stays_out(
     assert manifest["packages"]["torch"].startswith("2.13.0")
     assert len(manifest["data"]["hospital_a"]["fingerprint"]) == 64
     assert (config.run_dir / "preprocessing.json").is_file()
+    status = run_status(config.run_dir)
+    assert "round 5 of 5 (finished)" in status and "hospital_d: did not join" in status
 
     changed = dict(raw, run={**raw["run"], "rounds": 6}, hospitals=raw["hospitals"][:3])
     with pytest.raises(CheckpointError, match="run.rounds: 5 -> 6"):

@@ -216,6 +216,19 @@ class FedwardConfig:
                 return h
         raise ConfigError(f"no hospital named {name!r}; known: {[h.name for h in self.hospitals]}")
 
+    def with_paths_from(self, base: Path) -> FedwardConfig:
+        """The config with hospitals' relative paths made absolute against `base`.
+
+        The driver resolves them against the folder it was started in before sending the config to
+        hospital actors, whose own working folder on a Ray node is not the user's.
+        """
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str((base / Path(path).expanduser()).absolute())
+
+        hospitals = tuple(dataclasses.replace(h, data=absolute(h.data), work_dir=absolute(h.work_dir)) for h in self.hospitals)
+        return dataclasses.replace(self, hospitals=hospitals)
+
     def model_for(self, hospital: str) -> ModelConfig:
         overrides = self.hospital(hospital).model
         try:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -113,7 +114,8 @@ class Pipeline:
         started = start_ray(self.config, self.address)
         try:
             check_placement(self.config)
-            self.hospitals = {h.name: start_hospital(self.config, h.name) for h in self.config.hospitals}
+            at_hospitals = self.config.with_paths_from(Path.cwd())
+            self.hospitals = {h.name: start_hospital(at_hospitals, h.name) for h in self.config.hospitals}
             counts = self._validate()
             preprocessing = self._harmonize(sorted(counts))
             shapes, failures = gather(

@@ -85,3 +85,10 @@ def test_diff_names_list_items():
     raw["data"]["table"]["features"] = {"sex": "categorical", "age": "numeric"}
     diff = config_diff(config_to_dict(a), config_to_dict(parse_config(raw)))
     assert "data.table.features[0].name: 'age' -> 'sex'" in diff
+
+
+def test_hospital_paths_resolve_against_the_drivers_folder(tmp_path):
+    config = parse_config(raw_config()).with_paths_from(tmp_path)
+    assert config.hospital("a").data == str(tmp_path / "d" / "a")
+    assert config.hospital("a").work_dir is None
+    assert parse_config(raw_config()).with_paths_from(tmp_path / "x").hospital("b").data == str(tmp_path / "x" / "d" / "b")

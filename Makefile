@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	test -d demo-data || $(VENV)/bin/fedward demo-data --out demo-data --hospitals 3 --seed 0
+	# truth.json is written last: without it an earlier generation was interrupted.
+	test -f demo-data/truth.json || { rm -rf demo-data && $(VENV)/bin/fedward demo-data --out demo-data --hospitals 3 --seed 0; }
 	$(VENV)/bin/fedward simulate configs/demo_images.yaml
 	$(VENV)/bin/fedward simulate configs/demo_ehr.yaml
 	$(VENV)/bin/fedward compare configs/demo_images.yaml

@@ -27,21 +27,23 @@ from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, Update
 from models.flat import flatten, load_flat
 from models.networks import build_model
 from models import training
-from pipelines.checkpoint import atomic_torch_save, atomic_write_json
+from fedward.files import atomic_torch_save, atomic_write_json
 from privacy.hooks import build_hook
 
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
 
 
 class Hospital:
-    def __init__(self, name: str, config: FedwardConfig):
+    def __init__(self, name: str, config: FedwardConfig, run_id: str):
+        """`run_id` names the run in the hospital's own area (run name and config hash), so two
+        runs that share a name never share or prune each other's state."""
         self.name = name
         self.config = config
         own = config.hospital(name)
         self.data_dir = Path(own.data).expanduser()
         self.work_dir = Path(own.work_dir).expanduser() if own.work_dir else self.data_dir / ".fedward"
-        self.run_dir = self.work_dir / "runs" / config.run.name
-        self.hook = build_hook("plaintext")
+        self.run_dir = self.work_dir / "runs" / run_id
+        self.hook = build_hook(config.privacy.hook)
         self.samples: Samples | None = None
         self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
         self.model: nn.Module | None = None
@@ -162,11 +164,17 @@ class Hospital:
         for old in sorted(self._state_path(0).parent.glob("round_*.pt"))[:-KEEP_STATES]:
             old.unlink()
 
-    def restore(self, round: int) -> bool:
-        """Reload the state saved after `round`; False when there is none (a fresh hospital)."""
-        path = self._state_path(round)
-        if round == 0 or not path.is_file():
-            return False
-        state = torch.load(path, weights_only=True)
+    def restore(self, round: int) -> int | None:
+        """Reload the newest own state saved at or before `round` (a hospital not asked in a round
+        saved none for it); returns that state's round, or None for a hospital with no state yet."""
+        saved = sorted(self._state_path(0).parent.glob("round_*.pt"))
+        usable = [p for p in saved if int(p.stem.removeprefix("round_")) <= round]
+        if not usable:
+            return None
+        state = torch.load(usable[-1], weights_only=True)
         self.model.load_state_dict(state["model"])
-        return True
+        return state["round"]
+
+    def hook_respond(self, round: int, request: Any) -> Any:
+        """The hospital's part in finishing an aggregation protocol (unmasking, decryption)."""
+        return self.hook.respond(round, request)

@@ -16,29 +16,35 @@ from fedward.errors import ConfigError
 
 
 class HospitalActor(Hospital):
-    def __init__(self, name: str, config: FedwardConfig):
+    def __init__(self, name: str, config: FedwardConfig, run_id: str):
         # One torch thread per CPU granted, so simulated hospitals sharing cores do not oversubscribe.
         torch.set_num_threads(max(1, int(config.hospital(name).cpus)))
-        super().__init__(name, config)
+        super().__init__(name, config, run_id)
 
 
 def check_placement(config: FedwardConfig) -> None:
-    """Fail early when a hospital's resource is absent: Ray would otherwise wait forever."""
-    available = ray.cluster_resources()
-    missing = [h.name for h in config.hospitals if available.get(h.name, 0) < 1]
-    if missing:
-        raise ConfigError(
-            f"no node in the Ray cluster offers the resource of hospital(s) {missing}; start each "
-            f"hospital's node with --resources='{{\"<hospital>\": 1}}'"
-        )
+    """Fail early when no node can host a hospital: Ray would otherwise wait forever."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problems = []
+    for h in config.hospitals:
+        offering = [r for r in nodes if r.get(h.name, 0) >= 1]
+        if not offering:
+            problems.append(f"{h.name}: no node offers its resource; start its node with --resources='{{\"{h.name}\": 1}}'")
+        elif all(r.get("CPU", 0) < h.cpus for r in offering):
+            most = max(r.get("CPU", 0) for r in offering)
+            problems.append(f"{h.name}: asks for cpus={h.cpus} but its node has {most} CPUs; lower hospitals.{h.name}.cpus")
+    if problems:
+        raise ConfigError("hospitals cannot be placed in this Ray cluster:\n  " + "\n  ".join(problems))
 
 
-def start_hospital(config: FedwardConfig, name: str) -> ray.actor.ActorHandle:
+def start_hospital(config: FedwardConfig, name: str, run_id: str) -> ray.actor.ActorHandle:
     own = config.hospital(name)
     remote_cls = ray.remote(HospitalActor)
     return remote_cls.options(
         num_cpus=own.cpus,
         resources={name: 1},
-        max_restarts=3,
-        max_task_retries=0,  # a failed round is left to the quorum, never silently re-run
-    ).remote(name, config)
+        # A restarted actor would come back without its data; until hospitals rejoin by reloading
+        # (the reliability work), a dead hospital stays out and the quorum decides.
+        max_restarts=0,
+        max_task_retries=0,
+    ).remote(name, config, run_id)

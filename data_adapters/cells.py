@@ -1,18 +1,23 @@
-"""Reading a table's cells as text and parsing them into typed values, one cell at a time.
+"""Reading a hospital's table files and parsing their cells into typed values, one cell at a time.
 
-Shared by the EHR table adapter and the DICOM adapter's label table, so a label rule, a boolean or
-a missing value means the same in both. Missing cells are empty, NaN, or the text "nan" in any
-case; they become nulls. A cell that does not parse costs its row; a column where no filled cell
-parses refuses the whole table, since the configuration and the file then disagree.
+Shared by the EHR table adapter and the DICOM adapter's label table, so a file format, a label
+rule, a boolean or a missing value means the same in both, with the same messages. Missing cells
+are empty, NaN, or the text "nan" in any case; they become nulls. A cell that does not parse costs
+its row; a column where no filled cell parses refuses the whole table, since the configuration and
+the file then disagree.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.feather as feather
+import pyarrow.parquet as pq
 
 from fedward.config import LabelRule
 from fedward.errors import DataError
@@ -20,6 +25,57 @@ from fedward.errors import DataError
 _TRUE = pa.array(["true", "1", "yes"])
 _FALSE = pa.array(["false", "0", "no"])
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"  # no inf: it would wreck the standardisation
+
+
+def _read_csv(path: Path) -> pa.Table:
+    # Every column as text, so a bad cell is found per row instead of failing the file's inference,
+    # and identifiers keep their leading zeros.
+    skip_all = pacsv.ParseOptions(invalid_row_handler=lambda row: "skip")
+    header = pacsv.open_csv(path, parse_options=skip_all).schema.names
+    malformed = []
+
+    def note(row):
+        malformed.append(row)
+        return "skip"
+
+    table = pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(use_threads=False),  # so malformed rows know their line
+        parse_options=pacsv.ParseOptions(invalid_row_handler=note),
+        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string())),
+    )
+    if malformed:
+        # Arrow's own message quotes the row, which may identify a patient; give only its shape.
+        row = malformed[0]
+        raise DataError(
+            f"{path}: line {row.number} has {row.actual_columns} fields, expected {row.expected_columns} "
+            "like the header; check the quoting of text that contains commas"
+        )
+    return table
+
+
+_READERS: dict[str, tuple[str, Callable[[Path], pa.Table]]] = {
+    ".parquet": ("a Parquet file", pq.read_table),
+    ".csv": ("a UTF-8 CSV file with a header row", _read_csv),
+    ".arrow": ("an Arrow IPC (Feather v2) file", feather.read_table),
+    ".feather": ("a Feather file", feather.read_table),
+    ".ipc": ("an Arrow IPC file", feather.read_table),
+}
+
+
+def read_table(path: Path, config_field: str) -> pa.Table:
+    """The table in `path`, chosen by its extension; `config_field` is the setting that names it."""
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        formats = ", ".join(_READERS)
+        raise DataError(f"{path}: unknown table format {path.suffix!r}; expected one of {formats} ({config_field})")
+    expected, reader = _READERS[suffix]
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; expected {expected} ({config_field})")
+    try:
+        return reader(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot be read as {expected}: {e}") from None
 
 
 def find_column(table: pa.Table, name: str, expected: str, file: str) -> pa.ChunkedArray:

@@ -6,9 +6,13 @@ the window clip) or per-frame min-max, MONOCHROME1 inverted so bright always mea
 images become grayscale by ITU-R BT.601 luminance. Each frame is then resized so its longer side
 is `image_size`, keeping the aspect ratio, and centre-padded with 0 (black) to a square.
 
-Files that cannot be used are skipped and recorded in the DataReport, never fatal; only a missing
-images folder or an unusable label table raises `DataError`. Hidden files and folders (names
-starting with ".") are ignored without a record: they are system debris, not inputs.
+Files are read as DICOM Part 10 (128-byte preamble, then "DICM") or, failing that, as a bare
+dataset as older systems write it, accepted only if it holds image or SOP class elements.
+
+Files that cannot be used are skipped and recorded in the DataReport, never fatal; so are broken
+links and folders that cannot be listed. Only a missing images folder or an unusable label table
+raises `DataError`. Hidden files and folders (names starting with ".") are ignored without a
+record: they are system debris, not inputs. Links to folders are not followed.
 """
 
 from __future__ import annotations
@@ -16,36 +20,48 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pydicom
 import torch
 import torch.nn.functional as F
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
 from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from data_adapters.cells import label_values
+from data_adapters.cells import find_column, label_values, read_table
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
 from fedward.config import DicomSpec
 from fedward.errors import DataError
+from fedward.files import atomic_write
 
-# Bump whenever preprocessing changes meaning, so no cache serves arrays made the old way.
-CACHE_VERSION = 1
+# Bump whenever preprocessing or the cache's file layout changes, so no cache serves arrays made
+# the old way.
+CACHE_VERSION = 2
 # Process-wide counts of files "decoded" and served from cache ("cache_hits"), for monitoring.
 stats: Counter[str] = Counter()
+_CHECKSUM_BYTES = 32  # a cache entry ends with the SHA-256 of the rest
 
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
+# A file that names no transfer syntax is in the encoding pydicom detected while parsing it,
+# keyed here as its (implicit VR, little endian) pair.
+_NATIVE_SYNTAX = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
 
 
 class _Skip(Exception):
@@ -70,7 +86,7 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
         raise DataError(f"images folder {images_dir} does not exist (data.dicom.images)")
     labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report)
     cache = _Cache(Path(cache_dir), spec) if cache_dir is not None else None
-    files = _image_files(images_dir)
+    files = _image_files(images_dir, data_dir, report)
     if spec.key == "path":  # a labelled file that proves unreadable is reported once, as itself
         labels.seen.update(p.relative_to(images_dir).as_posix() for p in files)
 
@@ -78,9 +94,7 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
     for path in files:
         source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
         try:
-            with warnings.catch_warnings():
-                # pydicom warns about odd elements quoting their values, which may be patients'.
-                warnings.simplefilter("ignore")
+            with _pydicom_silenced():
                 digest, label, patient, frames = _load_file(path, key_path, spec, labels, cache)
         except _Skip as skip:
             report.skip(source, skip.field, skip.reason, skip.detail)
@@ -104,23 +118,46 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
     )
 
 
-def _image_files(folder: Path) -> list[Path]:
-    files = (p for p in folder.rglob("*") if p.is_file())
-    visible = (p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return sorted(visible, key=lambda p: p.relative_to(folder).as_posix())
+def _image_files(folder: Path, data_dir: Path, report: DataReport) -> list[Path]:
+    """Every visible entry under `folder` that is not a folder, sorted by relative path.
+
+    Broken links and special files are included so that reading them records why they are not
+    used; folders that cannot be listed are recorded here.
+    """
+
+    def unlisted(error: OSError) -> None:
+        source = Path(error.filename).relative_to(data_dir).as_posix()
+        report.skip(source, "folder", "unreadable_dicom", f"the folder cannot be listed: {error.strerror}")
+
+    files = []
+    for root, folders, names in os.walk(folder, onerror=unlisted):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # not descended into
+        files.extend(Path(root, name) for name in names if not name.startswith("."))
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+@contextmanager
+def _pydicom_silenced() -> Iterator[None]:
+    """No warnings or log records from pydicom: they quote element values, which may be patients',
+    and its decoders log full tracebacks for failures that are already recorded in the report."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    # Raising the parent's level also silences pydicom's child loggers, which inherit it.
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_file(
     path: Path, key_path: str, spec: DicomSpec, labels: _Labels, cache: _Cache | None
 ) -> tuple[str, int, str, np.ndarray]:
     """(content hash, label, PatientID, frames as float32 (F, S, S)) of one file, or `_Skip`."""
-    try:
-        data = path.read_bytes()
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except InvalidDicomError:
-        raise _Skip("not_dicom", "file", "expected a DICOM file (128-byte preamble, then 'DICM')") from None
-    except Exception as e:  # pydicom signals a truncated or garbled file in many ways
-        raise _Skip("unreadable_dicom", "file", f"cannot read the file ({type(e).__name__})") from None
+    data = _read_bytes(path)
+    ds = _read_dataset(data)
     key = key_path if spec.key == "path" else _text(ds, _KEY_ELEMENTS[spec.key])
     labels.seen.add(key)
     if not any(element in ds for element in _PIXEL_ELEMENTS):
@@ -134,6 +171,44 @@ def _load_file(
         if cache:
             cache.put(digest, frames)
     return digest, label, _text(ds, "PatientID"), frames
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.is_symlink() and not path.exists():
+        raise _Skip("unreadable_dicom", "file", "a broken link: the file it points to does not exist")
+    if not path.is_file():  # reading a pipe or device could block forever
+        raise _Skip("not_dicom", "file", "expected a DICOM file, found a pipe, socket or device")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise _Skip("unreadable_dicom", "file", f"the file cannot be read: {e.strerror}") from None
+
+
+def _read_dataset(data: bytes) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError:  # no preamble and "DICM": maybe a bare dataset
+        ds = _read_bare_dataset(data)
+    except Exception as e:  # pydicom signals a truncated or garbled file in many ways
+        raise _Skip("unreadable_dicom", "file", f"cannot read the file ({type(e).__name__})") from None
+    syntax = _NATIVE_SYNTAX.get(ds.original_encoding[:2])
+    if "TransferSyntaxUID" not in ds.file_meta and syntax:  # the decoders need it named
+        ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def _read_bare_dataset(data: bytes) -> pydicom.Dataset:
+    """A dataset without preamble and file meta, as older systems write; `not_dicom` unless it
+    holds image or SOP class elements, since pydicom's `force` makes elements of any bytes."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        looks_dicom = any(element in ds for element in ("SOPClassUID", "Rows", *_PIXEL_ELEMENTS))
+    except Exception:
+        looks_dicom = False
+    if not looks_dicom:
+        expected = "expected a DICOM file: no 128-byte preamble and 'DICM', nor a bare dataset"
+        raise _Skip("not_dicom", "file", expected)
+    return ds
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
@@ -236,10 +311,13 @@ def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 class _Cache:
-    """Preprocessed frames by file content and preprocessing settings, so no setting serves stale data."""
+    """Preprocessed frames by file content and preprocessing settings, so no setting serves stale data.
+
+    Each entry is an .npy file followed by the SHA-256 of its bytes: an entry cut short or damaged
+    on disk fails the check and is decoded again, never served.
+    """
 
     def __init__(self, folder: Path, spec: DicomSpec):
-        folder.mkdir(parents=True, exist_ok=True)
         settings = dict(version=CACHE_VERSION, image_size=spec.image_size, frames=spec.frames, window=spec.window)
         self._folder = folder
         self._tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -249,38 +327,26 @@ class _Cache:
 
     def get(self, digest: str) -> np.ndarray | None:
         try:
-            frames = np.load(self._path(digest), allow_pickle=False)
-        except (OSError, ValueError):  # absent or unreadable: decode again
+            data = self._path(digest).read_bytes()
+        except OSError:  # absent or unreadable: decode again
+            return None
+        body, checksum = data[:-_CHECKSUM_BYTES], data[-_CHECKSUM_BYTES:]
+        if hashlib.sha256(body).digest() != checksum:
             return None
         stats["cache_hits"] += 1
-        return frames
+        return np.load(io.BytesIO(body), allow_pickle=False)
 
     def put(self, digest: str, frames: np.ndarray) -> None:
-        path = self._path(digest)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, frames)
-        os.replace(tmp, path)  # readers see the whole array or none
+        buffer = io.BytesIO()
+        np.save(buffer, frames, allow_pickle=False)
+        body = buffer.getvalue()
+        atomic_write(self._path(digest), body + hashlib.sha256(body).digest())
 
 
 def _read_label_table(path: Path, spec: DicomSpec) -> pa.Table:
-    columns = {spec.key_column: "data.dicom.key_column", spec.label.column: "data.dicom.label.column"}
-    kind = {".csv": "CSV", ".parquet": "Parquet"}.get(path.suffix.lower())
-    if not path.is_file():
-        raise DataError(f"label file {path} does not exist (data.dicom.labels)")
-    if kind is None:
-        raise DataError(f"label file {path}: expected a .csv or .parquet file (data.dicom.labels)")
-    try:
-        if kind == "Parquet":
-            table = pq.read_table(path)
-        else:  # as strings, so IDs keep their leading zeros
-            options = pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.string()))
-            table = pacsv.read_csv(path, convert_options=options)
-    except (pa.ArrowException, OSError) as e:  # the message may quote a row, so only its type is shown
-        raise DataError(f"label file {path}: not a readable {kind} table ({type(e).__name__})") from None
-    for column, field in columns.items():
-        if column not in table.column_names:
-            raise DataError(f"label file {path}: no column {column!r} ({field}); it has {table.column_names}")
+    table = read_table(path, "data.dicom.labels")
+    find_column(table, spec.key_column, "data.dicom.key_column", spec.labels)
+    find_column(table, spec.label.column, "data.dicom.label.column", spec.labels)
     return table
 
 

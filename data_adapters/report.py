@@ -6,17 +6,17 @@ into the hospital's own area; only `counts()` (reason -> number) leaves the hosp
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedward.files import atomic_write_json
+
 
 @dataclass(frozen=True)
 class Skipped:
-    source: str  # file path relative to the data folder, or "TABLE row N"
-    field: str  # the DICOM attribute or column at fault, or "file"
+    source: str  # file or folder path relative to the data folder, or "TABLE row N"
+    field: str  # the DICOM attribute or column at fault, or "file" / "folder"
     reason: str  # a short stable key, counted across hospitals, e.g. "unreadable_dicom"
     detail: str  # what was expected and what was found
 
@@ -34,13 +34,9 @@ class DataReport:
         return dict(sorted(Counter(s.reason for s in self.skipped).items()))
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        body = {
+        atomic_write_json(path, {
             "hospital": self.hospital,
             "used": self.used,
             "skipped_counts": self.counts(),
             "skipped": [asdict(s) for s in self.skipped],
-        }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(body, indent=2))
-        os.replace(tmp, path)
+        })

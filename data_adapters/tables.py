@@ -12,66 +12,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.feather as feather
-import pyarrow.parquet as pq
 
-from data_adapters.cells import PARSERS, Problem, as_text, find_column, label_values, parse_cells, row_mask
+from data_adapters.cells import (
+    PARSERS, Problem, as_text, find_column, label_values, parse_cells, read_table, row_mask,
+)
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
 from fedward.config import FeatureSpec, TableSpec
-from fedward.errors import DataError
-
-
-def _read_csv(path: Path) -> pa.Table:
-    # Every column as text, so a bad cell is found per row instead of failing the file's inference.
-    skip_all = pacsv.ParseOptions(invalid_row_handler=lambda row: "skip")
-    header = pacsv.open_csv(path, parse_options=skip_all).schema.names
-    malformed = []
-
-    def note(row):
-        malformed.append(row)
-        return "skip"
-
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(use_threads=False),  # so malformed rows know their line
-        parse_options=pacsv.ParseOptions(invalid_row_handler=note),
-        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string())),
-    )
-    if malformed:
-        # Arrow's own message quotes the row, which may identify a patient; give only its shape.
-        row = malformed[0]
-        raise DataError(
-            f"{path}: line {row.number} has {row.actual_columns} fields, expected {row.expected_columns} "
-            "like the header; check the quoting of text that contains commas"
-        )
-    return table
-
-
-_READERS: dict[str, tuple[str, Callable[[Path], pa.Table]]] = {
-    ".parquet": ("a Parquet file", pq.read_table),
-    ".csv": ("a UTF-8 CSV file with a header row", _read_csv),
-    ".arrow": ("an Arrow IPC (Feather v2) file", feather.read_table),
-    ".feather": ("a Feather file", feather.read_table),
-    ".ipc": ("an Arrow IPC file", feather.read_table),
-}
-
-
-def _read(path: Path) -> pa.Table:
-    if path.suffix.lower() not in _READERS:
-        raise DataError(f"{path}: unknown table format {path.suffix!r}; expected one of {', '.join(_READERS)}")
-    expected, reader = _READERS[path.suffix.lower()]
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected {expected} (data.table.file)")
-    try:
-        return reader(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: cannot be read as {expected}: {e}") from None
 
 
 def _feature(table: pa.Table, feature: FeatureSpec, file: str) -> tuple[pa.ChunkedArray, Problem]:
@@ -85,7 +35,7 @@ def _feature(table: pa.Table, feature: FeatureSpec, file: str) -> tuple[pa.Chunk
 def load_table(data_dir: Path, spec: TableSpec, report: DataReport) -> Samples:
     """The usable rows of `data_dir / spec.file`; every skipped row is recorded in `report`."""
     path = Path(data_dir) / spec.file
-    table = _read(path)
+    table = read_table(path, "data.table.file")
     file = spec.file
     labels, problems = label_values(table, spec.label, file)
     patient_ids = None

@@ -80,7 +80,7 @@ class DicomSpec:
     """A folder of DICOM files at each hospital plus a table of labels."""
 
     images: str = "images"  # folder relative to the hospital's data folder, any nesting
-    labels: str = "labels.csv"  # CSV or Parquet, relative to the hospital's data folder
+    labels: str = "labels.csv"  # CSV, Parquet or Arrow/Feather, relative to the hospital's data folder
     # What the label table is keyed by: the file's SOPInstanceUID, its PatientID, or its path
     # relative to the images folder.
     key: Literal["sop_instance_uid", "patient_id", "path"] = "sop_instance_uid"
@@ -127,6 +127,7 @@ class ModelConfig:
         _need(len(widths) > 0 and all(w > 0 for w in widths), f"model: layer widths must be positive, got {widths}")
         _need(0.0 <= self.dropout < 1.0, "model.dropout: expected a number in [0, 1)")
         if self.norm == "group":
+            _need(self.groups >= 1, f"model.groups: expected at least 1, got {self.groups}")
             _need(all(w % self.groups == 0 for w in widths), f"model.groups={self.groups} must divide every width {widths}")
 
 
@@ -154,6 +155,17 @@ class StrategyConfig:
         _need(0.0 < self.fraction <= 1.0, "strategy.fraction: expected a number in (0, 1]")
 
 
+RAY_RESERVED = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory", "accelerator_type"})
+# Options that leave the shared layout unchanged; width or normalization differences need a
+# strategy that aggregates sub-models, which FedAvg is not.
+PER_HOSPITAL_MODEL_OPTIONS = frozenset({"dropout"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    hook: Literal["plaintext"] = "plaintext"  # how updates travel: see privacy/hooks.py
+
+
 @dataclass(frozen=True, kw_only=True)
 class HospitalConfig:
     name: str
@@ -167,6 +179,13 @@ class HospitalConfig:
             bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
             f"hospitals: name {self.name!r} must be letters, digits, '-' or '_' (it is a Ray resource)",
         )
+        _need(self.name not in RAY_RESERVED, f"hospitals: name {self.name!r} is one of Ray's own resources; choose another")
+        unknown = sorted(set(self.model) - PER_HOSPITAL_MODEL_OPTIONS)
+        _need(
+            not unknown,
+            f"hospitals.{self.name}.model: {unknown} cannot differ per hospital (the shared weights would not fit); "
+            f"per-hospital options are {sorted(PER_HOSPITAL_MODEL_OPTIONS)}",
+        )
         _need(self.cpus >= 0, f"hospitals.{self.name}.cpus: must be >= 0")
 
 
@@ -178,12 +197,18 @@ class RunConfig:
     rounds: int = 5
     min_hospitals: int = 2  # quorum: a round with fewer successful hospitals fails
     round_timeout_s: float = 900.0  # a hospital silent for longer is left out of the round
+    data_timeout_s: float = 3600.0  # the first read of a hospital's data (DICOM decoding) may be long
 
     def __post_init__(self):
-        _need(bool(self.name) and "/" not in self.name, f"run.name: expected a folder name, got {self.name!r}")
+        _need(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            f"run.name: expected a folder name, got {self.name!r}",
+        )
+        _need(self.seed >= 0, f"run.seed: expected a whole number >= 0, got {self.seed}")
         _need(self.rounds >= 1, "run.rounds: must be at least 1")
         _need(self.min_hospitals >= 1, "run.min_hospitals: must be at least 1")
         _need(self.round_timeout_s > 0, "run.round_timeout_s: must be positive")
+        _need(self.data_timeout_s > 0, "run.data_timeout_s: must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +219,7 @@ class FedwardConfig:
     hospitals: tuple[HospitalConfig, ...]
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def __post_init__(self):
         names = [h.name for h in self.hospitals]
@@ -202,6 +228,11 @@ class FedwardConfig:
         _need(
             self.run.min_hospitals <= len(names),
             f"run.min_hospitals={self.run.min_hospitals} but only {len(names)} hospitals are listed",
+        )
+        expected = {"table": "mlp", "dicom": "cnn"}[self.data.kind]
+        _need(
+            self.model.kind == expected,
+            f"model.kind: {self.model.kind!r} cannot read data.kind {self.data.kind!r}; use {expected!r}",
         )
         for h in self.hospitals:
             self.model_for(h.name)  # validates each hospital's overrides now, not mid-run
@@ -260,14 +291,19 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         _need(isinstance(value, dict), f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _need(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is int:
         _need(isinstance(value, int) and not isinstance(value, bool), f"{where}: expected a whole number, got {value!r}")
         return value
     if hint is str:
-        _need(isinstance(value, str), f"{where}: expected text, got {value!r}")
-        return value
+        _need(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{where}: expected text, got {value!r}")
+        return str(value)
     if hint is bool:
         _need(isinstance(value, bool), f"{where}: expected true or false, got {value!r}")
         return value
@@ -278,15 +314,15 @@ def _parse_fields(cls: type, raw: dict, where: str, partial: bool = False) -> di
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(raw) - known)
-    _need(not unknown, f"{where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    _need(not unknown, f"{where or 'top level'}: unknown field(s) {unknown}; expected some of {sorted(known)}")
     if not partial:
         required = {f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         missing = sorted(required - set(raw))
-        _need(not missing, f"{where}: missing field(s) {missing}")
-    return {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+        _need(not missing, f"{where or 'top level'}: missing field(s) {missing}")
+    return {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
 
 
-def _features(raw: Any, where: str) -> list[dict]:
+def _features(raw: Any) -> list[dict]:
     # A mapping `name: type` reads better in YAML than a list of records; accept both.
     if isinstance(raw, dict):
         return [{"name": k, "type": v} for k, v in raw.items()]
@@ -298,12 +334,11 @@ def parse_config(raw: dict, source: str = "config") -> FedwardConfig:
     raw = json.loads(json.dumps(raw))  # a private copy we may normalise
     table = raw.get("data", {}).get("table") if isinstance(raw.get("data"), dict) else None
     if isinstance(table, dict) and "features" in table:
-        table["features"] = _features(table["features"], f"{source}: data.table.features")
+        table["features"] = _features(table["features"])
     try:
-        return FedwardConfig(**_parse_fields(FedwardConfig, raw, source))
+        return FedwardConfig(**_parse_fields(FedwardConfig, raw, ""))
     except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def load_config(path: str | Path) -> FedwardConfig:
@@ -321,8 +356,25 @@ def config_to_dict(config: FedwardConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+# Where things run and how long to wait do not change what a run computes, so they may change
+# between a run and its resume: a stuck run can be given a longer timeout, data can move (its
+# content is checked by fingerprint instead).
+OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s"), "hospitals": ("data", "work_dir", "cpus")}
+
+
+def config_identity(config: FedwardConfig) -> dict:
+    """The part of the config that decides the run's result."""
+    body = config_to_dict(config)
+    for key in OPERATIONAL["run"]:
+        body["run"].pop(key)
+    for hospital in body["hospitals"]:
+        for key in OPERATIONAL["hospitals"]:
+            hospital.pop(key)
+    return body
+
+
 def config_hash(config: FedwardConfig) -> str:
-    canonical = json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(config_identity(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -15,11 +15,11 @@ import torch
 
 from actors.hospital import Hospital
 from data_adapters.harmonize import merge_summaries
-from fedward.config import FedwardConfig
+from fedward.config import FedwardConfig, config_hash
 from fedward.errors import DataError
 from models import training
 from models.networks import build_model
-from pipelines.run import pooled_metrics
+from pipelines.run import pooled_metrics, read_metrics
 from pipelines.strategy import round_seed
 
 
@@ -27,14 +27,25 @@ def compare(config: FedwardConfig) -> dict:
     metrics = config.run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise DataError(f"no federated run at {config.run_dir} to compare with; run `fedward simulate` first")
-    last = json.loads(metrics.read_text().splitlines()[-1])
-    hospitals = [Hospital(h.name, config) for h in config.hospitals]
-    for h in hospitals:
-        h.load()
+    last = read_metrics(metrics)[-1]
+    if last["round"] < config.run.rounds:
+        raise DataError(f"the federated run at {config.run_dir} stopped after round {last['round']}; finish it first")
+    run_id = f"{config.run.name}-{config_hash(config)[:12]}-baselines"
+    hospitals = []
+    for own in config.hospitals:
+        hospital = Hospital(own.name, config, run_id)
+        try:
+            hospital.load()
+        except DataError:  # refused to join the federated run too, for the same reason
+            continue
+        hospitals.append(hospital)
     preprocessing = None
     if config.data.kind == "table":
         preprocessing = merge_summaries([h.summarize() for h in hospitals], config.data.table).to_dict()
-    shape = {h.prepare(preprocessing, frozenset()) for h in hospitals}.pop()
+    shapes = {h.prepare(preprocessing, frozenset()) for h in hospitals}
+    if len(shapes) != 1:
+        raise DataError(f"hospitals prepared inputs of different shapes: {sorted(shapes)}")
+    shape = shapes.pop()
     epochs = config.run.rounds * config.train.local_epochs
 
     def fresh_model() -> torch.nn.Module:

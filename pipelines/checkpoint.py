@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,38 +18,10 @@ import numpy as np
 import torch
 
 from fedward.errors import CheckpointError
+from fedward.files import atomic_write, atomic_write_json
 from fedward.types import Layout
 
 KEEP = 3  # run checkpoints kept on disk: the newest and two fallbacks
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-def atomic_write_json(path: Path, body: object) -> None:
-    atomic_write(path, json.dumps(body, indent=2, sort_keys=True).encode())
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
 
 
 @dataclass(frozen=True)
@@ -80,7 +51,13 @@ def save_checkpoint(run_dir: Path, ckpt: RunCheckpoint) -> Path:
     torch.save(body, buffer)
     data = buffer.getvalue()
     atomic_write(path, data)
-    history = _history(folder)
+    # A round redone after a resume replaces the entries from that round on.
+    history = []
+    for entry in _history(folder):
+        if entry["round"] < ckpt.round:
+            history.append(entry)
+        elif entry["round"] > ckpt.round:
+            (folder / entry["file"]).unlink(missing_ok=True)
     history.append({"round": ckpt.round, "file": path.name, "sha256": hashlib.sha256(data).hexdigest()})
     for old in history[:-KEEP]:
         (folder / old["file"]).unlink(missing_ok=True)

@@ -40,7 +40,7 @@ def _print_status(run_dir: Path) -> None:
 def _compare(args) -> None:
     from fedward.config import load_config
     from pipelines.baselines import compare, format_comparison
-    from pipelines.checkpoint import atomic_write_json
+    from fedward.files import atomic_write_json
 
     config = load_config(args.config)
     result = compare(config)

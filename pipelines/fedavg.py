@@ -12,9 +12,9 @@ from pipelines.strategy import Strategy
 
 
 def weighted_mean(updates: Sequence[Update]) -> np.ndarray:
-    sizes = {u.weights.shape for u in updates}
-    if len(sizes) != 1:
-        raise AggregationError(f"updates differ in length: {sorted(sizes)} from {[u.hospital for u in updates]}")
+    layouts = {u.layout for u in updates}
+    if len(layouts) != 1 or any(u.weights.shape != (u.layout.size,) for u in updates):
+        raise AggregationError(f"updates from {[u.hospital for u in updates]} do not share one layout")
     total = sum(u.num_examples for u in updates)
     if total <= 0:
         raise AggregationError("updates carry no training examples")

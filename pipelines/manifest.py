@@ -1,19 +1,22 @@
 """The run's audit manifest: which code, which packages, which config, which data.
 
-Data is identified by counts and content hashes only, never by values or file names.
+Written when the run begins; every later invocation (a resume, a re-run of a finished run) is
+appended, never rewritten, so the record of what produced each checkpoint survives. Data is
+identified by counts and content hashes only, never by values or file names.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from fedward.config import FedwardConfig
+from fedward.errors import CheckpointError
+from fedward.files import atomic_write_json
 from fedward.types import DataCounts
-from pipelines.checkpoint import atomic_write_json
 
 PACKAGES = ("fedward", "ray", "torch", "numpy", "pyarrow", "pydicom", "shap", "scikit-learn")
 
@@ -40,24 +43,44 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(run_dir: Path, config: FedwardConfig, digest: str, counts: dict[str, DataCounts] | None = None) -> None:
-    atomic_write_json(
-        Path(run_dir) / "manifest.json",
+def _read(run_dir: Path) -> dict:
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return {"invocations": [], "data": {}}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); restore it from a backup") from None
+
+
+def record_invocation(run_dir: Path, digest: str, start_round: int) -> None:
+    """Append who ran the run now: code and packages, and the round it starts after."""
+    manifest = _read(run_dir)
+    manifest.setdefault("config_hash", digest)
+    manifest["invocations"].append(
         {
-            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "after_round": start_round,
             "code_version": code_version(),
             "python": platform.python_version(),
             "packages": package_versions(),
-            "config_hash": digest,
-            "data": {
-                name: {
-                    "fingerprint": c.fingerprint,
-                    "split_fingerprint": c.split_fingerprint,
-                    "train_examples": c.train_examples,
-                    "holdout_examples": c.holdout_examples,
-                    "skipped": c.skipped,
-                }
-                for name, c in sorted((counts or {}).items())
-            },
-        },
+        }
     )
+    atomic_write_json(Path(run_dir) / "manifest.json", manifest)
+
+
+def record_data(run_dir: Path, counts: dict[str, DataCounts]) -> None:
+    """The data each hospital joined with, kept from the first validation on."""
+    manifest = _read(run_dir)
+    for name, c in sorted(counts.items()):
+        manifest["data"].setdefault(
+            name,
+            {
+                "fingerprint": c.fingerprint,
+                "split_fingerprint": c.split_fingerprint,
+                "train_examples": c.train_examples,
+                "holdout_examples": c.holdout_examples,
+                "skipped": c.skipped,
+            },
+        )
+    atomic_write_json(Path(run_dir) / "manifest.json", manifest)

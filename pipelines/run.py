@@ -9,12 +9,13 @@ continues after the last checkpointed round and ends with the same weights as an
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,19 +25,31 @@ from tqdm import tqdm
 
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
-from fedward.config import FedwardConfig, config_diff, config_hash, config_to_dict
-from fedward.errors import CheckpointError, DataError, QuorumError
+from fedward.config import FedwardConfig, config_diff, config_hash, config_identity
+from fedward.errors import CheckpointError, DataError, FedwardError, QuorumError
+from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.types import DataCounts, Evaluation, Layout
 from models.flat import flatten
 from models.networks import build_model
-from pipelines.checkpoint import RunCheckpoint, atomic_write, atomic_write_json, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from pipelines.fedavg import FedAvg
-from pipelines.manifest import write_manifest
+from pipelines.manifest import record_data, record_invocation
 from pipelines.strategy import Strategy
 from privacy.hooks import build_hook
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+
+
+def _reason(error: Exception) -> str:
+    """What the driver may learn of a hospital's failure.
+
+    fedward's own errors are written to name files and fields, never patients' values; any other
+    exception text (a library's message may quote a row) stays in the hospital's own log.
+    """
+    if isinstance(error, FedwardError):
+        return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__} (details in the hospital's log)"
 
 
 def gather(futures: Mapping[str, ray.ObjectRef], timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
@@ -53,9 +66,9 @@ def gather(futures: Mapping[str, ray.ObjectRef], timeout: float) -> tuple[dict[s
         try:
             results[name] = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
-            failures[name] = f"{type(e.cause).__name__}: {e.cause}"
+            failures[name] = _reason(e.cause)
         except ray.exceptions.RayError as e:
-            failures[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            failures[name] = f"{type(e).__name__}: the hospital's actor is gone"
     return results, failures
 
 
@@ -81,11 +94,14 @@ def start_ray(config: FedwardConfig, address: str | None) -> bool:
     """
     if ray.is_initialized():
         return False
+    # Hospital output stays in Ray's logs on the hospital's node, not in the driver's terminal.
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     else:
+        # Simulated hospitals may ask for more CPUs than the machine has: they take turns.
+        wanted = math.ceil(sum(h.cpus for h in config.hospitals))
         ray.init(
-            num_cpus=os.cpu_count() or 2,
+            num_cpus=max(os.cpu_count() or 2, wanted),
             resources={h.name: 1 for h in config.hospitals},
             include_dashboard=False,
             object_store_memory=500 * 1024**2,
@@ -95,6 +111,19 @@ def start_ray(config: FedwardConfig, address: str | None) -> bool:
     return True
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of `metrics.jsonl`; a torn last line (a crash mid-append) is not a record."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 class Pipeline:
     def __init__(self, config: FedwardConfig, *, address: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None):
         self.config = config
@@ -102,8 +131,10 @@ class Pipeline:
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.run_dir = config.run_dir
+        self.digest = config_hash(config)
+        self.run_id = f"{config.run.name}-{self.digest[:12]}"
         self.strategy = STRATEGIES[config.strategy.name](config)
-        self.hook = build_hook("plaintext")
+        self.hook = build_hook(config.privacy.hook)
         self.hospitals: dict[str, ray.actor.ActorHandle] = {}
 
     # -- stages -----------------------------------------------------------------------------------
@@ -111,19 +142,26 @@ class Pipeline:
     def run(self) -> np.ndarray:
         """Run (or resume) the whole pipeline; returns the final global weights."""
         self._open_run_dir()
+        ckpt = load_checkpoint(self.run_dir, warn=self.log)
+        if ckpt is not None and ckpt.config_hash != self.digest:
+            raise CheckpointError(f"{self.run_dir}: checkpoint round {ckpt.round} was written under another config")
+        record_invocation(self.run_dir, self.digest, ckpt.round if ckpt else 0)
+        if ckpt is not None and ckpt.round >= self.config.run.rounds:
+            self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
+            return ckpt.weights
         started = start_ray(self.config, self.address)
         try:
             check_placement(self.config)
             at_hospitals = self.config.with_paths_from(Path.cwd())
-            self.hospitals = {h.name: start_hospital(at_hospitals, h.name) for h in self.config.hospitals}
-            counts = self._validate()
+            self.hospitals = {h.name: start_hospital(at_hospitals, h.name, self.run_id) for h in self.config.hospitals}
+            counts = self._validate(resuming=ckpt is not None)
             preprocessing = self._harmonize(sorted(counts))
             shapes, failures = gather(
                 {h: self.hospitals[h].prepare.remote(preprocessing, self.strategy.personal_keys()) for h in counts},
                 self.config.run.round_timeout_s,
             )
             self._require_quorum(0, shapes, failures)
-            return self._train(shapes)
+            return self._train(shapes, ckpt)
         finally:
             for actor in self.hospitals.values():
                 ray.kill(actor)
@@ -133,30 +171,50 @@ class Pipeline:
 
     def _open_run_dir(self) -> None:
         identity = self.run_dir / "run.json"
-        digest = config_hash(self.config)
         if identity.is_file():
-            previous = json.loads(identity.read_text())
-            if previous["config_hash"] != digest:
-                changes = config_diff(previous["config"], config_to_dict(self.config))
+            try:
+                previous = json.loads(identity.read_text())
+            except ValueError as e:
+                raise CheckpointError(f"{identity} is corrupt ({e}); it is the run's identity, restore it from a backup") from None
+            if previous["config_hash"] != self.digest:
+                changes = config_diff(previous["identity"], config_identity(self.config))
                 raise CheckpointError(
                     f"{self.run_dir} belongs to a run with another config; changed: {'; '.join(changes)}. "
                     f"Restore the original config or give run.name a new value."
                 )
         else:
-            atomic_write_json(identity, {"config_hash": digest, "config": config_to_dict(self.config)})
-        write_manifest(self.run_dir, self.config, digest)
+            atomic_write_json(identity, {"config_hash": self.digest, "identity": config_identity(self.config)})
 
-    def _validate(self) -> dict[str, DataCounts]:
-        counts, failures = gather({n: a.load.remote() for n, a in self.hospitals.items()}, self.config.run.round_timeout_s)
+    def _validate(self, resuming: bool) -> dict[str, DataCounts]:
+        counts, failures = gather({n: a.load.remote() for n, a in self.hospitals.items()}, self.config.run.data_timeout_s)
         for name, why in sorted(failures.items()):
             self.log(f"hospital {name} does not join: {why}")
-        atomic_write_json(
-            self.run_dir / "data.json",
-            {"hospitals": {n: asdict(c) for n, c in sorted(counts.items())}, "refused": failures},
-        )
-        write_manifest(self.run_dir, self.config, config_hash(self.config), counts)
+        path = self.run_dir / "data.json"
+        if path.is_file():
+            self._check_same_data(json.loads(path.read_text())["hospitals"], counts, resuming)
+        else:
+            atomic_write_json(path, {"hospitals": {n: asdict(c) for n, c in sorted(counts.items())}, "refused": failures})
+        record_data(self.run_dir, counts)
         self._require_quorum(0, counts, failures)
         return counts
+
+    def _check_same_data(self, before: dict[str, dict], now: dict[str, DataCounts], resuming: bool) -> None:
+        """A run continues only on the data it began with: same content, same split."""
+        changed = [
+            f"{name}: {field} {before[name][field][:12]} -> {getattr(c, field)[:12]}"
+            for name, c in sorted(now.items())
+            if name in before
+            for field in ("fingerprint", "split_fingerprint")
+            if before[name][field] != getattr(c, field)
+        ]
+        if changed:
+            raise CheckpointError(
+                f"{self.run_dir}: hospitals' data changed since the run began ({'; '.join(changed)}); "
+                f"restore the data or start a new run (another run.name)"
+            )
+        joined, left = sorted(set(now) - set(before)), sorted(set(before) - set(now))
+        if resuming and (joined or left):
+            self.log(f"hospitals differ from the run's start: joined {joined}, missing {left}; results will differ from an uninterrupted run")
 
     def _harmonize(self, hospitals: list[str]) -> dict | None:
         if self.config.data.kind != "table":
@@ -174,12 +232,11 @@ class Pipeline:
         torch.manual_seed(self.config.run.seed)
         return flatten(build_model(self.config.model, shape), self.strategy.personal_keys())
 
-    def _train(self, shapes: dict[str, tuple[int, ...]]) -> np.ndarray:
+    def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> np.ndarray:
         cfg = self.config
         if len(set(shapes.values())) != 1:
             raise DataError(f"hospitals prepared inputs of different shapes: {shapes}")
         rng = np.random.default_rng(cfg.run.seed)
-        ckpt = load_checkpoint(self.run_dir, warn=self.log)
         if ckpt is None:
             weights, layout = self._initial_weights(next(iter(shapes.values())))
             start = 1
@@ -187,8 +244,7 @@ class Pipeline:
             weights, layout, start = ckpt.weights, ckpt.layout, ckpt.round + 1
             self.strategy.load_state_dict(ckpt.strategy_state)
             rng.bit_generator.state = ckpt.rng_state
-            restored, _ = gather({h: self.hospitals[h].restore.remote(ckpt.round) for h in shapes}, cfg.run.round_timeout_s)
-            self.log(f"resuming {cfg.run.name} after round {ckpt.round} (hospital state restored at {sorted(h for h, ok in restored.items() if ok)})")
+            self._restore_hospitals(sorted(shapes), ckpt.round)
         self._truncate_metrics(start - 1)
         rounds = range(start, cfg.run.rounds + 1)
         bar = tqdm(rounds, desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
@@ -196,14 +252,21 @@ class Pipeline:
             began = time.monotonic()
             weights, record = self._round(round, sorted(shapes), weights, layout, rng)
             record["seconds"] = round_seconds = time.monotonic() - began
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._append_metrics(record)
             save_checkpoint(
                 self.run_dir,
-                RunCheckpoint(round, weights, layout, self.strategy.state_dict(), rng.bit_generator.state, config_hash(cfg)),
+                RunCheckpoint(round, weights, layout, self.strategy.state_dict(), rng.bit_generator.state, self.digest),
             )
-            bar.set_postfix(auroc=f"{record['pooled']['auroc']:.3f}", s=f"{round_seconds:.1f}")
+            bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
         return weights
+
+    def _restore_hospitals(self, hospitals: list[str], round: int) -> None:
+        restored, failures = gather({h: self.hospitals[h].restore.remote(round) for h in hospitals}, self.config.run.round_timeout_s)
+        fresh = sorted(h for h, r in restored.items() if r is None)
+        self.log(f"resuming {self.config.run.name} after round {round}; hospital state restored at "
+                 f"{ {h: r for h, r in sorted(restored.items()) if r is not None} }" + (f", none yet at {fresh}" if fresh else ""))
+        for name, why in sorted(failures.items()):
+            self.log(f"hospital {name} could not restore its state: {why}")
 
     def _round(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
         timeout = self.config.run.round_timeout_s
@@ -215,8 +278,14 @@ class Pipeline:
             timeout,
         )
         self._require_quorum(round, updates, failures)
-        combined = self.hook.finish(round, self.hook.combine(round, [updates[h] for h in sorted(updates)]))
-        new = self.strategy.aggregate(round, weights, combined, failures)
+
+        def ask(requests: Mapping[str, Any]) -> Mapping[str, Any]:
+            answers, silent = gather({h: self.hospitals[h].hook_respond.remote(round, r) for h, r in requests.items()}, timeout)
+            failures.update(silent)
+            return answers
+
+        combined = self.hook.combine(round, [updates[h] for h in sorted(updates)])
+        new = self.strategy.aggregate(round, weights, self.hook.finish(round, combined, dict(failures), ask), failures)
         weights = weights if new is None else new
         new_ref = ray.put(weights)
         evaluations, eval_failures = gather({h: self.hospitals[h].evaluate.remote(round, new_ref, layout) for h in available}, timeout)
@@ -237,6 +306,7 @@ class Pipeline:
                 }
                 for h, e in sorted(evaluations.items())
             },
+            # A round whose evaluations all failed still trained; it just has no figures.
             "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
             "evaluation_failures": eval_failures,
         }
@@ -246,10 +316,16 @@ class Pipeline:
         if len(answered) < self.config.run.min_hospitals:
             raise QuorumError(round, self.config.run.min_hospitals, failures)
 
+    def _append_metrics(self, record: dict) -> None:
+        # Synced before the round's checkpoint, so a checkpointed round always has its line.
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
     def _truncate_metrics(self, last_round: int) -> None:
         """Drop metric lines of rounds after the checkpoint, which the resumed run will redo."""
         path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["round"] <= last_round]
-        atomic_write(path, "".join(line + "\n" for line in kept).encode())
+        if path.is_file():
+            kept = [r for r in read_metrics(path) if r["round"] <= last_round]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())

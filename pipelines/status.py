@@ -6,13 +6,22 @@ import json
 from pathlib import Path
 
 from fedward.errors import CheckpointError
+from pipelines.checkpoint import load_checkpoint
+from pipelines.run import read_metrics
+
+
+def _figure(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def run_status(run_dir: Path) -> str:
     identity = run_dir / "run.json"
     if not identity.is_file():
         raise CheckpointError(f"{run_dir} is not a fedward run directory (no run.json)")
-    config = json.loads(identity.read_text())["config"]
+    try:
+        config = json.loads(identity.read_text())["identity"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{identity} is corrupt ({e})") from None
     lines = [f"run {config['run']['name']} in {run_dir}"]
     data = run_dir / "data.json"
     if data.is_file():
@@ -22,19 +31,20 @@ def run_status(run_dir: Path) -> str:
             lines.append(f"  {name}: {c['train_examples']} training / {c['holdout_examples']} held-out samples, {skipped} skipped")
         for name, why in body["refused"].items():
             lines.append(f"  {name}: did not join: {why}")
-    metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.is_file() else []
     total = config["run"]["rounds"]
-    if not records:
+    # The checkpoint, not the metrics, says which rounds are done: a line written just before a
+    # crash belongs to a round that a resume redoes.
+    ckpt = load_checkpoint(run_dir, warn=lambda msg: lines.append(f"  warning: {msg}"))
+    if ckpt is None:
         lines.append(f"  no round finished yet (of {total})")
         return "\n".join(lines)
-    last = records[-1]
-    pooled = last["pooled"]
-    state = "finished" if last["round"] >= total else "stopped; run it again to resume"
+    state = "finished" if ckpt.round >= total else "stopped; run it again to resume"
+    record = next((r for r in read_metrics(run_dir / "metrics.jsonl") if r["round"] == ckpt.round), None)
+    pooled = record["pooled"] if record else {}
     lines.append(
-        f"  round {last['round']} of {total} ({state}): pooled AUROC {pooled['auroc']:.3f}, "
-        f"AUPRC {pooled['auprc']:.3f}, accuracy {pooled['accuracy']:.3f}, loss {pooled['loss']:.4f}"
+        f"  round {ckpt.round} of {total} ({state}): pooled AUROC {_figure(pooled.get('auroc'))}, "
+        f"AUPRC {_figure(pooled.get('auprc'))}, accuracy {_figure(pooled.get('accuracy'))}, loss {_figure(pooled.get('loss'))}"
     )
-    for name, m in last["hospitals"].items():
-        lines.append(f"    {name}: AUROC {m['auroc']:.3f}, AUPRC {m['auprc']:.3f}, accuracy {m['accuracy']:.3f}")
+    for name, m in (record or {}).get("hospitals", {}).items():
+        lines.append(f"    {name}: AUROC {_figure(m['auroc'])}, AUPRC {_figure(m['auprc'])}, accuracy {_figure(m['accuracy'])}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from tests.conftest import ehr_config, image_config
 
 def test_a_table_hospital_trains_and_returns_only_weights_counts_and_aggregates(demo_data, tmp_path):
     config = parse_config(ehr_config(demo_data, tmp_path))
-    hospital = Hospital("hospital_a", config)
+    hospital = Hospital("hospital_a", config, "ehr-1")
     counts = hospital.load()
     assert counts.train_examples + counts.holdout_examples == 900
     assert counts.skipped == {}
@@ -38,14 +38,16 @@ def test_a_table_hospital_trains_and_returns_only_weights_counts_and_aggregates(
     evaluation = hospital.evaluate(1, update.weights, layout)
     assert evaluation.positive_hist.sum() + evaluation.negative_hist.sum() == counts.holdout_examples
     assert 0.0 <= evaluation.auroc <= 1.0 and math.isfinite(evaluation.loss)
-    assert hospital.restore(1)  # its own state for round 1 was saved in its own area
-    report = json.loads((tmp_path / "sites" / "hospital_a" / "runs" / "ehr" / "data_report.json").read_text())
+    assert hospital.restore(1) == 1  # its own state for round 1 was saved in its own area
+    assert hospital.restore(3) == 1  # a hospital not asked in rounds 2 and 3 resumes from round 1
+    assert hospital.restore(0) is None
+    report = json.loads((tmp_path / "sites" / "hospital_a" / "runs" / "ehr-1" / "data_report.json").read_text())
     assert report["used"] == 900
 
 
 def test_an_image_hospital_splits_by_patient(demo_data, tmp_path):
     config = parse_config(image_config(demo_data, tmp_path))
-    hospital = Hospital("hospital_b", config)
+    hospital = Hospital("hospital_b", config, "images-1")
     counts = hospital.load()
     assert counts.train_examples + counts.holdout_examples == 300
     patients = hospital.samples.patient_ids
@@ -58,7 +60,7 @@ def test_missing_folder_and_too_few_samples_are_refused_with_the_reason(demo_dat
     raw = ehr_config(demo_data, tmp_path)
     raw["hospitals"][0]["data"] = str(tmp_path / "nowhere")
     with pytest.raises(DataError, match="nowhere does not exist"):
-        Hospital("hospital_a", parse_config(raw)).load()
+        Hospital("hospital_a", parse_config(raw), "ehr-1").load()
 
     small = tmp_path / "small"
     small.mkdir()
@@ -66,4 +68,4 @@ def test_missing_folder_and_too_few_samples_are_refused_with_the_reason(demo_dat
     (small / "ehr.csv").write_text("\n".join(lines[:31]) + "\n")
     raw["hospitals"][0]["data"] = str(small)
     with pytest.raises(DataError, match=r"30 usable samples .* data.min_samples=50"):
-        Hospital("hospital_a", parse_config(raw)).load()
+        Hospital("hospital_a", parse_config(raw), "ehr-1").load()

@@ -7,11 +7,14 @@ with the adapter's code.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pydicom
 import pytest
@@ -23,7 +26,8 @@ from pydicom.uid import JPEGBaseline8Bit, MPEG2MPML, ExplicitVRLittleEndian, Sec
 from data_adapters import dicom
 from data_adapters.dicom import load_dicom
 from data_adapters.report import DataReport
-from fedward.config import DicomSpec, LabelRule
+from data_adapters.tables import load_table
+from fedward.config import DicomSpec, FeatureSpec, LabelRule, TableSpec
 from fedward.errors import DataError
 
 SKIP_REASONS = {
@@ -177,7 +181,7 @@ def test_any_nesting_and_file_name_hidden_files_ignored_and_order_deterministic(
     assert report.skipped == [] and report.used == 4
 
 
-@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "feather"])
 @pytest.mark.parametrize("key", ["sop_instance_uid", "patient_id", "path"])
 def test_labels_join_by_each_key_kind(tmp_path, key, suffix):
     a = write_dicom(tmp_path / "images/a.dcm", ramp(), patient="007")
@@ -191,8 +195,9 @@ def test_labels_join_by_each_key_kind(tmp_path, key, suffix):
     values = {"sop_instance_uid": ["1", "1", "0"], "patient_id": ["1", "0"], "path": ["1", "1", "0"]}[key]
     if suffix == "csv":
         write_labels(tmp_path / "labels.csv", list(zip(keys, values)), key="ID")
-    else:  # a Parquet label column may be boolean
-        pq.write_table(pa.table({"ID": keys, "y": [v == "1" for v in values]}), tmp_path / "labels.parquet")
+    else:  # a typed label column may be boolean
+        write = pq.write_table if suffix == "parquet" else feather.write_feather
+        write(pa.table({"ID": keys, "y": [v == "1" for v in values]}), tmp_path / f"labels.{suffix}")
     got, report = load(tmp_path, key=key, key_column="ID", labels=f"labels.{suffix}")
     assert got.sample_ids == ["images/a.dcm", "images/c.dcm", "images/sub/b.dcm"]
     assert got.labels.tolist() == [1, 0, 1] and got.labels.dtype == np.int64
@@ -296,6 +301,23 @@ def test_missing_folder_label_file_or_column_raises_naming_file_and_column(tmp_p
         load(tmp_path, key_column="SOP", label=LabelRule(column="outcome"))
 
 
+def test_a_bad_label_table_gets_the_table_adapters_message(tmp_path):
+    write_dicom(tmp_path / "images/a.dcm", ramp())
+    (tmp_path / "labels.csv").write_text("key,y\na.dcm,1\nb.dcm,SECRET,0\n")
+    with pytest.raises(DataError, match=r"labels\.csv: line 3 has 3 fields, expected 2 like the header") as error:
+        load(tmp_path)
+    assert "SECRET" not in str(error.value)
+    as_ehr_table = TableSpec(file="labels.csv", features=(FeatureSpec(name="key", type="categorical"),),
+                             label=LabelRule(column="y"))
+    with pytest.raises(DataError) as table_error:
+        load_table(tmp_path, as_ehr_table, DataReport("h"))
+    assert str(error.value) == str(table_error.value)
+
+    (tmp_path / "labels.xlsx").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"labels\.xlsx: unknown table format '\.xlsx'; expected one of \.parquet, \.csv"):
+        load(tmp_path, labels="labels.xlsx")
+
+
 def test_no_usable_image_gives_empty_samples(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images/readme.txt").write_text("nothing here")
@@ -304,6 +326,57 @@ def test_no_usable_image_gives_empty_samples(tmp_path):
     assert got.features.shape == (0, 1, 16, 16) and got.features.dtype == np.float32
     assert len(got) == 0 and report.used == 0 and got.labels.dtype == np.int64
     assert skipped(report) == {"images/readme.txt": "not_dicom"}
+
+
+def test_broken_links_and_special_files_are_recorded_and_linked_files_used(tmp_path):
+    write_dicom(tmp_path / "elsewhere/real.dcm", ramp())
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/linked.dcm").symlink_to(tmp_path / "elsewhere/real.dcm")
+    (tmp_path / "images/gone.dcm").symlink_to(tmp_path / "elsewhere/deleted.dcm")
+    os.mkfifo(tmp_path / "images/pipe")  # reading it would block: it must be recorded, not opened
+    write_labels(tmp_path / "labels.csv", [("linked.dcm", "1"), ("gone.dcm", "0"), ("pipe", "1")])
+    got, report = load(tmp_path)
+    assert got.sample_ids == ["images/linked.dcm"]
+    assert skipped(report) == {"images/gone.dcm": "unreadable_dicom", "images/pipe": "not_dicom"}
+    gone = next(s for s in report.skipped if s.source == "images/gone.dcm")
+    assert gone.field == "file" and "broken link" in gone.detail
+
+
+def bare_dataset(path: Path, pixels: np.ndarray, implicit_vr: bool, little_endian: bool) -> None:
+    """The dataset alone, as older systems write it: no preamble, no 'DICM', no file meta."""
+    ds = write_dicom(path, pixels)
+    del ds.file_meta
+    ds.preamble = None
+    if not little_endian:  # pydicom writes the pixel bytes as they are, so swap them here
+        ds.PixelData = pixels.byteswap().tobytes()
+    ds.save_as(path, implicit_vr=implicit_vr, little_endian=little_endian)
+
+
+@pytest.mark.parametrize("implicit_vr, little_endian", [(True, True), (False, True), (False, False)])
+def test_a_bare_dataset_without_preamble_is_read_in_its_encoding(tmp_path, implicit_vr, little_endian):
+    stored = ramp(lo=-300, hi=900)
+    bare_dataset(tmp_path / "images/old.dcm", stored, implicit_vr, little_endian)
+    assert (tmp_path / "images/old.dcm").read_bytes()[128:132] != b"DICM"
+    (tmp_path / "images/notes.txt").write_text("Rows,Columns\n512,512\n")  # text stays not DICOM
+    write_labels(tmp_path / "labels.csv", [("old.dcm", "1"), ("notes.txt", "0")])
+    got, report = load(tmp_path)
+    assert got.sample_ids == ["images/old.dcm"]
+    np.testing.assert_allclose(got.features[0, 0], minmax(stored), atol=1e-6)
+    assert skipped(report) == {"images/notes.txt": "not_dicom"}
+
+
+def test_pydicom_logs_nothing_while_files_are_read_and_decoded(tmp_path, caplog):
+    broken_jpeg = write_dicom(tmp_path / "images/broken.dcm", ramp(dtype=np.uint8), bits=8)
+    broken_jpeg.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    broken_jpeg.PixelData = encapsulate([b"\xff\xd8 not really a jpeg \xff\xd9"])
+    broken_jpeg.save_as(tmp_path / "images/broken.dcm", enforce_file_format=True)
+    (tmp_path / "images/junk.bin").write_bytes(bytes(range(256)) * 4)
+    write_labels(tmp_path / "labels.csv", [("broken.dcm", "1"), ("junk.bin", "0")])
+    with caplog.at_level(logging.DEBUG, logger="pydicom"):
+        _, report = load(tmp_path)
+        assert logging.getLogger("pydicom").level == logging.DEBUG  # restored after each file
+    assert skipped(report) == {"images/broken.dcm": "decode_error", "images/junk.bin": "not_dicom"}
+    assert [r for r in caplog.records if r.name.startswith("pydicom")] == []
 
 
 def test_patient_defaults_to_the_sample_and_fingerprint_follows_content(tmp_path):
@@ -345,7 +418,32 @@ def test_cache_serves_the_second_load_and_never_a_stale_setting(tmp_path):
     assert bigger.features.shape == (2, 1, 16, 16) and dicom.stats["decoded"] == decoded + 6
     all_frames, _ = load(tmp_path, cache, frames="all")
     assert len(all_frames) == 4 and dicom.stats["decoded"] == decoded + 8
-    assert not any(p.suffix == ".tmp" for p in cache.iterdir())
+    assert not any(".tmp" in p.name for p in cache.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["emptied", "cut short", "one byte flipped"])
+def test_a_damaged_cache_entry_is_decoded_again_never_served(tmp_path, damage):
+    write_dicom(tmp_path / "images/a.dcm", ramp())
+    write_labels(tmp_path / "labels.csv", [("a.dcm", "1")])
+    cache = tmp_path / "cache"
+    first, _ = load(tmp_path, cache)
+    (entry,) = cache.iterdir()
+    data = bytearray(entry.read_bytes())
+    assert np.load(entry).shape == (1, 8, 8)  # an entry is a plain .npy at heart
+    if damage == "emptied":  # what a crash before the data reached the disk leaves
+        data = b""
+    elif damage == "cut short":
+        data = data[: len(data) // 2]
+    else:  # still loadable by numpy, with one wrong pixel
+        data[200] ^= 0x40
+    entry.write_bytes(bytes(data))
+    decoded, hits = dicom.stats["decoded"], dicom.stats["cache_hits"]
+
+    again, _ = load(tmp_path, cache)
+    np.testing.assert_array_equal(again.features, first.features)
+    assert dicom.stats["decoded"] == decoded + 1 and dicom.stats["cache_hits"] == hits
+    load(tmp_path, cache)  # the entry was rewritten whole
+    assert dicom.stats["decoded"] == decoded + 1 and dicom.stats["cache_hits"] == hits + 1
 
 
 # --- pydicom's own test files -------------------------------------------------------------------
@@ -368,3 +466,8 @@ def test_pydicom_bundled_files_decode_or_are_skipped_with_a_known_reason(tmp_pat
     assert np.isfinite(got.features).all() and got.features.min() >= 0 and got.features.max() <= 1
     assert report.counts()["no_pixel_data"] > 0 and report.counts()["not_dicom"] > 0
     assert skipped(report)["images/MR_truncated.dcm"] == "unreadable_dicom"
+    # Bare datasets (no preamble, no file meta) are read; these hold no image.
+    for name in ["rtstruct.dcm", "ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm"]:
+        assert skipped(report)[f"images/{name}"] == "no_pixel_data"
+    for name in ["README.txt", "test1.json", "zipMR.gz", "rtplan.dump"]:
+        assert skipped(report)[f"images/{name}"] == "not_dicom"

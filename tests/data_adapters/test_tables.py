@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -245,3 +246,22 @@ def test_label_column_with_no_usable_value(tmp_path):
     file = label_csv(tmp_path, ["died", "home"])
     with pytest.raises(DataError, match=r"column 'outcome' should hold 0/1, true/false or yes/no values"):
         load(tmp_path, file, label=LabelRule(column="outcome"))
+
+
+def test_the_report_is_written_whole_as_json_whatever_lies_beside_it(tmp_path):
+    file = write_csv(tmp_path, "pid,age,ward,smoker,died\n1,70,icu,TRUE,1\n2,7O,icu,TRUE,0\n")
+    _, report = load(tmp_path, file)
+    out = tmp_path / "run" / "data_report.json"
+    # A leftover from another writer where a fixed temporary name would be: it must not matter.
+    (out.parent / "data_report.json.tmp").mkdir(parents=True)
+    report.write(out)
+    assert json.loads(out.read_text()) == {
+        "hospital": "h1",
+        "used": 1,
+        "skipped_counts": {"bad_value": 1},
+        "skipped": [{
+            "source": "export.csv row 2", "field": "age", "reason": "bad_value",
+            "detail": "expected a numeric value, found a string cell that is not one",
+        }],
+    }
+    assert sorted(p.name for p in out.parent.iterdir()) == ["data_report.json", "data_report.json.tmp"]

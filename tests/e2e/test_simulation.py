@@ -68,14 +68,20 @@ def test_ehr_federation_learns_everywhere_and_a_hospital_without_data_stays_out(
     assert "min_samples=50" in data["refused"]["hospital_d"]
     assert sorted(data["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
     # The full data report stays at the hospital; the run directory only has counts.
-    assert (tmp_path / "sites" / "hospital_a" / "runs" / "ehr" / "data_report.json").is_file()
+    assert len(list((tmp_path / "sites" / "hospital_a" / "runs").glob("ehr-*/data_report.json"))) == 1
     assert not list(config.run_dir.rglob("data_report.json"))
     manifest = json.loads((config.run_dir / "manifest.json").read_text())
-    assert manifest["packages"]["torch"].startswith("2.13.0")
+    assert manifest["invocations"][0]["packages"]["torch"].startswith("2.13.0")
     assert len(manifest["data"]["hospital_a"]["fingerprint"]) == 64
     assert (config.run_dir / "preprocessing.json").is_file()
     status = run_status(config.run_dir)
     assert "round 5 of 5 (finished)" in status and "hospital_d: did not join" in status
+
+    # Running a finished run again changes nothing and is recorded as one more invocation.
+    again = Pipeline(config, progress=False).run()
+    assert np.array_equal(again, load_checkpoint(config.run_dir).weights)
+    assert len(json.loads((config.run_dir / "manifest.json").read_text())["invocations"]) == 2
+    assert [r["round"] for r in metrics(config.run_dir)] == [1, 2, 3, 4, 5]
 
     changed = dict(raw, run={**raw["run"], "rounds": 6}, hospitals=raw["hospitals"][:3])
     with pytest.raises(CheckpointError, match="run.rounds: 5 -> 6"):

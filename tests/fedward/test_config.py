@@ -1,6 +1,6 @@
 import pytest
 
-from fedward.config import config_diff, config_hash, config_to_dict, load_config, parse_config
+from fedward.config import config_diff, config_hash, config_identity, config_to_dict, load_config, parse_config
 from fedward.errors import ConfigError
 
 
@@ -41,7 +41,12 @@ def test_parses_nested_sections_and_per_hospital_model_options():
         ("model", {"kind": "mlp", "norm": "group", "hidden": [6], "groups": 4}, "must divide every width"),
         ("hospitals", [{"name": "a", "data": "x"}, {"name": "a", "data": "y"}], "duplicate names"),
         ("hospitals", [{"name": "a b", "data": "x"}, {"name": "b", "data": "y"}], "must be letters"),
-        ("hospitals", [{"name": "a", "data": "x", "model": {"widht": 3}}, {"name": "b", "data": "y"}], "hospitals.a.model: unknown field"),
+        ("hospitals", [{"name": "a", "data": "x", "model": {"hidden": [3]}}, {"name": "b", "data": "y"}], "hospitals.a.model: ['hidden'] cannot differ"),
+        ("hospitals", [{"name": "CPU", "data": "x"}, {"name": "b", "data": "y"}], "one of Ray's own resources"),
+        ("run", {"name": ".."}, "run.name: expected a folder name"),
+        ("run", {"name": "t", "seed": -1}, "run.seed: expected a whole number >= 0"),
+        ("model", {"kind": "mlp", "norm": "group", "groups": 0}, "model.groups: expected at least 1"),
+        ("model", {"kind": "cnn"}, "model.kind: 'cnn' cannot read data.kind 'table'"),
     ],
 )
 def test_bad_values_name_the_field(section, value, fragment):
@@ -71,12 +76,26 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_numbers_written_as_yaml_text_and_numeric_label_values_are_read():
+    raw = raw_config(train={"lr": "1e-3"})
+    raw["data"]["table"]["label"] = {"column": "y", "positive_values": [2, 3]}
+    config = parse_config(raw)
+    assert config.train.lr == 0.001 and config.data.table.label.positive_values == ("2", "3")
+
+
+def test_where_a_run_lives_and_how_long_it_waits_do_not_change_its_identity():
+    a = parse_config(raw_config())
+    moved = raw_config(run={"name": "t", "rounds": 2, "root": "/elsewhere", "round_timeout_s": 5})
+    moved["hospitals"][0]["data"] = "/mnt/a"
+    assert config_hash(a) == config_hash(parse_config(moved))
+
+
 def test_hash_and_diff_follow_changes():
     a = parse_config(raw_config())
     b = parse_config(raw_config(run={"name": "t", "rounds": 3}))
     assert config_hash(a) == config_hash(parse_config(raw_config()))
     assert config_hash(a) != config_hash(b)
-    assert config_diff(config_to_dict(a), config_to_dict(b)) == ["run.rounds: 2 -> 3"]
+    assert config_diff(config_identity(a), config_identity(b)) == ["run.rounds: 2 -> 3"]
 
 
 def test_diff_names_list_items():

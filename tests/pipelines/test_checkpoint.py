@@ -5,7 +5,8 @@ import pytest
 
 from fedward.errors import CheckpointError
 from fedward.types import Layout
-from pipelines.checkpoint import RunCheckpoint, atomic_write, load_checkpoint, save_checkpoint
+from fedward.files import atomic_write
+from pipelines.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 
 
 def checkpoint(round, value):
@@ -61,3 +62,13 @@ def test_unwritable_target_is_a_clear_error(tmp_path):
         atomic_write(blocker / "run" / "state.json", b"{}")
     atomic_write(tmp_path / "ok.json", json.dumps({"a": 1}).encode())
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1}
+
+
+def test_redoing_a_round_after_falling_back_replaces_the_later_entries(tmp_path):
+    for r in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, checkpoint(r, float(r)))
+    save_checkpoint(tmp_path, checkpoint(3, 30.0))  # the run resumed from round 2 and redid round 3
+    index = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["checkpoints"]
+    assert [e["round"] for e in index] == [2, 3]  # round 1 was already pruned (KEEP = 3)
+    assert not (tmp_path / "checkpoints" / "round_0004.pt").exists()
+    assert load_checkpoint(tmp_path).weights[0] == 30.0

@@ -1,0 +1,52 @@
+"""The driver's own decisions, without Ray: identity of a run, its data, its metrics file."""
+
+import json
+
+import pytest
+
+from fedward.config import parse_config
+from fedward.errors import CheckpointError
+from fedward.types import DataCounts
+from pipelines.run import Pipeline, read_metrics
+from tests.fedward.test_config import raw_config
+
+
+def counts(name, fingerprint="f" * 64, split="s" * 64):
+    return DataCounts(name, 10, 5, 10, 5, 4, {}, fingerprint, split)
+
+
+def pipeline(tmp_path, **run):
+    return Pipeline(parse_config(raw_config(run={"name": "t", "root": str(tmp_path), **run})), progress=False, log=lambda m: None)
+
+
+def test_a_resume_on_changed_data_is_refused_naming_the_hospital(tmp_path):
+    before = {"a": {"fingerprint": "f" * 64, "split_fingerprint": "s" * 64}}
+    p = pipeline(tmp_path)
+    p._check_same_data(before, {"a": counts("a")}, resuming=True)
+    with pytest.raises(CheckpointError, match="a: fingerprint ffffffffffff -> 000000000000"):
+        p._check_same_data(before, {"a": counts("a", fingerprint="0" * 64)}, resuming=True)
+    with pytest.raises(CheckpointError, match="split_fingerprint"):
+        p._check_same_data(before, {"a": counts("a", split="1" * 64)}, resuming=True)
+
+
+def test_the_run_directory_refuses_another_config_and_a_corrupt_identity(tmp_path):
+    pipeline(tmp_path, rounds=2)._open_run_dir()
+    pipeline(tmp_path, rounds=2)._open_run_dir()  # same config: accepted
+    with pytest.raises(CheckpointError, match="run.rounds: 2 -> 3"):
+        pipeline(tmp_path, rounds=3)._open_run_dir()
+    (tmp_path / "t" / "run.json").write_text("{")
+    with pytest.raises(CheckpointError, match="run.json is corrupt"):
+        pipeline(tmp_path, rounds=2)._open_run_dir()
+
+
+def test_metrics_survive_a_torn_last_line_and_a_resume_drops_rounds_after_the_checkpoint(tmp_path):
+    p = pipeline(tmp_path)
+    p.run_dir.mkdir(parents=True)
+    for round in (1, 2, 3):
+        p._append_metrics({"round": round, "pooled": {"auroc": float("nan")}})
+    with open(p.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"round": 4, "poo')  # the driver died mid-write
+    assert [r["round"] for r in read_metrics(p.run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert read_metrics(p.run_dir / "metrics.jsonl")[0]["pooled"]["auroc"] is None  # strict JSON, no NaN
+    p._truncate_metrics(2)
+    assert [json.loads(l)["round"] for l in (p.run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]

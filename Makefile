@@ -7,7 +7,7 @@ RAY_AUTH_MODE := $(or $(RAY_AUTH_MODE),token)
 export RAY_AUTH_MODE
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test clean-demo browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,17 @@ demo: install
 	$(VENV)/bin/fedward simulate configs/demo_ehr.yaml
 	$(VENV)/bin/fedward compare configs/demo_images.yaml
 	$(VENV)/bin/fedward compare configs/demo_ehr.yaml
+	$(VENV)/bin/fedward report runs/demo-images
+	$(VENV)/bin/fedward report runs/demo-ehr
 
 test: install
 	$(PY) -m pytest
+
+# Headless Chromium for the report tests (tests/explain/test_report.py open the HTML reports in
+# it): Debian's packages, installed as root. Without them the test skips, or fails when CI=true.
+browser:
+	apt-get update
+	apt-get install -y chromium chromium-driver
 
 clean-demo:
 	rm -rf demo-data runs

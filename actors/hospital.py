@@ -21,13 +21,17 @@ from data_adapters.report import DataReport
 from data_adapters.samples import Samples
 from data_adapters.splits import split_by_patient
 from data_adapters.tables import load_table
+from explain.local import LocalExplanation, explain_at_hospital
+from explain.report import write_hospital_report
+from explain.summary import ExplanationSummary
 from fedward.config import FedwardConfig
 from fedward.errors import DataError, HospitalError
+from fedward.files import atomic_torch_save, atomic_write_json
+from fedward.seeds import derived_seed
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, Update
 from models.flat import flatten, load_flat
-from models.networks import build_model
 from models import training
-from fedward.files import atomic_torch_save, atomic_write_json
+from models.networks import build_model
 from privacy.hooks import build_hook
 
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
@@ -48,6 +52,8 @@ class Hospital:
         self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
         self.model: nn.Module | None = None
         self.personal: frozenset[str] = frozenset()
+        self.preprocessing: PreprocessingSpec | None = None
+        self.explanation: LocalExplanation | None = None
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -102,10 +108,8 @@ class Hospital:
     def prepare(self, preprocessing: dict | None, personal: frozenset[str]) -> tuple[int, ...]:
         """Apply the agreed preprocessing and build the local model; returns one sample's shape."""
         samples = self._loaded()
-        if preprocessing is not None:
-            x = PreprocessingSpec.from_dict(preprocessing).apply(samples.features)
-        else:
-            x = samples.features
+        self.preprocessing = PreprocessingSpec.from_dict(preprocessing) if preprocessing is not None else None
+        x = self.preprocessing.apply(samples.features) if self.preprocessing else samples.features
         self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         self.y = torch.from_numpy(samples.labels.astype(np.float32))
         self.personal = frozenset(personal)
@@ -146,6 +150,28 @@ class Hospital:
     def evaluate(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
         model = self._model_with(weights, layout)
         return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+
+    # -- explanations -----------------------------------------------------------------------------
+
+    def explain(self, round: int, weights: np.ndarray, layout: Layout) -> ExplanationSummary:
+        """SHAP of the global model on this hospital's held-out patients; only aggregates return."""
+        model = self._model_with(weights, layout)
+        self.explanation = explain_at_hospital(self, model, round, derived_seed(self.config.run.seed, round, self.name))
+        return self.explanation.summary
+
+    def write_report(self, identity: dict, metrics: list[dict]) -> str:
+        """The hospital's own report with its patients' explanations, written in its own area."""
+        if self.explanation is None:
+            raise HospitalError(f"{self.name}: nothing explained yet; the pipeline calls explain() first")
+        path = write_hospital_report(
+            self.run_dir / "report",
+            hospital=self.name,
+            run_dir_identity=identity,
+            metrics=metrics,
+            summary=self.explanation.summary,
+            patients=self.explanation.patients,
+        )
+        return str(path)
 
     def _model_with(self, weights: np.ndarray, layout: Layout) -> nn.Module:
         if self.model is None:

@@ -22,6 +22,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import reduce
+from itertools import count
 from typing import Sequence
 
 import numpy as np
@@ -133,6 +134,22 @@ class PreprocessingSpec:
             *(f"{name}__missing" for name in self.missing_indicators),
             *(f"{name}={value}" for name, vocabulary in self.categorical.items() for value in vocabulary),
         ]
+
+    def columns_by_feature(self) -> dict[str, list[int]]:
+        """For each feature, the indices of its columns in `apply`'s output: its value and missing
+        indicator, or its one-hots. SHAP values are additive, so their sum is the feature's."""
+        position = count()  # walks the columns in `feature_names`' order
+        columns = {name: [next(position)] for name in self.numeric}
+        for name in self.missing_indicators:
+            columns[name].append(next(position))
+        columns.update({name: [next(position) for _ in vocabulary] for name, vocabulary in self.categorical.items()})
+        return columns
+
+    def category_codes(self, features: pa.Table, name: str) -> np.ndarray:
+        """Each row's index into categorical `name`'s vocabulary, exactly as `apply` one-hot encodes
+        it (unseen values as OTHER), or -1 where the value is missing."""
+        hot = _one_hot(_column(features, name), self.categorical[name])
+        return np.where(hot.any(axis=1), hot.argmax(axis=1), -1)
 
     def apply(self, features: pa.Table) -> np.ndarray:
         """The model's input matrix, float32 (N, len(feature_names()))."""

@@ -167,6 +167,32 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExplainConfig:
+    """SHAP explanations of the global model, computed inside each hospital after the last round."""
+
+    enabled: bool = True
+    background: int = 100  # background samples, drawn from the hospital's own training split
+    max_samples: int = 300  # held-out samples explained per hospital (all of them when fewer)
+    bins: int = 8  # numeric features: bins at quantiles of the pooled distribution
+    min_bin_count: int = 10  # bins with fewer patients are suppressed: a small bin identifies
+    noise_sigma: float = 0.0  # Gaussian noise on every released mean (0: none)
+    patients: int = 3  # patients per hospital shown in the hospital's own report
+    image_grid: int = 8  # images: the attribution map leaves the hospital as a grid x grid mean
+    # Demo data only: its truth.json, naming the features that drive the outcome and those that are
+    # pure noise, so the report can check that the explanation ranks them as they truly are.
+    truth: str | None = None
+
+    def __post_init__(self):
+        _need(self.background >= 1, "explain.background: must be at least 1")
+        _need(self.max_samples >= 1, "explain.max_samples: must be at least 1")
+        _need(self.bins >= 2, "explain.bins: must be at least 2")
+        _need(self.min_bin_count >= 1, "explain.min_bin_count: must be at least 1")
+        _need(self.noise_sigma >= 0, "explain.noise_sigma: must be >= 0")
+        _need(self.patients >= 0, "explain.patients: must be >= 0")
+        _need(self.image_grid >= 1, "explain.image_grid: must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HospitalConfig:
     name: str
     data: str  # the hospital's data folder, as seen on the node the hospital runs on
@@ -220,6 +246,7 @@ class FedwardConfig:
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    explain: ExplainConfig = ExplainConfig()
 
     def __post_init__(self):
         names = [h.name for h in self.hospitals]

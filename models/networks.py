@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedward.config import ModelConfig
+from fedward.errors import ConfigError
 
 
 def _norm(kind: str, width: int, groups: int, dims: int) -> nn.Module:
@@ -32,19 +33,24 @@ def mlp(config: ModelConfig, in_features: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def cnn(config: ModelConfig, in_channels: int) -> nn.Module:
+def cnn(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
+    in_channels, height, width = input_shape
     layers: list[nn.Module] = []
     width_in = in_channels
-    for width in config.channels:
+    for channels in config.channels:
         layers += [
-            nn.Conv2d(width_in, width, 3, padding=1),
-            _norm(config.norm, width, config.groups, 2),
+            nn.Conv2d(width_in, channels, 3, padding=1),
+            _norm(config.norm, channels, config.groups, 2),
             nn.ReLU(),
             nn.MaxPool2d(2),
         ]
-        width_in = width
-    # Global max pooling: a finding anywhere in the image should count the same.
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
+        width_in = channels
+    # Global max pooling, so a finding anywhere in the image counts the same; spelled as a MaxPool2d
+    # over the whole final map because SHAP's DeepExplainer has rules for it (not for the adaptive one).
+    final = (height >> len(config.channels), width >> len(config.channels))
+    if min(final) < 1:
+        raise ConfigError(f"model.channels: {len(config.channels)} pooling blocks need images of at least {1 << len(config.channels)} pixels")
+    layers += [nn.MaxPool2d(final), nn.Flatten()]
     if config.dropout:
         layers.append(nn.Dropout(config.dropout))
     layers.append(nn.Linear(width_in, 1))
@@ -55,4 +61,4 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
     """`input_shape` is one sample's shape: (features,) for tables, (channels, H, W) for images."""
     if config.kind == "mlp":
         return mlp(config, input_shape[0])
-    return cnn(config, input_shape[0])
+    return cnn(config, input_shape)

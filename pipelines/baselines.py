@@ -17,10 +17,11 @@ from actors.hospital import Hospital
 from data_adapters.harmonize import merge_summaries
 from fedward.config import FedwardConfig, config_hash
 from fedward.errors import DataError
+from fedward.seeds import derived_seed
 from models import training
 from models.networks import build_model
-from pipelines.run import pooled_metrics, read_metrics
-from pipelines.strategy import round_seed
+from pipelines.checkpoint import read_metrics
+from pipelines.run import pooled_metrics
 
 
 def compare(config: FedwardConfig) -> dict:
@@ -53,7 +54,7 @@ def compare(config: FedwardConfig) -> dict:
         return build_model(config.model, shape)
 
     def fit(model, x, y, name):
-        training.train(model, x, y, epochs=epochs, lr=config.train.lr, seed=round_seed(config.run.seed, 0, name), config=config.train)
+        training.train(model, x, y, epochs=epochs, lr=config.train.lr, seed=derived_seed(config.run.seed, 0, name), config=config.train)
         return model
 
     def held_out(h: Hospital, model):

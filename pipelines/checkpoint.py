@@ -94,3 +94,16 @@ def load_checkpoint(run_dir: Path, warn=print) -> RunCheckpoint | None:
             config_hash=body["config_hash"],
         )
     return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of `metrics.jsonl`; a torn last line (a crash mid-append) is not a record."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

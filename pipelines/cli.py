@@ -48,6 +48,19 @@ def _compare(args) -> None:
     print(format_comparison(config, result))
 
 
+def _report(args) -> None:
+    from explain.report import write_consortium_report
+
+    print(f"wrote {write_consortium_report(Path(args.run_dir))}")
+
+
+def _explain_patient(args) -> None:
+    from pipelines.patient import explain_patient_at_hospital
+
+    for path in explain_patient_at_hospital(Path(args.run_dir), args.hospital, args.patient):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedward", description="Federated learning across hospitals, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show where a run directory stands")
     p.add_argument("run_dir")
     p.set_defaults(func=lambda a: _print_status(Path(a.run_dir)))
+
+    p = sub.add_parser("report", help="write the consortium's HTML report of a run (report.html in RUN_DIR)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("explain-patient", help="explain one patient's prediction, at their hospital (run on its node)")
+    p.add_argument("run_dir")
+    p.add_argument("--hospital", required=True)
+    p.add_argument("--patient", required=True, help="the patient's id in the hospital's data")
+    p.set_defaults(func=_explain_patient)
 
     p = sub.add_parser("compare", help="train central and local-only baselines on CONFIG's hospitals (demo data)")
     p.add_argument("config")

@@ -25,14 +25,16 @@ from tqdm import tqdm
 
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
-from fedward.config import FedwardConfig, config_diff, config_hash, config_identity
+from explain.aggregate import merge
+from explain.summary import to_jsonable
+from fedward.config import FedwardConfig, config_diff, config_hash, config_identity, config_to_dict
 from fedward.errors import CheckpointError, DataError, FedwardError, QuorumError
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.types import DataCounts, Evaluation, Layout
 from models.flat import flatten
 from models.networks import build_model
-from pipelines.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from pipelines.fedavg import FedAvg
 from pipelines.manifest import record_data, record_invocation
 from pipelines.strategy import Strategy
@@ -111,19 +113,6 @@ def start_ray(config: FedwardConfig, address: str | None) -> bool:
     return True
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of `metrics.jsonl`; a torn last line (a crash mid-append) is not a record."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
 class Pipeline:
     def __init__(self, config: FedwardConfig, *, address: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None):
         self.config = config
@@ -146,7 +135,8 @@ class Pipeline:
         if ckpt is not None and ckpt.config_hash != self.digest:
             raise CheckpointError(f"{self.run_dir}: checkpoint round {ckpt.round} was written under another config")
         record_invocation(self.run_dir, self.digest, ckpt.round if ckpt else 0)
-        if ckpt is not None and ckpt.round >= self.config.run.rounds:
+        atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
+        if ckpt is not None and ckpt.round >= self.config.run.rounds and not self._explanation_due():
             self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
             return ckpt.weights
         started = start_ray(self.config, self.address)
@@ -161,7 +151,10 @@ class Pipeline:
                 self.config.run.round_timeout_s,
             )
             self._require_quorum(0, shapes, failures)
-            return self._train(shapes, ckpt)
+            weights, layout = self._train(shapes, ckpt)
+            if self._explanation_due():
+                self._explain(sorted(shapes), weights, layout)
+            return weights
         finally:
             for actor in self.hospitals.values():
                 ray.kill(actor)
@@ -232,7 +225,7 @@ class Pipeline:
         torch.manual_seed(self.config.run.seed)
         return flatten(build_model(self.config.model, shape), self.strategy.personal_keys())
 
-    def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> np.ndarray:
+    def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> tuple[np.ndarray, Layout]:
         cfg = self.config
         if len(set(shapes.values())) != 1:
             raise DataError(f"hospitals prepared inputs of different shapes: {shapes}")
@@ -258,7 +251,49 @@ class Pipeline:
                 RunCheckpoint(round, weights, layout, self.strategy.state_dict(), rng.bit_generator.state, self.digest),
             )
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
-        return weights
+        return weights, layout
+
+    def _explanation_due(self) -> bool:
+        if not self.config.explain.enabled:
+            return False
+        path = self.run_dir / "explanations.json"
+        return not path.is_file() or json.loads(path.read_text())["round"] != self.config.run.rounds
+
+    def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout) -> None:
+        """SHAP inside each hospital, merged here; each hospital then writes its own report."""
+        round, timeout = self.config.run.rounds, self.config.run.round_timeout_s
+        weights_ref = ray.put(weights)
+        summaries, failures = gather({h: self.hospitals[h].explain.remote(round, weights_ref, layout) for h in hospitals}, timeout)
+        for name, why in sorted(failures.items()):
+            self.log(f"explanation at {name} failed: {why}")
+        if not summaries:
+            raise QuorumError(round, 1, failures)
+        consortium = merge([summaries[h] for h in sorted(summaries)], self._truth())
+        atomic_write_json(
+            self.run_dir / "explanations.json",
+            {
+                "round": round,
+                "hospitals": {h: to_jsonable(summaries[h]) for h in sorted(summaries)},
+                "consortium": to_jsonable(consortium),
+                "failures": failures,
+            },
+        )
+        identity = json.loads((self.run_dir / "run.json").read_text())["identity"]
+        metrics = read_metrics(self.run_dir / "metrics.jsonl")
+        reports, failures = gather({h: self.hospitals[h].write_report.remote(identity, metrics) for h in sorted(summaries)}, timeout)
+        for name, path in sorted(reports.items()):
+            self.log(f"{name}: its own report is at {path} on its node")
+        for name, why in sorted(failures.items()):
+            self.log(f"{name}: its own report failed: {why}")
+
+    def _truth(self) -> dict | None:
+        """The demo's known answer for the check that drivers outrank noise (tables only)."""
+        if self.config.explain.truth is None or self.config.data.kind != "table":
+            return None
+        path = Path(self.config.explain.truth).expanduser()
+        if not path.is_file():
+            raise DataError(f"explain.truth: {path} does not exist")
+        return json.loads(path.read_text())["ehr"]
 
     def _restore_hospitals(self, hospitals: list[str], round: int) -> None:
         restored, failures = gather({h: self.hospitals[h].restore.remote(round) for h in hospitals}, self.config.run.round_timeout_s)
@@ -303,6 +338,10 @@ class Pipeline:
                     "accuracy": e.accuracy,
                     "loss": e.loss,
                     "train_loss": updates[h].metrics.get("train_loss") if h in updates else None,
+                    # Per-class score histograms (BINS bins over [0, 1]): calibration and confidence
+                    # intervals in the report come from these, not from per-patient scores.
+                    "positive_hist": e.positive_hist.tolist(),
+                    "negative_hist": e.negative_hist.tolist(),
                 }
                 for h, e in sorted(evaluations.items())
             },

@@ -13,13 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedward.config import FedwardConfig
+from fedward.seeds import derived_seed
 from fedward.types import RoundPlan, Update
-
-
-def round_seed(run_seed: int, round: int, hospital: str) -> int:
-    """A hospital's training seed for a round: a pure function, so resuming replays it exactly."""
-    entropy = [run_seed, round, *hospital.encode()]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
 class Strategy(ABC):
@@ -35,7 +30,7 @@ class Strategy(ABC):
             RoundPlan(
                 round=round,
                 hospital=h,
-                seed=round_seed(cfg.run.seed, round, h),
+                seed=derived_seed(cfg.run.seed, round, h),
                 local_epochs=cfg.train.local_epochs,
                 lr=cfg.train.lr,
             )

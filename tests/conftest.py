@@ -53,6 +53,7 @@ def image_config(data_root: Path, run_root: Path, name: str = "images", rounds: 
         "data": {**demo["data"], "min_samples": 40},
         "model": demo["model"],
         "train": demo["train"],
+        "explain": demo["explain"],
         "hospitals": [{"name": h, "data": str(data_root / h), "work_dir": str(run_root / "sites" / h)} for h in HOSPITALS],
     }
 

@@ -169,3 +169,28 @@ def test_merge_refuses_summaries_of_another_table(hospitals):
         merge_summaries([summarize(hospitals["north"], SPEC, "north")], other)
     with pytest.raises(DataError, match="no hospital summaries"):
         merge_summaries([], SPEC)
+
+
+def test_columns_by_feature_partitions_the_model_input_by_feature(hospitals):
+    preprocessing = merge_summaries([summarize(t, SPEC, name) for name, t in hospitals.items()], SPEC)
+    names = preprocessing.feature_names()
+    columns = preprocessing.columns_by_feature()
+    assert set(columns) == {f.name for f in SPEC.features}
+    assert sorted(i for indices in columns.values() for i in indices) == list(range(len(names)))
+    for feature, indices in columns.items():
+        assert [names[i] for i in indices] == [
+            n for n in names if n == feature or n == f"{feature}__missing" or n.startswith(f"{feature}=")
+        ]
+    assert [names[i] for i in columns["age"]] == ["age", "age__missing"]
+    assert [names[i] for i in columns["lactate"]] == ["lactate"]
+
+
+def test_category_codes_are_the_one_hot_columns_apply_sets(hospitals):
+    preprocessing = merge_summaries([summarize(t, SPEC, name) for name, t in hospitals.items()], SPEC)
+    table = hospitals["north"]  # holds "onco" and "burns", folded into "other", and missing wards
+    codes = preprocessing.category_codes(table, "ward")
+    vocabulary = preprocessing.categorical["ward"]
+    expected = [-1 if v is None else vocabulary.index(v if v in vocabulary else "other") for v in table.column("ward").to_pylist()]
+    np.testing.assert_array_equal(codes, expected)
+    hot = preprocessing.apply(table)[:, preprocessing.columns_by_feature()["ward"]]
+    np.testing.assert_array_equal(np.where(hot.any(axis=1), hot.argmax(axis=1), -1), codes)

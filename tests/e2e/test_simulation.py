@@ -19,10 +19,12 @@ import torch
 import yaml
 
 from fedward.config import parse_config
-from fedward.errors import CheckpointError
+from fedward.errors import CheckpointError, ConfigError, DataError
 from pipelines.checkpoint import load_checkpoint
 from pipelines.run import Pipeline
 from pipelines.status import run_status
+from explain.report import write_consortium_report
+from pipelines.patient import explain_patient_at_hospital
 from tests.conftest import copy_hospitals, ehr_config, image_config
 
 pytestmark = pytest.mark.e2e
@@ -76,6 +78,23 @@ def test_ehr_federation_learns_everywhere_and_a_hospital_without_data_stays_out(
     assert (config.run_dir / "preprocessing.json").is_file()
     status = run_status(config.run_dir)
     assert "round 5 of 5 (finished)" in status and "hospital_d: did not join" in status
+    # Explanations: aggregates in the run directory, each hospital's own report in its own area.
+    explanations = json.loads((config.run_dir / "explanations.json").read_text())
+    assert explanations["round"] == 5 and explanations["consortium"]["checks"]["additivity"]
+    assert sorted(explanations["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
+    assert len(list((tmp_path / "sites").glob("hospital_*/runs/ehr-*/report/report.html"))) == 3
+    assert "Global importance" in write_consortium_report(config.run_dir).read_text()
+
+    # One patient's explanation, computed at their hospital from the run's last checkpoint.
+    with open(demo_data / "hospital_a" / "ehr.csv", newline="") as f:
+        patient = next(csv.DictReader(f))["patient_id"]
+    pages = explain_patient_at_hospital(config.run_dir, "hospital_a", patient)
+    assert len(pages) == 1 and pages[0].is_relative_to(tmp_path / "sites" / "hospital_a")
+    assert "log-odds" in pages[0].read_text()
+    with pytest.raises(DataError, match="no usable sample of patient 'nobody'"):
+        explain_patient_at_hospital(config.run_dir, "hospital_a", "nobody")
+    with pytest.raises(ConfigError, match="no hospital named 'hospital_x'"):
+        explain_patient_at_hospital(config.run_dir, "hospital_x", patient)
 
     # Running a finished run again changes nothing and is recorded as one more invocation.
     again = Pipeline(config, progress=False).run()
@@ -96,7 +115,9 @@ def test_ehr_federation_learns_everywhere_and_a_hospital_without_data_stays_out(
 def test_shuffled_labels_stay_at_chance(ray_session, demo_data, tmp_path, make_config, file, column):
     data = copy_hospitals(demo_data, tmp_path / "data")
     shuffle_labels(data, file, column)
-    config = parse_config(make_config(data, tmp_path / "runs", name="shuffled"))
+    raw = make_config(data, tmp_path / "runs", name="shuffled")
+    raw["explain"] = {"enabled": False}
+    config = parse_config(raw)
     Pipeline(config, progress=False).run()
     assert metrics(config.run_dir)[-1]["pooled"]["auroc"] <= 0.6
 
@@ -107,6 +128,8 @@ def test_image_federation_learns_at_every_hospital(ray_session, demo_data, tmp_p
     last = metrics(config.run_dir)[-1]
     assert all(m["auroc"] >= 0.75 for m in last["hospitals"].values()), last["hospitals"]
     assert last["pooled"]["auroc"] >= 0.8
+    consortium = json.loads((config.run_dir / "explanations.json").read_text())["consortium"]
+    assert consortium["checks"]["additivity"] and len(consortium["image_map"]) == 8
 
 
 def test_driver_killed_mid_round_resumes_to_identical_weights(ray_session, demo_data, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from fedward.config import parse_config
 from fedward.errors import CheckpointError
 from fedward.types import DataCounts
-from pipelines.run import Pipeline, read_metrics
+from pipelines.checkpoint import read_metrics
+from pipelines.run import Pipeline
 from tests.fedward.test_config import raw_config
 
 

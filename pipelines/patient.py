@@ -1,0 +1,35 @@
+"""`fedward explain-patient`: one patient's explanation, computed and written at their hospital.
+
+Runs on the hospital's own node (its data must be readable here), from the run directory's last
+checkpoint; the page is written into the hospital's own area and never into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from actors.hospital import Hospital
+from explain.local import explain_patient
+from explain.report import write_patient_explanation
+from fedward.config import config_hash, parse_config
+from fedward.errors import CheckpointError
+from fedward.seeds import derived_seed
+from pipelines.checkpoint import load_checkpoint
+
+
+def explain_patient_at_hospital(run_dir: Path, hospital: str, patient_id: str) -> list[Path]:
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        raise CheckpointError(f"{run_dir} is not a fedward run directory (no config.json)")
+    config = parse_config(json.loads(saved.read_text()), str(saved)).with_paths_from(Path.cwd())
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no round has finished, so there is no model to explain")
+    own = Hospital(hospital, config, f"{config.run.name}-{config_hash(config)[:12]}")
+    own.load()
+    spec = run_dir / "preprocessing.json"
+    own.prepare(json.loads(spec.read_text()) if config.data.kind == "table" else None, frozenset())
+    model = own._model_with(ckpt.weights, ckpt.layout)
+    explained = explain_patient(own, model, patient_id, derived_seed(config.run.seed, ckpt.round, hospital))
+    return [write_patient_explanation(own.run_dir / "patients", p) for p in explained]

@@ -37,15 +37,6 @@ SPEC = TableSpec(
 SITES = {"north": slice(0, 200), "south": slice(200, 320), "east": slice(320, 400)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine lose much to their scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def table(rng: np.random.Generator, n: int = 400) -> pa.Table:
     age = rng.normal(65, 12, n).round()
     wards = rng.choice(["cardio", "icu", "surgery"], n, p=[0.5, 0.3, 0.2]).astype(object)

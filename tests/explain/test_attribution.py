@@ -14,15 +14,6 @@ from models.networks import build_model
 from models.training import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine lose much to their scheduling."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained(config: ModelConfig, x: torch.Tensor) -> nn.Module:
     """A model of the project's architecture, trained briefly so BatchNorm holds real running statistics."""
     torch.manual_seed(0)

@@ -120,7 +120,8 @@ def _summary(attr: Attributions, settings: ExplainConfig, rng: np.random.Generat
         n=len(attr.values),
         # The base value is a mean too: the model's output over the hospital's background patients.
         base_value=float(_noisy(attr.base_value, settings.noise_sigma, rng)),
-        additivity_error=attr.additivity_error,
+        # Rounded up to a power of ten: the exact worst case is one patient's number.
+        additivity_error=float(10.0 ** np.ceil(np.log10(attr.additivity_error))) if attr.additivity_error > 0 else 0.0,
         noise_sigma=settings.noise_sigma,
         checks={"additivity": attr.additivity_error <= ADDITIVITY_TOLERANCE},
         **fields,
@@ -143,10 +144,11 @@ def _feature(
     counts = np.bincount(codes, minlength=len(candidates))
     sums = np.bincount(codes, weights=shap, minlength=len(candidates))
     sigma = settings.noise_sigma
+    released = _released(counts, settings.min_bin_count)
     bins = tuple(
         FeatureBin(label, low, high, int(count), float(_noisy(total / count, sigma, rng)))
-        for (label, low, high), count, total in zip(candidates, counts, sums)
-        if count >= settings.min_bin_count
+        for (label, low, high), count, total, keep in zip(candidates, counts, sums, released)
+        if keep
     )
     return FeatureExplanation(
         name=feature.name,
@@ -155,8 +157,24 @@ def _feature(
         mean_shap=float(_noisy(shap.mean(), sigma, rng)),
         bins=bins,
         # An empty bin says nothing about anyone; only bins hiding patients count as suppressed.
-        suppressed_bins=int(np.count_nonzero((counts > 0) & (counts < settings.min_bin_count))),
+        suppressed_bins=int(np.count_nonzero((counts > 0) & ~released)),
     )
+
+
+def _released(counts: np.ndarray, minimum: int) -> np.ndarray:
+    """Which bins may be released.
+
+    A bin with fewer than `minimum` patients is hidden; and since n and the feature's overall mean
+    are released, the hidden bins together could be recovered by subtraction, so the next smallest
+    bins are hidden too until the hidden ones hold at least `minimum` patients (or none).
+    """
+    release = counts >= minimum
+    hidden = int(counts[~release].sum())
+    while 0 < hidden < minimum and release.any():
+        smallest = np.flatnonzero(release)[np.argmin(counts[release])]
+        release[smallest] = False
+        hidden += int(counts[smallest])
+    return release
 
 
 def _bin_codes(

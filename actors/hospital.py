@@ -57,8 +57,12 @@ class Hospital:
 
     # -- data -------------------------------------------------------------------------------------
 
-    def load(self) -> DataCounts:
-        """Read and check the data, split it by patient; only counts leave the hospital."""
+    def load(self, record: bool = True) -> DataCounts:
+        """Read and check the data, split it by patient; only counts leave the hospital.
+
+        With `record`, the data report and the split are written to the hospital's area; a later
+        reader of a finished run (explain-patient) loads without rewriting them.
+        """
         if not self.data_dir.is_dir():
             raise DataError(f"{self.name}: data folder {self.data_dir} does not exist on this node")
         report = DataReport(self.name)
@@ -67,7 +71,8 @@ class Hospital:
             samples = load_table(self.data_dir, data.table, report)
         else:
             samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache")
-        report.write(self.run_dir / "data_report.json")
+        if record:
+            report.write(self.run_dir / "data_report.json")
         usable, classes = len(samples), set(np.unique(samples.labels).tolist())
         if usable < data.min_samples or classes != {0, 1}:
             raise DataError(
@@ -79,7 +84,10 @@ class Hospital:
         self.train_idx, self.holdout_idx = split_by_patient(
             samples.patient_ids, samples.labels, data.holdout_fraction, self.config.run.seed
         )
-        holdout = self._write_split()
+        ids = np.asarray(samples.sample_ids)
+        split = {"train": ids[self.train_idx].tolist(), "holdout": ids[self.holdout_idx].tolist()}
+        if record:
+            atomic_write_json(self.run_dir / "split.json", split)
         return DataCounts(
             hospital=self.name,
             train_examples=len(self.train_idx),
@@ -89,15 +97,8 @@ class Hospital:
             positives=int(samples.labels.sum()),
             skipped=report.counts(),
             fingerprint=samples.fingerprint,
-            split_fingerprint=hashlib.sha256("\n".join(sorted(holdout)).encode()).hexdigest(),
+            split_fingerprint=hashlib.sha256("\n".join(sorted(split["holdout"])).encode()).hexdigest(),
         )
-
-    def _write_split(self) -> list[str]:
-        """Record which samples were held out, in the hospital's own area; returns the held-out ids."""
-        ids = np.asarray(self.samples.sample_ids)
-        body = {"train": ids[self.train_idx].tolist(), "holdout": ids[self.holdout_idx].tolist()}
-        atomic_write_json(self.run_dir / "split.json", body)
-        return body["holdout"]
 
     def summarize(self) -> TableSummary | None:
         """Summary statistics of the training split for federated harmonization (tables only)."""

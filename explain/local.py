@@ -35,7 +35,7 @@ def _background(hospital, seed: int) -> torch.Tensor:
     return hospital.x[np.sort(rng.choice(hospital.train_idx, size, replace=False))]
 
 
-def _patient(hospital, model: nn.Module, attr: Attributions, rows: np.ndarray, i: int) -> PatientExplanation:
+def _patient(hospital, attr: Attributions, rows: np.ndarray, i: int) -> PatientExplanation:
     """Sample `rows[i]` of the hospital, explained; `attr` covers `rows`."""
     samples = hospital.samples
     row = int(rows[i])
@@ -78,7 +78,7 @@ def explain_at_hospital(hospital, model: nn.Module, round: int, seed: int) -> Lo
         summary = explain_images(attr, settings, **common)
     # The patients a clinician looks at first: those the model flags as most at risk.
     chosen = np.argsort(-attr.outputs, kind="stable")[: settings.patients]
-    return LocalExplanation(summary, [_patient(hospital, model, attr, rows, int(i)) for i in chosen])
+    return LocalExplanation(summary, [_patient(hospital, attr, rows, int(i)) for i in chosen])
 
 
 def explain_patient(hospital, model: nn.Module, patient_id: str, seed: int) -> list[PatientExplanation]:
@@ -87,4 +87,4 @@ def explain_patient(hospital, model: nn.Module, patient_id: str, seed: int) -> l
     if len(rows) == 0:
         raise DataError(f"{hospital.name}: no usable sample of patient {patient_id!r} in its data")
     attr = deep_shap(model, _background(hospital, seed), hospital.x[rows])
-    return [_patient(hospital, model, attr, rows, i) for i in range(len(rows))]
+    return [_patient(hospital, attr, rows, i) for i in range(len(rows))]

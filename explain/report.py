@@ -307,22 +307,27 @@ def _performance(record: dict, hospitals: Sequence[str]) -> _Section:
     return _section("performance", "Performance per hospital", *parts)
 
 
-def _calibration_panel(name: str, positive_hist: Sequence[int], negative_hist: Sequence[int]) -> Html:
+def _calibration_panel(name: str, positive_hist: Sequence[int], negative_hist: Sequence[int], minimum: int) -> Html:
     mean_predicted, observed, counts = reliability(positive_hist, negative_hist)
     filled = counts > 0
     ece = float((counts[filled] * np.abs(observed[filled] - mean_predicted[filled])).sum() / counts.sum())
+    # A score bin of one or two patients would show their outcomes: such bins are left blank.
+    small = filled & (counts < minimum)
+    mean_predicted, observed = np.where(small, np.nan, mean_predicted), np.where(small, np.nan, observed)
+    counts = np.where(small, 0, counts)
     return _img(plots.reliability_plot(f"{name} (ECE {ece:.3f})", mean_predicted, observed, counts), f"calibration at {name}")
 
 
-def _calibration(record: dict, hospitals: Sequence[str]) -> _Section:
+def _calibration(record: dict, hospitals: Sequence[str], minimum: int) -> _Section:
     panels = {h: (record["hospitals"][h].get("positive_hist"), record["hospitals"][h].get("negative_hist"))
               for h in hospitals if h in record["hospitals"]}
     if (hists := _pooled_hists(record)) is not None:
         panels["pooled"] = hists
-    images = [_calibration_panel(name, pos, neg) for name, (pos, neg) in panels.items() if pos is not None]
+    images = [_calibration_panel(name, pos, neg, minimum) for name, (pos, neg) in panels.items() if pos is not None]
+    hidden = f" Bins with fewer than {minimum} samples are left blank." if minimum > 1 else ""
     intro = _p(f"Observed positive rate against mean predicted probability in {CALIBRATION_BINS} score bins, "
                f"with the number of held-out samples per bin; points on the diagonal are well calibrated. "
-               f"ECE: expected calibration error, the count-weighted mean distance from the diagonal.")
+               f"ECE: expected calibration error, the count-weighted mean distance from the diagonal.{hidden}")
     body = _grid(images) if images else _p("No score histograms were recorded for this round.", "note")
     return _section("calibration", "Calibration per hospital", intro, body)
 
@@ -586,7 +591,7 @@ def write_consortium_report(run_dir: Path) -> Path:
     sections = [
         _model_card(run.identity, run.finished, run.metrics, _sites(run, hospitals), run.config_hash),
         _performance(record, hospitals),
-        _calibration(record, hospitals),
+        _calibration(record, hospitals, run.identity.get("explain", {}).get("min_bin_count", 10)),
         _training(run.metrics, hospitals),
     ]
     notices = _consortium_notices(run)
@@ -690,7 +695,7 @@ def write_hospital_report(
     sections = [
         _model_card(identity, record["round"], metrics, sites),
         _performance(record, [hospital]),
-        _calibration(record, [hospital]),
+        _calibration(record, [hospital], 1),  # its own patients, in its own report
         _training(metrics, [hospital]),
         *_explanation_sections(explained, _feature_types(identity)),
     ]

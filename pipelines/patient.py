@@ -27,7 +27,12 @@ def explain_patient_at_hospital(run_dir: Path, hospital: str, patient_id: str) -
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no round has finished, so there is no model to explain")
     own = Hospital(hospital, config, f"{config.run.name}-{config_hash(config)[:12]}")
-    own.load()
+    counts = own.load(record=False)
+    joined = json.loads((run_dir / "data.json").read_text())["hospitals"].get(hospital)
+    if joined is None:
+        raise CheckpointError(f"{hospital} did not take part in the run at {run_dir}")
+    if (joined["fingerprint"], joined["split_fingerprint"]) != (counts.fingerprint, counts.split_fingerprint):
+        raise CheckpointError(f"{hospital}: its data changed since the run at {run_dir}; the model cannot be explained on it")
     spec = run_dir / "preprocessing.json"
     own.prepare(json.loads(spec.read_text()) if config.data.kind == "table" else None, frozenset())
     model = own._model_with(ckpt.weights, ckpt.layout)

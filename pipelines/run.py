@@ -26,9 +26,10 @@ from tqdm import tqdm
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
 from explain.aggregate import merge
+from explain.attribution import unsupported_layers
 from explain.summary import to_jsonable
 from fedward.config import FedwardConfig, config_diff, config_hash, config_identity, config_to_dict
-from fedward.errors import CheckpointError, DataError, FedwardError, QuorumError
+from fedward.errors import CheckpointError, ConfigError, DataError, FedwardError, HospitalError, QuorumError
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.types import DataCounts, Evaluation, Layout
@@ -113,6 +114,11 @@ def start_ray(config: FedwardConfig, address: str | None) -> bool:
     return True
 
 
+def _own_view(metrics: list[dict], hospital: str) -> list[dict]:
+    """The metric records as one hospital may see them: its own figures and the pooled ones."""
+    return [{**r, "hospitals": {k: v for k, v in r["hospitals"].items() if k == hospital}} for r in metrics]
+
+
 class Pipeline:
     def __init__(self, config: FedwardConfig, *, address: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None):
         self.config = config
@@ -151,6 +157,7 @@ class Pipeline:
                 self.config.run.round_timeout_s,
             )
             self._require_quorum(0, shapes, failures)
+            self._check_explainable(next(iter(shapes.values())))
             weights, layout = self._train(shapes, ckpt)
             if self._explanation_due():
                 self._explain(sorted(shapes), weights, layout)
@@ -221,6 +228,15 @@ class Pipeline:
         atomic_write_json(saved, spec)
         return spec
 
+    def _check_explainable(self, shape: tuple[int, ...]) -> None:
+        """Refuse before training, not after it, a model the explanation stage cannot explain."""
+        unsupported = unsupported_layers(build_model(self.config.model, shape)) if self.config.explain.enabled else []
+        if unsupported:
+            raise ConfigError(
+                f"model: DeepExplainer cannot explain {', '.join(sorted(set(unsupported)))} layers; "
+                f"choose model.norm 'batch' or 'none', or set explain.enabled: false"
+            )
+
     def _initial_weights(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Layout]:
         torch.manual_seed(self.config.run.seed)
         return flatten(build_model(self.config.model, shape), self.strategy.personal_keys())
@@ -254,10 +270,14 @@ class Pipeline:
         return weights, layout
 
     def _explanation_due(self) -> bool:
+        """Explain unless the last round's explanation finished everywhere, reports included."""
         if not self.config.explain.enabled:
             return False
-        path = self.run_dir / "explanations.json"
-        return not path.is_file() or json.loads(path.read_text())["round"] != self.config.run.rounds
+        try:
+            done = json.loads((self.run_dir / "explanations.json").read_text())
+        except (OSError, ValueError):  # absent, or torn: explaining again gives the same result
+            return True
+        return done["round"] != self.config.run.rounds or bool(done["failures"]) or bool(done["report_failures"])
 
     def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout) -> None:
         """SHAP inside each hospital, merged here; each hospital then writes its own report."""
@@ -267,8 +287,18 @@ class Pipeline:
         for name, why in sorted(failures.items()):
             self.log(f"explanation at {name} failed: {why}")
         if not summaries:
-            raise QuorumError(round, 1, failures)
+            raise HospitalError(f"no hospital could explain the model: {failures}")
         consortium = merge([summaries[h] for h in sorted(summaries)], self._truth())
+        identity = json.loads((self.run_dir / "run.json").read_text())["identity"]
+        metrics = read_metrics(self.run_dir / "metrics.jsonl")
+        reports, report_failures = gather(
+            {h: self.hospitals[h].write_report.remote(identity, _own_view(metrics, h)) for h in sorted(summaries)}, timeout
+        )
+        for name, path in sorted(reports.items()):
+            self.log(f"{name}: its own report is at {path} on its node")
+        for name, why in sorted(report_failures.items()):
+            self.log(f"{name}: its own report failed: {why}")
+        # Written last: its presence says the whole stage is done, reports included.
         atomic_write_json(
             self.run_dir / "explanations.json",
             {
@@ -276,15 +306,9 @@ class Pipeline:
                 "hospitals": {h: to_jsonable(summaries[h]) for h in sorted(summaries)},
                 "consortium": to_jsonable(consortium),
                 "failures": failures,
+                "report_failures": report_failures,
             },
         )
-        identity = json.loads((self.run_dir / "run.json").read_text())["identity"]
-        metrics = read_metrics(self.run_dir / "metrics.jsonl")
-        reports, failures = gather({h: self.hospitals[h].write_report.remote(identity, metrics) for h in sorted(summaries)}, timeout)
-        for name, path in sorted(reports.items()):
-            self.log(f"{name}: its own report is at {path} on its node")
-        for name, why in sorted(failures.items()):
-            self.log(f"{name}: its own report failed: {why}")
 
     def _truth(self) -> dict | None:
         """The demo's known answer for the check that drivers outrank noise (tables only)."""

@@ -5,10 +5,10 @@ import json
 import pytest
 
 from fedward.config import parse_config
-from fedward.errors import CheckpointError
+from fedward.errors import CheckpointError, ConfigError
 from fedward.types import DataCounts
 from pipelines.checkpoint import read_metrics
-from pipelines.run import Pipeline
+from pipelines.run import Pipeline, _own_view
 from tests.fedward.test_config import raw_config
 
 
@@ -51,3 +51,16 @@ def test_metrics_survive_a_torn_last_line_and_a_resume_drops_rounds_after_the_ch
     assert read_metrics(p.run_dir / "metrics.jsonl")[0]["pooled"]["auroc"] is None  # strict JSON, no NaN
     p._truncate_metrics(2)
     assert [json.loads(l)["round"] for l in (p.run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_model_the_explainer_cannot_handle_is_refused_before_any_round(tmp_path):
+    raw = raw_config(run={"name": "t", "root": str(tmp_path)}, model={"kind": "mlp", "norm": "group", "hidden": [8], "groups": 2})
+    with pytest.raises(ConfigError, match="cannot explain GroupNorm"):
+        Pipeline(parse_config(raw), progress=False)._check_explainable((5,))
+    raw["explain"] = {"enabled": False}
+    Pipeline(parse_config(raw), progress=False)._check_explainable((5,))
+
+
+def test_a_hospital_sees_only_its_own_and_the_pooled_figures():
+    records = [{"round": 1, "hospitals": {"a": {"n": 3}, "b": {"n": 4}}, "pooled": {"n": 7}}]
+    assert _own_view(records, "a") == [{"round": 1, "hospitals": {"a": {"n": 3}}, "pooled": {"n": 7}}]

@@ -23,7 +23,7 @@ from data_adapters.splits import split_by_patient
 from data_adapters.tables import load_table
 from explain.local import LocalExplanation, explain_at_hospital
 from explain.report import write_hospital_report
-from explain.summary import ExplanationSummary
+from explain.summary import ConsortiumExplanation, ExplanationSummary
 from fedward.config import FedwardConfig
 from fedward.errors import DataError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
@@ -160,7 +160,7 @@ class Hospital:
         self.explanation = explain_at_hospital(self, model, round, derived_seed(self.config.run.seed, round, self.name))
         return self.explanation.summary
 
-    def write_report(self, identity: dict, metrics: list[dict]) -> str:
+    def write_report(self, identity: dict, metrics: list[dict], consortium: ConsortiumExplanation) -> str:
         """The hospital's own report with its patients' explanations, written in its own area."""
         if self.explanation is None:
             raise HospitalError(f"{self.name}: nothing explained yet; the pipeline calls explain() first")
@@ -171,6 +171,7 @@ class Hospital:
             metrics=metrics,
             summary=self.explanation.summary,
             patients=self.explanation.patients,
+            consortium=consortium,
         )
         return str(path)
 

@@ -664,6 +664,26 @@ def write_patient_explanation(out_dir: Path, patient: PatientExplanation, *, top
     return path
 
 
+def _against_consortium(hospital: str, summary: ExplanationSummary, consortium: ConsortiumExplanation) -> _Section:
+    """Where this hospital's explanation departs from the consortium's."""
+    intro = _p(f"This hospital's explanation beside the consortium's ({len(consortium.hospitals)} hospitals, round {consortium.round}).")
+    if consortium.features:
+        own = {f.name: f.mean_abs_shap for f in summary.features}
+        parts = [
+            _img(plots.importance_bars("consortium", {f: consortium.global_importance[f] for f in consortium.features}, {hospital: own}),
+                 "importance against the consortium"),
+        ]
+        if hospital in consortium.drift:
+            parts += [
+                _p("Each feature's share of this hospital's total importance minus its share of the consortium's, in percentage points."),
+                _img(plots.drift_heatmap({hospital: consortium.drift[hospital]}, list(consortium.features)), "importance drift at this hospital"),
+            ]
+    else:
+        maps = {"consortium": consortium.image_map, hospital: summary.image_map}
+        parts = [_img(plots.attribution_maps({k: v for k, v in maps.items() if v is not None}), "attribution maps against the consortium")]
+    return _section("consortium", "Against the consortium", intro, *parts)
+
+
 def write_hospital_report(
     out_dir: Path,
     *,
@@ -672,11 +692,13 @@ def write_hospital_report(
     metrics: list[dict],
     summary: ExplanationSummary,
     patients: list[PatientExplanation],
+    consortium: ConsortiumExplanation | None = None,
 ) -> Path:
     """The hospital's own report, `out_dir/report.html`: its figures plus its patients' explanations.
 
     `run_dir_identity` is the config identity (run.json's "identity"); `metrics` the run's metric
-    records up to the last finished round.
+    records up to the last finished round; `consortium`, when given, the merged explanation this
+    hospital is compared with.
     """
     identity = run_dir_identity
     known = [h["name"] for h in identity["hospitals"]]
@@ -699,6 +721,8 @@ def write_hospital_report(
         _training(metrics, [hospital]),
         *_explanation_sections(explained, _feature_types(identity)),
     ]
+    if consortium is not None:
+        sections.append(_against_consortium(hospital, summary, consortium))
     if patients:
         articles = "".join(f"<article><h3>{_e(_patient_title(p))}</h3>{_patient_body(p, TOP_FEATURES)}</article>" for p in patients)
         sections.append(_section("patients", "Patients", _p("Individual patients' predictions, explained."), Html(articles)))

@@ -292,7 +292,7 @@ class Pipeline:
         identity = json.loads((self.run_dir / "run.json").read_text())["identity"]
         metrics = read_metrics(self.run_dir / "metrics.jsonl")
         reports, report_failures = gather(
-            {h: self.hospitals[h].write_report.remote(identity, _own_view(metrics, h)) for h in sorted(summaries)}, timeout
+            {h: self.hospitals[h].write_report.remote(identity, _own_view(metrics, h), consortium) for h in sorted(summaries)}, timeout
         )
         for name, path in sorted(reports.items()):
             self.log(f"{name}: its own report is at {path} on its node")

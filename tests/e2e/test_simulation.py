@@ -82,7 +82,8 @@ def test_ehr_federation_learns_everywhere_and_a_hospital_without_data_stays_out(
     explanations = json.loads((config.run_dir / "explanations.json").read_text())
     assert explanations["round"] == 5 and explanations["consortium"]["checks"]["additivity"]
     assert sorted(explanations["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
-    assert len(list((tmp_path / "sites").glob("hospital_*/runs/ehr-*/report/report.html"))) == 3
+    own_reports = sorted((tmp_path / "sites").glob("hospital_*/runs/ehr-*/report/report.html"))
+    assert len(own_reports) == 3 and "Against the consortium" in own_reports[0].read_text()
     assert "Global importance" in write_consortium_report(config.run_dir).read_text()
 
     # One patient's explanation, computed at their hospital from the run's last checkpoint.

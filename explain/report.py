@@ -25,7 +25,7 @@ from scipy.stats import binomtest, norm
 
 from explain import plots
 from explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, consortium_from_json, summary_from_json
-from fedward.errors import CheckpointError, DataError
+from fedward.errors import CheckpointError, DataError, FedwardError
 from fedward.files import atomic_write
 from pipelines.checkpoint import load_checkpoint, read_metrics
 
@@ -585,7 +585,12 @@ def _consortium_notices(run: _Run) -> list[str]:
 def write_consortium_report(run_dir: Path) -> Path:
     """Write `run_dir/report.html` from the run's files alone; returns its path."""
     run_dir = Path(run_dir)
-    run = _read_run(run_dir)
+    try:
+        run = _read_run(run_dir)
+    except FedwardError:
+        # An older report must not stand in for one that can no longer be written.
+        (run_dir / "report.html").unlink(missing_ok=True)
+        raise
     hospitals = [h["name"] for h in run.identity["hospitals"]]
     record = run.metrics[-1]
     sections = [

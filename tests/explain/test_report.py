@@ -281,10 +281,11 @@ def test_an_unusable_run_directory_is_refused_by_name_and_no_report_is_left(run_
     shutil.copy(run_dir / "run.json", empty / "run.json")
     with pytest.raises(CheckpointError, match="no finished round yet"):
         write_consortium_report(empty)
+    write_consortium_report(run_dir)  # a good report first, then its explanations get damaged
     (run_dir / "explanations.json").write_text('{"round": 2}')
     with pytest.raises(CheckpointError, match="explanations.json is not an explanations file"):
         write_consortium_report(run_dir)
-    assert not list(tmp_path.rglob("report.html"))
+    assert not list(tmp_path.rglob("report.html"))  # the old report does not stand in for the new one
 
 
 def test_the_reliability_bins_match_the_scores_they_summarise():

@@ -228,16 +228,7 @@ def _model_rows(identity: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _privacy_rows(identity: dict, metrics: Sequence[dict]) -> list[tuple[str, str, str]]:
-    privacy = identity.get("privacy") or {}
-    rows = [("privacy", k, _setting(v)) for k, v in privacy.items()]
-    if privacy.get("dp"):
-        # The DP accountant records the budget spent so far with each round.
-        rows.append(("privacy", "spent epsilon", _figure(metrics[-1].get("epsilon"), 2)))
-    return rows
-
-
-def _settings_rows(identity: dict, finished: int, metrics: Sequence[dict], config_hash: str | None):
+def _settings_rows(identity: dict, finished: int, config_hash: str | None):
     run = identity["run"]
     rows = [
         ("run", "name", run["name"]),
@@ -248,17 +239,16 @@ def _settings_rows(identity: dict, finished: int, metrics: Sequence[dict], confi
     if config_hash:
         rows.append(("run", "config hash", config_hash[:16]))
     rows += _data_rows(identity["data"]) + _model_rows(identity)
-    rows += [(section, k, _setting(v)) for section in ("train", "strategy") for k, v in (identity.get(section) or {}).items()]
-    rows += _privacy_rows(identity, metrics)
+    rows += [(section, k, _setting(v)) for section in ("train", "strategy", "privacy") for k, v in (identity.get(section) or {}).items()]
     rows += [("explanations", k, _setting(v)) for k, v in (identity.get("explain") or {}).items()]
     return rows
 
 
-def _model_card(identity: dict, finished: int, metrics: Sequence[dict], sites: Html, config_hash: str | None = None) -> _Section:
+def _model_card(identity: dict, finished: int, sites: Html, config_hash: str | None = None) -> _Section:
     return _section(
         "model-card", "Model card",
         Html("<h3>Hospitals</h3>"), sites,
-        Html("<h3>Settings</h3>"), _table(("section", "setting", "value"), _settings_rows(identity, finished, metrics, config_hash)),
+        Html("<h3>Settings</h3>"), _table(("section", "setting", "value"), _settings_rows(identity, finished, config_hash)),
     )
 
 
@@ -594,7 +584,7 @@ def write_consortium_report(run_dir: Path) -> Path:
     hospitals = [h["name"] for h in run.identity["hospitals"]]
     record = run.metrics[-1]
     sections = [
-        _model_card(run.identity, run.finished, run.metrics, _sites(run, hospitals), run.config_hash),
+        _model_card(run.identity, run.finished, _sites(run, hospitals), run.config_hash),
         _performance(record, hospitals),
         _calibration(record, hospitals, run.identity.get("explain", {}).get("min_bin_count", 10)),
         _training(run.metrics, hospitals),
@@ -720,7 +710,7 @@ def write_hospital_report(
                    [(hospital, m["n"] if m else "—", "—" if counts is None else counts[0], summary.n)])
     explained = _from_summary(summary)
     sections = [
-        _model_card(identity, record["round"], metrics, sites),
+        _model_card(identity, record["round"], sites),
         _performance(record, [hospital]),
         _calibration(record, [hospital], 1),  # its own patients, in its own report
         _training(metrics, [hospital]),

@@ -28,10 +28,11 @@ from fedward.config import FedwardConfig
 from fedward.errors import DataError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
 from fedward.seeds import derived_seed
-from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, Update
+from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from models.flat import flatten, load_flat
 from models import training
 from models.networks import build_model
+from privacy import dp_fedavg, dp_sgd
 from privacy.hooks import build_hook
 
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
@@ -47,7 +48,7 @@ class Hospital:
         self.data_dir = Path(own.data).expanduser()
         self.work_dir = Path(own.work_dir).expanduser() if own.work_dir else self.data_dir / ".fedward"
         self.run_dir = self.work_dir / "runs" / run_id
-        self.hook = build_hook(config.privacy.hook)
+        self.hook = build_hook(config, name, run_id)
         self.samples: Samples | None = None
         self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
         self.model: nn.Module | None = None
@@ -125,28 +126,56 @@ class Hospital:
 
     # -- training and evaluation ------------------------------------------------------------------
 
-    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None) -> Update:
+    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None, noise_shares: int = 1) -> Update | SealedUpdate:
+        """Train on the global weights and return the change, protected as the run's privacy asks.
+
+        `noise_shares`: under hospital-level DP behind masking or encryption, how many hospitals'
+        noise shares make up the full noise (the fewest that can complete the round)."""
         model = self._model_with(weights, layout)
-        train_loss = training.train(
-            model,
-            self.x[self.train_idx],
-            self.y[self.train_idx],
-            epochs=plan.local_epochs,
-            lr=plan.lr,
-            seed=plan.seed,
-            config=self.config.train,
-        )
+        metrics = self._train(model, plan)
         self._save_state(plan.round)
         flat, shared = flatten(model, self.personal)
+        n = len(self.train_idx)
         update = Update(
             round=plan.round,
             hospital=self.name,
-            weights=flat,
+            delta=flat - weights,
             layout=shared,
-            num_examples=len(self.train_idx),
-            metrics={"train_loss": train_loss},
+            num_examples=n,
+            weight=dp_fedavg.aggregation_weight(self.config, n),
+            metrics=metrics,
         )
+        if self.config.privacy.dp_fedavg.enabled:
+            update = dp_fedavg.clip(update, self.config.privacy.dp_fedavg.clip_norm)
+            if not self.hook.reveals_individual_updates:
+                update = dp_fedavg.add_noise_share(update, self.config, noise_shares)
         return self.hook.encode(update, hook_setup)
+
+    def _train(self, model: nn.Module, plan: RoundPlan) -> dict[str, float]:
+        x, y = self.x[self.train_idx], self.y[self.train_idx]
+        dp = self.config.privacy.dp_sgd
+        if not dp.enabled:
+            loss = training.train(model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train)
+            return {"train_loss": loss}
+        units = self.dp_units()
+        done = dp_sgd.train_private(
+            model, x, y, units, dp_sgd.plan_round(self.config, int(units.max()) + 1),
+            lr=plan.lr, config=self.config.train, max_grad_norm=dp.max_grad_norm,
+        )
+        # What the optimizer did, for the ledger's accountant: these leave the hospital.
+        return {
+            "train_loss": done.loss,
+            "dp_sgd_steps": float(done.steps),
+            "dp_sgd_sample_rate": done.sample_rate,
+            "dp_sgd_noise_multiplier": done.noise_multiplier,
+            "dp_sgd_units": float(done.units),
+        }
+
+    def dp_units(self) -> np.ndarray:
+        """The privacy unit of each training sample: its patient, or itself."""
+        if self.config.privacy.dp_sgd.unit == "sample":
+            return np.arange(len(self.train_idx))
+        return np.unique(self._loaded().patient_ids[self.train_idx], return_inverse=True)[1]
 
     def evaluate(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
         model = self._model_with(weights, layout)

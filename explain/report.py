@@ -572,6 +572,45 @@ def _consortium_notices(run: _Run) -> list[str]:
     return notices
 
 
+# -- privacy ---------------------------------------------------------------------------------------
+
+
+def _privacy(ledger: dict) -> _Section:
+    """The privacy ledger in words and tables: protections, epsilon spent, what left each hospital."""
+    transport = ledger["transport"]
+    parts = [
+        Html("<h3>How updates travelled</h3>"),
+        _table(("parameter", "value"), [(k, _setting(v)) for k, v in transport.items()]),
+    ]
+    for level, dp in ledger["differential_privacy"].items():
+        if not isinstance(dp, dict):
+            continue
+        title = level.replace("_", " ").capitalize()
+        spent = dp["spent_epsilon"]
+        budget = "no budget set" if dp["budget_epsilon"] is None else f"budget ε = {dp['budget_epsilon']:g}"
+        parts += [
+            Html(f"<h3>{_e(title)} differential privacy</h3>"),
+            _p(f"{dp['mechanism']}. {budget}, δ = {dp['delta']:g}; spent so far, at most ε = {dp['spent_epsilon_max']:.3f}."
+               + (f" Guarantee: {dp['guarantee']}." if "guarantee" in dp else "")),
+            _table(("hospital", "ε spent"), [(h, f"{e:.3f}") for h, e in spent.items()]),
+        ]
+    if ledger["differential_privacy"]:
+        parts.append(_p(f"Accountant: {ledger['differential_privacy']['accountant']}. {ledger['differential_privacy']['randomness']}.", "note"))
+    else:
+        parts.append(_p("No differential privacy was configured: no ε bounds what the model reveals about a patient.", "note"))
+    rows = [
+        (r["round"], h, e["update"], "—" if e["bytes_sent"] is None else f"{e['bytes_sent'] / 1024:.1f} KiB",
+         _setting({k.removeprefix("epsilon_"): round(v, 3) for k, v in e.items() if k.startswith("epsilon_")}) or "—")
+        for r in ledger["rounds"] for h, e in r["hospitals"].items()
+    ]
+    parts += [
+        Html("<h3>What left each hospital, round by round</h3>"),
+        _table(("round", "hospital", "update", "sent", "ε spent so far"), rows),
+        _p("Always in the clear, whatever the protections: " + "; ".join(ledger["always_in_the_clear"]) + ".", "note"),
+    ]
+    return _section("privacy", "Privacy", *parts)
+
+
 def write_consortium_report(run_dir: Path) -> Path:
     """Write `run_dir/report.html` from the run's files alone; returns its path."""
     run_dir = Path(run_dir)
@@ -596,6 +635,11 @@ def write_consortium_report(run_dir: Path) -> Path:
         explained = _from_consortium(run.consortium, run.summaries)
         sections += _explanation_sections(explained, _feature_types(run.identity))
         notices += _failed_checks(explained)
+    if (run_dir / "privacy.json").is_file():
+        ledger = _read_json(run_dir / "privacy.json")
+        sections.append(_privacy(ledger))
+        if ledger.get("stopped"):
+            notices.append(f"Training stopped by the privacy budget, {ledger['stopped']}.")
     name = run.identity["run"]["name"]
     page = _page(f"fedward report: {name}", f"consortium of {len(hospitals)} hospitals, round {run.finished}", notices, sections)
     path = run_dir / "report.html"

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
@@ -161,9 +162,121 @@ RAY_RESERVED = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory", 
 PER_HOSPITAL_MODEL_OPTIONS = frozenset({"dropout"})
 
 
+# Largest total coefficient-modulus bits per CKKS ring degree for 128-bit security (HE standard).
+CKKS_MAX_BITS_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaskingConfig:
+    """Secure aggregation by pairwise masking (Bonawitz et al. 2017): the driver sees only sums."""
+
+    enabled: bool = False
+    # Each coordinate of an update (a change of a weight) is clipped to [-clip, clip] and encoded
+    # in fixed point with `fraction_bits` bits after the point, in a ring of 2**ring_bits.
+    clip: float = 8.0
+    fraction_bits: int = 20
+    ring_bits: Literal[32, 64] = 32
+    # Hospitals that may drop out after sharing their keys while the others' sum is still recovered;
+    # the reconstruction threshold is (hospitals in the round) - dropout_tolerance.
+    dropout_tolerance: int = 1
+
+    def __post_init__(self):
+        _need(self.clip > 0, "privacy.masking.clip: must be positive")
+        _need(self.fraction_bits >= 8, "privacy.masking.fraction_bits: expected at least 8")
+        _need(
+            self.clip * 2.0**self.fraction_bits < 2.0 ** (self.ring_bits - 2),
+            f"privacy.masking: clip={self.clip} with fraction_bits={self.fraction_bits} overflows a "
+            f"{self.ring_bits}-bit ring; lower one of them or use ring_bits: 64",
+        )
+        _need(self.dropout_tolerance >= 0, "privacy.masking.dropout_tolerance: must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncryptionConfig:
+    """Homomorphic encryption (CKKS, TenSEAL): the driver adds ciphertexts it cannot read."""
+
+    enabled: bool = False
+    poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
+    scale_bits: int = 40
+    layers: tuple[str, ...] | None = None  # state-dict entries to encrypt; None: all of them
+    # An exact CKKS decryption leaks about the secret key: the aggregate is rounded to this many
+    # decimals by the decrypting hospital before it leaves.
+    release_decimals: int = 6
+
+    def __post_init__(self):
+        bits, limit = sum(self.coeff_mod_bit_sizes), CKKS_MAX_BITS_128[self.poly_modulus_degree]
+        _need(len(self.coeff_mod_bit_sizes) >= 2, "privacy.encryption.coeff_mod_bit_sizes: list at least two primes")
+        _need(
+            bits <= limit,
+            f"privacy.encryption: coeff_mod_bit_sizes sum to {bits} bits, above the {limit} that degree "
+            f"{self.poly_modulus_degree} allows for 128-bit security",
+        )
+        _need(20 <= self.scale_bits < min(self.coeff_mod_bit_sizes[:-1]) + 1, "privacy.encryption.scale_bits: expected 20 up to the middle primes' size")
+        _need(1 <= self.release_decimals <= 8, "privacy.encryption.release_decimals: expected 1..8")
+        _need(self.layers is None or len(self.layers) > 0, "privacy.encryption.layers: list at least one entry, or leave it out for all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpSgdConfig:
+    """Patient-level differential privacy: DP-SGD (Opacus) inside each hospital."""
+
+    enabled: bool = False
+    epsilon: float | None = None  # each hospital's budget over the run; training stops before exceeding it
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrated so run.rounds rounds spend exactly epsilon
+    max_grad_norm: float = 1.0
+    # "patient": a patient's samples are sampled and clipped together; "sample": each row or image
+    # is a unit, and the guarantee (said so in the ledger) is per sample only.
+    unit: Literal["patient", "sample"] = "patient"
+
+    def __post_init__(self):
+        _check_dp(self, "dp_sgd")
+        _need(self.max_grad_norm > 0, "privacy.dp_sgd.max_grad_norm: must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpFedAvgConfig:
+    """Hospital-level differential privacy: each update clipped, Gaussian noise on the sum."""
+
+    enabled: bool = False
+    epsilon: float | None = None  # budget over the run for any one hospital's participation
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # None: calibrated so run.rounds rounds spend exactly epsilon
+    clip_norm: float = 1.0  # L2 norm bound of each hospital's update
+
+    def __post_init__(self):
+        _check_dp(self, "dp_fedavg")
+        _need(self.clip_norm > 0, "privacy.dp_fedavg.clip_norm: must be positive")
+
+
+def _check_dp(section: DpSgdConfig | DpFedAvgConfig, name: str) -> None:
+    _need(0 < section.delta < 1, f"privacy.{name}.delta: expected a number in (0, 1)")
+    _need(section.epsilon is None or section.epsilon > 0, f"privacy.{name}.epsilon: must be positive")
+    _need(
+        section.noise_multiplier is None or section.noise_multiplier > 0,
+        f"privacy.{name}.noise_multiplier: must be positive",
+    )
+    _need(
+        not section.enabled or section.epsilon is not None or section.noise_multiplier is not None,
+        f"privacy.{name}: give epsilon (a budget), noise_multiplier, or both",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
-    hook: Literal["plaintext"] = "plaintext"  # how updates travel: see privacy/hooks.py
+    """What protects updates on their way out of the hospitals; see privacy/."""
+
+    masking: MaskingConfig = MaskingConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
+    dp_sgd: DpSgdConfig = DpSgdConfig()
+    dp_fedavg: DpFedAvgConfig = DpFedAvgConfig()
+
+    def __post_init__(self):
+        _need(
+            not (self.masking.enabled and self.encryption.enabled),
+            "privacy: masking and encryption both hide individual updates from the driver; enable one of them",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,6 +337,9 @@ class RunConfig:
     min_hospitals: int = 2  # quorum: a round with fewer successful hospitals fails
     round_timeout_s: float = 900.0  # a hospital silent for longer is left out of the round
     data_timeout_s: float = 3600.0  # the first read of a hospital's data (DICOM decoding) may be long
+    # A round whose aggregation fails (secure aggregation could not recover the sum) is tried again
+    # this many times; then the run stops, resumable from the last checkpoint.
+    round_retries: int = 2
 
     def __post_init__(self):
         _need(
@@ -235,6 +351,7 @@ class RunConfig:
         _need(self.min_hospitals >= 1, "run.min_hospitals: must be at least 1")
         _need(self.round_timeout_s > 0, "run.round_timeout_s: must be positive")
         _need(self.data_timeout_s > 0, "run.data_timeout_s: must be positive")
+        _need(self.round_retries >= 0, "run.round_retries: must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,6 +380,19 @@ class FedwardConfig:
         )
         for h in self.hospitals:
             self.model_for(h.name)  # validates each hospital's overrides now, not mid-run
+        _need(
+            not (self.privacy.dp_sgd.enabled and self.model.norm == "batch"),
+            "privacy.dp_sgd: BatchNorm mixes samples of a batch, so per-patient clipping cannot bound "
+            "a patient's influence; set model.norm to 'group' or 'none'",
+        )
+        masking = self.privacy.masking
+        if masking.enabled:
+            threshold = len(names) - masking.dropout_tolerance
+            _need(
+                threshold >= 2 and threshold > len(names) / 2,
+                f"privacy.masking.dropout_tolerance={masking.dropout_tolerance}: with {len(names)} hospitals the "
+                f"reconstruction threshold would be {threshold}; it must be at least 2 and more than half of them",
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -368,15 +498,31 @@ def parse_config(raw: dict, source: str = "config") -> FedwardConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(path: str | Path) -> FedwardConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> FedwardConfig:
+    """Read a YAML config; `overrides` are `section.field=value` settings applied on top, the
+    value read as YAML (`privacy.masking.enabled=true`, `train.lr=0.01`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text())
+        for setting in overrides:
+            _override(raw, setting)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(raw, str(path))
+    return parse_config(raw, str(path) + (f" with {', '.join(overrides)}" if overrides else ""))
+
+
+def _override(raw: Any, setting: str) -> None:
+    key, sep, value = setting.partition("=")
+    _need(bool(sep) and bool(key), f"--set {setting!r}: expected section.field=value")
+    *sections, name = key.split(".")
+    node = raw
+    for i, section in enumerate(sections):
+        _need(isinstance(node, dict), f"--set {setting!r}: {'.'.join(sections[:i])} is not a section")
+        node = node.setdefault(section, {})
+    _need(isinstance(node, dict), f"--set {setting!r}: {'.'.join(sections)} is not a section")
+    node[name] = yaml.safe_load(value)
 
 
 def config_to_dict(config: FedwardConfig) -> dict:
@@ -386,7 +532,7 @@ def config_to_dict(config: FedwardConfig) -> dict:
 # Where things run and how long to wait do not change what a run computes, so they may change
 # between a run and its resume: a stuck run can be given a longer timeout, data can move (its
 # content is checked by fingerprint instead).
-OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s"), "hospitals": ("data", "work_dir", "cpus")}
+OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s", "round_retries"), "hospitals": ("data", "work_dir", "cpus")}
 
 
 def config_identity(config: FedwardConfig) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
+from typing import Any
 
 import numpy as np
 
@@ -44,11 +45,31 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class Update:
-    """What a hospital returns after local training: weights, never data."""
+    """What a hospital's training changed in the global weights: a change, never data.
+
+    `delta` is the hospital's weights minus the global weights it started the round from. `weight`
+    is its share in the aggregate: its example count, or 1 under hospital-level DP, where every
+    hospital counts once so that one hospital's influence is bounded.
+    """
 
     round: int
     hospital: str
-    weights: np.ndarray  # flat float32, laid out by `layout`
+    delta: np.ndarray  # flat float32, laid out by `layout`
+    layout: Layout
+    num_examples: int
+    weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SealedUpdate:
+    """An update in the form a privacy hook lets it leave the hospital: the driver can combine
+    sealed updates but not read one. Counts and training metrics travel in the clear."""
+
+    round: int
+    hospital: str
+    form: str  # "masked" or "encrypted"
+    payload: Any  # the hook's own: masked ring elements, serialized ciphertexts
     layout: Layout
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)

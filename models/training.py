@@ -16,6 +16,13 @@ from fedward.metrics import score_histograms
 from fedward.types import Evaluation
 
 
+def make_optimizer(model: nn.Module, lr: float, config: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer each round, shared by private and non-private training so they compare."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int, config: TrainConfig) -> float:
     """Minibatch training with a fresh optimizer; returns the mean training loss.
 
@@ -23,10 +30,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
-    if config.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    opt = make_optimizer(model, lr, config)
     loss_fn = nn.BCEWithLogitsLoss()
     model.train()
     losses = []

@@ -22,7 +22,7 @@ def _simulate(args, address: str | None = None) -> None:
     from fedward.config import load_config
     from pipelines.run import Pipeline
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     Pipeline(config, address=address, progress=not args.no_progress).run()
     _print_status(config.run_dir)
 
@@ -42,7 +42,7 @@ def _compare(args) -> None:
     from pipelines.baselines import compare, format_comparison
     from fedward.files import atomic_write_json
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     result = compare(config)
     atomic_write_json(config.run_dir / "baselines.json", result)
     print(format_comparison(config, result))
@@ -61,6 +61,11 @@ def _explain_patient(args) -> None:
         print(f"wrote {path}")
 
 
+def _settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config setting, e.g. --set privacy.masking.enabled=true (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedward", description="Federated learning across hospitals, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run CONFIG as a local simulation on an embedded Ray")
     p.add_argument("config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _settings(p)
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("run", help="run CONFIG on an existing Ray cluster")
     p.add_argument("config")
     p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _settings(p)
     p.set_defaults(func=_run)
 
     p = sub.add_parser("status", help="show where a run directory stands")
@@ -98,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train central and local-only baselines on CONFIG's hospitals (demo data)")
     p.add_argument("config")
+    _settings(p)
     p.set_defaults(func=_compare)
     return parser
 

@@ -1,4 +1,5 @@
-"""FedAvg (McMahan et al. 2017): the example-weighted mean of the hospitals' weights."""
+"""FedAvg (McMahan et al. 2017): the global weights move by the weighted mean of the hospitals'
+changes. Weights are example counts, or 1 per hospital under hospital-level DP."""
 
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ from pipelines.strategy import Strategy
 
 def weighted_mean(updates: Sequence[Update]) -> np.ndarray:
     layouts = {u.layout for u in updates}
-    if len(layouts) != 1 or any(u.weights.shape != (u.layout.size,) for u in updates):
+    if len(layouts) != 1 or any(u.delta.shape != (u.layout.size,) for u in updates):
         raise AggregationError(f"updates from {[u.hospital for u in updates]} do not share one layout")
-    total = sum(u.num_examples for u in updates)
+    total = sum(u.weight for u in updates)
     if total <= 0:
-        raise AggregationError("updates carry no training examples")
+        raise AggregationError("updates carry no weight (no training examples)")
     # float64 accumulation in a fixed order (by hospital) keeps the result reproducible.
-    acc = np.zeros(updates[0].weights.shape, np.float64)
+    acc = np.zeros(updates[0].delta.shape, np.float64)
     for u in sorted(updates, key=lambda u: u.hospital):
-        acc += (u.num_examples / total) * u.weights.astype(np.float64)
-    return acc.astype(np.float32)
+        acc += (u.weight / total) * u.delta.astype(np.float64)
+    return acc
 
 
 class FedAvg(Strategy):
     def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
         if not updates:
             return None
-        return weighted_mean(updates)
+        return (current.astype(np.float64) + weighted_mean(updates)).astype(np.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +30,7 @@ from explain.aggregate import merge
 from explain.attribution import unsupported_layers
 from explain.summary import to_jsonable
 from fedward.config import FedwardConfig, config_diff, config_hash, config_identity, config_to_dict
-from fedward.errors import CheckpointError, ConfigError, DataError, FedwardError, HospitalError, QuorumError
+from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, FedwardError, HospitalError, QuorumError
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.types import DataCounts, Evaluation, Layout
@@ -39,7 +40,9 @@ from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, s
 from pipelines.fedavg import FedAvg
 from pipelines.manifest import record_data, record_invocation
 from pipelines.strategy import Strategy
-from privacy.hooks import build_hook
+from privacy import dp_fedavg
+from privacy.hooks import Ask, build_hook
+from privacy.ledger import build_ledger, dp_sgd_steps, over_budget
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
 
@@ -73,6 +76,15 @@ def gather(futures: Mapping[str, ray.ObjectRef], timeout: float) -> tuple[dict[s
         except ray.exceptions.RayError as e:
             failures[name] = f"{type(e).__name__}: the hospital's actor is gone"
     return results, failures
+
+
+class _BudgetSpent(Exception):
+    """The next round would exceed a configured privacy budget."""
+
+
+def _wire_bytes(message: Any) -> int:
+    """What a message costs on the wire: its pickled size, as Ray sends it."""
+    return len(pickle.dumps(message, protocol=5))
 
 
 def pooled_metrics(evaluations: list[Evaluation]) -> dict[str, float]:
@@ -129,8 +141,9 @@ class Pipeline:
         self.digest = config_hash(config)
         self.run_id = f"{config.run.name}-{self.digest[:12]}"
         self.strategy = STRATEGIES[config.strategy.name](config)
-        self.hook = build_hook(config.privacy.hook)
+        self.hook = build_hook(config, None, self.run_id)
         self.hospitals: dict[str, ray.actor.ActorHandle] = {}
+        self.counts: dict[str, DataCounts] = {}
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -142,7 +155,7 @@ class Pipeline:
             raise CheckpointError(f"{self.run_dir}: checkpoint round {ckpt.round} was written under another config")
         record_invocation(self.run_dir, self.digest, ckpt.round if ckpt else 0)
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
-        if ckpt is not None and ckpt.round >= self.config.run.rounds and not self._explanation_due():
+        if ckpt is not None and ckpt.round >= self.config.run.rounds and not self._explanation_due(ckpt.round):
             self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
             return ckpt.weights
         started = start_ray(self.config, self.address)
@@ -158,9 +171,10 @@ class Pipeline:
             )
             self._require_quorum(0, shapes, failures)
             self._check_explainable(next(iter(shapes.values())))
-            weights, layout = self._train(shapes, ckpt)
-            if self._explanation_due():
-                self._explain(sorted(shapes), weights, layout)
+            self.hook.start(sorted(shapes), self._asker(0, {}, {}))
+            weights, layout, last = self._train(shapes, ckpt)
+            if self._explanation_due(last):
+                self._explain(sorted(shapes), weights, layout, last)
             return weights
         finally:
             for actor in self.hospitals.values():
@@ -196,6 +210,7 @@ class Pipeline:
             atomic_write_json(path, {"hospitals": {n: asdict(c) for n, c in sorted(counts.items())}, "refused": failures})
         record_data(self.run_dir, counts)
         self._require_quorum(0, counts, failures)
+        self.counts = counts
         return counts
 
     def _check_same_data(self, before: dict[str, dict], now: dict[str, DataCounts], resuming: bool) -> None:
@@ -241,7 +256,8 @@ class Pipeline:
         torch.manual_seed(self.config.run.seed)
         return flatten(build_model(self.config.model, shape), self.strategy.personal_keys())
 
-    def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> tuple[np.ndarray, Layout]:
+    def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> tuple[np.ndarray, Layout, int]:
+        """Rounds from the checkpoint on; returns the weights, their layout and the last round done."""
         cfg = self.config
         if len(set(shapes.values())) != 1:
             raise DataError(f"hospitals prepared inputs of different shapes: {shapes}")
@@ -255,21 +271,49 @@ class Pipeline:
             rng.bit_generator.state = ckpt.rng_state
             self._restore_hospitals(sorted(shapes), ckpt.round)
         self._truncate_metrics(start - 1)
-        rounds = range(start, cfg.run.rounds + 1)
-        bar = tqdm(rounds, desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
+        self._write_ledger()
+        last = start - 1
+        bar = tqdm(range(start, cfg.run.rounds + 1), desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
         for round in bar:
             began = time.monotonic()
-            weights, record = self._round(round, sorted(shapes), weights, layout, rng)
+            result = self._round_with_retries(round, sorted(shapes), weights, layout, rng)
+            if result is None:
+                break
+            weights, record = result
             record["seconds"] = round_seconds = time.monotonic() - began
             self._append_metrics(record)
             save_checkpoint(
                 self.run_dir,
                 RunCheckpoint(round, weights, layout, self.strategy.state_dict(), rng.bit_generator.state, self.digest),
             )
+            self._write_ledger()
+            last = round
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
-        return weights, layout
+        return weights, layout, last
 
-    def _explanation_due(self) -> bool:
+    def _round_with_retries(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict] | None:
+        """A round, tried again when its aggregation fails; None when the privacy budget ends training."""
+        state = rng.bit_generator.state  # a retry selects the same hospitals
+        for attempt in range(self.config.run.round_retries + 1):
+            rng.bit_generator.state = state
+            try:
+                return self._round(round, available, weights, layout, rng)
+            except _BudgetSpent as spent:
+                self.log(f"privacy budget: {spent}; training stops after round {round - 1}")
+                self._write_ledger(stopped=f"before round {round}: {spent}")
+                return None
+            except AggregationError as e:
+                if attempt == self.config.run.round_retries:
+                    raise AggregationError(
+                        f"round {round} failed {attempt + 1} times, last: {e}. Checkpointed rounds are kept; run again to resume"
+                    ) from None
+                self.log(f"round {round}: aggregation failed ({e}); trying again ({attempt + 1} of {self.config.run.round_retries})")
+
+    def _write_ledger(self, stopped: str | None = None) -> None:
+        records = read_metrics(self.run_dir / "metrics.jsonl") if (self.run_dir / "metrics.jsonl").is_file() else []
+        atomic_write_json(self.run_dir / "privacy.json", build_ledger(self.config, self.hook.describe(), records, stopped))
+
+    def _explanation_due(self, last: int) -> bool:
         """Explain unless the last round's explanation finished everywhere, reports included."""
         if not self.config.explain.enabled:
             return False
@@ -277,11 +321,11 @@ class Pipeline:
             done = json.loads((self.run_dir / "explanations.json").read_text())
         except (OSError, ValueError):  # absent, or torn: explaining again gives the same result
             return True
-        return done["round"] != self.config.run.rounds or bool(done["failures"]) or bool(done["report_failures"])
+        return done["round"] != last or bool(done["failures"]) or bool(done["report_failures"])
 
-    def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout) -> None:
+    def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> None:
         """SHAP inside each hospital, merged here; each hospital then writes its own report."""
-        round, timeout = self.config.run.rounds, self.config.run.round_timeout_s
+        timeout = self.config.run.round_timeout_s
         weights_ref = ray.put(weights)
         summaries, failures = gather({h: self.hospitals[h].explain.remote(round, weights_ref, layout) for h in hospitals}, timeout)
         for name, why in sorted(failures.items()):
@@ -327,24 +371,47 @@ class Pipeline:
         for name, why in sorted(failures.items()):
             self.log(f"hospital {name} could not restore its state: {why}")
 
-    def _round(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        timeout = self.config.run.round_timeout_s
-        plans = self.strategy.configure_round(round, available, rng)
-        setups = self.hook.setup(round, [p.hospital for p in plans])
-        weights_ref = ray.put(weights)  # broadcast once through the object store
-        updates, failures = gather(
-            {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital]) for p in plans},
-            timeout,
-        )
-        self._require_quorum(round, updates, failures)
+    def _asker(self, round: int, failures: dict[str, str], sent: dict[str, int]) -> Ask:
+        """The hook's channel to hospitals; counts the bytes each answer carries."""
 
         def ask(requests: Mapping[str, Any]) -> Mapping[str, Any]:
-            answers, silent = gather({h: self.hospitals[h].hook_respond.remote(round, r) for h, r in requests.items()}, timeout)
+            answers, silent = gather({h: self.hospitals[h].hook_respond.remote(round, r) for h, r in requests.items()}, self.config.run.round_timeout_s)
             failures.update(silent)
+            for h, answer in answers.items():
+                sent[h] = sent.get(h, 0) + _wire_bytes(answer)
             return answers
 
+        return ask
+
+    def _round(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        cfg, timeout = self.config, self.config.run.round_timeout_s
+        plans = self.strategy.configure_round(round, available, rng)
+        spent = over_budget(cfg, read_metrics(self.run_dir / "metrics.jsonl") if (self.run_dir / "metrics.jsonl").is_file() else [],
+                            [p.hospital for p in plans], self.counts)
+        if spent:
+            raise _BudgetSpent(spent)
+        failures: dict[str, str] = {}
+        sent: dict[str, int] = {}
+        ask = self._asker(round, failures, sent)
+        setups = self.hook.setup(round, {p.hospital: dp_fedavg.aggregation_weight(cfg, self.counts[p.hospital].train_examples) for p in plans}, ask)
+        for p in plans:
+            if p.hospital not in setups:
+                failures.setdefault(p.hospital, "left out at the privacy hook's set-up")
+        shares = max(cfg.run.min_hospitals, self.hook.fewest_contributors(len(plans)))
+        weights_ref = ray.put(weights)  # broadcast once through the object store
+        updates, fit_failures = gather(
+            {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital], shares) for p in plans if p.hospital in setups},
+            timeout,
+        )
+        failures.update(fit_failures)
+        for h, u in updates.items():
+            sent[h] = sent.get(h, 0) + _wire_bytes(u)
+        self._require_quorum(round, updates, failures)
         combined = self.hook.combine(round, [updates[h] for h in sorted(updates)])
-        new = self.strategy.aggregate(round, weights, self.hook.finish(round, combined, dict(failures), ask), failures)
+        aggregated = self.hook.finish(round, combined, {h: why for h, why in failures.items() if h in setups}, ask)
+        if cfg.privacy.dp_fedavg.enabled and self.hook.reveals_individual_updates:
+            aggregated = [dp_fedavg.noised_mean(aggregated, cfg)]
+        new = self.strategy.aggregate(round, weights, aggregated, failures)
         weights = weights if new is None else new
         new_ref = ray.put(weights)
         evaluations, eval_failures = gather({h: self.hospitals[h].evaluate.remote(round, new_ref, layout) for h in available}, timeout)
@@ -372,8 +439,25 @@ class Pipeline:
             # A round whose evaluations all failed still trained; it just has no figures.
             "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
             "evaluation_failures": eval_failures,
+            "privacy": self._privacy_record(updates, sent, shares),
         }
         return weights, record
+
+    def _privacy_record(self, updates: Mapping[str, Any], sent: Mapping[str, int], shares: int) -> dict:
+        """This round's facts for the privacy ledger, as the optimizers and protocols reported them."""
+        cfg = self.config
+        record: dict[str, Any] = {"form": self.hook.form, "sent_bytes": dict(sorted(sent.items())), "protocol": self.hook.describe()}
+        if cfg.privacy.dp_sgd.enabled:
+            record["dp_sgd"] = {h: asdict(dp_sgd_steps(u.metrics)) for h, u in sorted(updates.items())}
+        if cfg.privacy.dp_fedavg.enabled:
+            record["dp_fedavg"] = {
+                "participants": sorted(updates),
+                "steps": asdict(dp_fedavg.round_steps(cfg)),
+                "clip_norm": cfg.privacy.dp_fedavg.clip_norm,
+                "noise": "central" if self.hook.reveals_individual_updates else "distributed",
+                "noise_shares": None if self.hook.reveals_individual_updates else shares,
+            }
+        return record
 
     def _require_quorum(self, round: int, answered: Mapping[str, Any], failures: Mapping[str, str]) -> None:
         if len(answered) < self.config.run.min_hospitals:

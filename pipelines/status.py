@@ -37,7 +37,11 @@ def run_status(run_dir: Path) -> str:
     if ckpt is None:
         lines.append(f"  no round finished yet (of {total})")
         return "\n".join(lines)
-    state = "finished" if ckpt.round >= total else "stopped; run it again to resume"
+    ledger = json.loads((run_dir / "privacy.json").read_text()) if (run_dir / "privacy.json").is_file() else {}
+    if ledger.get("stopped"):
+        state = f"stopped by the privacy budget {ledger['stopped']}"
+    else:
+        state = "finished" if ckpt.round >= total else "stopped; run it again to resume"
     record = next((r for r in read_metrics(run_dir / "metrics.jsonl") if r["round"] == ckpt.round), None)
     pooled = record["pooled"] if record else {}
     lines.append(
@@ -46,4 +50,10 @@ def run_status(run_dir: Path) -> str:
     )
     for name, m in (record or {}).get("hospitals", {}).items():
         lines.append(f"    {name}: AUROC {_figure(m['auroc'])}, AUPRC {_figure(m['auprc'])}, accuracy {_figure(m['accuracy'])}")
+    if ledger:
+        lines.append(f"  privacy: updates travelled {ledger['transport']['form']}")
+        for level, dp in ledger["differential_privacy"].items():
+            if isinstance(dp, dict):
+                budget = "no budget" if dp["budget_epsilon"] is None else f"budget {dp['budget_epsilon']:g}"
+                lines.append(f"    {level.replace('_', '-')} DP: epsilon spent at most {dp['spent_epsilon_max']:.3f} ({budget}, delta {dp['delta']:g})")
     return "\n".join(lines)

@@ -1,18 +1,21 @@
 """How updates travel from hospitals into one aggregate: the `AggregationHook` phases.
 
 Masking and encryption need a protocol, not a function, so a hook has phases, each run where
-its name says:
+its name says. One instance lives at the driver (`hospital` None) and one in each hospital.
 
-1. `setup` (driver, before the round): one set-up message per hospital (keys, contexts).
-2. `encode` (each hospital): turn its `Update` into what may leave the hospital.
-3. `combine` (driver): join what arrived.
-4. `finish` (driver): turn the combination into plain `Update`s for the strategy. It knows which
-   hospitals dropped out, and may `ask` the survivors for their part (unmasking shares after
-   dropouts, partial decryptions): each request is answered at a hospital by `respond`.
+1. `start` (driver, once per run invocation): set-up among hospitals that lasts the run (keys).
+2. `setup` (driver, before a round): one set-up message per hospital asked to train.
+3. `encode` (each hospital): turn its `Update` into what may leave the hospital.
+4. `combine` (driver): join what arrived.
+5. `finish` (driver): turn the combination into plain `Update`s for the strategy. It knows which
+   set-up hospitals dropped out, and may `ask` the others for their part (unmasking shares,
+   decryption): each request is answered at a hospital by `respond`.
 
-A hook that sums (masking, encryption) returns one `Update` named `AGGREGATE` holding the
-example-weighted mean, so a weighted-mean strategy gives back the same vector; strategies that need
-each update in the clear (median, Krum) cannot run behind such a hook.
+`start` and `setup` reach hospitals through the same `ask` as `finish`. A hook that sums
+(masking, encryption) returns one `Update` named `AGGREGATE` holding the weighted mean of the
+deltas that arrived, with their summed weight and counts, so a weighted-mean strategy gives back
+the same vector; strategies that need each update in the clear (median, Krum) cannot run behind
+such a hook.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fedward.types import Update
+from fedward.config import FedwardConfig
+from fedward.types import SealedUpdate, Update
 
 AGGREGATE = "<aggregate>"
 
@@ -31,16 +35,27 @@ Ask = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 class AggregationHook(ABC):
     name: str
+    form: str  # how an update leaves a hospital: "plain", "masked" or "encrypted"
     reveals_individual_updates: bool  # False for hooks whose driver only sees a sum
 
-    def setup(self, round: int, hospitals: Sequence[str]) -> Mapping[str, Any]:
-        return {h: None for h in hospitals}
+    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str):
+        self.config = config
+        self.hospital = hospital  # None at the driver
+        self.run_id = run_id
+
+    def start(self, hospitals: Sequence[str], ask: Ask) -> None:
+        """Set-up that lasts the run (driver); hospitals that fail it are left out of rounds."""
+
+    def setup(self, round: int, weights: Mapping[str, float], ask: Ask) -> Mapping[str, Any]:
+        """Set-up messages for the hospitals asked this round, keyed by hospital; `weights` are
+        their aggregation weights. A hospital missing from the result sits the round out."""
+        return {h: None for h in weights}
 
     @abstractmethod
-    def encode(self, update: Update, setup: Any) -> Update: ...
+    def encode(self, update: Update, setup: Any) -> Update | SealedUpdate: ...
 
     @abstractmethod
-    def combine(self, round: int, encoded: Sequence[Update]) -> Any: ...
+    def combine(self, round: int, received: Sequence[Update | SealedUpdate]) -> Any: ...
 
     @abstractmethod
     def finish(self, round: int, combined: Any, dropped: Mapping[str, str], ask: Ask) -> Sequence[Update]: ...
@@ -48,25 +63,42 @@ class AggregationHook(ABC):
     def respond(self, round: int, request: Any) -> Any:
         raise NotImplementedError(f"the {self.name} hook asks nothing of hospitals")
 
+    def fewest_contributors(self, planned: int) -> int:
+        """The fewest hospitals whose updates can complete a round of `planned`: hospital-level DP
+        noise is split into this many shares, so no completed round has less than the full noise."""
+        return 1
+
+    def describe(self) -> dict[str, Any]:
+        """The protocol's parameters, for the privacy ledger."""
+        return {"hook": self.name, "form": self.form}
+
 
 class PlaintextHook(AggregationHook):
     """Updates travel as they are; the driver sees each one."""
 
     name = "plaintext"
+    form = "plain"
     reveals_individual_updates = True
 
     def encode(self, update: Update, setup: Any) -> Update:
         return update
 
-    def combine(self, round: int, encoded: Sequence[Update]) -> Sequence[Update]:
-        return list(encoded)
+    def combine(self, round: int, received: Sequence[Update]) -> Sequence[Update]:
+        return list(received)
 
     def finish(self, round: int, combined: Sequence[Update], dropped: Mapping[str, str], ask: Ask) -> Sequence[Update]:
         return combined
 
 
-HOOKS: dict[str, type[AggregationHook]] = {PlaintextHook.name: PlaintextHook}
+def build_hook(config: FedwardConfig, hospital: str | None, run_id: str) -> AggregationHook:
+    """The hook the config asks for, at the driver (`hospital` None) or at a hospital."""
+    # Imported here: each pulls in its crypto library, needed only when configured.
+    if config.privacy.masking.enabled:
+        from privacy.masking import MaskingHook
 
+        return MaskingHook(config, hospital, run_id)
+    if config.privacy.encryption.enabled:
+        from privacy.ckks import CkksHook
 
-def build_hook(name: str) -> AggregationHook:
-    return HOOKS[name]()
+        return CkksHook(config, hospital, run_id)
+    return PlaintextHook(config, hospital, run_id)

@@ -29,13 +29,14 @@ def test_a_table_hospital_trains_and_returns_only_weights_counts_and_aggregates(
     weights, layout = flatten(build_model(config.model, shape))
 
     update = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.01), weights, layout)
-    assert update.weights.dtype == np.float32 and update.weights.shape == weights.shape
-    assert update.layout == layout and update.num_examples == counts.train_examples
-    assert not np.array_equal(update.weights, weights)
+    assert update.delta.dtype == np.float32 and update.delta.shape == weights.shape
+    assert update.layout == layout and update.num_examples == update.weight == counts.train_examples
+    trained, _ = flatten(hospital.model)
+    assert np.array_equal(update.delta, trained - weights) and np.abs(update.delta).max() > 0
     again = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.01), weights, layout)
-    assert np.array_equal(again.weights, update.weights)  # same plan, same weights: reproducible
+    assert np.array_equal(again.delta, update.delta)  # same plan, same weights: reproducible
 
-    evaluation = hospital.evaluate(1, update.weights, layout)
+    evaluation = hospital.evaluate(1, weights + update.delta, layout)
     assert evaluation.positive_hist.sum() + evaluation.negative_hist.sum() == counts.holdout_examples
     assert 0.0 <= evaluation.auroc <= 1.0 and math.isfinite(evaluation.loss)
     assert hospital.restore(1) == 1  # its own state for round 1 was saved in its own area

@@ -47,6 +47,14 @@ def test_parses_nested_sections_and_per_hospital_model_options():
         ("run", {"name": "t", "seed": -1}, "run.seed: expected a whole number >= 0"),
         ("model", {"kind": "mlp", "norm": "group", "groups": 0}, "model.groups: expected at least 1"),
         ("model", {"kind": "cnn"}, "model.kind: 'cnn' cannot read data.kind 'table'"),
+        ("privacy", {"masking": {"enabled": True}, "encryption": {"enabled": True}}, "enable one of them"),
+        ("privacy", {"masking": {"enabled": True, "dropout_tolerance": 1}}, "threshold would be 1"),
+        ("privacy", {"masking": {"clip": 4096.0}}, "overflows a 32-bit ring"),
+        ("privacy", {"encryption": {"coeff_mod_bit_sizes": [60, 60, 60, 60]}}, "above the 218 that degree 8192 allows"),
+        ("privacy", {"encryption": {"poly_modulus_degree": 1000}}, "privacy.encryption.poly_modulus_degree: expected one of"),
+        ("privacy", {"dp_sgd": {"enabled": True}}, "privacy.dp_sgd: give epsilon"),
+        ("privacy", {"dp_fedavg": {"enabled": True, "epsilon": 1, "delta": 2}}, "privacy.dp_fedavg.delta: expected a number in (0, 1)"),
+        ("privacy", {"dp_sgd": {"enabled": True, "epsilon": 1, "unit": "visit"}}, "privacy.dp_sgd.unit: expected one of"),
     ],
 )
 def test_bad_values_name_the_field(section, value, fragment):
@@ -111,3 +119,21 @@ def test_hospital_paths_resolve_against_the_drivers_folder(tmp_path):
     assert config.hospital("a").data == str(tmp_path / "d" / "a")
     assert config.hospital("a").work_dir is None
     assert parse_config(raw_config()).with_paths_from(tmp_path / "x").hospital("b").data == str(tmp_path / "x" / "d" / "b")
+
+
+def test_dp_sgd_refuses_batch_norm():
+    with pytest.raises(ConfigError, match="BatchNorm mixes samples"):
+        parse_config(raw_config(model={"kind": "mlp", "norm": "batch"}, privacy={"dp_sgd": {"enabled": True, "epsilon": 1}}))
+
+
+def test_settings_from_the_command_line_override_the_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw_config()))
+    config = load_config(path, ["privacy.masking.enabled=true", "privacy.masking.dropout_tolerance=0", "train.lr=1e-3", "run.name=other"])
+    assert config.privacy.masking.enabled and config.train.lr == 0.001 and config.run.name == "other"
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        load_config(path, ["privacy.masking.enabled"])
+    with pytest.raises(ConfigError, match=r"with privacy.masking.colour=1: privacy.masking: unknown field\(s\) \['colour'\]"):
+        load_config(path, ["privacy.masking.colour=1"])

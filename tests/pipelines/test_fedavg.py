@@ -13,20 +13,21 @@ def strategy():
     return FedAvg(parse_config(raw_config()))
 
 
-def update(name, weights, n):
-    return Update(round=1, hospital=name, weights=np.asarray(weights, np.float32), layout=Layout(("w",), ((len(weights),),)), num_examples=n)
+def update(name, delta, n):
+    return Update(round=1, hospital=name, delta=np.asarray(delta, np.float32), layout=Layout(("w",), ((len(delta),),)), num_examples=n, weight=n)
 
 
-def test_fedavg_is_the_example_weighted_mean():
+def test_fedavg_moves_by_the_example_weighted_mean_change():
     rng = np.random.default_rng(0)
+    current = rng.normal(size=1000).astype(np.float32)
     vectors = [rng.normal(size=1000).astype(np.float32) for _ in range(3)]
     counts = [10, 300, 47]
     updates = [update(f"h{i}", v, n) for i, (v, n) in enumerate(zip(vectors, counts))]
-    result = strategy().aggregate(1, vectors[0], updates, {})
-    reference = np.average(np.stack(vectors).astype(np.float64), axis=0, weights=counts)
-    np.testing.assert_allclose(result, reference, rtol=1e-6, atol=1e-7)
+    result = strategy().aggregate(1, current, updates, {})
+    reference = current + np.average(np.stack(vectors).astype(np.float64), axis=0, weights=counts)
+    np.testing.assert_allclose(result, reference, rtol=1e-6, atol=1e-6)
     assert result.dtype == np.float32
-    assert all(np.array_equal(u.weights, v) for u, v in zip(updates, vectors))  # inputs untouched
+    assert all(np.array_equal(u.delta, v) for u, v in zip(updates, vectors))  # inputs untouched
 
 
 def test_fedavg_keeps_the_weights_when_nobody_answered():
@@ -42,13 +43,14 @@ def test_one_full_batch_step_of_fedavg_equals_centralized_sgd_on_the_union():
         torch.manual_seed(1)
         return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
 
+    start, _ = flatten(model())
     updates = []
     for i, (x, y) in enumerate(parts):
         local = model()
         training.train(local, x, y, epochs=1, lr=config.lr, seed=i, config=config)
         flat, layout = flatten(local)
-        updates.append(Update(round=1, hospital=f"h{i}", weights=flat, layout=layout, num_examples=len(y)))
-    federated = strategy().aggregate(1, None, updates, {})
+        updates.append(Update(round=1, hospital=f"h{i}", delta=flat - start, layout=layout, num_examples=len(y), weight=len(y)))
+    federated = strategy().aggregate(1, start, updates, {})
 
     # Reference: plain torch, one gradient step on the mean loss over the union.
     central = model()

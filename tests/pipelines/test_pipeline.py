@@ -64,3 +64,29 @@ def test_a_model_the_explainer_cannot_handle_is_refused_before_any_round(tmp_pat
 def test_a_hospital_sees_only_its_own_and_the_pooled_figures():
     records = [{"round": 1, "hospitals": {"a": {"n": 3}, "b": {"n": 4}}, "pooled": {"n": 7}}]
     assert _own_view(records, "a") == [{"round": 1, "hospitals": {"a": {"n": 3}}, "pooled": {"n": 7}}]
+
+
+def test_a_failed_aggregation_is_retried_with_the_same_selection_then_stops_the_run(tmp_path):
+    import numpy as np
+
+    from fedward.errors import AggregationError
+
+    attempts = []
+
+    class Flaky(Pipeline):
+        def _round(self, round, available, weights, layout, rng):
+            attempts.append(rng.integers(1 << 30))  # what a selection drawn now would see
+            if len(attempts) <= failures:
+                raise AggregationError("a share failed its check")
+            return weights, {"round": round}
+
+    failures = 2
+    p = Flaky(parse_config(raw_config(run={"name": "t", "root": str(tmp_path), "round_retries": 2})), progress=False, log=lambda m: None)
+    rng = np.random.default_rng(0)
+    _, record = p._round_with_retries(1, ["a", "b"], np.zeros(1, np.float32), None, rng)
+    assert record == {"round": 1}
+    assert len(set(attempts)) == 1 and len(attempts) == 3
+    attempts.clear()
+    failures = 3
+    with pytest.raises(AggregationError, match="round 1 failed 3 times, last: a share failed its check.*run again to resume"):
+        p._round_with_retries(1, ["a", "b"], np.zeros(1, np.float32), None, rng)

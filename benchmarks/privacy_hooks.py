@@ -1,0 +1,117 @@
+"""What each privacy hook costs: round time against plaintext, bytes each hospital sends.
+
+Two measurements, each printing its raw figures:
+
+- `--params N --hospitals H` (default 1,000,000 and 8): the hooks' protocol alone, every party in
+  this one process (no training, no Ray), on random updates of N parameters. Hospital time is the
+  slowest hospital's own work (key set-up answers, encoding, unmasking or decryption answers), as
+  hospitals work in parallel; driver time is its set-up, combination and finish.
+- `--demo`: the demo's image federation (its data in demo-data/, as `make demo` writes it) (configs/demo_images.yaml) run through the real
+  pipeline on an embedded Ray for each hook, in the same invocation: median round seconds and bytes
+  per hospital per round from each run's metrics and privacy ledger.
+
+    python benchmarks/privacy_hooks.py --params 1000000 --hospitals 8
+    python benchmarks/privacy_hooks.py --demo --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedward.config import load_config  # noqa: E402
+from pipelines.run import Pipeline, _wire_bytes  # noqa: E402
+from tests.privacy.federation import Federation, config_with, random_updates, weighted_mean  # noqa: E402
+
+HOOKS = {
+    "plaintext": {},
+    "masking": {"masking": {"enabled": True}},
+    "encryption": {"encryption": {"enabled": True}},
+}
+
+
+class TimedFederation(Federation):
+    """The in-process federation, timing each party's work and counting what hospitals send."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.hospital_seconds = {h: 0.0 for h in self.hospitals}
+        self.sent = {h: 0 for h in self.hospitals}
+        for name, hook in self.hospitals.items():
+            hook.respond = self._timed(name, hook.respond, answer=True)
+            hook.encode = self._timed(name, hook.encode, answer=True)
+
+    def _timed(self, name, method, answer):
+        def call(*args):
+            began = time.perf_counter()
+            result = method(*args)
+            self.hospital_seconds[name] += time.perf_counter() - began
+            self.sent[name] += _wire_bytes(result)
+            return result
+
+        return call
+
+
+def protocol_costs(params: int, hospitals: int) -> None:
+    print(f"hook protocol alone: {params:,} parameters, {hospitals} hospitals, one process")
+    print(f"{'hook':<11} {'hospital s':>10} {'driver s':>9} {'round s':>8} {'x plain':>8} {'MiB/hospital':>13} {'max error':>10}")
+    baseline = None
+    for name, privacy in HOOKS.items():
+        dropout = {"dropout_tolerance": max(1, hospitals // 2 - 1)} if name == "masking" else {}
+        config = config_with({k: {**v, **dropout} for k, v in privacy.items()}, hospitals)
+        federation = TimedFederation(config)
+        updates = random_updates(config, 1, params, seed=1, scale=0.01)
+        began = time.perf_counter()
+        federation.start()
+        result = federation.round(1, updates)
+        total = time.perf_counter() - began
+        hospital = max(federation.hospital_seconds.values())
+        driver = total - sum(federation.hospital_seconds.values())
+        error = float(abs(result[0].delta - weighted_mean(list(updates.values()))).max()) if name != "plaintext" else 0.0
+        round_s = hospital + driver
+        baseline = baseline or round_s
+        mib = statistics.mean(federation.sent.values()) / 2**20
+        print(f"{name:<11} {hospital:>10.3f} {driver:>9.3f} {round_s:>8.3f} {round_s / baseline:>8.1f} {mib:>13.2f} {error:>10.2e}")
+
+
+def demo_costs(rounds: int) -> None:
+    print(f"demo image federation (configs/demo_images.yaml), {rounds} rounds per hook, embedded Ray")
+    print(f"{'hook':<11} {'median round s':>15} {'x plain':>8} {'KiB/hospital/round':>19} {'AUROC':>6}")
+    baseline = None
+    with tempfile.TemporaryDirectory() as runs:
+        for name, privacy in HOOKS.items():
+            settings = [f"run.name=bench-{name}", f"run.root={runs}", f"run.rounds={rounds}", "explain.enabled=false"]
+            settings += [f"privacy.{section}.enabled=true" for section in privacy]
+            config = load_config(ROOT / "configs" / "demo_images.yaml", settings).with_paths_from(ROOT)
+            Pipeline(config, progress=False).run()
+            records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+            ledger = json.loads((config.run_dir / "privacy.json").read_text())
+            seconds = statistics.median(r["seconds"] for r in records)
+            baseline = baseline or seconds
+            sent = [e["bytes_sent"] for r in ledger["rounds"] for e in r["hospitals"].values() if e["bytes_sent"]]
+            print(f"{name:<11} {seconds:>15.2f} {seconds / baseline:>8.2f} {statistics.mean(sent) / 1024:>19.1f} {records[-1]['pooled']['auroc']:>6.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--hospitals", type=int, default=8)
+    parser.add_argument("--demo", action="store_true", help="run the demo image federation per hook (needs demo-data/)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.demo:
+        demo_costs(args.rounds)
+    else:
+        protocol_costs(args.params, args.hospitals)
+
+
+if __name__ == "__main__":
+    main()

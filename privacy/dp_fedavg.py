@@ -1,0 +1,78 @@
+"""Hospital-level differential privacy: DP-FedAvg (McMahan et al. 2018).
+
+Each hospital's change is clipped to L2 norm `clip_norm` and counts once in the mean, so adding or
+removing one hospital moves the sum by at most `clip_norm`; Gaussian noise of standard deviation
+`noise_multiplier * clip_norm` on the sum then makes every round a Gaussian mechanism over
+hospitals. Where the driver sees each update (plaintext) it adds the noise itself. Behind masking
+or encryption it must never see an un-noised sum, so each hospital adds a share of the noise,
+sized so that the fewest hospitals that can complete a round still sum to the full noise.
+
+Noise comes from the operating system's entropy, never from the run seed the driver knows: a DP
+run is not bit-for-bit reproducible, and its ledger says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+
+from fedward.config import FedwardConfig
+from fedward.types import Update
+from privacy.accounting import GaussianSteps, calibrate_noise_multiplier
+from privacy.hooks import AGGREGATE
+
+
+def aggregation_weight(config: FedwardConfig, num_examples: int) -> float:
+    """A hospital's weight in the mean: its example count, or 1 when its influence must be bounded."""
+    return 1.0 if config.privacy.dp_fedavg.enabled else float(num_examples)
+
+
+def noise_multiplier(config: FedwardConfig) -> float:
+    dp = config.privacy.dp_fedavg
+    return dp.noise_multiplier if dp.noise_multiplier is not None else _calibrated(dp.epsilon, dp.delta, config.run.rounds)
+
+
+@lru_cache(maxsize=16)
+def _calibrated(epsilon: float, delta: float, rounds: int) -> float:
+    return calibrate_noise_multiplier(epsilon, delta, sample_rate=1.0, steps=rounds)
+
+
+def round_steps(config: FedwardConfig) -> GaussianSteps:
+    """One round as the accountant sees it, for a hospital taking part. Hospitals are chosen by
+    the driver, not by Poisson sampling, so no amplification by sampling is claimed."""
+    return GaussianSteps(noise_multiplier=noise_multiplier(config), sample_rate=1.0, steps=1)
+
+
+def clip(update: Update, clip_norm: float) -> Update:
+    norm = float(np.linalg.norm(update.delta.astype(np.float64)))
+    if norm <= clip_norm:
+        return update
+    return dataclasses.replace(update, delta=(update.delta * (clip_norm / norm)).astype(np.float32))
+
+
+def _gaussian(size: int, std: float) -> np.ndarray:
+    return np.random.default_rng().normal(0.0, std, size)  # seeded from OS entropy
+
+
+def add_noise_share(update: Update, config: FedwardConfig, shares: int) -> Update:
+    """This hospital's part of the noise: `shares` such parts sum to the full variance."""
+    std = noise_multiplier(config) * config.privacy.dp_fedavg.clip_norm / np.sqrt(shares)
+    return dataclasses.replace(update, delta=(update.delta + _gaussian(update.delta.size, std)).astype(np.float32))
+
+
+def noised_mean(updates: Sequence[Update], config: FedwardConfig) -> Update:
+    """The driver's noised mean of clipped, unweighted updates (plaintext transport)."""
+    total = sum(u.delta.astype(np.float64) for u in updates)
+    std = noise_multiplier(config) * config.privacy.dp_fedavg.clip_norm
+    noised = (total + _gaussian(total.size, std)) / len(updates)
+    return Update(
+        round=updates[0].round,
+        hospital=AGGREGATE,
+        delta=noised.astype(np.float32),
+        layout=updates[0].layout,
+        num_examples=sum(u.num_examples for u in updates),
+        weight=float(len(updates)),
+    )

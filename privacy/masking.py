@@ -1,0 +1,403 @@
+"""Secure aggregation by pairwise masking (Bonawitz et al. 2017, "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning"): the driver learns the weighted sum of the updates that
+arrived and nothing about any one of them.
+
+Each round, every hospital u encodes its clipped, scaled delta in fixed point in the ring
+Z_{2**ring_bits} and adds a self mask PRG(b_u) and, for every other participant v, +PRG(s_uv) if
+u < v else -PRG(s_uv), where s_uv is agreed by X25519: the pairwise masks cancel in the sum. So
+that hospitals may drop out after set-up, each one Shamir-shares b_u and its mask private key
+among the others, threshold t = (hospitals planned) - dropout_tolerance. After the updates
+arrive, the survivors give the driver shares of b_u for each hospital whose update arrived and of
+the mask private key of each one whose update did not, never both for one hospital, so no single
+update is ever unmasked. A reconstructed secret is checked against the hospital's commitment or
+public key: altered shares fail the round instead of giving a wrong model.
+
+Trust: the driver relays keys faithfully (the full protocol signs them; a driver that swapped
+public keys could read shares) and fewer than t hospitals collude with it. A driver that told
+hospitals different stories about who dropped still unmasks no one: each hospital gives at most
+one of a hospital's two secrets, and t is more than half of the hospitals holding shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedward.config import FedwardConfig
+from fedward.errors import AggregationError
+from fedward.types import Layout, SealedUpdate, Update
+from privacy.hooks import AGGREGATE, AggregationHook, Ask
+from privacy.keys import agree, derive_key, keystream, new_private_key, open_sealed, private_bytes, private_key_from, public_bytes, seal
+
+SECRET_BYTES = 32  # the self-mask seed b and an X25519 private key
+SHAMIR_BLOCK = 16  # pycryptodome's Shamir shares 16-byte secrets (elements of GF(2^128))
+
+
+# Requests from the driver, answered by `MaskingHook.respond` at a hospital.
+@dataclass(frozen=True)
+class Advertise:
+    """Make this round's keys and self-mask seed (answer: an `Advertisement`)."""
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    cipher_key: bytes  # X25519 public key the others encrypt their shares for this hospital under
+    mask_key: bytes  # X25519 public key the pairwise masks are agreed with
+    commitment: bytes  # SHA-256 of the self-mask seed, bound to run, round and hospital
+
+
+@dataclass(frozen=True)
+class ShareSecrets:
+    """Shamir-share the seed and mask private key among `peers` (answer: recipient -> sealed share)."""
+
+    threshold: int
+    peers: dict[str, Advertisement]
+
+
+@dataclass(frozen=True)
+class Unmask:
+    """Give this hospital's shares of the seeds of `survivors` and the mask keys of `dropped`
+    (answer: an `UnmaskShares`)."""
+
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    seeds: dict[str, bytes]  # survivor -> this hospital's share of its self-mask seed
+    mask_keys: dict[str, bytes]  # dropped hospital -> this hospital's share of its mask private key
+
+
+@dataclass(frozen=True)
+class MaskingSetup:
+    """A hospital's set-up message: who masks with it, its scale, and the shares sealed for it."""
+
+    round: int
+    scale: float  # its weight over the participants' total weight
+    mask_keys: dict[str, bytes]  # participant -> mask public key
+    shares: dict[str, bytes]  # participant -> its shares for this hospital, sealed
+
+
+@dataclass(frozen=True)
+class MaskedSum:
+    round: int
+    hospitals: tuple[str, ...]  # whose masked update is in the sum
+    total: np.ndarray  # ring elements
+    layout: Layout
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class _DriverRound:
+    threshold: int
+    index: dict[str, int]  # each hospital that was asked to share: its Shamir share index
+    adverts: dict[str, Advertisement]
+    weights: dict[str, float]  # the participants: hospitals whose shares went out
+
+
+@dataclass
+class _HospitalRound:
+    cipher_key: X25519PrivateKey
+    mask_key: X25519PrivateKey
+    seed: bytes
+    advertisement: Advertisement
+    threshold: int = 0
+    peers: dict[str, Advertisement] = field(default_factory=dict)  # whom it shared its secrets with
+    participants: tuple[str, ...] = ()  # set once it has masked its update
+    shares: dict[str, bytes] = field(default_factory=dict)  # participant -> its share of seed + mask key
+    revealed_seeds: set[str] = field(default_factory=set)
+    revealed_mask_keys: set[str] = field(default_factory=set)
+
+
+class MaskingHook(AggregationHook):
+    name = "masking"
+    form = "masked"
+    reveals_individual_updates = False
+
+    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str):
+        super().__init__(config, hospital, run_id)
+        self.masking = config.privacy.masking
+        self.ring = np.dtype(f"<u{self.masking.ring_bits // 8}")
+        self._rounds: dict[int, Any] = {}  # round -> _DriverRound at the driver, _HospitalRound at a hospital
+        self._last_threshold: int | None = None
+
+    def _begin(self, round: int, state: Any) -> None:
+        # An older round's secrets are of no use once a new round starts: keep none longer.
+        self._rounds = {round: state}
+
+    def fewest_contributors(self, planned: int) -> int:
+        return max(1, planned - self.masking.dropout_tolerance)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.masking
+        return {
+            **super().describe(),
+            "protocol": "pairwise masking with dropout recovery (Bonawitz et al. 2017), honest-but-curious driver",
+            "ring_bits": m.ring_bits,
+            "fraction_bits": m.fraction_bits,
+            "clip": m.clip,
+            "dropout_tolerance": m.dropout_tolerance,
+            "threshold_rule": "hospitals planned for the round - dropout_tolerance; at least 2 and more than half",
+            "last_threshold": self._last_threshold,
+            "key_agreement": "X25519, fresh keys every round",
+            "prg": "ChaCha20 keystream under 256-bit HKDF-SHA256 keys bound to run, round and pair",
+            "secret_sharing": "Shamir over GF(2^128) (pycryptodome), 32-byte secrets as two 16-byte halves",
+            "share_encryption": "ChaCha20-Poly1305 under X25519-agreed keys",
+            "seed_commitment": "SHA-256",
+        }
+
+    # -- driver ---------------------------------------------------------------------------------
+
+    def setup(self, round: int, weights: Mapping[str, float], ask: Ask) -> Mapping[str, MaskingSetup]:
+        planned = sorted(weights)
+        threshold = len(planned) - self.masking.dropout_tolerance
+        if threshold < 2 or 2 * threshold <= len(planned):
+            raise AggregationError(
+                f"round {round}: privacy.masking.dropout_tolerance={self.masking.dropout_tolerance} with {len(planned)} "
+                f"hospitals leaves a threshold of {threshold}; it must be at least 2 and more than half of them "
+                "(lower dropout_tolerance or plan more hospitals)"
+            )
+        for h in planned:
+            if not weights[h] > 0:
+                raise AggregationError(f"round {round}, {h}: aggregation weight {weights[h]}, masking needs a positive weight")
+        adverts = {h: a for h, a in ask({h: Advertise() for h in planned}).items() if h in weights}
+        for h, advert in adverts.items():
+            if not (isinstance(advert, Advertisement) and len(advert.cipher_key) == len(advert.mask_key) == 32):
+                raise AggregationError(f"round {round}, {h}: answered the advertise request without two X25519 public keys")
+        _need_quorum(round, "advertised keys", adverts, planned, threshold)
+
+        sealed = {h: s for h, s in ask({h: ShareSecrets(threshold, adverts) for h in adverts}).items() if h in adverts}
+        for h, shares in sealed.items():
+            if not (isinstance(shares, dict) and set(shares) == set(adverts) and all(isinstance(c, bytes) for c in shares.values())):
+                raise AggregationError(f"round {round}, {h}: answered the share request without one sealed share per hospital")
+        _need_quorum(round, "shared their secrets", sealed, planned, threshold)
+
+        participants = {h: float(weights[h]) for h in sorted(sealed)}
+        total = math.fsum(participants.values())
+        self._begin(round, _DriverRound(threshold, {h: i + 1 for i, h in enumerate(sorted(adverts))}, adverts, participants))
+        self._last_threshold = threshold
+        mask_keys = {h: adverts[h].mask_key for h in participants}
+        return {h: MaskingSetup(round, w / total, mask_keys, {u: sealed[u][h] for u in participants}) for h, w in participants.items()}
+
+    def combine(self, round: int, received: Sequence[SealedUpdate]) -> MaskedSum:
+        state = self._driver_round(round)
+        if not received:
+            raise AggregationError(f"round {round}: no masked update arrived")
+        layout = received[0].layout
+        total = np.zeros(layout.size, self.ring)
+        seen: list[str] = []
+        for sealed in received:
+            where = f"round {round}, {sealed.hospital}"
+            if sealed.form != self.form or sealed.round != round:
+                raise AggregationError(f"{where}: expected a masked update of this round, got form {sealed.form!r} of round {sealed.round}")
+            if sealed.hospital not in state.weights or sealed.hospital in seen:
+                raise AggregationError(f"{where}: not a participant of the round's set-up, or sent a second update")
+            payload = sealed.payload
+            if sealed.layout != layout or not (isinstance(payload, np.ndarray) and payload.dtype == self.ring and payload.shape == (layout.size,)):
+                raise AggregationError(
+                    f"{where}: expected {layout.size} {self.masking.ring_bits}-bit ring elements in {received[0].hospital}'s layout"
+                )
+            total += payload  # wraps around: arithmetic mod 2**ring_bits
+            seen.append(sealed.hospital)
+        return MaskedSum(round, tuple(sorted(seen)), total, layout, sum(s.num_examples for s in received))
+
+    def finish(self, round: int, combined: MaskedSum, dropped: Mapping[str, str], ask: Ask) -> Sequence[Update]:
+        state = self._driver_round(round)
+        survivors = combined.hospitals
+        gone = tuple(h for h in state.weights if h not in survivors)
+        if len(survivors) < state.threshold:
+            why = ", ".join(f"{h} ({dropped.get(h, 'no update')})" for h in gone)
+            raise AggregationError(
+                f"round {round}: {len(survivors)} masked updates arrived, unmasking needs {state.threshold}; dropped: {why}"
+            )
+        answers = ask({h: Unmask(survivors, gone) for h in survivors})
+
+        def recover(owner: str, secret: str, what: str) -> bytes:
+            shares = {}
+            for h, answer in answers.items():
+                share = getattr(answer, secret).get(owner) if isinstance(answer, UnmaskShares) else None
+                if h in survivors and isinstance(share, bytes) and len(share) == SECRET_BYTES:
+                    shares[state.index[h]] = share
+            if len(shares) < state.threshold:
+                raise AggregationError(
+                    f"round {round}: {len(shares)} of the {state.threshold} shares needed to recover {owner}'s {what} "
+                    "arrived; the round fails rather than give a wrong model"
+                )
+            return _combine(shares)
+
+        total = combined.total.copy()
+        for u in survivors:
+            seed = recover(u, "seeds", "self-mask seed")
+            if _commitment(self.run_id, round, u, seed) != state.adverts[u].commitment:
+                raise AggregationError(f"round {round}: {u}'s self-mask seed rebuilt from shares does not match its commitment; a share was altered")
+            total -= self._prg(_seed_key(seed, self.run_id, round, u), total.size)
+        for d in gone:
+            key = private_key_from(recover(d, "mask_keys", "mask key"))
+            if public_bytes(key) != state.adverts[d].mask_key:
+                raise AggregationError(f"round {round}: {d}'s mask key rebuilt from shares does not match its public key; a share was altered")
+            for u in survivors:
+                pad = self._prg(self._pair_key(key, state.adverts[u].mask_key, round, (u, d)), total.size)
+                if u < d:  # undo what u added for its pair with d
+                    total -= pad
+                else:
+                    total += pad
+        # Scales sum to at most 1 and clip * 2**fraction_bits < 2**(ring_bits - 2): the sum never wraps.
+        decoded = total.view(f"<i{self.ring.itemsize}").astype(np.float64) / 2.0**self.masking.fraction_bits
+        weight = math.fsum(state.weights[h] for h in survivors)
+        share = weight / math.fsum(state.weights.values())  # the survivors' scales summed
+        return [Update(round, AGGREGATE, (decoded / share).astype(np.float32), combined.layout, combined.num_examples, weight, {})]
+
+    def _driver_round(self, round: int) -> _DriverRound:
+        if round not in self._rounds:
+            raise AggregationError(f"round {round}: the masking hook did not set this round up")
+        return self._rounds[round]
+
+    # -- hospital -------------------------------------------------------------------------------
+
+    def respond(self, round: int, request: Any) -> Any:
+        match request:
+            case Advertise():
+                return self._advertise(round)
+            case ShareSecrets():
+                return self._share(round, request)
+            case Unmask():
+                return self._unmask(round, request)
+        raise AggregationError(f"round {round}, {self.hospital}: the masking hook cannot answer a {type(request).__name__}")
+
+    def _advertise(self, round: int) -> Advertisement:
+        cipher_key, mask_key, seed = new_private_key(), new_private_key(), os.urandom(SECRET_BYTES)
+        advert = Advertisement(public_bytes(cipher_key), public_bytes(mask_key), _commitment(self.run_id, round, self.hospital, seed))
+        self._begin(round, _HospitalRound(cipher_key, mask_key, seed, advert))
+        return advert
+
+    def _share(self, round: int, request: ShareSecrets) -> dict[str, bytes]:
+        state = self._hospital_round(round)
+        peers, t = request.peers, request.threshold
+        if peers.get(self.hospital) != state.advertisement:
+            raise AggregationError(f"round {round}, {self.hospital}: the share request does not carry the keys it advertised")
+        if not (2 <= t <= len(peers) and 2 * t > len(peers)):
+            raise AggregationError(f"round {round}, {self.hospital}: refuses threshold {t} among {len(peers)} hospitals; "
+                                   "it must be at least 2 and more than half")
+        state.threshold, state.peers = t, dict(peers)
+        # One share per peer, in name order: share i + 1 goes to the i-th peer.
+        shares = _split(state.seed + private_bytes(state.mask_key), t, len(peers))
+        return {
+            v: seal(self._share_key(state, v, round), share, self._share_context(round, self.hospital, v))
+            for v, share in zip(sorted(peers), shares)
+        }
+
+    def encode(self, update: Update, setup: MaskingSetup) -> SealedUpdate:
+        round, me = setup.round, self.hospital
+        state = self._hospital_round(round)
+        if state.participants:
+            # Two updates under the same masks would give the driver their difference.
+            raise AggregationError(f"round {round}, {me}: already sent a masked update this round; masks are never reused")
+        participants = tuple(sorted(setup.mask_keys))
+        if update.round != round or me not in setup.mask_keys or len(participants) < state.threshold:
+            raise AggregationError(f"round {round}, {me}: the set-up message does not fit this update or names too few participants")
+        if any(v not in state.peers or state.peers[v].mask_key != setup.mask_keys[v] for v in participants) or set(setup.shares) != set(participants):
+            raise AggregationError(f"round {round}, {me}: the set-up message's keys or shares differ from those shared in set-up")
+        delta = update.delta.astype(np.float64)
+        if not np.isfinite(delta).all():
+            raise AggregationError(f"round {round}, {me}: the update holds non-finite values; refusing to mask it")
+        state.shares = {
+            u: open_sealed(self._share_key(state, u, round), setup.shares[u], self._share_context(round, u, me), f"round {round}: shares from {u} for {me}")
+            for u in participants
+        }
+        state.participants = participants
+
+        clip = self.masking.clip
+        clipped = float(np.mean(np.abs(delta) > clip)) if delta.size else 0.0
+        fixed = np.rint(np.clip(delta, -clip, clip) * setup.scale * 2.0**self.masking.fraction_bits).astype(np.int64)
+        masked = fixed.astype(self.ring)  # two's complement: negative values wrap into the ring
+        masked += self._prg(_seed_key(state.seed, self.run_id, round, me), masked.size)
+        for v in participants:
+            if v != me:
+                pad = self._prg(self._pair_key(state.mask_key, setup.mask_keys[v], round, (me, v)), masked.size)
+                if me < v:
+                    masked += pad
+                else:
+                    masked -= pad
+        metrics = {**update.metrics, "masking_clipped": clipped}
+        return SealedUpdate(round, me, self.form, masked, update.layout, update.num_examples, metrics)
+
+    def _unmask(self, round: int, request: Unmask) -> UnmaskShares:
+        me = self.hospital
+        state = self._rounds.get(round)
+        if state is None or not state.participants:
+            raise AggregationError(f"round {round}, {me}: sent no masked update this round, so holds no shares to give")
+        survivors, gone = set(request.survivors), set(request.dropped)
+        refusal = None
+        if both := survivors & gone | survivors & state.revealed_mask_keys | gone & state.revealed_seeds:
+            refusal = f"would reveal both the seed and the mask key of {sorted(both)}"
+        elif unknown := (survivors | gone) - set(state.participants):
+            refusal = f"names {sorted(unknown)}, who are not participants"
+        elif len(survivors) < state.threshold:
+            refusal = f"names {len(survivors)} survivors, fewer than the threshold {state.threshold}"
+        elif me in gone:
+            refusal = "lists this hospital as dropped, but it sent its update"
+        if refusal:
+            raise AggregationError(f"round {round}, {me}: refuses the unmask request: it {refusal}")
+        state.revealed_seeds |= survivors
+        state.revealed_mask_keys |= gone
+        return UnmaskShares(
+            seeds={u: state.shares[u][:SECRET_BYTES] for u in sorted(survivors)},
+            mask_keys={u: state.shares[u][SECRET_BYTES:] for u in sorted(gone)},
+        )
+
+    def _hospital_round(self, round: int) -> _HospitalRound:
+        if round not in self._rounds:
+            raise AggregationError(f"round {round}, {self.hospital}: has not advertised keys for this round")
+        return self._rounds[round]
+
+    # -- keys and masks -------------------------------------------------------------------------
+
+    def _share_key(self, state: _HospitalRound, peer: str, round: int) -> bytes:
+        return agree(state.cipher_key, state.peers[peer].cipher_key, purpose="masking-shares", run_id=self.run_id, round=round, pair=(self.hospital, peer))
+
+    def _share_context(self, round: int, sender: str, recipient: str) -> bytes:
+        return f"fedward|masking-shares|{self.run_id}|{round}|{sender}->{recipient}".encode()
+
+    def _pair_key(self, own: X25519PrivateKey, peer_public: bytes, round: int, pair: tuple[str, str]) -> bytes:
+        return agree(own, peer_public, purpose="mask", run_id=self.run_id, round=round, pair=pair)
+
+    def _prg(self, key: bytes, size: int) -> np.ndarray:
+        return np.frombuffer(keystream(key, size * self.ring.itemsize), dtype=self.ring)
+
+
+def _need_quorum(round: int, what: str, answered: Mapping[str, Any], planned: Sequence[str], threshold: int) -> None:
+    if len(answered) < threshold:
+        missing = sorted(set(planned) - set(answered))
+        raise AggregationError(f"round {round}: {len(answered)} hospitals {what}, masking needs {threshold}; missing: {missing}")
+
+
+def _commitment(run_id: str, round: int, hospital: str, seed: bytes) -> bytes:
+    return hashlib.sha256(f"fedward|masking-seed|{run_id}|{round}|{hospital}|".encode() + seed).digest()
+
+
+def _seed_key(seed: bytes, run_id: str, round: int, hospital: str) -> bytes:
+    return derive_key(seed, purpose="self-mask", run_id=run_id, round=round, parties=(hospital,))
+
+
+def _split(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """Shamir shares 1..count of a secret of whole 16-byte blocks, each block shared on its own
+    with the same indices, so share i is the concatenation of the blocks' shares i."""
+    blocks = [Shamir.split(threshold, count, secret[k : k + SHAMIR_BLOCK]) for k in range(0, len(secret), SHAMIR_BLOCK)]
+    return [b"".join(block[i][1] for block in blocks) for i in range(count)]
+
+
+def _combine(shares: Mapping[int, bytes]) -> bytes:
+    """The secret from shares (index -> share). All of them, not just `threshold`: consistent
+    extra shares interpolate the same polynomial, and any altered one spoils the result, which
+    the caller's check then catches."""
+    size = len(next(iter(shares.values())))
+    return b"".join(Shamir.combine([(i, s[k : k + SHAMIR_BLOCK]) for i, s in shares.items()]) for k in range(0, size, SHAMIR_BLOCK))

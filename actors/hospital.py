@@ -8,6 +8,7 @@ scores and file names stay in its own work area (`work_dir`).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdat
 from models.flat import flatten, load_flat
 from models import training
 from models.networks import build_model
-from privacy import dp_fedavg, dp_sgd
+from privacy import dp_fedavg, dp_sgd, ledger
+from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
 
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
@@ -126,11 +128,8 @@ class Hospital:
 
     # -- training and evaluation ------------------------------------------------------------------
 
-    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None, noise_shares: int = 1) -> Update | SealedUpdate:
-        """Train on the global weights and return the change, protected as the run's privacy asks.
-
-        `noise_shares`: under hospital-level DP behind masking or encryption, how many hospitals'
-        noise shares make up the full noise (the fewest that can complete the round)."""
+    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None) -> Update | SealedUpdate:
+        """Train on the global weights and return the change, protected as the run's privacy asks."""
         model = self._model_with(weights, layout)
         metrics = self._train(model, plan)
         self._save_state(plan.round)
@@ -148,7 +147,8 @@ class Hospital:
         if self.config.privacy.dp_fedavg.enabled:
             update = dp_fedavg.clip(update, self.config.privacy.dp_fedavg.clip_norm)
             if not self.hook.reveals_individual_updates:
-                update = dp_fedavg.add_noise_share(update, self.config, noise_shares)
+                shares = dp_fedavg.noise_shares(self.config, self.hook.contributors_agreed(plan.round))
+                update = dp_fedavg.add_noise_share(update, self.config, shares)
         return self.hook.encode(update, hook_setup)
 
     def _train(self, model: nn.Module, plan: RoundPlan) -> dict[str, float]:
@@ -158,10 +158,9 @@ class Hospital:
             loss = training.train(model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train)
             return {"train_loss": loss}
         units = self.dp_units()
-        done = dp_sgd.train_private(
-            model, x, y, units, dp_sgd.plan_round(self.config, int(units.max()) + 1),
-            lr=plan.lr, config=self.config.train, max_grad_norm=dp.max_grad_norm,
-        )
+        planned = dp_sgd.plan_round(self.config, int(units.max()) + 1)
+        self._charge_own_budget(plan.round, planned)
+        done = dp_sgd.train_private(model, x, y, units, planned, lr=plan.lr, config=self.config.train, max_grad_norm=dp.max_grad_norm)
         # What the optimizer did, for the ledger's accountant: these leave the hospital.
         return {
             "train_loss": done.loss,
@@ -170,6 +169,16 @@ class Hospital:
             "dp_sgd_noise_multiplier": done.noise_multiplier,
             "dp_sgd_units": float(done.units),
         }
+
+    def _charge_own_budget(self, round: int, planned: GaussianSteps) -> None:
+        """The hospital keeps its own account and refuses to train past its budget, whatever the
+        driver asks: its patients' privacy is not the driver's to spend."""
+        dp, log = self.config.privacy.dp_sgd, self.run_dir / "privacy_spend.jsonl"
+        entry = {"round": round, "hospital": self.name, "level": "patient", "steps": asdict(planned)}
+        after = ledger.spent(self.config, [*ledger.read_spend(log), entry])["patient"][self.name]
+        if dp.epsilon is not None and after > dp.epsilon * (1 + 1e-6):
+            raise HospitalError(f"{self.name}: round {round} would raise its patient-level epsilon to {after:.3f}, above its budget {dp.epsilon:g}; it refuses to train")
+        ledger.record_spend(log, [entry])
 
     def dp_units(self) -> np.ndarray:
         """The privacy unit of each training sample: its patient, or itself."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Sequence
@@ -385,13 +386,26 @@ class FedwardConfig:
             "privacy.dp_sgd: BatchNorm mixes samples of a batch, so per-patient clipping cannot bound "
             "a patient's influence; set model.norm to 'group' or 'none'",
         )
-        masking = self.privacy.masking
-        if masking.enabled:
-            threshold = len(names) - masking.dropout_tolerance
+        privacy = self.privacy
+        if privacy.masking.enabled:
+            # The fewest hospitals a round asks: the threshold must hold for them too.
+            asked = min(len(names), max(self.run.min_hospitals, math.ceil(self.strategy.fraction * len(names))))
+            threshold = asked - privacy.masking.dropout_tolerance
             _need(
-                threshold >= 2 and threshold > len(names) / 2,
-                f"privacy.masking.dropout_tolerance={masking.dropout_tolerance}: with {len(names)} hospitals the "
-                f"reconstruction threshold would be {threshold}; it must be at least 2 and more than half of them",
+                threshold >= 2 and threshold > asked / 2,
+                f"privacy.masking.dropout_tolerance={privacy.masking.dropout_tolerance}: with {asked} hospitals in a round "
+                f"the reconstruction threshold would be {threshold}; it must be at least 2 and more than half of them",
+            )
+        if privacy.dp_fedavg.enabled:
+            _need(
+                not (privacy.encryption.enabled and privacy.encryption.layers is not None),
+                "privacy: with dp_fedavg, encrypt every layer (leave encryption.layers out): a layer sent in the clear "
+                "would carry only one hospital's share of the noise",
+            )
+            _need(
+                not privacy.masking.enabled or privacy.dp_fedavg.clip_norm <= privacy.masking.clip,
+                f"privacy: dp_fedavg.clip_norm={privacy.dp_fedavg.clip_norm} must not exceed masking.clip={privacy.masking.clip}, "
+                f"so no clipped update needs clipping again",
             )
 
     @property

@@ -42,7 +42,8 @@ from pipelines.manifest import record_data, record_invocation
 from pipelines.strategy import Strategy
 from privacy import dp_fedavg
 from privacy.hooks import Ask, build_hook
-from privacy.ledger import build_ledger, dp_sgd_steps, over_budget
+from privacy import dp_sgd
+from privacy.ledger import SPEND_LOG, build_ledger, dp_sgd_steps, over_budget, read_spend, record_spend, spend_entries, spent
 
 STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
 
@@ -144,6 +145,7 @@ class Pipeline:
         self.hook = build_hook(config, None, self.run_id)
         self.hospitals: dict[str, ray.actor.ActorHandle] = {}
         self.counts: dict[str, DataCounts] = {}
+        self.start_sent: dict[str, int] = {}
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -170,10 +172,11 @@ class Pipeline:
                 self.config.run.round_timeout_s,
             )
             self._require_quorum(0, shapes, failures)
-            self._check_explainable(next(iter(shapes.values())))
-            self.hook.start(sorted(shapes), self._asker(0, {}, {}))
+            self._check_model(next(iter(shapes.values())), sorted(shapes))
+            # Key set-up bytes count toward the first round run in this invocation.
+            self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
             weights, layout, last = self._train(shapes, ckpt)
-            if self._explanation_due(last):
+            if last > 0 and self._explanation_due(last):
                 self._explain(sorted(shapes), weights, layout, last)
             return weights
         finally:
@@ -243,14 +246,33 @@ class Pipeline:
         atomic_write_json(saved, spec)
         return spec
 
-    def _check_explainable(self, shape: tuple[int, ...]) -> None:
-        """Refuse before training, not after it, a model the explanation stage cannot explain."""
-        unsupported = unsupported_layers(build_model(self.config.model, shape)) if self.config.explain.enabled else []
+    def _check_model(self, shape: tuple[int, ...], hospitals: list[str]) -> None:
+        """Refuse before training, not in its middle, what the model or the privacy settings forbid."""
+        cfg = self.config
+        model = build_model(cfg.model, shape)
+        unsupported = unsupported_layers(model) if cfg.explain.enabled else []
         if unsupported:
             raise ConfigError(
                 f"model: DeepExplainer cannot explain {', '.join(sorted(set(unsupported)))} layers; "
                 f"choose model.norm 'batch' or 'none', or set explain.enabled: false"
             )
+        if cfg.privacy.dp_sgd.enabled:
+            dp_sgd.check_model(model)
+            for h in hospitals:
+                try:
+                    dp_sgd.plan_round(cfg, self._dp_units(h))
+                except ConfigError as e:
+                    raise ConfigError(f"hospital {h}: {e}") from None
+        if cfg.privacy.dp_fedavg.enabled:
+            dp_fedavg.noise_multiplier(cfg)  # calibrated now: an unreachable budget fails before round 1
+        names = flatten(model, self.strategy.personal_keys())[1].names
+        unknown = sorted(set(cfg.privacy.encryption.layers or ()) - set(names)) if cfg.privacy.encryption.enabled else []
+        if unknown:
+            raise ConfigError(f"privacy.encryption.layers: {unknown} are not in the model; its entries are {list(names)}")
+
+    def _dp_units(self, hospital: str) -> int:
+        c = self.counts[hospital]
+        return c.train_patients if self.config.privacy.dp_sgd.unit == "patient" else c.train_examples
 
     def _initial_weights(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Layout]:
         torch.manual_seed(self.config.run.seed)
@@ -297,7 +319,7 @@ class Pipeline:
         for attempt in range(self.config.run.round_retries + 1):
             rng.bit_generator.state = state
             try:
-                return self._round(round, available, weights, layout, rng)
+                return self._round(round, available, weights, layout, rng, attempt)
             except _BudgetSpent as spent:
                 self.log(f"privacy budget: {spent}; training stops after round {round - 1}")
                 self._write_ledger(stopped=f"before round {round}: {spent}")
@@ -311,7 +333,8 @@ class Pipeline:
 
     def _write_ledger(self, stopped: str | None = None) -> None:
         records = read_metrics(self.run_dir / "metrics.jsonl") if (self.run_dir / "metrics.jsonl").is_file() else []
-        atomic_write_json(self.run_dir / "privacy.json", build_ledger(self.config, self.hook.describe(), records, stopped))
+        ledger = build_ledger(self.config, self.hook.describe(), records, read_spend(self.run_dir / SPEND_LOG), stopped)
+        atomic_write_json(self.run_dir / "privacy.json", ledger)
 
     def _explanation_due(self, last: int) -> bool:
         """Explain unless the last round's explanation finished everywhere, reports included."""
@@ -383,29 +406,31 @@ class Pipeline:
 
         return ask
 
-    def _round(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    def _round(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator, attempt: int = 0) -> tuple[np.ndarray, dict]:
         cfg, timeout = self.config, self.config.run.round_timeout_s
         plans = self.strategy.configure_round(round, available, rng)
-        spent = over_budget(cfg, read_metrics(self.run_dir / "metrics.jsonl") if (self.run_dir / "metrics.jsonl").is_file() else [],
-                            [p.hospital for p in plans], self.counts)
-        if spent:
-            raise _BudgetSpent(spent)
+        spend_log = self.run_dir / SPEND_LOG
+        units = {p.hospital: self._dp_units(p.hospital) for p in plans} if cfg.privacy.dp_sgd.enabled else {}
+        exceeded = over_budget(cfg, read_spend(spend_log), spend_entries(cfg, round, attempt, [p.hospital for p in plans], units))
+        if exceeded:
+            raise _BudgetSpent(exceeded)
         failures: dict[str, str] = {}
-        sent: dict[str, int] = {}
+        sent, self.start_sent = self.start_sent, {}
         ask = self._asker(round, failures, sent)
         setups = self.hook.setup(round, {p.hospital: dp_fedavg.aggregation_weight(cfg, self.counts[p.hospital].train_examples) for p in plans}, ask)
         for p in plans:
             if p.hospital not in setups:
                 failures.setdefault(p.hospital, "left out at the privacy hook's set-up")
-        shares = max(cfg.run.min_hospitals, self.hook.fewest_contributors(len(plans)))
+        record_spend(spend_log, spend_entries(cfg, round, attempt, sorted(setups), units))  # before any training
         weights_ref = ray.put(weights)  # broadcast once through the object store
         updates, fit_failures = gather(
-            {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital], shares) for p in plans if p.hospital in setups},
+            {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital]) for p in plans if p.hospital in setups},
             timeout,
         )
         failures.update(fit_failures)
         for h, u in updates.items():
             sent[h] = sent.get(h, 0) + _wire_bytes(u)
+        self._check_reported_steps(round, updates, units)
         self._require_quorum(round, updates, failures)
         combined = self.hook.combine(round, [updates[h] for h in sorted(updates)])
         aggregated = self.hook.finish(round, combined, {h: why for h, why in failures.items() if h in setups}, ask)
@@ -439,24 +464,36 @@ class Pipeline:
             # A round whose evaluations all failed still trained; it just has no figures.
             "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
             "evaluation_failures": eval_failures,
-            "privacy": self._privacy_record(updates, sent, shares),
+            "privacy": self._privacy_record(updates, sent, len(plans)),
         }
         return weights, record
 
-    def _privacy_record(self, updates: Mapping[str, Any], sent: Mapping[str, int], shares: int) -> dict:
+    def _check_reported_steps(self, round: int, updates: Mapping[str, Any], units: Mapping[str, int]) -> None:
+        """A hospital's optimizer must have run the mechanism it was charged for."""
+        if not self.config.privacy.dp_sgd.enabled:
+            return
+        for h, u in sorted(updates.items()):
+            planned, reported = dp_sgd.plan_round(self.config, units[h]), dp_sgd_steps(u.metrics)
+            if reported != planned:
+                raise AggregationError(f"round {round}: {h} reports DP-SGD {reported}, but was charged for {planned}")
+
+    def _privacy_record(self, updates: Mapping[str, Any], sent: Mapping[str, int], planned: int) -> dict:
         """This round's facts for the privacy ledger, as the optimizers and protocols reported them."""
         cfg = self.config
         record: dict[str, Any] = {"form": self.hook.form, "sent_bytes": dict(sorted(sent.items())), "protocol": self.hook.describe()}
         if cfg.privacy.dp_sgd.enabled:
             record["dp_sgd"] = {h: asdict(dp_sgd_steps(u.metrics)) for h, u in sorted(updates.items())}
         if cfg.privacy.dp_fedavg.enabled:
+            central = self.hook.reveals_individual_updates
             record["dp_fedavg"] = {
                 "participants": sorted(updates),
                 "steps": asdict(dp_fedavg.round_steps(cfg)),
                 "clip_norm": cfg.privacy.dp_fedavg.clip_norm,
-                "noise": "central" if self.hook.reveals_individual_updates else "distributed",
-                "noise_shares": None if self.hook.reveals_individual_updates else shares,
+                "noise": "central" if central else "distributed",
+                "noise_shares": None if central else dp_fedavg.noise_shares(cfg, self.hook.fewest_contributors(planned)),
             }
+        if cfg.privacy.dp_sgd.enabled or cfg.privacy.dp_fedavg.enabled:
+            record["epsilon"] = spent(cfg, read_spend(self.run_dir / SPEND_LOG))  # by the end of this round, retries included
         return record
 
     def _require_quorum(self, round: int, answered: Mapping[str, Any], failures: Mapping[str, str]) -> None:

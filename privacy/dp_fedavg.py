@@ -5,7 +5,8 @@ removing one hospital moves the sum by at most `clip_norm`; Gaussian noise of st
 `noise_multiplier * clip_norm` on the sum then makes every round a Gaussian mechanism over
 hospitals. Where the driver sees each update (plaintext) it adds the noise itself. Behind masking
 or encryption it must never see an un-noised sum, so each hospital adds a share of the noise,
-sized so that the fewest hospitals that can complete a round still sum to the full noise.
+sized so that the fewest hospitals that can complete a round, less the one whose privacy is at
+stake, still sum to the full noise.
 
 Noise comes from the operating system's entropy, never from the run seed the driver knows: a DP
 run is not bit-for-bit reproducible, and its ledger says so.
@@ -57,8 +58,15 @@ def _gaussian(size: int, std: float) -> np.ndarray:
     return np.random.default_rng().normal(0.0, std, size)  # seeded from OS entropy
 
 
+def noise_shares(config: FedwardConfig, fewest: int) -> int:
+    """Into how many shares each hospital's noise is cut, when at least `fewest` hospitals (and
+    never fewer than the quorum) complete a round. Removing a hospital from a round also removes
+    its share, so the others, one fewer, must still carry the full variance."""
+    return max(1, max(config.run.min_hospitals, fewest) - 1)
+
+
 def add_noise_share(update: Update, config: FedwardConfig, shares: int) -> Update:
-    """This hospital's part of the noise: `shares` such parts sum to the full variance."""
+    """This hospital's part of the noise: any `shares` such parts sum to the full variance."""
     std = noise_multiplier(config) * config.privacy.dp_fedavg.clip_norm / np.sqrt(shares)
     return dataclasses.replace(update, delta=(update.delta + _gaussian(update.delta.size, std)).astype(np.float32))
 

@@ -29,6 +29,17 @@ from models.training import make_optimizer
 from privacy.accounting import GaussianSteps, calibrate_noise_multiplier
 
 
+def check_model(model: nn.Module) -> None:
+    """Refuse a model whose per-sample gradients Opacus cannot compute or clip."""
+    # Opacus explains each problem at length; its first sentence names it.
+    problems = sorted({str(p).split(". ")[0] for p in ModuleValidator.validate(model, strict=False)})
+    if problems:
+        raise ConfigError(
+            f"privacy.dp_sgd: the model cannot be clipped per sample: {'; '.join(problems)}. "
+            "Set model.norm to 'group' or 'none'"
+        )
+
+
 def plan_round(config: FedwardConfig, units: int) -> GaussianSteps:
     """The mechanism one hospital with `units` patients (or samples) runs in one round.
 
@@ -80,13 +91,7 @@ def train_private(
     if not (len(x) == len(y) == len(units) > 0):
         raise ConfigError(f"privacy.dp_sgd: expected as many inputs ({len(x)}), labels ({len(y)}) and unit ids ({len(units)}), at least one")
     model.train()
-    # Opacus explains each problem at length; its first sentence names it.
-    problems = sorted({str(p).split(". ")[0] for p in ModuleValidator.validate(model, strict=False)})
-    if problems:
-        raise ConfigError(
-            f"privacy.dp_sgd: the model cannot be clipped per sample: {'; '.join(problems)}. "
-            "Set model.norm to 'group' or 'none'"
-        )
+    check_model(model)
     rows_of = _rows_per_unit(units)
     generator = torch.Generator().manual_seed(secrets.randbits(64))
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
@@ -151,7 +156,8 @@ def _unwrap(sampled: GradSampleModule) -> None:
     """Leave the model as it came, a plain module: the caller flattens and explains it."""
     model = sampled.to_standard_module()  # removes hooks and per-parameter grad samples
     for p in model.parameters():
-        del p.summed_grad  # DPOptimizer's
+        if hasattr(p, "summed_grad"):  # DPOptimizer's; absent when training failed before a step
+            del p.summed_grad
     for module in model.modules():  # the activations lists Opacus's hooks leave, emptied
         for name in ("activations", "max_batch_len"):
             if hasattr(module, name):

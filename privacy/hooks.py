@@ -68,6 +68,11 @@ class AggregationHook(ABC):
         noise is split into this many shares, so no completed round has less than the full noise."""
         return 1
 
+    def contributors_agreed(self, round: int) -> int:
+        """At a hospital: the fewest contributors to `round` it agreed to in set-up (1: none agreed).
+        A hospital sizes its noise share from this and the config, not from the driver's word."""
+        return 1
+
     def describe(self) -> dict[str, Any]:
         """The protocol's parameters, for the privacy ledger."""
         return {"hook": self.name, "form": self.form}

@@ -1,17 +1,22 @@
 """The privacy ledger: what left each hospital, in what form, and the privacy spent so far.
 
-Built from the run's metric records (the pipeline writes each round's privacy facts there, synced
-before the round's checkpoint), so a resumed run's ledger is exactly that of its checkpointed
-rounds. Every epsilon comes from `privacy.accounting`; none is summed by hand.
+Two sources: the run's metric records, where the pipeline writes each round's privacy facts
+(forms, bytes, the steps each optimizer reports) and the epsilon spent by then; and the spend log,
+where the driver charges every hospital it asks to train before asking, and which a resume never
+truncates. Every epsilon comes from `privacy.accounting`; none is summed by hand.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fedward.config import FedwardConfig
-from fedward.types import DataCounts
+from fedward.errors import CheckpointError
 from privacy import dp_fedavg, dp_sgd
 from privacy.accounting import ACCOUNTANT, GaussianSteps, epsilon
 
@@ -24,6 +29,9 @@ ALWAYS_PLAIN = (
 )
 
 
+SPEND_LOG = "privacy_spend.jsonl"
+
+
 def dp_sgd_steps(metrics: Mapping[str, float]) -> GaussianSteps:
     """The DP-SGD steps a hospital reports having taken in a round."""
     return GaussianSteps(
@@ -33,41 +41,74 @@ def dp_sgd_steps(metrics: Mapping[str, float]) -> GaussianSteps:
     )
 
 
-def histories(records: Sequence[dict]) -> tuple[dict[str, list[GaussianSteps]], dict[str, list[GaussianSteps]]]:
-    """Each hospital's patient-level (DP-SGD) and hospital-level (DP-FedAvg) steps so far."""
-    patient: dict[str, list[GaussianSteps]] = {}
-    hospital: dict[str, list[GaussianSteps]] = {}
-    for r in records:
-        p = r.get("privacy", {})
-        for h, steps in p.get("dp_sgd", {}).items():
-            patient.setdefault(h, []).append(GaussianSteps(**steps))
-        if "dp_fedavg" in p:
-            for h in p["dp_fedavg"]["participants"]:
-                hospital.setdefault(h, []).append(GaussianSteps(**p["dp_fedavg"]["steps"]))
-    return patient, hospital
+def record_spend(path: Path, entries: Sequence[dict]) -> None:
+    """Append to a spend log, synced. Spending is logged before the training that spends it and
+    never removed: a retried or resumed round, or an update lost on the way, is charged too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in entries))
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def over_budget(config: FedwardConfig, records: Sequence[dict], planned: Sequence[str], counts: Mapping[str, DataCounts]) -> str | None:
-    """Why the next round, with `planned` hospitals, would exceed a configured budget; None if it fits."""
-    patient, hospital = histories(records)
-    levels = []
-    sgd, avg = config.privacy.dp_sgd, config.privacy.dp_fedavg
-    if sgd.enabled and sgd.epsilon is not None:
-        units = lambda h: counts[h].train_patients if sgd.unit == "patient" else counts[h].train_examples  # noqa: E731
-        levels.append(("patient-level", sgd.epsilon, sgd.delta, patient, lambda h: dp_sgd.plan_round(config, units(h))))
-    if avg.enabled and avg.epsilon is not None:
-        levels.append(("hospital-level", avg.epsilon, avg.delta, hospital, lambda h: dp_fedavg.round_steps(config)))
-    for level, budget, delta, history, next_steps in levels:
-        for h in planned:
-            after = epsilon([*history.get(h, []), next_steps(h)], delta)
+def read_spend(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:  # only the last line may be torn by a crash mid-write
+                raise CheckpointError(f"{path}: line {i + 1} is corrupt; the privacy spent cannot be accounted") from None
+    return entries
+
+
+def spend_entries(config: FedwardConfig, round: int, attempt: int, hospitals: Sequence[str], units: Mapping[str, int]) -> list[dict]:
+    """What asking `hospitals` to train in a round spends, per level; `units` per hospital for DP-SGD."""
+    entries = []
+    for h in hospitals:
+        if config.privacy.dp_sgd.enabled:
+            entries.append({"round": round, "attempt": attempt, "hospital": h, "level": "patient", "steps": asdict(dp_sgd.plan_round(config, units[h]))})
+        if config.privacy.dp_fedavg.enabled:
+            entries.append({"round": round, "attempt": attempt, "hospital": h, "level": "hospital", "steps": asdict(dp_fedavg.round_steps(config))})
+    return entries
+
+
+def histories(spend: Sequence[dict]) -> dict[str, dict[str, list[GaussianSteps]]]:
+    """level -> hospital -> the mechanisms it has run so far."""
+    out: dict[str, dict[str, list[GaussianSteps]]] = {}
+    for e in spend:
+        out.setdefault(e["level"], {}).setdefault(e["hospital"], []).append(GaussianSteps(**e["steps"]))
+    return out
+
+
+def spent(config: FedwardConfig, spend: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """level -> hospital -> epsilon spent, at the level's delta."""
+    deltas = {"patient": config.privacy.dp_sgd.delta, "hospital": config.privacy.dp_fedavg.delta}
+    return {level: {h: epsilon(steps, deltas[level]) for h, steps in sorted(by.items())} for level, by in sorted(histories(spend).items())}
+
+
+def over_budget(config: FedwardConfig, spend: Sequence[dict], next_round: Sequence[dict]) -> str | None:
+    """Why spending `next_round` on top of `spend` would exceed a configured budget; None if it fits."""
+    budgets = {
+        "patient": (config.privacy.dp_sgd.epsilon, config.privacy.dp_sgd.delta),
+        "hospital": (config.privacy.dp_fedavg.epsilon, config.privacy.dp_fedavg.delta),
+    }
+    before, after = histories(spend), histories([*spend, *next_round])
+    for level, by in sorted(after.items()):
+        budget, delta = budgets[level]
+        for h, steps in sorted(by.items()):
+            eps = epsilon(steps, delta)
             # A calibrated noise multiplier spends the budget exactly at the last round; allow rounding.
-            if after > budget * (1 + 1e-6):
-                return f"the next round would raise {h}'s {level} epsilon to {after:.3f}, above the budget {budget:g} (delta {delta:g})"
+            if budget is not None and len(steps) > len(before.get(level, {}).get(h, [])) and eps > budget * (1 + 1e-6):
+                return f"the next round would raise {h}'s {level}-level epsilon to {eps:.3f}, above the budget {budget:g} (delta {delta:g})"
     return None
 
 
-def round_entry(config: FedwardConfig, record: dict, spent: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    """One round of the ledger: per hospital, what left it and the epsilon it has spent so far."""
+def round_entry(record: dict) -> dict[str, Any]:
+    """One round of the ledger: per hospital, what left it and the epsilon it had spent by then."""
     p = record.get("privacy", {})
     noised = "dp_fedavg" in p and p["dp_fedavg"]["noise"] == "distributed"
     hospitals = {}
@@ -81,7 +122,7 @@ def round_entry(config: FedwardConfig, record: dict, spent: Mapping[str, Mapping
             "update": update_form,
             "bytes_sent": p.get("sent_bytes", {}).get(h),
             "dp_sgd": p.get("dp_sgd", {}).get(h),
-            **{f"epsilon_{level}": values[h] for level, values in spent.items() if h in values},
+            **{f"epsilon_{level}": values[h] for level, values in p.get("epsilon", {}).items() if h in values},
         }
     entry = {"round": record["round"], "hospitals": hospitals, "protocol": p.get("protocol", {})}
     if "dp_fedavg" in p:
@@ -89,18 +130,12 @@ def round_entry(config: FedwardConfig, record: dict, spent: Mapping[str, Mapping
     return entry
 
 
-def build_ledger(config: FedwardConfig, protocol: dict, records: Sequence[dict], stopped: str | None = None) -> dict[str, Any]:
-    """The whole ledger, as written to privacy.json."""
+def build_ledger(config: FedwardConfig, protocol: dict, records: Sequence[dict], spend: Sequence[dict], stopped: str | None = None) -> dict[str, Any]:
+    """The whole ledger, as written to privacy.json: the rounds from the metric records, the
+    epsilon spent from the spend log (which also holds retried and redone rounds)."""
     sgd, avg = config.privacy.dp_sgd, config.privacy.dp_fedavg
-    rounds, spent = [], {}
-    for i, record in enumerate(records):
-        patient, hospital = histories(records[: i + 1])
-        spent = {}
-        if sgd.enabled:
-            spent["patient"] = {h: epsilon(steps, sgd.delta) for h, steps in sorted(patient.items())}
-        if avg.enabled:
-            spent["hospital"] = {h: epsilon(steps, avg.delta) for h, steps in sorted(hospital.items())}
-        rounds.append(round_entry(config, record, spent))
+    rounds = [round_entry(r) for r in records]
+    spent_now = spent(config, spend)
     differential_privacy = {}
     if sgd.enabled:
         differential_privacy["patient_level"] = {
@@ -113,8 +148,8 @@ def build_ledger(config: FedwardConfig, protocol: dict, records: Sequence[dict],
             "max_grad_norm": sgd.max_grad_norm,
             "delta": sgd.delta,
             "budget_epsilon": sgd.epsilon,
-            "spent_epsilon": spent.get("patient", {}),
-            "spent_epsilon_max": max(spent.get("patient", {}).values(), default=0.0),
+            "spent_epsilon": spent_now.get("patient", {}),
+            "spent_epsilon_max": max(spent_now.get("patient", {}).values(), default=0.0),
         }
     if avg.enabled:
         differential_privacy["hospital_level"] = {
@@ -125,8 +160,8 @@ def build_ledger(config: FedwardConfig, protocol: dict, records: Sequence[dict],
             "sampling": "hospitals chosen by the driver: no amplification by sampling claimed",
             "delta": avg.delta,
             "budget_epsilon": avg.epsilon,
-            "spent_epsilon": spent.get("hospital", {}),
-            "spent_epsilon_max": max(spent.get("hospital", {}).values(), default=0.0),
+            "spent_epsilon": spent_now.get("hospital", {}),
+            "spent_epsilon_max": max(spent_now.get("hospital", {}).values(), default=0.0),
         }
     if differential_privacy:
         differential_privacy["accountant"] = ACCOUNTANT

@@ -129,6 +129,7 @@ class MaskingHook(AggregationHook):
         self.ring = np.dtype(f"<u{self.masking.ring_bits // 8}")
         self._rounds: dict[int, Any] = {}  # round -> _DriverRound at the driver, _HospitalRound at a hospital
         self._last_threshold: int | None = None
+        self._unmasked: dict[int, set[str]] = {}  # at a hospital: round -> the survivors whose sum it unmasked
 
     def _begin(self, round: int, state: Any) -> None:
         # An older round's secrets are of no use once a new round starts: keep none longer.
@@ -136,6 +137,9 @@ class MaskingHook(AggregationHook):
 
     def fewest_contributors(self, planned: int) -> int:
         return max(1, planned - self.masking.dropout_tolerance)
+
+    def contributors_agreed(self, round: int) -> int:
+        return self._hospital_round(round).threshold
 
     def describe(self) -> dict[str, Any]:
         m = self.masking
@@ -315,9 +319,12 @@ class MaskingHook(AggregationHook):
         }
         state.participants = participants
 
-        clip = self.masking.clip
-        clipped = float(np.mean(np.abs(delta) > clip)) if delta.size else 0.0
-        fixed = np.rint(np.clip(delta, -clip, clip) * setup.scale * 2.0**self.masking.fraction_bits).astype(np.int64)
+        if not self.config.privacy.dp_fedavg.enabled:
+            delta = np.clip(delta, -self.masking.clip, self.masking.clip)
+        # Under hospital-level DP the delta was clipped in norm (to at most masking.clip, which the
+        # config requires) before its noise share was added; clipping the noised delta again would
+        # cut the noise. Ring arithmetic wraps exactly, so the driver still gets the noised sum.
+        fixed = np.rint(delta * setup.scale * 2.0**self.masking.fraction_bits).astype(np.int64)
         masked = fixed.astype(self.ring)  # two's complement: negative values wrap into the ring
         masked += self._prg(_seed_key(state.seed, self.run_id, round, me), masked.size)
         for v in participants:
@@ -327,8 +334,7 @@ class MaskingHook(AggregationHook):
                     masked += pad
                 else:
                     masked -= pad
-        metrics = {**update.metrics, "masking_clipped": clipped}
-        return SealedUpdate(round, me, self.form, masked, update.layout, update.num_examples, metrics)
+        return SealedUpdate(round, me, self.form, masked, update.layout, update.num_examples, update.metrics)
 
     def _unmask(self, round: int, request: Unmask) -> UnmaskShares:
         me = self.hospital
@@ -345,10 +351,15 @@ class MaskingHook(AggregationHook):
             refusal = f"names {len(survivors)} survivors, fewer than the threshold {state.threshold}"
         elif me in gone:
             refusal = "lists this hospital as dropped, but it sent its update"
+        elif self._unmasked.get(round, survivors) != survivors:
+            # A retried round trains to the same deltas: two sums over different survivors would
+            # give the driver their difference, one hospital's update.
+            refusal = f"already unmasked this round's sum of {sorted(self._unmasked[round])}; another sum would reveal the difference"
         if refusal:
             raise AggregationError(f"round {round}, {me}: refuses the unmask request: it {refusal}")
         state.revealed_seeds |= survivors
         state.revealed_mask_keys |= gone
+        self._unmasked[round] = survivors
         return UnmaskShares(
             seeds={u: state.shares[u][:SECRET_BYTES] for u in sorted(survivors)},
             mask_keys={u: state.shares[u][SECRET_BYTES:] for u in sorted(gone)},

@@ -70,3 +70,26 @@ def test_missing_folder_and_too_few_samples_are_refused_with_the_reason(demo_dat
     raw["hospitals"][0]["data"] = str(small)
     with pytest.raises(DataError, match=r"30 usable samples .* data.min_samples=50"):
         Hospital("hospital_a", parse_config(raw), "ehr-1").load()
+
+
+def test_a_hospital_under_dp_sgd_reports_its_steps_and_refuses_to_train_past_its_own_budget(demo_data, tmp_path):
+    from fedward.errors import HospitalError
+    from privacy import dp_sgd
+
+    raw = ehr_config(demo_data, tmp_path)
+    raw["privacy"] = {"dp_sgd": {"enabled": True, "noise_multiplier": 2.0, "epsilon": 0.8}}
+    config = parse_config(raw)
+    hospital = Hospital("hospital_a", config, "dp-1")
+    counts = hospital.load()
+    spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
+    weights, layout = flatten(build_model(config.model, hospital.prepare(spec, frozenset())))
+
+    update = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=2, lr=0.05), weights, layout)
+    planned = dp_sgd.plan_round(config, counts.train_patients)
+    assert update.metrics["dp_sgd_steps"] == planned.steps == 2 * math.ceil(counts.train_patients / 32)
+    assert update.metrics["dp_sgd_sample_rate"] == planned.sample_rate and update.metrics["dp_sgd_noise_multiplier"] == 2.0
+    # A second round at this noise would cross 0.8: the hospital itself refuses, whatever the driver asks.
+    with pytest.raises(HospitalError, match="hospital_a: round 2 would raise its patient-level epsilon to .* above its budget 0.8"):
+        hospital.fit(RoundPlan(2, "hospital_a", seed=6, local_epochs=2, lr=0.05), weights, layout)
+    log = tmp_path / "sites" / "hospital_a" / "runs" / "dp-1" / "privacy_spend.jsonl"
+    assert len(log.read_text().splitlines()) == 1  # the refused round spent nothing

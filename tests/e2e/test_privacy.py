@@ -90,7 +90,8 @@ def test_hospital_level_dp_behind_masking_adds_the_noise_at_the_hospitals(ray_se
     # Calibrated for run.rounds rounds: the last round spends the whole budget.
     assert level["spent_epsilon_max"] == pytest.approx(8.0, rel=1e-2) and level["spent_epsilon_max"] <= 8.0 * (1 + 1e-6)
     entry = ledger["rounds"][-1]
-    assert entry["dp_fedavg"]["noise"] == "distributed" and entry["dp_fedavg"]["noise_shares"] >= 2
+    # Threshold 2 of 3: without the hospital at stake one other may remain, so each adds the full noise.
+    assert entry["dp_fedavg"]["noise"] == "distributed" and entry["dp_fedavg"]["noise_shares"] == 1
     assert all(e["update"] == "masked, clipped, with its noise share" for e in entry["hospitals"].values())
 
 

@@ -7,12 +7,14 @@ Two measurements, each printing its raw figures:
   slowest hospital's own work (key set-up answers, encoding, unmasking or decryption answers), as
   hospitals work in parallel; driver time is its set-up, combination and finish; their sum is
   what the hook adds to a round's training time.
-- `--demo`: the demo's image federation (its data in demo-data/, as `make demo` writes it) (configs/demo_images.yaml) run through the real
-  pipeline on an embedded Ray for each hook, in the same invocation: median round seconds and bytes
-  per hospital per round from each run's metrics and privacy ledger.
+- `--pipeline CONFIG`: a federation run through the real pipeline on an embedded Ray once per
+  hook, in the same invocation: median round seconds and bytes per hospital per round from each
+  run's metrics and privacy ledger. `--data DIR` takes the hospitals of a demo-data folder.
 
     python benchmarks/privacy_hooks.py --params 1000000 --hospitals 8
-    python benchmarks/privacy_hooks.py --demo --rounds 3
+    python benchmarks/privacy_hooks.py --pipeline configs/demo_images.yaml --rounds 5
+    fedward demo-data --out /tmp/demo8 --hospitals 8
+    python benchmarks/privacy_hooks.py --pipeline configs/demo_ehr.yaml --data /tmp/demo8 --set 'model.hidden=[1024,960]'
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedward.config import load_config  # noqa: E402
+from pipelines.checkpoint import load_checkpoint  # noqa: E402
 from pipelines.run import Pipeline, _wire_bytes  # noqa: E402
 from tests.privacy.federation import Federation, config_with, random_updates, weighted_mean  # noqa: E402
 
@@ -80,33 +83,42 @@ def protocol_costs(params: int, hospitals: int) -> None:
         print(f"{name:<11} {hospital:>10.3f} {driver:>9.3f} {hospital + driver:>8.3f} {mib:>13.2f} {error:>10.2e}")
 
 
-def demo_costs(rounds: int) -> None:
-    print(f"demo image federation (configs/demo_images.yaml), {rounds} rounds per hook, embedded Ray")
-    print(f"{'hook':<11} {'median round s':>15} {'x plain':>8} {'KiB/hospital/round':>19} {'AUROC':>6}")
+def pipeline_costs(config_path: Path, data: Path | None, rounds: int, settings: list[str]) -> None:
+    """Each hook through the real pipeline on an embedded Ray, all in this one invocation."""
+    shown = " ".join(settings) or "as configured"
+    hospitals = sorted(p.name for p in data.iterdir() if p.name.startswith("hospital_")) if data else []
+    if hospitals:  # every hospital of a demo-data folder, e.g. fedward demo-data --hospitals 8
+        settings = [*settings, "hospitals=[" + ", ".join(f"{{name: {h}, data: {data / h}}}" for h in hospitals) + "]"]
+        shown += f", the {len(hospitals)} hospitals in {data}"
+    print(f"{config_path} through the pipeline, {rounds} rounds per hook, {shown}")
+    print(f"{'hook':<11} {'median round s':>15} {'x plain':>8} {'KiB/hospital/round':>19} {'parameters':>11} {'AUROC':>6}")
     baseline = None
     with tempfile.TemporaryDirectory() as runs:
         for name, privacy in HOOKS.items():
-            settings = [f"run.name=bench-{name}", f"run.root={runs}", f"run.rounds={rounds}", "explain.enabled=false"]
-            settings += [f"privacy.{section}.enabled=true" for section in privacy]
-            config = load_config(ROOT / "configs" / "demo_images.yaml", settings).with_paths_from(ROOT)
+            run = [f"run.name=bench-{name}", f"run.root={runs}", f"run.rounds={rounds}", "explain.enabled=false", *settings]
+            run += [f"privacy.{section}.enabled=true" for section in privacy]
+            config = load_config(config_path, run).with_paths_from(ROOT)
             Pipeline(config, progress=False).run()
             records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
             ledger = json.loads((config.run_dir / "privacy.json").read_text())
             seconds = statistics.median(r["seconds"] for r in records)
             baseline = baseline or seconds
             sent = [e["bytes_sent"] for r in ledger["rounds"] for e in r["hospitals"].values() if e["bytes_sent"]]
-            print(f"{name:<11} {seconds:>15.2f} {seconds / baseline:>8.2f} {statistics.mean(sent) / 1024:>19.1f} {records[-1]['pooled']['auroc']:>6.3f}")
+            size = load_checkpoint(config.run_dir).weights.size
+            print(f"{name:<11} {seconds:>15.2f} {seconds / baseline:>8.2f} {statistics.mean(sent) / 1024:>19.1f} {size:>11,} {records[-1]['pooled']['auroc']:>6.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--hospitals", type=int, default=8)
-    parser.add_argument("--demo", action="store_true", help="run the demo image federation per hook (needs demo-data/)")
+    parser.add_argument("--pipeline", type=Path, help="a config to run through the pipeline once per hook")
+    parser.add_argument("--data", type=Path, help="with --pipeline: a demo-data folder whose hospitals replace the config's")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], help="with --pipeline: config settings, as for fedward simulate")
     args = parser.parse_args()
-    if args.demo:
-        demo_costs(args.rounds)
+    if args.pipeline:
+        pipeline_costs(args.pipeline, args.data, args.rounds, args.set)
     else:
         protocol_costs(args.params, args.hospitals)
 

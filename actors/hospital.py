@@ -155,7 +155,9 @@ class Hospital:
         x, y = self.x[self.train_idx], self.y[self.train_idx]
         dp = self.config.privacy.dp_sgd
         if not dp.enabled:
-            loss = training.train(model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train)
+            loss = training.train(
+                model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train, proximal_mu=plan.proximal_mu
+            )
             return {"train_loss": loss}
         units = self.dp_units()
         planned = dp_sgd.plan_round(self.config, int(units.max()) + 1)

@@ -148,13 +148,28 @@ class TrainConfig:
         _need(self.lr > 0, "train.lr: must be positive")
 
 
+StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fedbn", "fedper"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
-    name: Literal["fedavg"] = "fedavg"
+    """How the round's updates become the next global model; see pipelines/strategies.py."""
+
+    name: StrategyName = "fedavg"
     fraction: float = 1.0  # share of available hospitals asked each round
+    # FedAdam, FedYogi, FedAdagrad (Reddi et al. 2021): a server optimizer on the mean change.
+    server_lr: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3  # adaptivity: the smallest denominator of the server's step
+    proximal_mu: float = 0.01  # FedProx: weight of the pull toward the global weights in local training
 
     def __post_init__(self):
         _need(0.0 < self.fraction <= 1.0, "strategy.fraction: expected a number in (0, 1]")
+        _need(self.server_lr > 0, "strategy.server_lr: must be positive")
+        _need(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "strategy.beta1, beta2: expected numbers in [0, 1)")
+        _need(self.tau > 0, "strategy.tau: must be positive")
+        _need(self.proximal_mu >= 0, "strategy.proximal_mu: must be >= 0")
 
 
 RAY_RESERVED = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory", "accelerator_type"})
@@ -381,6 +396,14 @@ class FedwardConfig:
         )
         for h in self.hospitals:
             self.model_for(h.name)  # validates each hospital's overrides now, not mid-run
+        _need(
+            self.strategy.name != "fedbn" or self.model.norm == "batch",
+            f"strategy.name: fedbn keeps BatchNorm layers at each hospital, but model.norm is {self.model.norm!r}; set it to 'batch'",
+        )
+        _need(
+            not (self.strategy.name == "fedprox" and self.privacy.dp_sgd.enabled),
+            "strategy.name: fedprox's proximal term is not clipped per patient, so DP-SGD cannot bound it; use fedavg with dp_sgd",
+        )
         _need(
             not (self.privacy.dp_sgd.enabled and self.model.norm == "batch"),
             "privacy.dp_sgd: BatchNorm mixes samples of a batch, so per-patient clipping cannot bound "

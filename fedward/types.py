@@ -41,6 +41,7 @@ class RoundPlan:
     seed: int  # the hospital's training randomness for this round, derived from the run seed
     local_epochs: int
     lr: float
+    proximal_mu: float = 0.0  # FedProx: pull toward the global weights in the local loss (0: none)
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,20 @@ def make_optimizer(model: nn.Module, lr: float, config: TrainConfig) -> torch.op
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int, config: TrainConfig) -> float:
-    """Minibatch training with a fresh optimizer; returns the mean training loss.
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int, config: TrainConfig, proximal_mu: float = 0.0
+) -> float:
+    """Minibatch training with a fresh optimizer; returns the mean training loss (without the
+    proximal term).
 
     All randomness (shuffling, dropout) comes from `seed`, so the same call gives the same weights.
+    With `proximal_mu` > 0 (FedProx, Li et al. 2020) the loss adds mu/2 * ||w - w_start||^2, which
+    keeps a hospital's weights near the global ones it started from.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, lr, config)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     loss_fn = nn.BCEWithLogitsLoss()
     model.train()
     losses = []
@@ -42,7 +48,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
                 continue
             opt.zero_grad()
             loss = loss_fn(model(x[batch]).squeeze(1), y[batch])
-            loss.backward()
+            objective = loss
+            if anchor:
+                objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            objective.backward()
             opt.step()
             losses.append(loss.item())
     return float(np.mean(losses)) if losses else float("nan")

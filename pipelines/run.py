@@ -37,15 +37,13 @@ from fedward.types import DataCounts, Evaluation, Layout
 from models.flat import flatten
 from models.networks import build_model
 from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
-from pipelines.fedavg import FedAvg
 from pipelines.manifest import record_data, record_invocation
-from pipelines.strategy import Strategy
+from pipelines.strategies import STRATEGIES
 from privacy import dp_fedavg
 from privacy.hooks import Ask, build_hook
 from privacy import dp_sgd
 from privacy.ledger import SPEND_LOG, build_ledger, dp_sgd_steps, over_budget, read_spend, record_spend, spend_entries, spent
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
 
 
 def _reason(error: Exception) -> str:

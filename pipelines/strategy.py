@@ -18,6 +18,8 @@ from fedward.types import RoundPlan, Update
 
 
 class Strategy(ABC):
+    proximal_mu = 0.0  # asked of hospitals' local training; FedProx sets it
+
     def __init__(self, config: FedwardConfig):
         self.config = config
 
@@ -33,6 +35,7 @@ class Strategy(ABC):
                 seed=derived_seed(cfg.run.seed, round, h),
                 local_epochs=cfg.train.local_epochs,
                 lr=cfg.train.lr,
+                proximal_mu=self.proximal_mu,
             )
             for h in chosen
         ]

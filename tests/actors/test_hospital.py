@@ -93,3 +93,30 @@ def test_a_hospital_under_dp_sgd_reports_its_steps_and_refuses_to_train_past_its
         hospital.fit(RoundPlan(2, "hospital_a", seed=6, local_epochs=2, lr=0.05), weights, layout)
     log = tmp_path / "sites" / "hospital_a" / "runs" / "dp-1" / "privacy_spend.jsonl"
     assert len(log.read_text().splitlines()) == 1  # the refused round spent nothing
+
+
+def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(demo_data, tmp_path):
+    import torch
+
+    from pipelines.strategies import STRATEGIES
+
+    raw = ehr_config(demo_data, tmp_path)
+    raw["strategy"] = {"name": "fedper"}
+    config = parse_config(raw)
+    personal = STRATEGIES["fedper"](config).personal_keys()
+    hospital = Hospital("hospital_a", config, "fedper-1")
+    hospital.load()
+    spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
+    shape = hospital.prepare(spec, personal)
+    weights, layout = flatten(build_model(config.model, shape), personal)
+    assert not set(layout.names) & personal
+
+    update = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.05), weights, layout)
+    assert update.layout == layout and update.delta.size == layout.size  # the head is not in what leaves
+    head = {k: v.clone() for k, v in hospital.model.state_dict().items() if k in personal}
+    restarted = Hospital("hospital_a", config, "fedper-1")  # a new actor: fresh model, own state on disk
+    restarted.load()
+    restarted.prepare(spec, personal)
+    assert not all(torch.equal(restarted.model.state_dict()[k], v) for k, v in head.items())
+    assert restarted.restore(1) == 1
+    assert all(torch.equal(restarted.model.state_dict()[k], v) for k, v in head.items())

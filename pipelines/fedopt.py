@@ -1,0 +1,73 @@
+"""FedAdam, FedYogi and FedAdagrad (Reddi et al. 2021, "Adaptive Federated Optimization").
+
+The hospitals' weighted mean change is a pseudo-gradient (with its sign flipped) that a server
+optimizer applies with its own learning rate and moments. The moments are the strategy's state:
+they are checkpointed with the global weights, so a resumed run steps exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedward.types import Update
+from pipelines.fedavg import weighted_mean
+from pipelines.strategy import Strategy
+
+
+class FedOpt(Strategy):
+    """The shared step; subclasses say how the second moment `v` follows the squared change."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.m: np.ndarray | None = None  # first moment of the mean change
+        self.v: np.ndarray | None = None  # second moment
+
+    def second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
+        if not updates:
+            return None
+        s = self.config.strategy
+        delta = weighted_mean(updates)
+        if self.m is None:
+            self.m = np.zeros_like(delta)
+            self.v = np.full_like(delta, s.tau**2)  # v starts at tau^2, as in the paper
+        self.m = s.beta1 * self.m + (1 - s.beta1) * delta
+        self.v = self.second_moment(self.v, delta**2)
+        return (current + s.server_lr * self.m / (np.sqrt(self.v) + s.tau)).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        if self.m is None:
+            return {}
+        return {"m": torch.from_numpy(self.m), "v": torch.from_numpy(self.v)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            self.m = self.v = None
+            return
+        if set(state) != {"m", "v"} or state["m"].shape != state["v"].shape:
+            raise ValueError(f"{type(self).__name__}: expected moments m and v of one shape, got {sorted(state)}")
+        self.m, self.v = state["m"].numpy().astype(np.float64), state["v"].numpy().astype(np.float64)
+
+
+class FedAdam(FedOpt):
+    def second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
+        b2 = self.config.strategy.beta2
+        return b2 * v + (1 - b2) * squared
+
+
+class FedYogi(FedOpt):
+    """Moves v toward the squared change by a fixed fraction, so a burst of large changes raises it
+    less abruptly than Adam's average does."""
+
+    def second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
+        return v - (1 - self.config.strategy.beta2) * squared * np.sign(v - squared)
+
+
+class FedAdagrad(FedOpt):
+    def second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
+        return v + squared

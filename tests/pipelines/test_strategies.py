@@ -1,0 +1,122 @@
+"""Server optimizers, FedProx and the personalized strategies, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedward.config import TrainConfig, parse_config
+from fedward.errors import ConfigError
+from fedward.types import Layout, Update
+from models import training
+from models.flat import flatten
+from pipelines.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
+from pipelines.strategies import STRATEGIES
+from tests.fedward.test_config import raw_config
+
+LAYOUT = Layout(("w",), ((4,),))
+
+
+def strategy(name, model=None, data=None, **settings):
+    raw = raw_config(strategy={"name": name, **settings}, **({"model": model} if model else {}))
+    if data:
+        raw["data"] = data
+    return STRATEGIES[name](parse_config(raw))
+
+
+def updates(*deltas):
+    return [Update(1, f"h{i}", np.asarray(d, np.float32), LAYOUT, 10, 10.0) for i, d in enumerate(deltas)]
+
+
+def test_fedadam_first_step_follows_the_paper():
+    s = strategy("fedadam", server_lr=0.5, beta1=0.9, beta2=0.99, tau=1e-3)
+    current = np.zeros(4, np.float32)
+    delta = np.array([0.2, -0.1, 0.0, 0.05])
+    new = s.aggregate(1, current, updates(delta, delta), {})
+    m = 0.1 * delta
+    v = 0.99 * 1e-6 + 0.01 * delta**2
+    np.testing.assert_allclose(new, 0.5 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+    assert new.dtype == np.float32
+
+
+def test_yogi_and_adagrad_moments_move_as_defined():
+    delta = np.array([1.0, 0.0, 0.0, 0.0])
+    yogi, adagrad = strategy("fedyogi", beta2=0.9, tau=0.1), strategy("fedadagrad", tau=0.1)
+    for s in (yogi, adagrad):
+        s.aggregate(1, np.zeros(4, np.float32), updates(delta), {})
+    # From v = tau^2 = 0.01 with a squared change of 1: Yogi adds (1 - beta2) * 1, Adagrad all of it.
+    np.testing.assert_allclose(yogi.v, [0.01 + 0.1, 0.01, 0.01, 0.01])
+    np.testing.assert_allclose(adagrad.v, [1.01, 0.01, 0.01, 0.01])
+    # Yogi lowers v only by a fixed fraction of the (smaller) squared change.
+    yogi.aggregate(2, np.zeros(4, np.float32), updates(0.1 * delta), {})
+    assert yogi.v[0] == pytest.approx(0.11 - 0.1 * 0.01)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_server_moments_survive_a_checkpoint_so_a_resume_steps_identically(name, tmp_path):
+    rng = np.random.default_rng(0)
+    rounds = [updates(rng.normal(size=4), rng.normal(size=4)) for _ in range(3)]
+    uninterrupted, weights = strategy(name), np.zeros(4, np.float32)
+    for r, u in enumerate(rounds, 1):
+        weights = uninterrupted.aggregate(r, weights, u, {})
+    first, resumed = strategy(name), np.zeros(4, np.float32)
+    resumed = first.aggregate(1, resumed, rounds[0], {})
+    save_checkpoint(tmp_path, RunCheckpoint(1, resumed, LAYOUT, first.state_dict(), {"s": 1}, "h"))
+    second = strategy(name)
+    ckpt = load_checkpoint(tmp_path)
+    second.load_state_dict(ckpt.strategy_state)
+    for r, u in enumerate(rounds[1:], 2):
+        resumed = second.aggregate(r, resumed, u, {})
+    assert np.array_equal(resumed, weights)
+    with pytest.raises(ValueError, match="expected moments m and v"):
+        strategy(name).load_state_dict({"m": torch.zeros(2)})
+
+
+def _local(mu: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    start, _ = flatten(model)
+    x, y = torch.randn(64, 5), (torch.rand(64) < 0.5).float()
+    training.train(model, x, y, epochs=3, lr=0.1, seed=seed, config=TrainConfig(batch_size=16), proximal_mu=mu)
+    return start, flatten(model)[0]
+
+
+def test_fedprox_asks_hospitals_for_its_pull_and_the_pull_keeps_them_closer():
+    plans = strategy("fedprox", proximal_mu=0.3).configure_round(1, ["a", "b"], np.random.default_rng(0))
+    assert [p.proximal_mu for p in plans] == [0.3, 0.3]
+    assert [p.proximal_mu for p in strategy("fedavg").configure_round(1, ["a", "b"], np.random.default_rng(0))] == [0.0, 0.0]
+    start, plain = _local(0.0)
+    _, prox = _local(1.0)
+    assert np.linalg.norm(prox - start) < 0.9 * np.linalg.norm(plain - start)
+
+
+def test_fedprox_with_mu_zero_gives_fedavgs_weights():
+    _, with_zero = _local(0.0)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(64, 5), (torch.rand(64) < 0.5).float()
+    training.train(model, x, y, epochs=3, lr=0.1, seed=0, config=TrainConfig(batch_size=16))
+    assert np.array_equal(with_zero, flatten(model)[0])
+
+
+IMAGES = {"kind": "dicom", "dicom": {"label": {"column": "finding"}, "image_size": 32}}
+
+
+def test_fedbn_keeps_every_batchnorm_entry_and_fedper_the_output_layer():
+    bn = strategy("fedbn", model={"kind": "cnn", "norm": "batch", "channels": [4, 8]}, data=IMAGES)
+    assert bn.personal_keys() == {f"{i}.{k}" for i in (1, 5) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    per = strategy("fedper", model={"kind": "mlp", "hidden": [6, 4]})
+    assert per.personal_keys() == {"6.weight", "6.bias"}  # Linear, norm, ReLU per hidden layer, then the head
+    cnn = strategy("fedper", model={"kind": "cnn", "channels": [4, 8]}, data=IMAGES)
+    assert cnn.personal_keys() == {"10.weight", "10.bias"}
+
+
+def test_strategy_contradictions_fail_at_load():
+    with pytest.raises(ConfigError, match="fedbn keeps BatchNorm layers at each hospital, but model.norm is 'none'"):
+        strategy("fedbn")
+    raw = raw_config(strategy={"name": "fedprox"}, privacy={"dp_sgd": {"enabled": True, "epsilon": 1}})
+    with pytest.raises(ConfigError, match="fedprox's proximal term is not clipped per patient"):
+        parse_config(raw)
+    with pytest.raises(ConfigError, match="strategy.beta1, beta2"):
+        strategy("fedadam", beta1=1.0)

@@ -33,6 +33,7 @@ from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdat
 from models.flat import flatten, load_flat
 from models import training
 from models.networks import build_model
+from pipelines import scaffold
 from privacy import dp_fedavg, dp_sgd, ledger
 from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
@@ -57,6 +58,7 @@ class Hospital:
         self.personal: frozenset[str] = frozenset()
         self.preprocessing: PreprocessingSpec | None = None
         self.explanation: LocalExplanation | None = None
+        self.control: np.ndarray | None = None  # SCAFFOLD: this hospital's control variate c_i
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -128,11 +130,17 @@ class Hospital:
 
     # -- training and evaluation ------------------------------------------------------------------
 
-    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None) -> Update | SealedUpdate:
-        """Train on the global weights and return the change, protected as the run's privacy asks."""
+    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None, server_control: np.ndarray | None = None) -> Update | SealedUpdate:
+        """Train on the global weights and return the change, protected as the run's privacy asks.
+
+        `server_control` (SCAFFOLD) is the driver's control variate; the change then carries this
+        hospital's control change too, and its own control variate stays here."""
         model = self._model_with(weights, layout)
-        metrics = self._train(model, plan)
-        self._save_state(plan.round)
+        controls = scaffold.control_layout(model, layout) if server_control is not None else None
+        if controls is not None and (self.control is None or self.control.size != controls.size):
+            self.control = np.zeros(controls.size, np.float32)
+        correction = scaffold.correction(controls, server_control, self.control) if controls is not None else None
+        metrics = self._train(model, plan, correction)
         flat, shared = flatten(model, self.personal)
         n = len(self.train_idx)
         update = Update(
@@ -144,6 +152,12 @@ class Hospital:
             weight=dp_fedavg.aggregation_weight(self.config, n),
             metrics=metrics,
         )
+        if controls is not None:
+            steps = training.local_steps(n, plan.local_epochs, self.config.train.batch_size)
+            own = scaffold.next_control(controls, layout, self.control, server_control, weights, flat, steps, plan.lr)
+            update = scaffold.with_control_change(update, controls, own - self.control)
+            self.control = own
+        self._save_state(plan.round)
         if self.config.privacy.dp_fedavg.enabled:
             update = dp_fedavg.clip(update, self.config.privacy.dp_fedavg.clip_norm)
             if not self.hook.reveals_individual_updates:
@@ -151,12 +165,13 @@ class Hospital:
                 update = dp_fedavg.add_noise_share(update, self.config, shares)
         return self.hook.encode(update, hook_setup)
 
-    def _train(self, model: nn.Module, plan: RoundPlan) -> dict[str, float]:
+    def _train(self, model: nn.Module, plan: RoundPlan, correction: dict[str, torch.Tensor] | None) -> dict[str, float]:
         x, y = self.x[self.train_idx], self.y[self.train_idx]
         dp = self.config.privacy.dp_sgd
         if not dp.enabled:
             loss = training.train(
-                model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train, proximal_mu=plan.proximal_mu
+                model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train,
+                proximal_mu=plan.proximal_mu, correction=correction,
             )
             return {"train_loss": loss}
         units = self.dp_units()
@@ -228,7 +243,10 @@ class Hospital:
 
     def _save_state(self, round: int) -> None:
         # Personal layers and counters (e.g. BatchNorm's) live only here; the driver never sees them.
-        atomic_torch_save({"round": round, "model": self.model.state_dict()}, self._state_path(round))
+        state = {"round": round, "model": self.model.state_dict()}
+        if self.control is not None:  # SCAFFOLD's control variate is the hospital's own, like its layers
+            state["control"] = torch.from_numpy(self.control)
+        atomic_torch_save(state, self._state_path(round))
         for old in sorted(self._state_path(0).parent.glob("round_*.pt"))[:-KEEP_STATES]:
             old.unlink()
 
@@ -241,6 +259,7 @@ class Hospital:
             return None
         state = torch.load(usable[-1], weights_only=True)
         self.model.load_state_dict(state["model"])
+        self.control = state["control"].numpy().copy() if "control" in state else None
         return state["round"]
 
     def hook_respond(self, round: int, request: Any) -> Any:

@@ -148,7 +148,7 @@ class TrainConfig:
         _need(self.lr > 0, "train.lr: must be positive")
 
 
-StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fedbn", "fedper"]
+StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fedbn", "fedper"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,6 +399,10 @@ class FedwardConfig:
         _need(
             self.strategy.name != "fedbn" or self.model.norm == "batch",
             f"strategy.name: fedbn keeps BatchNorm layers at each hospital, but model.norm is {self.model.norm!r}; set it to 'batch'",
+        )
+        _need(
+            not (self.strategy.name == "scaffold" and (self.privacy.dp_sgd.enabled or self.privacy.dp_fedavg.enabled)),
+            "strategy.name: scaffold's control variates are not covered by differential privacy; use fedavg with dp_sgd or dp_fedavg",
         )
         _need(
             not (self.strategy.name == "fedprox" and self.privacy.dp_sgd.enabled),

@@ -6,6 +6,8 @@ local-only training on the same budget), so the comparison trains exactly the sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -23,15 +25,30 @@ def make_optimizer(model: nn.Module, lr: float, config: TrainConfig) -> torch.op
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
+def local_steps(n: int, epochs: int, batch_size: int) -> int:
+    """The optimizer steps `train` takes on `n` samples: batches of one are skipped."""
+    return epochs * sum(1 for start in range(0, n, batch_size) if min(batch_size, n - start) >= 2)
+
+
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int, config: TrainConfig, proximal_mu: float = 0.0
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    config: TrainConfig,
+    proximal_mu: float = 0.0,
+    correction: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """Minibatch training with a fresh optimizer; returns the mean training loss (without the
     proximal term).
 
     All randomness (shuffling, dropout) comes from `seed`, so the same call gives the same weights.
     With `proximal_mu` > 0 (FedProx, Li et al. 2020) the loss adds mu/2 * ||w - w_start||^2, which
-    keeps a hospital's weights near the global ones it started from.
+    keeps a hospital's weights near the global ones it started from. `correction` (SCAFFOLD) is
+    added to each named parameter's gradient before every step.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
@@ -52,6 +69,10 @@ def train(
             if anchor:
                 objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             objective.backward()
+            if correction:
+                for name, p in model.named_parameters():
+                    if name in correction:
+                        p.grad.add_(correction[name])
             opt.step()
             losses.append(loss.item())
     return float(np.mean(losses)) if losses else float("nan")

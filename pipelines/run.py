@@ -290,6 +290,7 @@ class Pipeline:
             self.strategy.load_state_dict(ckpt.strategy_state)
             rng.bit_generator.state = ckpt.rng_state
             self._restore_hospitals(sorted(shapes), ckpt.round)
+        self.strategy.start(build_model(cfg.model, next(iter(shapes.values()))), layout)
         self._truncate_metrics(start - 1)
         self._write_ledger()
         last = start - 1
@@ -421,8 +422,10 @@ class Pipeline:
                 failures.setdefault(p.hospital, "left out at the privacy hook's set-up")
         record_spend(spend_log, spend_entries(cfg, round, attempt, sorted(setups), units))  # before any training
         weights_ref = ray.put(weights)  # broadcast once through the object store
+        extra = self.strategy.broadcast()
+        extra_ref = None if extra is None else ray.put(extra)
         updates, fit_failures = gather(
-            {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital]) for p in plans if p.hospital in setups},
+            {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital], extra_ref) for p in plans if p.hospital in setups},
             timeout,
         )
         failures.update(fit_failures)

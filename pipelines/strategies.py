@@ -6,6 +6,7 @@ from pipelines.fedavg import FedAvg
 from pipelines.fedopt import FedAdagrad, FedAdam, FedYogi
 from pipelines.fedprox import FedProx
 from pipelines.personalized import FedBN, FedPer
+from pipelines.scaffold import Scaffold
 from pipelines.strategy import Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -14,6 +15,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "fedprox": FedProx,
+    "scaffold": Scaffold,
     "fedbn": FedBN,
     "fedper": FedPer,
 }

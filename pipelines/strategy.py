@@ -11,10 +11,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from torch import nn
 
 from fedward.config import FedwardConfig
 from fedward.seeds import derived_seed
-from fedward.types import RoundPlan, Update
+from fedward.types import Layout, RoundPlan, Update
 
 
 class Strategy(ABC):
@@ -43,6 +44,13 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
         """The next global weights, or None to keep `current`."""
+
+    def start(self, model: nn.Module, layout: Layout) -> None:
+        """Called before the first round of a run or a resume, once the shared layout is known."""
+
+    def broadcast(self) -> np.ndarray | None:
+        """What every asked hospital receives with the weights each round (SCAFFOLD's control)."""
+        return None
 
     def personal_keys(self) -> frozenset[str]:
         """State-dict entries that stay at each hospital and never enter the aggregate."""

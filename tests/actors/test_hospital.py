@@ -120,3 +120,33 @@ def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(
     assert not all(torch.equal(restarted.model.state_dict()[k], v) for k, v in head.items())
     assert restarted.restore(1) == 1
     assert all(torch.equal(restarted.model.state_dict()[k], v) for k, v in head.items())
+
+
+def test_scaffold_at_a_hospital_starts_as_fedavg_then_corrects_its_drift(demo_data, tmp_path):
+    from models.training import local_steps
+    from pipelines.scaffold import CONTROL
+
+    raw = ehr_config(demo_data, tmp_path)
+    raw["strategy"] = {"name": "scaffold"}
+    config = parse_config(raw)
+    hospital = Hospital("hospital_a", config, "scaffold-1")
+    counts = hospital.load()
+    spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
+    weights, layout = flatten(build_model(config.model, hospital.prepare(spec, frozenset())))
+    plan = RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.05)
+
+    plain = hospital.fit(plan, weights, layout)  # FedAvg's round
+    zero = np.zeros(layout.size, np.float32)  # the MLP's layout holds parameters only
+    first = hospital.fit(plan, weights, layout, server_control=zero)
+    assert first.layout.names[: len(layout.names)] == layout.names and first.layout.names[len(layout.names)] == CONTROL + layout.names[0]
+    assert np.array_equal(first.delta[: layout.size], plain.delta)  # zero controls: exactly FedAvg
+    steps = local_steps(counts.train_examples, 1, config.train.batch_size)
+    np.testing.assert_allclose(first.delta[layout.size :], -plain.delta / (steps * 0.05), rtol=1e-5, atol=1e-7)
+    assert np.array_equal(hospital.control, first.delta[layout.size :])  # c_i = 0 + its change
+
+    second = hospital.fit(plan, weights, layout, server_control=zero)  # now c - c_i != 0
+    assert not np.allclose(second.delta[: layout.size], plain.delta)
+    restarted = Hospital("hospital_a", config, "scaffold-1")
+    restarted.load()
+    restarted.prepare(spec, frozenset())
+    assert restarted.restore(1) == 1 and np.array_equal(restarted.control, hospital.control)

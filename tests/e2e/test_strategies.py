@@ -15,7 +15,7 @@ from tests.conftest import ehr_config
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("strategy", [{"name": "fedyogi", "server_lr": 0.02}, {"name": "fedper"}], ids=lambda s: s["name"])
+@pytest.mark.parametrize("strategy", [{"name": "fedyogi", "server_lr": 0.02}, {"name": "scaffold"}, {"name": "fedper"}], ids=lambda s: s["name"])
 def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session, demo_data, tmp_path, strategy):
     raw = ehr_config(demo_data, tmp_path, name=strategy["name"], rounds=3)
     raw["explain"] = {"enabled": False}
@@ -26,4 +26,5 @@ def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session,
     assert last["pooled"]["auroc"] >= 0.75, last["pooled"]
     ckpt = load_checkpoint(config.run_dir)
     assert not set(ckpt.layout.names) & STRATEGIES[strategy["name"]](config).personal_keys()
-    assert bool(ckpt.strategy_state) == (strategy["name"] == "fedyogi")  # server moments are checkpointed
+    # Server moments and SCAFFOLD's control variate are checkpointed with the weights.
+    assert bool(ckpt.strategy_state) == (strategy["name"] in ("fedyogi", "scaffold"))

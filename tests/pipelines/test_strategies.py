@@ -120,3 +120,21 @@ def test_strategy_contradictions_fail_at_load():
         parse_config(raw)
     with pytest.raises(ConfigError, match="strategy.beta1, beta2"):
         strategy("fedadam", beta1=1.0)
+
+
+def test_scaffold_moves_weights_by_the_mean_change_and_its_control_by_the_asked_share(tmp_path):
+    from pipelines.scaffold import CONTROL
+
+    s = strategy("scaffold", fraction=0.5)
+    model = torch.nn.Linear(3, 1)
+    weights, layout = flatten(model)
+    s.start(model, layout)
+    assert np.array_equal(s.broadcast(), np.zeros(4, np.float32))
+    extended = Layout(layout.names + tuple(CONTROL + n for n in layout.names), layout.shapes * 2)
+    change = [Update(1, f"h{i}", np.arange(8, dtype=np.float32) * (i + 1), extended, 10, 10.0) for i in range(2)]
+    new = s.aggregate(1, weights, change, {})
+    np.testing.assert_allclose(new, weights + 1.5 * np.arange(4))
+    np.testing.assert_allclose(s.broadcast(), 0.5 * 1.5 * np.arange(4, 8))
+    again = strategy("scaffold")
+    again.load_state_dict(s.state_dict())
+    assert np.array_equal(again.broadcast(), s.broadcast())

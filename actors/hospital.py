@@ -7,6 +7,7 @@ scores and file names stay in its own work area (`work_dir`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +32,7 @@ from fedward.files import atomic_torch_save, atomic_write_json
 from fedward.seeds import derived_seed
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from models.flat import flatten, load_flat
-from models import training
+from models import export, training
 from models.networks import build_model
 from pipelines import scaffold
 from privacy import dp_fedavg, dp_sgd, ledger
@@ -59,6 +60,7 @@ class Hospital:
         self.preprocessing: PreprocessingSpec | None = None
         self.explanation: LocalExplanation | None = None
         self.control: np.ndarray | None = None  # SCAFFOLD: this hospital's control variate c_i
+        self.personal_model: nn.Module | None = None  # Ditto: this hospital's own model
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -157,6 +159,8 @@ class Hospital:
             own = scaffold.next_control(controls, layout, self.control, server_control, weights, flat, steps, plan.lr)
             update = scaffold.with_control_change(update, controls, own - self.control)
             self.control = own
+        if plan.personal_lambda is not None:
+            self._train_personal(plan, weights, layout)
         self._save_state(plan.round)
         if self.config.privacy.dp_fedavg.enabled:
             update = dp_fedavg.clip(update, self.config.privacy.dp_fedavg.clip_norm)
@@ -207,6 +211,23 @@ class Hospital:
         model = self._model_with(weights, layout)
         return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
 
+    def _train_personal(self, plan: RoundPlan, weights: np.ndarray, layout: Layout) -> None:
+        """Ditto: the personal model trains on the same data, pulled toward the global weights."""
+        if self.personal_model is None:
+            self.personal_model = copy.deepcopy(self.model)  # starts from the global model of its first round
+        at = layout.slices()
+        anchor = [torch.from_numpy(weights[at[name]].copy()).reshape(p.shape) for name, p in self.personal_model.named_parameters()]
+        training.train(
+            self.personal_model, self.x[self.train_idx], self.y[self.train_idx], epochs=plan.local_epochs, lr=plan.lr,
+            seed=plan.seed + 1, config=self.config.train, proximal_mu=plan.personal_lambda, anchor=anchor,
+        )
+
+    def evaluate_personal(self, round: int) -> Evaluation | None:
+        """The hospital's personal model (Ditto) on its held-out split; None when it keeps none."""
+        if self.personal_model is None:
+            return None
+        return training.evaluate(self.personal_model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+
     # -- explanations -----------------------------------------------------------------------------
 
     def explain(self, round: int, weights: np.ndarray, layout: Layout) -> ExplanationSummary:
@@ -230,6 +251,24 @@ class Hospital:
         )
         return str(path)
 
+    def export_model(self, round: int, weights: np.ndarray, layout: Layout, run_id: str) -> str:
+        """This hospital's own model (the global weights with its personal layers) written into its
+        own area, beside the data it scores; only the folder's path returns to the driver."""
+        model = self._model_with(weights, layout)
+        folder = export.export_model(
+            self.run_dir / "model",
+            model,
+            model_config=self.config.model_for(self.name),
+            input_shape=tuple(self.x.shape[1:]),
+            preprocessing=self.preprocessing.to_dict() if self.preprocessing else None,
+            data_config=self.config.data,
+            kind="personalized",
+            hospital=self.name,
+            run_id=run_id,
+            round=round,
+        )
+        return str(folder)
+
     def _model_with(self, weights: np.ndarray, layout: Layout) -> nn.Module:
         if self.model is None:
             raise HospitalError(f"{self.name}: model not prepared; the pipeline calls prepare() first")
@@ -244,6 +283,8 @@ class Hospital:
     def _save_state(self, round: int) -> None:
         # Personal layers and counters (e.g. BatchNorm's) live only here; the driver never sees them.
         state = {"round": round, "model": self.model.state_dict()}
+        if self.personal_model is not None:
+            state["personal_model"] = self.personal_model.state_dict()
         if self.control is not None:  # SCAFFOLD's control variate is the hospital's own, like its layers
             state["control"] = torch.from_numpy(self.control)
         atomic_torch_save(state, self._state_path(round))
@@ -260,6 +301,9 @@ class Hospital:
         state = torch.load(usable[-1], weights_only=True)
         self.model.load_state_dict(state["model"])
         self.control = state["control"].numpy().copy() if "control" in state else None
+        if "personal_model" in state:
+            self.personal_model = copy.deepcopy(self.model)
+            self.personal_model.load_state_dict(state["personal_model"])
         return state["round"]
 
     def hook_respond(self, round: int, request: Any) -> Any:

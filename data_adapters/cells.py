@@ -140,6 +140,9 @@ def _label_parser(rule: LabelRule) -> tuple[Callable, str]:
 
 Problem = tuple[str, str, str, np.ndarray]  # field, reason, detail, mask of the rows affected
 
+# The label of a sample read for scoring (`labelled=False`): new patients have no outcome yet.
+NO_LABEL = -1
+
 
 def label_values(table: pa.Table, rule: LabelRule, file: str) -> tuple[pa.ChunkedArray, list[Problem]]:
     column = find_column(table, rule.column, "label", file)

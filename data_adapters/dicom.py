@@ -38,7 +38,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from data_adapters.cells import find_column, label_values, read_table
+from data_adapters.cells import NO_LABEL, find_column, label_values, read_table
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
 from fedward.config import DicomSpec
@@ -72,22 +72,23 @@ class _Skip(Exception):
         self.reason, self.field, self.detail = reason, field, detail
 
 
-def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: Path | None = None) -> Samples:
+def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: Path | None = None, labelled: bool = True) -> Samples:
     """Load every labelled, decodable image under `data_dir / spec.images`.
 
     Sample ids are paths relative to `data_dir`; with `frames="all"` each frame of a multi-frame
     file is its own sample, `"<path>#frame<i>"`. An image without a PatientID is its own patient
     (all frames of a file stay together). With `cache_dir`, each file's preprocessed frames are
-    kept under its content hash and the preprocessing settings.
+    kept under its content hash and the preprocessing settings. With `labelled=False` (new
+    patients to score) no label table is read: every decodable image is used, labelled `NO_LABEL`.
     """
     data_dir = Path(data_dir)
     images_dir = data_dir / spec.images
     if not images_dir.is_dir():
         raise DataError(f"images folder {images_dir} does not exist (data.dicom.images)")
-    labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report)
+    labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report) if labelled else None
     cache = _Cache(Path(cache_dir), spec) if cache_dir is not None else None
     files = _image_files(images_dir, data_dir, report)
-    if spec.key == "path":  # a labelled file that proves unreadable is reported once, as itself
+    if labels is not None and spec.key == "path":  # a labelled file that proves unreadable is reported once, as itself
         labels.seen.update(p.relative_to(images_dir).as_posix() for p in files)
 
     arrays, targets, patients, sample_ids, hashes = [], [], [], [], []
@@ -105,7 +106,8 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
             patients.append(patient or source)
             sample_ids.append(f"{source}#frame{i}" if len(frames) > 1 else source)
         hashes.append(digest)
-    labels.report_unmatched(report)
+    if labels is not None:
+        labels.report_unmatched(report)
 
     size = spec.image_size
     report.used = len(targets)
@@ -153,17 +155,18 @@ def _pydicom_silenced() -> Iterator[None]:
 
 
 def _load_file(
-    path: Path, key_path: str, spec: DicomSpec, labels: _Labels, cache: _Cache | None
+    path: Path, key_path: str, spec: DicomSpec, labels: _Labels | None, cache: _Cache | None
 ) -> tuple[str, int, str, np.ndarray]:
     """(content hash, label, PatientID, frames as float32 (F, S, S)) of one file, or `_Skip`."""
     data = _read_bytes(path)
     ds = _read_dataset(data)
-    key = key_path if spec.key == "path" else _text(ds, _KEY_ELEMENTS[spec.key])
-    labels.seen.add(key)
+    if labels is not None:
+        key = key_path if spec.key == "path" else _text(ds, _KEY_ELEMENTS[spec.key])
+        labels.seen.add(key)
     if not any(element in ds for element in _PIXEL_ELEMENTS):
         # pydicom reads a file cut short within its header silently, so that lands here too.
         raise _Skip("no_pixel_data", "PixelData", "no PixelData element: not an image, or a file cut short")
-    label = labels.take(key)
+    label = labels.take(key) if labels is not None else NO_LABEL
     digest = hashlib.sha256(data).hexdigest()
     frames = cache.get(digest) if cache else None
     if frames is None:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_adapters.cells import (
-    PARSERS, Problem, as_text, find_column, label_values, parse_cells, read_table, row_mask,
+    NO_LABEL, PARSERS, Problem, as_text, find_column, label_values, parse_cells, read_table, row_mask,
 )
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
@@ -32,12 +32,16 @@ def _feature(table: pa.Table, feature: FeatureSpec, file: str) -> tuple[pa.Chunk
     return values, (feature.name, "bad_value", detail, bad)
 
 
-def load_table(data_dir: Path, spec: TableSpec, report: DataReport) -> Samples:
-    """The usable rows of `data_dir / spec.file`; every skipped row is recorded in `report`."""
+def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bool = True) -> Samples:
+    """The usable rows of `data_dir / spec.file`; every skipped row is recorded in `report`.
+
+    With `labelled=False` (new patients to score) the label column is not read, may be absent, and
+    every label is `NO_LABEL`; features and patient ids are read and checked as for training.
+    """
     path = Path(data_dir) / spec.file
     table = read_table(path, "data.table.file")
     file = spec.file
-    labels, problems = label_values(table, spec.label, file)
+    labels, problems = label_values(table, spec.label, file) if labelled else (None, [])
     patient_ids = None
     if spec.patient_id is not None:
         patient_ids = as_text(find_column(table, spec.patient_id, "patient id", file), spec.patient_id, "patient id", file)
@@ -62,7 +66,7 @@ def load_table(data_dir: Path, spec: TableSpec, report: DataReport) -> Samples:
         fingerprint = hashlib.file_digest(f, "sha256").hexdigest()
     return Samples(
         features=pa.table({name: values.filter(keep) for name, values in features.items()}),
-        labels=np.asarray(labels.filter(keep).to_numpy(), dtype=np.int64),
+        labels=np.asarray(labels.filter(keep).to_numpy(), dtype=np.int64) if labelled else np.full(len(sample_ids), NO_LABEL, np.int64),
         patient_ids=np.array(sample_ids if patient_ids is None else patient_ids.filter(keep).to_pylist(), dtype=str),
         sample_ids=sample_ids,
         fingerprint=fingerprint,

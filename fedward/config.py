@@ -148,7 +148,7 @@ class TrainConfig:
         _need(self.lr > 0, "train.lr: must be positive")
 
 
-StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fedbn", "fedper"]
+StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fedbn", "fedper", "ditto"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +163,7 @@ class StrategyConfig:
     beta2: float = 0.99
     tau: float = 1e-3  # adaptivity: the smallest denominator of the server's step
     proximal_mu: float = 0.01  # FedProx: weight of the pull toward the global weights in local training
+    ditto_lambda: float = 0.1  # Ditto: weight of the pull of each personal model toward the global one
 
     def __post_init__(self):
         _need(0.0 < self.fraction <= 1.0, "strategy.fraction: expected a number in (0, 1]")
@@ -170,6 +171,7 @@ class StrategyConfig:
         _need(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "strategy.beta1, beta2: expected numbers in [0, 1)")
         _need(self.tau > 0, "strategy.tau: must be positive")
         _need(self.proximal_mu >= 0, "strategy.proximal_mu: must be >= 0")
+        _need(self.ditto_lambda >= 0, "strategy.ditto_lambda: must be >= 0")
 
 
 RAY_RESERVED = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory", "accelerator_type"})
@@ -405,8 +407,8 @@ class FedwardConfig:
             "strategy.name: scaffold's control variates are not covered by differential privacy; use fedavg with dp_sgd or dp_fedavg",
         )
         _need(
-            not (self.strategy.name == "fedprox" and self.privacy.dp_sgd.enabled),
-            "strategy.name: fedprox's proximal term is not clipped per patient, so DP-SGD cannot bound it; use fedavg with dp_sgd",
+            not (self.strategy.name in ("fedprox", "ditto") and self.privacy.dp_sgd.enabled),
+            f"strategy.name: {self.strategy.name}'s proximal term is not clipped per patient, so DP-SGD cannot bound it; use fedavg with dp_sgd",
         )
         _need(
             not (self.privacy.dp_sgd.enabled and self.model.norm == "batch"),

@@ -42,6 +42,7 @@ class RoundPlan:
     local_epochs: int
     lr: float
     proximal_mu: float = 0.0  # FedProx: pull toward the global weights in the local loss (0: none)
+    personal_lambda: float | None = None  # Ditto: train the hospital's personal model with this pull toward the global one
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ local-only training on the same budget), so the comparison trains exactly the sa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,20 +40,24 @@ def train(
     seed: int,
     config: TrainConfig,
     proximal_mu: float = 0.0,
+    anchor: Sequence[torch.Tensor] | None = None,
     correction: Mapping[str, torch.Tensor] | None = None,
 ) -> float:
     """Minibatch training with a fresh optimizer; returns the mean training loss (without the
     proximal term).
 
     All randomness (shuffling, dropout) comes from `seed`, so the same call gives the same weights.
-    With `proximal_mu` > 0 (FedProx, Li et al. 2020) the loss adds mu/2 * ||w - w_start||^2, which
-    keeps a hospital's weights near the global ones it started from. `correction` (SCAFFOLD) is
+    With `proximal_mu` > 0 the loss adds mu/2 * ||w - anchor||^2: anchored at the start (FedProx,
+    Li et al. 2020) it keeps a hospital's weights near the global ones it started from; anchored at
+    the global weights (Ditto) it keeps a personal model near the global one. `correction` (SCAFFOLD) is
     added to each named parameter's gradient before every step.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, lr, config)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    if proximal_mu > 0 and anchor is None:
+        anchor = [p.detach().clone() for p in model.parameters()]
+    anchor = list(anchor) if proximal_mu > 0 else []
     loss_fn = nn.BCEWithLogitsLoss()
     model.train()
     losses = []

@@ -61,6 +61,14 @@ def _explain_patient(args) -> None:
         print(f"wrote {path}")
 
 
+def _predict(args) -> None:
+    from pipelines.predict import predict
+
+    done = predict(Path(args.model_dir), Path(args.data), Path(args.out))
+    print(f"scored {done.scored} samples; skipped per reason: {done.skipped or 'none'}")
+    print(f"wrote {done.out}")
+
+
 def _settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config setting, e.g. --set privacy.masking.enabled=true (repeatable)")
@@ -102,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hospital", required=True)
     p.add_argument("--patient", required=True, help="the patient's id in the hospital's data")
     p.set_defaults(func=_explain_patient)
+
+    p = sub.add_parser("predict", help="score new patients with an exported model, at their hospital (run on its node)")
+    p.add_argument("model_dir", help="an exported model: RUN_DIR/model, or a hospital's runs/NAME-HASH/model")
+    p.add_argument("--data", required=True, help="a table file (CSV, Parquet, Arrow) or a folder of DICOM files")
+    p.add_argument("--out", required=True, help="the predictions: .csv or .parquet, one row per table row or image")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("compare", help="train central and local-only baselines on CONFIG's hospitals (demo data)")
     p.add_argument("config")

@@ -34,6 +34,7 @@ from fedward.errors import AggregationError, CheckpointError, ConfigError, DataE
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.types import DataCounts, Evaluation, Layout
+from models.export import export_model, from_weights
 from models.flat import flatten
 from models.networks import build_model
 from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
@@ -174,6 +175,8 @@ class Pipeline:
             # Key set-up bytes count toward the first round run in this invocation.
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
             weights, layout, last = self._train(shapes, ckpt)
+            if last > 0:
+                self._export(shapes, preprocessing, weights, layout, last)
             if last > 0 and self._explanation_due(last):
                 self._explain(sorted(shapes), weights, layout, last)
             return weights
@@ -345,6 +348,28 @@ class Pipeline:
             return True
         return done["round"] != last or bool(done["failures"]) or bool(done["report_failures"])
 
+    def _export(self, shapes: dict[str, tuple[int, ...]], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:
+        """The final model, for scoring new patients: the global one here, and each hospital's own
+        (personal layers included) in that hospital's area, never sent here. Same files on a re-run."""
+        shape, personal = next(iter(shapes.values())), self.strategy.personal_keys()
+        if personal:  # their values exist only at the hospitals: a global model would hold untrained ones
+            self.log(f"no global model written: {self.config.strategy.name} keeps {sorted(personal)} at each hospital; use a hospital's own model")
+        else:
+            export_model(
+                self.run_dir / "model", from_weights(self.config.model, shape, weights, layout),
+                model_config=self.config.model, input_shape=shape, preprocessing=preprocessing, data_config=self.config.data,
+                kind="global", hospital=None, run_id=self.run_id, round=round,
+            )
+        weights_ref = ray.put(weights)
+        paths, failures = gather(
+            {h: self.hospitals[h].export_model.remote(round, weights_ref, layout, self.run_id) for h in sorted(shapes)},
+            self.config.run.round_timeout_s,
+        )
+        for name, path in sorted(paths.items()):
+            self.log(f"{name}: its own model is at {path} on its node")
+        for name, why in sorted(failures.items()):
+            self.log(f"{name}: its own model could not be written: {why}")
+
     def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> None:
         """SHAP inside each hospital, merged here; each hospital then writes its own report."""
         timeout = self.config.run.round_timeout_s
@@ -467,7 +492,19 @@ class Pipeline:
             "evaluation_failures": eval_failures,
             "privacy": self._privacy_record(updates, sent, len(plans)),
         }
+        if self.strategy.personal_lambda is not None:
+            record["personal"] = self._personal_record(round, available)
         return weights, record
+
+    def _personal_record(self, round: int, hospitals: list[str]) -> dict:
+        """Each hospital's own model (Ditto) on its held-out split, beside the global one's figures."""
+        answers, failures = gather({h: self.hospitals[h].evaluate_personal.remote(round) for h in hospitals}, self.config.run.round_timeout_s)
+        evaluations = {h: e for h, e in sorted(answers.items()) if e is not None}
+        return {
+            "hospitals": {h: {"n": e.num_examples, "auroc": e.auroc, "auprc": e.auprc, "accuracy": e.accuracy, "loss": e.loss} for h, e in evaluations.items()},
+            "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
+            "failures": failures,
+        }
 
     def _check_reported_steps(self, round: int, updates: Mapping[str, Any], units: Mapping[str, int]) -> None:
         """A hospital's optimizer must have run the mechanism it was charged for."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipelines.ditto import Ditto
 from pipelines.fedavg import FedAvg
 from pipelines.fedopt import FedAdagrad, FedAdam, FedYogi
 from pipelines.fedprox import FedProx
@@ -18,4 +19,5 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "scaffold": Scaffold,
     "fedbn": FedBN,
     "fedper": FedPer,
+    "ditto": Ditto,
 }

@@ -20,6 +20,7 @@ from fedward.types import Layout, RoundPlan, Update
 
 class Strategy(ABC):
     proximal_mu = 0.0  # asked of hospitals' local training; FedProx sets it
+    personal_lambda: float | None = None  # Ditto sets it: hospitals then keep and evaluate a personal model
 
     def __init__(self, config: FedwardConfig):
         self.config = config
@@ -37,6 +38,7 @@ class Strategy(ABC):
                 local_epochs=cfg.train.local_epochs,
                 lr=cfg.train.lr,
                 proximal_mu=self.proximal_mu,
+                personal_lambda=self.personal_lambda,
             )
             for h in chosen
         ]

@@ -150,3 +150,34 @@ def test_scaffold_at_a_hospital_starts_as_fedavg_then_corrects_its_drift(demo_da
     restarted.load()
     restarted.prepare(spec, frozenset())
     assert restarted.restore(1) == 1 and np.array_equal(restarted.control, hospital.control)
+
+
+def test_ditto_keeps_a_personal_model_at_the_hospital_pulled_toward_the_global_one(demo_data, tmp_path):
+    raw = ehr_config(demo_data, tmp_path)
+    raw["strategy"] = {"name": "ditto"}
+    config = parse_config(raw)
+    hospital = Hospital("hospital_b", config, "ditto-1")
+    hospital.load()
+    spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
+    weights, layout = flatten(build_model(config.model, hospital.prepare(spec, frozenset())))
+    assert hospital.evaluate_personal(0) is None
+
+    plain = hospital.fit(RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05), weights, layout)
+    hospital.personal_model = None
+    update = hospital.fit(RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05, personal_lambda=0.1), weights, layout)
+    assert np.array_equal(update.delta, plain.delta) and update.layout == layout  # what leaves is FedAvg's, nothing personal
+    personal = flatten(hospital.personal_model)[0]
+    assert not np.allclose(personal, weights + update.delta)  # a model of its own
+    evaluation = hospital.evaluate_personal(1)
+    assert evaluation.num_examples == len(hospital.holdout_idx) and 0.5 < evaluation.auroc <= 1.0
+
+    hospital.personal_model = None  # a strong pull keeps the personal model at the global weights
+    hospital.fit(RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05, personal_lambda=5.0), weights, layout)
+    pulled = np.abs(flatten(hospital.personal_model)[0] - weights).max()
+    assert pulled < 0.5 * np.abs(personal - weights).max()
+
+    restarted = Hospital("hospital_b", config, "ditto-1")
+    restarted.load()
+    restarted.prepare(spec, frozenset())
+    assert restarted.restore(1) == 1
+    assert np.array_equal(flatten(restarted.personal_model)[0], flatten(hospital.personal_model)[0])

@@ -15,7 +15,7 @@ from tests.conftest import ehr_config
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("strategy", [{"name": "fedyogi", "server_lr": 0.02}, {"name": "scaffold"}, {"name": "fedper"}], ids=lambda s: s["name"])
+@pytest.mark.parametrize("strategy", [{"name": "fedyogi", "server_lr": 0.02}, {"name": "scaffold"}, {"name": "fedper"}, {"name": "ditto"}], ids=lambda s: s["name"])
 def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session, demo_data, tmp_path, strategy):
     raw = ehr_config(demo_data, tmp_path, name=strategy["name"], rounds=3)
     raw["explain"] = {"enabled": False}
@@ -28,3 +28,5 @@ def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session,
     assert not set(ckpt.layout.names) & STRATEGIES[strategy["name"]](config).personal_keys()
     # Server moments and SCAFFOLD's control variate are checkpointed with the weights.
     assert bool(ckpt.strategy_state) == (strategy["name"] in ("fedyogi", "scaffold"))
+    if strategy["name"] == "ditto":  # each hospital's own model, evaluated beside the global one
+        assert sorted(last["personal"]["hospitals"]) == sorted(last["hospitals"]) and last["personal"]["pooled"]["auroc"] >= 0.75

@@ -1,0 +1,117 @@
+"""`fedward predict`: an exported model scores new patients, at the hospital that holds them.
+
+New data goes through the very adapters and preprocessing the model was trained with: a table
+through the table adapter and the exported harmonization spec, a folder of DICOM files through the
+DICOM adapter with the exported image settings. A row or file that cannot be used is skipped and
+counted by reason, as in training; input that does not fit the model at all (a missing feature
+column, images for a table model) is refused naming the file and the field. The output holds one
+probability per row or image, next to its sample id and patient id: it identifies patients, so it
+belongs in the hospital's own area, like its data.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from data_adapters.dicom import load_dicom
+from data_adapters.harmonize import PreprocessingSpec
+from data_adapters.report import DataReport
+from data_adapters.samples import Samples
+from data_adapters.tables import load_table
+from fedward.errors import CheckpointError, ConfigError, DataError
+from fedward.files import atomic_write
+from models.export import CARD, ExportedModel, load_exported
+
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a prediction did: counts only, so it may be printed anywhere."""
+
+    out: Path
+    scored: int
+    skipped: dict[str, int]  # reason -> count
+
+
+def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
+    """Score every usable row of the table file, or image under the folder, `data` into `out`
+    (`.csv` or `.parquet`)."""
+    model_dir, data, out = Path(model_dir), Path(data), Path(out)
+    writer = _writer(out)  # a wrong extension is refused before any reading
+    model, card = load_exported(model_dir)
+    report = DataReport(card.hospital or "new patients")
+    samples, x = _read(card, model_dir, data, report)
+    if len(samples) == 0:
+        nothing = "no usable row in this table" if card.data_kind == "table" else "no readable DICOM image in this folder"
+        raise DataError(f"{data}: {nothing}; skipped per reason: {report.counts()}")
+    if tuple(x.shape[1:]) != card.input_shape:
+        raise CheckpointError(f"{model_dir / CARD}: the model takes inputs of shape {card.input_shape}, its preprocessing gave {tuple(x.shape[1:])}")
+    columns = {"sample_id": pa.array(samples.sample_ids, pa.string())}
+    if card.data_kind == "dicom" or card.patient_id is not None:  # tables without the column have none
+        columns["patient_id"] = pa.array(samples.patient_ids.tolist(), pa.string())
+    columns["probability"] = pa.array(probabilities(model, x))
+    writer(pa.table(columns), out)
+    return Prediction(out, len(samples), report.counts())
+
+
+def probabilities(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The model's probability of the positive outcome for each input, float64 (N,)."""
+    model.eval()
+    inputs = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    with torch.no_grad():
+        logits = torch.cat([model(inputs[i : i + BATCH]).squeeze(1) for i in range(0, len(inputs), BATCH)])
+    return torch.sigmoid(logits).numpy().astype(np.float64)
+
+
+def _read(card: ExportedModel, model_dir: Path, data: Path, report: DataReport) -> tuple[Samples, np.ndarray]:
+    """The usable samples of `data` and the model's inputs for them, as in training."""
+    if not data.exists():
+        raise DataError(f"{data}: no such file or folder")
+    if card.data_kind == "table":
+        if data.is_dir():
+            raise DataError(
+                f"{data} is a folder, but the model in {model_dir} scores table rows: give one CSV, Parquet or "
+                f"Arrow file with the columns {[f['name'] for f in card.features]}"
+            )
+        # An absolute or cwd-relative file: the adapter reads `Path('.') / file` and names `file` in its messages.
+        samples = load_table(Path("."), card.table_spec(str(data)), report, labelled=False)
+        return samples, PreprocessingSpec.from_dict(card.preprocessing).apply(samples.features)
+    if not data.is_dir():
+        raise DataError(
+            f"{data} is a file, but the model in {model_dir} scores DICOM images: give the folder that holds "
+            f"them (any nesting; every file in it is read)"
+        )
+    samples = load_dicom(data, card.dicom_spec("."), report, labelled=False)  # sample ids relative to `data`
+    return samples, samples.features
+
+
+def _write_csv(table: pa.Table, out: Path) -> None:
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer)
+    atomic_write(out, buffer.getvalue())
+
+
+def _write_parquet(table: pa.Table, out: Path) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(out, buffer.getvalue())
+
+
+_WRITERS = {".csv": _write_csv, ".parquet": _write_parquet}
+
+
+def _writer(out: Path):
+    try:
+        return _WRITERS[out.suffix.lower()]
+    except KeyError:
+        raise ConfigError(f"--out {out}: unknown output format {out.suffix!r}; expected one of {', '.join(_WRITERS)}") from None

@@ -252,9 +252,10 @@ class Hospital:
         return str(path)
 
     def export_model(self, round: int, weights: np.ndarray, layout: Layout, run_id: str) -> str:
-        """This hospital's own model (the global weights with its personal layers) written into its
-        own area, beside the data it scores; only the folder's path returns to the driver."""
-        model = self._model_with(weights, layout)
+        """This hospital's own model written into its own area, beside the data it scores: its
+        personal model (Ditto), or the global weights with its personal layers. Only the folder's
+        path returns to the driver."""
+        model = self.personal_model if self.personal_model is not None else self._model_with(weights, layout)
         folder = export.export_model(
             self.run_dir / "model",
             model,

@@ -28,5 +28,9 @@ def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session,
     assert not set(ckpt.layout.names) & STRATEGIES[strategy["name"]](config).personal_keys()
     # Server moments and SCAFFOLD's control variate are checkpointed with the weights.
     assert bool(ckpt.strategy_state) == (strategy["name"] in ("fedyogi", "scaffold"))
+    # The final models: the global one here unless layers stay at hospitals; each hospital's own in its area.
+    assert (config.run_dir / "model" / "model.json").is_file() == (strategy["name"] != "fedper")
+    own = [json.loads(p.read_text()) for p in (tmp_path / "sites").glob("*/runs/*/model/model.json")]
+    assert sorted(m["hospital"] for m in own) == sorted(last["hospitals"]) and {m["round"] for m in own} == {3}
     if strategy["name"] == "ditto":  # each hospital's own model, evaluated beside the global one
         assert sorted(last["personal"]["hospitals"]) == sorted(last["hospitals"]) and last["personal"]["pooled"]["auroc"] >= 0.75

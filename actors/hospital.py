@@ -173,9 +173,14 @@ class Hospital:
         x, y = self.x[self.train_idx], self.y[self.train_idx]
         dp = self.config.privacy.dp_sgd
         if not dp.enabled:
+            shared = None
+            if plan.personal_epochs:  # FedRep: the head adapts to the body as it came, then the body trains
+                head = frozenset(n for n, _ in model.named_parameters() if n in self.personal)
+                shared = frozenset(n for n, _ in model.named_parameters()) - head
+                training.train(model, x, y, epochs=plan.personal_epochs, lr=plan.lr, seed=plan.seed + 1, config=self.config.train, only=head)
             loss = training.train(
                 model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train,
-                proximal_mu=plan.proximal_mu, correction=correction,
+                proximal_mu=plan.proximal_mu, correction=correction, only=shared,
             )
             return {"train_loss": loss}
         units = self.dp_units()

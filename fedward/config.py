@@ -148,7 +148,7 @@ class TrainConfig:
         _need(self.lr > 0, "train.lr: must be positive")
 
 
-StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fedbn", "fedper", "ditto"]
+StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fedbn", "fedper", "fedrep", "ditto"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +164,7 @@ class StrategyConfig:
     tau: float = 1e-3  # adaptivity: the smallest denominator of the server's step
     proximal_mu: float = 0.01  # FedProx: weight of the pull toward the global weights in local training
     ditto_lambda: float = 0.1  # Ditto: weight of the pull of each personal model toward the global one
+    head_epochs: int = 1  # FedRep: epochs on the personal head, body frozen, before the body's epochs
 
     def __post_init__(self):
         _need(0.0 < self.fraction <= 1.0, "strategy.fraction: expected a number in (0, 1]")
@@ -172,6 +173,7 @@ class StrategyConfig:
         _need(self.tau > 0, "strategy.tau: must be positive")
         _need(self.proximal_mu >= 0, "strategy.proximal_mu: must be >= 0")
         _need(self.ditto_lambda >= 0, "strategy.ditto_lambda: must be >= 0")
+        _need(self.head_epochs >= 1, "strategy.head_epochs: must be at least 1")
 
 
 RAY_RESERVED = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory", "accelerator_type"})
@@ -407,8 +409,9 @@ class FedwardConfig:
             "strategy.name: scaffold's control variates are not covered by differential privacy; use fedavg with dp_sgd or dp_fedavg",
         )
         _need(
-            not (self.strategy.name in ("fedprox", "ditto") and self.privacy.dp_sgd.enabled),
-            f"strategy.name: {self.strategy.name}'s proximal term is not clipped per patient, so DP-SGD cannot bound it; use fedavg with dp_sgd",
+            not (self.strategy.name in ("fedprox", "ditto", "fedrep") and self.privacy.dp_sgd.enabled),
+            f"strategy.name: {self.strategy.name}'s extra local training is not part of DP-SGD's clipped steps, so its privacy "
+            f"would go unaccounted; use fedavg with dp_sgd",
         )
         _need(
             not (self.privacy.dp_sgd.enabled and self.model.norm == "batch"),

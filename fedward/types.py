@@ -43,6 +43,7 @@ class RoundPlan:
     lr: float
     proximal_mu: float = 0.0  # FedProx: pull toward the global weights in the local loss (0: none)
     personal_lambda: float | None = None  # Ditto: train the hospital's personal model with this pull toward the global one
+    personal_epochs: int = 0  # FedRep: epochs on the personal layers alone before the shared ones train alone
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ from fedward.metrics import score_histograms
 from fedward.types import Evaluation
 
 
-def make_optimizer(model: nn.Module, lr: float, config: TrainConfig) -> torch.optim.Optimizer:
-    """A fresh optimizer each round, shared by private and non-private training so they compare."""
+def make_optimizer(model: nn.Module, lr: float, config: TrainConfig, only: frozenset[str] | None = None) -> torch.optim.Optimizer:
+    """A fresh optimizer each round, shared by private and non-private training so they compare;
+    `only` names the parameters it may change (all when None)."""
+    params = [p for n, p in model.named_parameters() if only is None or n in only]
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def local_steps(n: int, epochs: int, batch_size: int) -> int:
@@ -42,6 +44,7 @@ def train(
     proximal_mu: float = 0.0,
     anchor: Sequence[torch.Tensor] | None = None,
     correction: Mapping[str, torch.Tensor] | None = None,
+    only: frozenset[str] | None = None,
 ) -> float:
     """Minibatch training with a fresh optimizer; returns the mean training loss (without the
     proximal term).
@@ -50,11 +53,12 @@ def train(
     With `proximal_mu` > 0 the loss adds mu/2 * ||w - anchor||^2: anchored at the start (FedProx,
     Li et al. 2020) it keeps a hospital's weights near the global ones it started from; anchored at
     the global weights (Ditto) it keeps a personal model near the global one. `correction` (SCAFFOLD) is
-    added to each named parameter's gradient before every step.
+    added to each named parameter's gradient before every step. `only` trains just the named
+    parameters (FedRep alternates between the head and the body); the others stay as they are.
     """
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
-    opt = make_optimizer(model, lr, config)
+    opt = make_optimizer(model, lr, config, only)
     if proximal_mu > 0 and anchor is None:
         anchor = [p.detach().clone() for p in model.parameters()]
     anchor = list(anchor) if proximal_mu > 0 else []

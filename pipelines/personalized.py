@@ -2,7 +2,8 @@
 
 FedBN (Li et al. 2021) keeps BatchNorm layers local: each hospital normalizes with its own
 scanner's or population's statistics. FedPer (Arivazhagan et al. 2019) keeps the output layer
-local: a shared body, a personal head. The personal entries never enter an `Update`; they live in
+local: a shared body, a personal head. FedRep (Collins et al. 2021) splits FedPer's local training:
+first the head alone on the body as it came, then the body alone under the adapted head. The personal entries never enter an `Update`; they live in
 the hospital's model and its own checkpoints.
 """
 
@@ -35,3 +36,9 @@ class FedPer(FedAvg):
     def personal_keys(self) -> frozenset[str]:
         name, head = [(n, m) for n, m in _probe(self.config).named_modules() if isinstance(m, nn.Linear)][-1]
         return frozenset(_entries(name, head))
+
+
+class FedRep(FedPer):
+    def __init__(self, config: FedwardConfig):
+        super().__init__(config)
+        self.personal_epochs = config.strategy.head_epochs

@@ -6,7 +6,7 @@ from pipelines.ditto import Ditto
 from pipelines.fedavg import FedAvg
 from pipelines.fedopt import FedAdagrad, FedAdam, FedYogi
 from pipelines.fedprox import FedProx
-from pipelines.personalized import FedBN, FedPer
+from pipelines.personalized import FedBN, FedPer, FedRep
 from pipelines.scaffold import Scaffold
 from pipelines.strategy import Strategy
 
@@ -19,5 +19,6 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "scaffold": Scaffold,
     "fedbn": FedBN,
     "fedper": FedPer,
+    "fedrep": FedRep,
     "ditto": Ditto,
 }

@@ -21,6 +21,7 @@ from fedward.types import Layout, RoundPlan, Update
 class Strategy(ABC):
     proximal_mu = 0.0  # asked of hospitals' local training; FedProx sets it
     personal_lambda: float | None = None  # Ditto sets it: hospitals then keep and evaluate a personal model
+    personal_epochs = 0  # FedRep sets it: hospitals train their personal layers alone first
 
     def __init__(self, config: FedwardConfig):
         self.config = config
@@ -39,6 +40,7 @@ class Strategy(ABC):
                 lr=cfg.train.lr,
                 proximal_mu=self.proximal_mu,
                 personal_lambda=self.personal_lambda,
+                personal_epochs=self.personal_epochs,
             )
             for h in chosen
         ]

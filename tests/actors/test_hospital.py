@@ -95,15 +95,17 @@ def test_a_hospital_under_dp_sgd_reports_its_steps_and_refuses_to_train_past_its
     assert len(log.read_text().splitlines()) == 1  # the refused round spent nothing
 
 
-def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(demo_data, tmp_path):
+@pytest.mark.parametrize("name", ["fedper", "fedrep"])
+def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(demo_data, tmp_path, name):
     import torch
 
     from pipelines.strategies import STRATEGIES
 
     raw = ehr_config(demo_data, tmp_path)
-    raw["strategy"] = {"name": "fedper"}
+    raw["strategy"] = {"name": name}
     config = parse_config(raw)
-    personal = STRATEGIES["fedper"](config).personal_keys()
+    strategy = STRATEGIES[name](config)
+    personal = strategy.personal_keys()
     hospital = Hospital("hospital_a", config, "fedper-1")
     hospital.load()
     spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
@@ -111,9 +113,13 @@ def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(
     weights, layout = flatten(build_model(config.model, shape), personal)
     assert not set(layout.names) & personal
 
-    update = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.05), weights, layout)
+    initial = {k: v.clone() for k, v in hospital.model.state_dict().items() if k in personal}
+    [plan] = strategy.configure_round(1, ["hospital_a"], np.random.default_rng(0))
+    update = hospital.fit(plan, weights, layout)
     assert update.layout == layout and update.delta.size == layout.size  # the head is not in what leaves
+    assert np.abs(update.delta).max() > 0  # the body trained (FedRep: after its head epochs)
     head = {k: v.clone() for k, v in hospital.model.state_dict().items() if k in personal}
+    assert not all(torch.equal(initial[k], v) for k, v in head.items())
     restarted = Hospital("hospital_a", config, "fedper-1")  # a new actor: fresh model, own state on disk
     restarted.load()
     restarted.prepare(spec, personal)

@@ -116,7 +116,7 @@ def test_strategy_contradictions_fail_at_load():
     with pytest.raises(ConfigError, match="fedbn keeps BatchNorm layers at each hospital, but model.norm is 'none'"):
         strategy("fedbn")
     raw = raw_config(strategy={"name": "fedprox"}, privacy={"dp_sgd": {"enabled": True, "epsilon": 1}})
-    with pytest.raises(ConfigError, match="fedprox's proximal term is not clipped per patient"):
+    with pytest.raises(ConfigError, match="fedprox's extra local training is not part of DP-SGD's clipped steps"):
         parse_config(raw)
     with pytest.raises(ConfigError, match="strategy.beta1, beta2"):
         strategy("fedadam", beta1=1.0)
@@ -138,3 +138,21 @@ def test_scaffold_moves_weights_by_the_mean_change_and_its_control_by_the_asked_
     again = strategy("scaffold")
     again.load_state_dict(s.state_dict())
     assert np.array_equal(again.broadcast(), s.broadcast())
+
+
+def test_training_only_named_parameters_leaves_the_others_exactly_as_they_were():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(64, 5), (torch.rand(64) < 0.5).float()
+    training.train(model, x, y, epochs=2, lr=0.1, seed=0, config=TrainConfig(batch_size=16), only=frozenset({"2.weight", "2.bias"}))
+    after = model.state_dict()
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["0.bias"], before["0.bias"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+
+
+def test_fedrep_keeps_fedpers_head_and_asks_for_head_epochs_first():
+    s = strategy("fedrep", head_epochs=2)
+    assert s.personal_keys() == strategy("fedper").personal_keys()
+    assert [p.personal_epochs for p in s.configure_round(1, ["a"], np.random.default_rng(0))] == [2]
+    assert [p.personal_epochs for p in strategy("fedper").configure_round(1, ["a"], np.random.default_rng(0))] == [0]

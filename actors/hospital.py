@@ -61,6 +61,7 @@ class Hospital:
         self.explanation: LocalExplanation | None = None
         self.control: np.ndarray | None = None  # SCAFFOLD: this hospital's control variate c_i
         self.personal_model: nn.Module | None = None  # Ditto: this hospital's own model
+        self.fine_tuned: nn.Module | None = None  # the global model fine-tuned here after the last round
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -227,6 +228,17 @@ class Hospital:
             seed=plan.seed + 1, config=self.config.train, proximal_mu=plan.personal_lambda, anchor=anchor,
         )
 
+    def train_own_copy(self, round: int, weights: np.ndarray, layout: Layout, epochs: int, purpose: str) -> Evaluation:
+        """A copy of the model from `weights`, trained on this hospital's data alone and evaluated
+        on its held-out split: fine-tuning of the global model, or a local-only model from the
+        initial weights. A fine-tuned model becomes the hospital's own model for export."""
+        model = copy.deepcopy(self._model_with(weights, layout))
+        training.train(model, self.x[self.train_idx], self.y[self.train_idx], epochs=epochs, lr=self.config.train.lr,
+                       seed=derived_seed(self.config.run.seed, round, f"{self.name}/{purpose}"), config=self.config.train)
+        if purpose == "fine_tuned":
+            self.fine_tuned = model
+        return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+
     def evaluate_personal(self, round: int) -> Evaluation | None:
         """The hospital's personal model (Ditto) on its held-out split; None when it keeps none."""
         if self.personal_model is None:
@@ -258,9 +270,10 @@ class Hospital:
 
     def export_model(self, round: int, weights: np.ndarray, layout: Layout, run_id: str) -> str:
         """This hospital's own model written into its own area, beside the data it scores: its
-        personal model (Ditto), or the global weights with its personal layers. Only the folder's
-        path returns to the driver."""
-        model = self.personal_model if self.personal_model is not None else self._model_with(weights, layout)
+        personal model (Ditto), the global model fine-tuned here, or the global weights with its
+        personal layers. Only the folder's path returns to the driver."""
+        own = [m for m in (self.personal_model, self.fine_tuned) if m is not None]
+        model = own[0] if own else self._model_with(weights, layout)
         folder = export.export_model(
             self.run_dir / "model",
             model,

@@ -131,6 +131,24 @@ def importance_bars(label: str, importance: Mapping[str, float], by_hospital: Ma
     return to_png(fig)
 
 
+def model_comparison(auroc: Mapping[str, Mapping[str, float]]) -> bytes:
+    """AUROC per hospital (groups) and model (bars): what federating gave each hospital."""
+    models = list(auroc)
+    hospitals = sorted({h for values in auroc.values() for h in values})
+    width = 0.8 / len(models)
+    fig = _figure(max(7.0, 1.8 * len(hospitals) + 2.0), 4.0)
+    ax = fig.subplots()
+    for k, model in enumerate(models):
+        x = np.arange(len(hospitals)) + (k - (len(models) - 1) / 2) * width
+        ax.bar(x, [auroc[model].get(h, np.nan) for h in hospitals], width, label=model)
+    ax.set_xticks(np.arange(len(hospitals)), hospitals)
+    ax.set_ylabel("AUROC on its held-out patients")
+    ax.set_ylim(0.5, 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    return to_png(fig)
+
+
 def binned_summary(bins_by_feature: Mapping[str, Sequence[FeatureBin]]) -> bytes:
     """A beeswarm from binned aggregates: per feature a row, per bin a dot at its mean SHAP.
 

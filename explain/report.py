@@ -572,6 +572,33 @@ def _consortium_notices(run: _Run) -> list[str]:
     return notices
 
 
+# -- what each hospital gains ----------------------------------------------------------------------
+
+MODEL_NAMES = {
+    "global": "global model",
+    "personal": "its personal model (Ditto)",
+    "fine_tuned": "global, fine-tuned on its data",
+    "local_only": "trained on its data alone",
+}
+
+
+def _gains(personalization: dict, hospitals: Sequence[str]) -> _Section:
+    models = {m: personalization["models"][m] for m in MODEL_NAMES if m in personalization["models"]}
+    auroc = {MODEL_NAMES[m]: {h: v["auroc"] for h, v in models[m]["hospitals"].items()} for m in models}
+    rows = [(h, *(_figure(auroc[name].get(h)) for name in auroc)) for h in hospitals]
+    rows.append(("pooled (all hospitals)", *(_figure(models[m]["pooled"].get("auroc")) for m in models)))
+    parts = [
+        _p(f"AUROC of each model on each hospital's own held-out patients after round {personalization['round']}; "
+           f"every model was trained and evaluated at the hospital."),
+        _table(("hospital", *auroc), rows),
+        _img(plots.model_comparison(auroc), "AUROC per hospital and model"),
+    ]
+    for m in ("fine_tuned", "local_only"):
+        if m in models:
+            parts.append(_p(f"{MODEL_NAMES[m].capitalize()}: {models[m]['epochs']} epochs.", "note"))
+    return _section("gains", "What each hospital gains", *parts)
+
+
 # -- privacy ---------------------------------------------------------------------------------------
 
 
@@ -628,6 +655,9 @@ def write_consortium_report(run_dir: Path) -> Path:
         _calibration(record, hospitals, run.identity.get("explain", {}).get("min_bin_count", 10)),
         _training(run.metrics, hospitals),
     ]
+    personalization = run_dir / "personalization.json"
+    if personalization.is_file() and len(_read_json(personalization)["models"]) > 1:
+        sections.append(_gains(_read_json(personalization), hospitals))
     notices = _consortium_notices(run)
     if run.consortium is None:
         sections.append(_section("explanations", "Explanations", _p("Explanations were not computed for this run.", "fail")))

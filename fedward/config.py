@@ -165,6 +165,12 @@ class StrategyConfig:
     proximal_mu: float = 0.01  # FedProx: weight of the pull toward the global weights in local training
     ditto_lambda: float = 0.1  # Ditto: weight of the pull of each personal model toward the global one
     head_epochs: int = 1  # FedRep: epochs on the personal head, body frozen, before the body's epochs
+    # After the last round each hospital fine-tunes the global model on its own training split for
+    # this many epochs (0: not at all); that model is its own, evaluated and exported at the hospital.
+    fine_tune_epochs: int = 0
+    # Each hospital also trains a model on its own data alone, on the run's budget (rounds x local
+    # epochs from the same initial weights), so every hospital sees what federating gained it.
+    local_only: bool = False
 
     def __post_init__(self):
         _need(0.0 < self.fraction <= 1.0, "strategy.fraction: expected a number in (0, 1]")
@@ -174,6 +180,7 @@ class StrategyConfig:
         _need(self.proximal_mu >= 0, "strategy.proximal_mu: must be >= 0")
         _need(self.ditto_lambda >= 0, "strategy.ditto_lambda: must be >= 0")
         _need(self.head_epochs >= 1, "strategy.head_epochs: must be at least 1")
+        _need(self.fine_tune_epochs >= 0, "strategy.fine_tune_epochs: must be >= 0")
 
 
 RAY_RESERVED = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory", "accelerator_type"})

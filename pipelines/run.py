@@ -87,6 +87,10 @@ def _wire_bytes(message: Any) -> int:
     return len(pickle.dumps(message, protocol=5))
 
 
+def _figures(e: Evaluation) -> dict[str, float]:
+    return {"n": e.num_examples, "auroc": e.auroc, "auprc": e.auprc, "accuracy": e.accuracy, "loss": e.loss}
+
+
 def pooled_metrics(evaluations: list[Evaluation]) -> dict[str, float]:
     pos = sum(e.positive_hist for e in evaluations)
     neg = sum(e.negative_hist for e in evaluations)
@@ -176,6 +180,7 @@ class Pipeline:
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
             weights, layout, last = self._train(shapes, ckpt)
             if last > 0:
+                self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())))
                 self._export(shapes, preprocessing, weights, layout, last)
             if last > 0 and self._explanation_due(last):
                 self._explain(sorted(shapes), weights, layout, last)
@@ -348,6 +353,36 @@ class Pipeline:
             return True
         return done["round"] != last or bool(done["failures"]) or bool(done["report_failures"])
 
+    def _own_models(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int, shape: tuple[int, ...]) -> None:
+        """What each hospital gets from federating: the global model against its own models (the
+        global one fine-tuned on its data, one trained on its data alone), all evaluated there.
+        Written to personalization.json; the same figures on a re-run (seeds derive from the run's)."""
+        cfg = self.config
+        wanted = {}
+        if cfg.strategy.fine_tune_epochs:
+            wanted["fine_tuned"] = (weights, cfg.strategy.fine_tune_epochs)
+        if cfg.strategy.local_only:
+            wanted["local_only"] = (self._initial_weights(shape)[0], cfg.run.rounds * cfg.train.local_epochs)
+        last = read_metrics(self.run_dir / "metrics.jsonl")[-1]
+        keep = ("n", "auroc", "auprc", "accuracy", "loss")
+        result = {"round": round, "models": {"global": {"hospitals": {h: {k: m[k] for k in keep} for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
+        if "personal" in last:
+            result["models"]["personal"] = {k: last["personal"][k] for k in ("hospitals", "pooled")}
+        for purpose, (start, epochs) in wanted.items():
+            start_ref = ray.put(start)
+            answers, failures = gather(
+                {h: self.hospitals[h].train_own_copy.remote(round, start_ref, layout, epochs, purpose) for h in hospitals}, cfg.run.round_timeout_s
+            )
+            for name, why in sorted(failures.items()):
+                self.log(f"{name}: its {purpose.replace('_', '-')} model failed: {why}")
+            result["models"][purpose] = {
+                "epochs": epochs,
+                "hospitals": {h: _figures(e) for h, e in sorted(answers.items())},
+                "pooled": pooled_metrics(list(answers.values())) if answers else {},
+                "failures": failures,
+            }
+        atomic_write_json(self.run_dir / "personalization.json", result)
+
     def _export(self, shapes: dict[str, tuple[int, ...]], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:
         """The final model, for scoring new patients: the global one here, and each hospital's own
         (personal layers included) in that hospital's area, never sent here. Same files on a re-run."""
@@ -501,7 +536,7 @@ class Pipeline:
         answers, failures = gather({h: self.hospitals[h].evaluate_personal.remote(round) for h in hospitals}, self.config.run.round_timeout_s)
         evaluations = {h: e for h, e in sorted(answers.items()) if e is not None}
         return {
-            "hospitals": {h: {"n": e.num_examples, "auroc": e.auroc, "auprc": e.auprc, "accuracy": e.accuracy, "loss": e.loss} for h, e in evaluations.items()},
+            "hospitals": {h: _figures(e) for h, e in evaluations.items()},
             "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
             "failures": failures,
         }

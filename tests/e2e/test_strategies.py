@@ -34,3 +34,23 @@ def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session,
     assert sorted(m["hospital"] for m in own) == sorted(last["hospitals"]) and {m["round"] for m in own} == {3}
     if strategy["name"] == "ditto":  # each hospital's own model, evaluated beside the global one
         assert sorted(last["personal"]["hospitals"]) == sorted(last["hospitals"]) and last["personal"]["pooled"]["auroc"] >= 0.75
+
+
+def test_every_hospital_sees_its_gain_from_federating(ray_session, demo_data, tmp_path):
+    from explain.report import write_consortium_report
+
+    raw = ehr_config(demo_data, tmp_path, name="gains", rounds=2)
+    raw["explain"] = {"enabled": False}
+    raw["strategy"] = {"name": "ditto", "fine_tune_epochs": 1, "local_only": True}
+    config = parse_config(raw)
+    Pipeline(config, progress=False).run()
+    gains = json.loads((config.run_dir / "personalization.json").read_text())
+    assert gains["round"] == 2 and set(gains["models"]) == {"global", "personal", "fine_tuned", "local_only"}
+    assert gains["models"]["local_only"]["epochs"] == 2 * config.train.local_epochs
+    for model in gains["models"].values():
+        assert sorted(model["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
+        assert all(0.5 < m["auroc"] <= 1.0 for m in model["hospitals"].values())
+    last = json.loads((config.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert gains["models"]["global"]["hospitals"]["hospital_a"]["auroc"] == last["hospitals"]["hospital_a"]["auroc"]
+    page = write_consortium_report(config.run_dir).read_text()
+    assert "What each hospital gains" in page and "trained on its data alone" in page

@@ -62,6 +62,7 @@ class Hospital:
         self.control: np.ndarray | None = None  # SCAFFOLD: this hospital's control variate c_i
         self.personal_model: nn.Module | None = None  # Ditto: this hospital's own model
         self.fine_tuned: nn.Module | None = None  # the global model fine-tuned here after the last round
+        self._fitted: int | None = None  # the last round this hospital trained in
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -122,8 +123,7 @@ class Hospital:
         self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         self.y = torch.from_numpy(samples.labels.astype(np.float32))
         self.personal = frozenset(personal)
-        torch.manual_seed(self.config.run.seed)  # personal layers start the same on every resume
-        self.model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
+        self._fresh_state()  # personal layers start the same on every resume
         return tuple(self.x.shape[1:])
 
     def _loaded(self) -> Samples:
@@ -138,7 +138,12 @@ class Hospital:
 
         `server_control` (SCAFFOLD) is the driver's control variate; the change then carries this
         hospital's control change too, and its own control variate stays here."""
+        if self._fitted is not None and plan.round <= self._fitted:
+            self._rewind(plan.round)
+        self._fitted = plan.round
         model = self._model_with(weights, layout)
+        if plan.personal_lambda is not None and self.personal_model is None:
+            self.personal_model = copy.deepcopy(model)  # Ditto's starts from the global model of its first round
         controls = scaffold.control_layout(model, layout) if server_control is not None else None
         if controls is not None and (self.control is None or self.control.size != controls.size):
             self.control = np.zeros(controls.size, np.float32)
@@ -217,10 +222,20 @@ class Hospital:
         model = self._model_with(weights, layout)
         return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
 
+    def _rewind(self, round: int) -> None:
+        """A round asked again (a retry) starts from the hospital's state before it, not from where
+        its first try left its personal layers, control variate or personal model."""
+        if self.restore(round - 1) is None:
+            self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        torch.manual_seed(self.config.run.seed)  # as prepare() built it: personal layers start the same
+        self.model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
+        self.control = None
+        self.personal_model = None
+
     def _train_personal(self, plan: RoundPlan, weights: np.ndarray, layout: Layout) -> None:
         """Ditto: the personal model trains on the same data, pulled toward the global weights."""
-        if self.personal_model is None:
-            self.personal_model = copy.deepcopy(self.model)  # starts from the global model of its first round
         at = layout.slices()
         anchor = [torch.from_numpy(weights[at[name]].copy()).reshape(p.shape) for name, p in self.personal_model.named_parameters()]
         training.train(
@@ -232,7 +247,12 @@ class Hospital:
         """A copy of the model from `weights`, trained on this hospital's data alone and evaluated
         on its held-out split: fine-tuning of the global model, or a local-only model from the
         initial weights. A fine-tuned model becomes the hospital's own model for export."""
-        model = copy.deepcopy(self._model_with(weights, layout))
+        if purpose == "local_only":  # a model of its own from the start: no federated personal layers either
+            torch.manual_seed(self.config.run.seed)
+            model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
+            load_flat(model, weights, layout, self.personal)
+        else:
+            model = copy.deepcopy(self._model_with(weights, layout))
         training.train(model, self.x[self.train_idx], self.y[self.train_idx], epochs=epochs, lr=self.config.train.lr,
                        seed=derived_seed(self.config.run.seed, round, f"{self.name}/{purpose}"), config=self.config.train)
         if purpose == "fine_tuned":

@@ -411,9 +411,22 @@ class FedwardConfig:
             self.strategy.name != "fedbn" or self.model.norm == "batch",
             f"strategy.name: fedbn keeps BatchNorm layers at each hospital, but model.norm is {self.model.norm!r}; set it to 'batch'",
         )
+        dp = self.privacy.dp_sgd.enabled or self.privacy.dp_fedavg.enabled
+        if self.strategy.name == "scaffold":
+            _need(not dp, "strategy.name: scaffold's control variates are not covered by differential privacy; use fedavg with dp_sgd or dp_fedavg")
+            _need(
+                self.train.optimizer == "sgd" and self.train.momentum == 0,
+                "strategy.name: scaffold's control update assumes plain SGD steps; set train.optimizer: sgd and train.momentum: 0",
+            )
+            _need(
+                not (self.privacy.encryption.enabled and self.privacy.encryption.layers is not None),
+                "strategy.name: scaffold's control changes reveal the update of every layer; with encryption, encrypt them all "
+                "(leave encryption.layers out)",
+            )
         _need(
-            not (self.strategy.name == "scaffold" and (self.privacy.dp_sgd.enabled or self.privacy.dp_fedavg.enabled)),
-            "strategy.name: scaffold's control variates are not covered by differential privacy; use fedavg with dp_sgd or dp_fedavg",
+            not (dp and (self.strategy.fine_tune_epochs or self.strategy.local_only or self.strategy.name == "ditto")),
+            "strategy: fine_tune_epochs, local_only and ditto train models outside the DP mechanism whose figures leave the "
+            "hospital; they cannot run with privacy.dp_sgd or privacy.dp_fedavg",
         )
         _need(
             not (self.strategy.name in ("fedprox", "ditto", "fedrep") and self.privacy.dp_sgd.enabled),
@@ -473,9 +486,15 @@ class FedwardConfig:
     def model_for(self, hospital: str) -> ModelConfig:
         overrides = self.hospital(hospital).model
         try:
-            return dataclasses.replace(self.model, **_parse_fields(ModelConfig, overrides, f"hospitals.{hospital}.model", partial=True))
+            own = dataclasses.replace(self.model, **_parse_fields(ModelConfig, overrides, f"hospitals.{hospital}.model", partial=True))
         except TypeError as e:
             raise ConfigError(f"hospitals.{hospital}.model: {e}") from None
+        _need(
+            (own.dropout > 0) == (self.model.dropout > 0),
+            f"hospitals.{hospital}.model.dropout: a dropout layer only where model.dropout is 0 (or none where it is not) "
+            f"shifts the layers' names; give model.dropout a non-zero value and vary it per hospital",
+        )
+        return own
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

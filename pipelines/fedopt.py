@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from fedward.types import Update
+from torch import nn
+
+from fedward.types import Layout, Update
 from pipelines.fedavg import weighted_mean
 from pipelines.strategy import Strategy
 
@@ -24,6 +26,13 @@ class FedOpt(Strategy):
         super().__init__(config)
         self.m: np.ndarray | None = None  # first moment of the mean change
         self.v: np.ndarray | None = None  # second moment
+        self.trainable: np.ndarray | None = None  # which flat entries are parameters, not buffers
+
+    def start(self, model: nn.Module, layout: Layout) -> None:
+        parameters = {name for name, _ in model.named_parameters()}
+        self.trainable = np.concatenate(
+            [np.full(s.stop - s.start, name in parameters) for name, s in layout.slices().items()]
+        ) if layout.names else np.zeros(0, bool)
 
     def second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -38,7 +47,11 @@ class FedOpt(Strategy):
             self.v = np.full_like(delta, s.tau**2)  # v starts at tau^2, as in the paper
         self.m = s.beta1 * self.m + (1 - s.beta1) * delta
         self.v = self.second_moment(self.v, delta**2)
-        return (current + s.server_lr * self.m / (np.sqrt(self.v) + s.tau)).astype(np.float32)
+        step = s.server_lr * self.m / (np.sqrt(self.v) + s.tau)
+        # Buffers (BatchNorm's running statistics) are averaged, not stepped: an adaptive step of
+        # about server_lr could push a small running variance below zero.
+        trainable = self.trainable if self.trainable is not None else np.ones(delta.size, bool)
+        return (current + np.where(trainable, step, delta)).astype(np.float32)
 
     def state_dict(self) -> dict:
         if self.m is None:

@@ -160,7 +160,7 @@ class Pipeline:
             raise CheckpointError(f"{self.run_dir}: checkpoint round {ckpt.round} was written under another config")
         record_invocation(self.run_dir, self.digest, ckpt.round if ckpt else 0)
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
-        if ckpt is not None and ckpt.round >= self.config.run.rounds and not self._explanation_due(ckpt.round):
+        if ckpt is not None and ckpt.round >= self.config.run.rounds and self._models_out(ckpt.round) and not self._explanation_due(ckpt.round):
             self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
             return ckpt.weights
         started = start_ray(self.config, self.address)
@@ -180,8 +180,9 @@ class Pipeline:
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
             weights, layout, last = self._train(shapes, ckpt)
             if last > 0:
-                self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())))
+                gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())))
                 self._export(shapes, preprocessing, weights, layout, last)
+                atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
             if last > 0 and self._explanation_due(last):
                 self._explain(sorted(shapes), weights, layout, last)
             return weights
@@ -343,6 +344,13 @@ class Pipeline:
         ledger = build_ledger(self.config, self.hook.describe(), records, read_spend(self.run_dir / SPEND_LOG), stopped)
         atomic_write_json(self.run_dir / "privacy.json", ledger)
 
+    def _models_out(self, last: int) -> bool:
+        """Whether the final models and their figures were written for round `last`."""
+        try:
+            return json.loads((self.run_dir / "personalization.json").read_text())["round"] == last
+        except (OSError, ValueError, KeyError):
+            return False
+
     def _explanation_due(self, last: int) -> bool:
         """Explain unless the last round's explanation finished everywhere, reports included."""
         if not self.config.explain.enabled:
@@ -353,10 +361,10 @@ class Pipeline:
             return True
         return done["round"] != last or bool(done["failures"]) or bool(done["report_failures"])
 
-    def _own_models(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int, shape: tuple[int, ...]) -> None:
+    def _own_models(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int, shape: tuple[int, ...]) -> dict:
         """What each hospital gets from federating: the global model against its own models (the
         global one fine-tuned on its data, one trained on its data alone), all evaluated there.
-        Written to personalization.json; the same figures on a re-run (seeds derive from the run's)."""
+        For personalization.json; the same figures on a re-run (seeds derive from the run's)."""
         cfg = self.config
         wanted = {}
         if cfg.strategy.fine_tune_epochs:
@@ -381,7 +389,7 @@ class Pipeline:
                 "pooled": pooled_metrics(list(answers.values())) if answers else {},
                 "failures": failures,
             }
-        atomic_write_json(self.run_dir / "personalization.json", result)
+        return result
 
     def _export(self, shapes: dict[str, tuple[int, ...]], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:
         """The final model, for scoring new patients: the global one here, and each hospital's own

@@ -5,7 +5,8 @@ trainable parameters. A hospital trains with every gradient corrected by c - c_i
 c_i+ = c_i - c + (x - y) / (K * lr) (the paper's option II: x the global weights it started
 from, y its trained ones, K its optimizer steps) and sends c_i+ - c_i appended to its change, so
 the control change travels, and is protected, exactly as the update does. The driver moves the
-weights by the mean change and c by the mean control change times the share of hospitals asked.
+weights by the mean change and c by the mean control change times the share of the federation
+whose change arrived.
 Each c_i is the hospital's own state: saved with its model, never sent.
 
 With c = c_i = 0, as in the first round, a hospital trains exactly as under FedAvg.
@@ -63,6 +64,7 @@ class Scaffold(Strategy):
     def __init__(self, config):
         super().__init__(config)
         self.control: np.ndarray | None = None  # the server's c, over the controlled parameters
+        self.asked = 0  # hospitals asked in the current round
 
     def start(self, model: nn.Module, layout: Layout) -> None:
         size = control_layout(model, layout).size
@@ -74,6 +76,11 @@ class Scaffold(Strategy):
     def broadcast(self) -> np.ndarray:
         return self.control
 
+    def configure_round(self, round, hospitals, rng):
+        plans = super().configure_round(round, hospitals, rng)
+        self.asked = len(plans)
+        return plans
+
     def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
         if not updates:
             return None
@@ -81,8 +88,10 @@ class Scaffold(Strategy):
         n = current.size
         if mean.size != n + self.control.size:
             raise AggregationError(f"round {round}: SCAFFOLD updates hold {mean.size} values, expected {n} weights and {self.control.size} controls")
-        # |S| / N: the share of hospitals asked; hospitals not asked keep their c_i, so c moves less.
-        self.control = (self.control + self.config.strategy.fraction * mean[n:]).astype(np.float32)
+        # |S| / N: the share of the federation whose change arrived; the others keep their c_i, so c
+        # moves less. Control changes carry the updates' weights, as they travel in the same vector.
+        share = (self.asked - len(failures)) / len(self.config.hospitals)
+        self.control = (self.control + share * mean[n:]).astype(np.float32)
         return (current + mean[:n]).astype(np.float32)
 
     def state_dict(self) -> dict:

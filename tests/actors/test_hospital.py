@@ -134,6 +134,7 @@ def test_scaffold_at_a_hospital_starts_as_fedavg_then_corrects_its_drift(demo_da
 
     raw = ehr_config(demo_data, tmp_path)
     raw["strategy"] = {"name": "scaffold"}
+    raw["train"]["momentum"] = 0.0
     config = parse_config(raw)
     hospital = Hospital("hospital_a", config, "scaffold-1")
     counts = hospital.load()
@@ -150,12 +151,15 @@ def test_scaffold_at_a_hospital_starts_as_fedavg_then_corrects_its_drift(demo_da
     np.testing.assert_allclose(first.delta[layout.size :], -plain.delta / (steps * 0.05), rtol=1e-5, atol=1e-7)
     assert np.array_equal(hospital.control, first.delta[layout.size :])  # c_i = 0 + its change
 
-    second = hospital.fit(plan, weights, layout, server_control=zero)  # now c - c_i != 0
-    assert not np.allclose(second.delta[: layout.size], plain.delta)
+    after_first = hospital.control.copy()
+    again = hospital.fit(plan, weights, layout, server_control=zero)  # round 1 retried: from the state before it
+    assert np.array_equal(again.delta, first.delta)
+    second = hospital.fit(RoundPlan(2, "hospital_a", seed=5, local_epochs=1, lr=0.05), weights, layout, server_control=zero)
+    assert not np.allclose(second.delta[: layout.size], plain.delta)  # now c - c_i != 0 corrects the steps
     restarted = Hospital("hospital_a", config, "scaffold-1")
     restarted.load()
     restarted.prepare(spec, frozenset())
-    assert restarted.restore(1) == 1 and np.array_equal(restarted.control, hospital.control)
+    assert restarted.restore(1) == 1 and np.array_equal(restarted.control, after_first)
 
 
 def test_ditto_keeps_a_personal_model_at_the_hospital_pulled_toward_the_global_one(demo_data, tmp_path):

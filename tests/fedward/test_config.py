@@ -15,7 +15,7 @@ def raw_config(**overrides):
                 "label": {"column": "outcome", "positive_values": ["died"]},
             },
         },
-        "model": {"kind": "mlp"},
+        "model": {"kind": "mlp", "dropout": 0.2},
         "hospitals": [{"name": "a", "data": "d/a"}, {"name": "b", "data": "d/b", "model": {"dropout": 0.1}}],
     }
     for section, value in overrides.items():
@@ -27,7 +27,7 @@ def test_parses_nested_sections_and_per_hospital_model_options():
     config = parse_config(raw_config())
     assert config.data.table.features[1].name == "sex"
     assert config.data.table.label.positive_values == ("died",)
-    assert config.model_for("a").dropout == 0.0
+    assert config.model_for("a").dropout == 0.2
     assert config.model_for("b").dropout == 0.1
     assert config.run_dir.name == "t"
 
@@ -123,7 +123,7 @@ def test_hospital_paths_resolve_against_the_drivers_folder(tmp_path):
 
 def test_dp_sgd_refuses_batch_norm():
     with pytest.raises(ConfigError, match="BatchNorm mixes samples"):
-        parse_config(raw_config(model={"kind": "mlp", "norm": "batch"}, privacy={"dp_sgd": {"enabled": True, "epsilon": 1}}))
+        parse_config(raw_config(model={"kind": "mlp", "norm": "batch", "dropout": 0.2}, privacy={"dp_sgd": {"enabled": True, "epsilon": 1}}))
 
 
 def test_settings_from_the_command_line_override_the_file(tmp_path):
@@ -137,3 +137,22 @@ def test_settings_from_the_command_line_override_the_file(tmp_path):
         load_config(path, ["privacy.masking.enabled"])
     with pytest.raises(ConfigError, match=r"with privacy.masking.colour=1: privacy.masking: unknown field\(s\) \['colour'\]"):
         load_config(path, ["privacy.masking.colour=1"])
+
+
+def test_a_dropout_layer_at_only_some_hospitals_is_refused():
+    with pytest.raises(ConfigError, match="hospitals.b.model.dropout: a dropout layer only where model.dropout is 0"):
+        parse_config(raw_config(model={"kind": "mlp"}))
+
+
+@pytest.mark.parametrize(
+    "strategy, extra, fragment",
+    [
+        ({"name": "scaffold"}, {}, "scaffold's control update assumes plain SGD"),
+        ({"name": "scaffold"}, {"train": {"momentum": 0.0}, "privacy": {"encryption": {"enabled": True, "layers": ["0.weight"]}}}, "encrypt them all"),
+        ({"name": "fedavg", "local_only": True}, {"privacy": {"dp_fedavg": {"enabled": True, "epsilon": 1}}}, "train models outside the DP mechanism"),
+        ({"name": "ditto"}, {"privacy": {"dp_fedavg": {"enabled": True, "epsilon": 1}}}, "train models outside the DP mechanism"),
+    ],
+)
+def test_strategy_settings_that_would_be_silently_wrong_are_refused(strategy, extra, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_config(raw_config(strategy=strategy, **extra))

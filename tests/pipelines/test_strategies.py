@@ -19,7 +19,9 @@ LAYOUT = Layout(("w",), ((4,),))
 
 
 def strategy(name, model=None, data=None, **settings):
-    raw = raw_config(strategy={"name": name, **settings}, **({"model": model} if model else {}))
+    train = {"momentum": 0.0} if name == "scaffold" else {}
+    raw = raw_config(strategy={"name": name, **settings}, train=train, **({"model": model} if model else {}))
+    raw["hospitals"] = [{"name": "a", "data": "d/a"}, {"name": "b", "data": "d/b"}]
     if data:
         raw["data"] = data
     return STRATEGIES[name](parse_config(raw))
@@ -129,12 +131,17 @@ def test_scaffold_moves_weights_by_the_mean_change_and_its_control_by_the_asked_
     model = torch.nn.Linear(3, 1)
     weights, layout = flatten(model)
     s.start(model, layout)
+    assert len(s.configure_round(1, ["a", "b"], np.random.default_rng(0))) == 2  # the quorum asks both of 2 hospitals
     assert np.array_equal(s.broadcast(), np.zeros(4, np.float32))
     extended = Layout(layout.names + tuple(CONTROL + n for n in layout.names), layout.shapes * 2)
     change = [Update(1, f"h{i}", np.arange(8, dtype=np.float32) * (i + 1), extended, 10, 10.0) for i in range(2)]
     new = s.aggregate(1, weights, change, {})
     np.testing.assert_allclose(new, weights + 1.5 * np.arange(4))
-    np.testing.assert_allclose(s.broadcast(), 0.5 * 1.5 * np.arange(4, 8))
+    np.testing.assert_allclose(s.broadcast(), 1.0 * 1.5 * np.arange(4, 8))  # both of the 2 hospitals' changes arrived
+    s.configure_round(2, ["a", "b"], np.random.default_rng(0))
+    before = s.broadcast().copy()
+    s.aggregate(2, new, change[:1], {"h1": "died"})
+    np.testing.assert_allclose(s.broadcast(), before + 0.5 * np.arange(4, 8))  # 1 of 2 arrived
     again = strategy("scaffold")
     again.load_state_dict(s.state_dict())
     assert np.array_equal(again.broadcast(), s.broadcast())
@@ -156,3 +163,15 @@ def test_fedrep_keeps_fedpers_head_and_asks_for_head_epochs_first():
     assert s.personal_keys() == strategy("fedper").personal_keys()
     assert [p.personal_epochs for p in s.configure_round(1, ["a"], np.random.default_rng(0))] == [2]
     assert [p.personal_epochs for p in strategy("fedper").configure_round(1, ["a"], np.random.default_rng(0))] == [0]
+
+
+def test_server_optimizers_step_parameters_and_average_buffers():
+    s = strategy("fedadam", server_lr=0.5)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    weights, layout = flatten(model)
+    s.start(model, layout)
+    delta = np.full(layout.size, 1e-3)
+    new = s.aggregate(1, weights, [Update(1, "h0", delta.astype(np.float32), layout, 10, 10.0)], {})
+    at = layout.slices()
+    np.testing.assert_allclose(new[at["1.running_var"]], weights[at["1.running_var"]] + 1e-3, rtol=1e-6)  # averaged
+    assert np.all(new[at["0.weight"]] - weights[at["0.weight"]] > 0.01)  # an adaptive step, far larger than the change

@@ -3,8 +3,8 @@
 Runs a demo config once per strategy through the real pipeline on an embedded Ray (explanations
 off), plus the local-only models and FedAvg fine-tuned at each hospital, and prints one row per
 hospital and the worst hospital and mean over hospitals; raw figures per run come from each run's
-personalization.json. Strategies whose model needs another normalization are run with it
-(FedBN needs BatchNorm), so compare rows of one model family.
+personalization.json. A strategy that needs other settings runs with them (FedBN BatchNorm;
+SCAFFOLD plain SGD at lr 0.05), which its row then also reflects.
 
     python benchmarks/personalization.py configs/demo_images.yaml
     python benchmarks/personalization.py configs/demo_ehr.yaml --strategies fedavg fedprox fedper ditto
@@ -50,6 +50,8 @@ def main() -> None:
                 settings += ["strategy.server_lr=0.01"]
             if name == "fedbn":
                 settings += ["model.norm=batch"]
+            if name == "scaffold":  # its control update assumes plain SGD steps
+                settings += ["train.optimizer=sgd", "train.momentum=0", "train.lr=0.05"]
             models = run(args.config, root, name, settings)
             own = "personal" if name == "ditto" else "global"
             columns[name] = {h: m["auroc"] for h, m in models[own]["hospitals"].items()}

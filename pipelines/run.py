@@ -87,8 +87,11 @@ def _wire_bytes(message: Any) -> int:
     return len(pickle.dumps(message, protocol=5))
 
 
+FIGURES = ("n", "auroc", "auprc", "accuracy", "loss")  # what a record holds of each evaluation
+
+
 def _figures(e: Evaluation) -> dict[str, float]:
-    return {"n": e.num_examples, "auroc": e.auroc, "auprc": e.auprc, "accuracy": e.accuracy, "loss": e.loss}
+    return dict(zip(FIGURES, (e.num_examples, e.auroc, e.auprc, e.accuracy, e.loss)))
 
 
 def pooled_metrics(evaluations: list[Evaluation]) -> dict[str, float]:
@@ -340,7 +343,7 @@ class Pipeline:
                 self.log(f"round {round}: aggregation failed ({e}); trying again ({attempt + 1} of {self.config.run.round_retries})")
 
     def _write_ledger(self, stopped: str | None = None) -> None:
-        records = read_metrics(self.run_dir / "metrics.jsonl") if (self.run_dir / "metrics.jsonl").is_file() else []
+        records = read_metrics(self.run_dir / "metrics.jsonl")
         ledger = build_ledger(self.config, self.hook.describe(), records, read_spend(self.run_dir / SPEND_LOG), stopped)
         atomic_write_json(self.run_dir / "privacy.json", ledger)
 
@@ -372,8 +375,7 @@ class Pipeline:
         if cfg.strategy.local_only:
             wanted["local_only"] = (self._initial_weights(shape)[0], cfg.run.rounds * cfg.train.local_epochs)
         last = read_metrics(self.run_dir / "metrics.jsonl")[-1]
-        keep = ("n", "auroc", "auprc", "accuracy", "loss")
-        result = {"round": round, "models": {"global": {"hospitals": {h: {k: m[k] for k in keep} for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
+        result = {"round": round, "models": {"global": {"hospitals": {h: {k: m[k] for k in FIGURES} for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
         if "personal" in last:
             result["models"]["personal"] = {k: last["personal"][k] for k in ("hospitals", "pooled")}
         for purpose, (start, epochs) in wanted.items():
@@ -517,11 +519,7 @@ class Pipeline:
             "failures": failures,
             "hospitals": {
                 h: {
-                    "n": e.num_examples,
-                    "auroc": e.auroc,
-                    "auprc": e.auprc,
-                    "accuracy": e.accuracy,
-                    "loss": e.loss,
+                    **_figures(e),
                     "train_loss": updates[h].metrics.get("train_loss") if h in updates else None,
                     # Per-class score histograms (BINS bins over [0, 1]): calibration and confidence
                     # intervals in the report come from these, not from per-patient scores.

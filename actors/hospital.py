@@ -31,8 +31,8 @@ from fedward.errors import DataError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
 from fedward.seeds import derived_seed
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
-from models.flat import flatten, load_flat
-from models import export, training
+from models.flat import flatten, layout_of, load_flat
+from models import export, training, width
 from models.networks import build_model
 from pipelines import scaffold
 from privacy import dp_fedavg, dp_sgd, ledger
@@ -141,6 +141,7 @@ class Hospital:
         if self._fitted is not None and plan.round <= self._fitted:
             self._rewind(plan.round)
         self._fitted = plan.round
+        weights, layout = self._own(weights, layout)  # a narrower hospital trains its slice of the global model
         model = self._model_with(weights, layout)
         if plan.personal_lambda is not None and self.personal_model is None:
             self.personal_model = copy.deepcopy(model)  # Ditto's starts from the global model of its first round
@@ -250,7 +251,7 @@ class Hospital:
         if purpose == "local_only":  # a model of its own from the start: no federated personal layers either
             torch.manual_seed(self.config.run.seed)
             model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
-            load_flat(model, weights, layout, self.personal)
+            load_flat(model, *self._own(weights, layout), self.personal)
         else:
             model = copy.deepcopy(self._model_with(weights, layout))
         training.train(model, self.x[self.train_idx], self.y[self.train_idx], epochs=epochs, lr=self.config.train.lr,
@@ -309,10 +310,16 @@ class Hospital:
         return str(folder)
 
     def _model_with(self, weights: np.ndarray, layout: Layout) -> nn.Module:
+        load_flat(self.model, *self._own(weights, layout), self.personal)
+        return self.model
+
+    def _own(self, weights: np.ndarray, layout: Layout) -> tuple[np.ndarray, Layout]:
+        """The global weights as this hospital's model holds them: all of them, or at a narrower
+        width (HeteroFL) the leading corner of each tensor."""
         if self.model is None:
             raise HospitalError(f"{self.name}: model not prepared; the pipeline calls prepare() first")
-        load_flat(self.model, weights, layout, self.personal)
-        return self.model
+        own = layout_of(self.model, self.personal)
+        return width.take(weights, layout, own), own
 
     # -- the hospital's own state -----------------------------------------------------------------
 

@@ -124,8 +124,17 @@ class ModelConfig:
     dropout: float = 0.0
     groups: int = 4  # GroupNorm groups; must divide every width
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return self.hidden if self.kind == "mlp" else self.channels
+
+    def narrowed(self, width: float) -> ModelConfig:
+        """The nested sub-model keeping the leading `width` share of every layer's units (HeteroFL)."""
+        kept = tuple(math.ceil(width * w) for w in self.widths)
+        return dataclasses.replace(self, **{"hidden" if self.kind == "mlp" else "channels": kept})
+
     def __post_init__(self):
-        widths = self.hidden if self.kind == "mlp" else self.channels
+        widths = self.widths
         _need(len(widths) > 0 and all(w > 0 for w in widths), f"model: layer widths must be positive, got {widths}")
         _need(0.0 <= self.dropout < 1.0, "model.dropout: expected a number in [0, 1)")
         if self.norm == "group":
@@ -184,9 +193,9 @@ class StrategyConfig:
 
 
 RAY_RESERVED = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory", "accelerator_type"})
-# Options that leave the shared layout unchanged; width or normalization differences need a
-# strategy that aggregates sub-models, which FedAvg is not.
-PER_HOSPITAL_MODEL_OPTIONS = frozenset({"dropout"})
+# What may differ per hospital: dropout leaves the layout unchanged; `width` (HeteroFL) gives the
+# hospital a narrower model nested in the global one. Other differences would not share weights.
+PER_HOSPITAL_MODEL_OPTIONS = frozenset({"dropout", "width"})
 
 
 # Largest total coefficient-modulus bits per CKKS ring degree for 128-bit security (HE standard).
@@ -412,6 +421,21 @@ class FedwardConfig:
             f"strategy.name: fedbn keeps BatchNorm layers at each hospital, but model.norm is {self.model.norm!r}; set it to 'batch'",
         )
         dp = self.privacy.dp_sgd.enabled or self.privacy.dp_fedavg.enabled
+        narrow = sorted(h.name for h in self.hospitals if h.model.get("width", 1.0) < 1)
+        if narrow:
+            # Sub-models are averaged entry by entry over the hospitals that hold each entry, which
+            # needs each hospital's change in the clear and in its own shape.
+            unfit = [name for name, on in (
+                ("privacy.masking", self.privacy.masking.enabled),
+                ("privacy.encryption", self.privacy.encryption.enabled),
+                ("privacy.dp_fedavg", self.privacy.dp_fedavg.enabled),
+                ("strategy.name: scaffold", self.strategy.name == "scaffold"),
+            ) if on]
+            _need(
+                not unfit,
+                f"hospitals {narrow} train narrower sub-models (model.width < 1), whose changes are averaged entry by entry "
+                f"over the hospitals holding each entry; that cannot run with {', '.join(unfit)}. Give every hospital the full width",
+            )
         if self.strategy.name == "scaffold":
             _need(not dp, "strategy.name: scaffold's control variates are not covered by differential privacy; use fedavg with dp_sgd or dp_fedavg")
             _need(
@@ -484,11 +508,22 @@ class FedwardConfig:
         return dataclasses.replace(self, hospitals=hospitals)
 
     def model_for(self, hospital: str) -> ModelConfig:
-        overrides = self.hospital(hospital).model
+        overrides = dict(self.hospital(hospital).model)
+        width = overrides.pop("width", 1.0)
+        _need(
+            isinstance(width, (int, float)) and not isinstance(width, bool) and 0 < width <= 1,
+            f"hospitals.{hospital}.model.width: expected a share of the global model's width in (0, 1], got {width!r}",
+        )
+        _need(
+            width == 1 or self.model.norm != "group",
+            f"hospitals.{hospital}.model.width: GroupNorm normalizes over groups of channels that change with the width, so a "
+            f"narrower model would not compute a part of the global one; use model.norm 'batch' or 'none'",
+        )
         try:
             own = dataclasses.replace(self.model, **_parse_fields(ModelConfig, overrides, f"hospitals.{hospital}.model", partial=True))
         except TypeError as e:
             raise ConfigError(f"hospitals.{hospital}.model: {e}") from None
+        own = own.narrowed(width) if width < 1 else own
         _need(
             (own.dropout > 0) == (self.model.dropout > 0),
             f"hospitals.{hospital}.model.dropout: a dropout layer only where model.dropout is 0 (or none where it is not) "

@@ -29,6 +29,7 @@ class FedOpt(Strategy):
         self.trainable: np.ndarray | None = None  # which flat entries are parameters, not buffers
 
     def start(self, model: nn.Module, layout: Layout) -> None:
+        super().start(model, layout)
         parameters = {name for name, _ in model.named_parameters()}
         self.trainable = np.concatenate(
             [np.full(s.stop - s.start, name in parameters) for name, s in layout.slices().items()]
@@ -41,7 +42,7 @@ class FedOpt(Strategy):
         if not updates:
             return None
         s = self.config.strategy
-        delta = weighted_mean(updates)
+        delta = weighted_mean(updates, self.layout)
         if self.m is None:
             self.m = np.zeros_like(delta)
             self.v = np.full_like(delta, s.tau**2)  # v starts at tau^2, as in the paper

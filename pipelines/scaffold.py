@@ -67,6 +67,7 @@ class Scaffold(Strategy):
         self.asked = 0  # hospitals asked in the current round
 
     def start(self, model: nn.Module, layout: Layout) -> None:
+        super().start(model, layout)
         size = control_layout(model, layout).size
         if self.control is None:
             self.control = np.zeros(size, np.float32)

@@ -22,6 +22,7 @@ class Strategy(ABC):
     proximal_mu = 0.0  # asked of hospitals' local training; FedProx sets it
     personal_lambda: float | None = None  # Ditto sets it: hospitals then keep and evaluate a personal model
     personal_epochs = 0  # FedRep sets it: hospitals train their personal layers alone first
+    layout: Layout | None = None  # the global model's shared entries, once started
 
     def __init__(self, config: FedwardConfig):
         self.config = config
@@ -51,6 +52,7 @@ class Strategy(ABC):
 
     def start(self, model: nn.Module, layout: Layout) -> None:
         """Called before the first round of a run or a resume, once the shared layout is known."""
+        self.layout = layout
 
     def broadcast(self) -> np.ndarray | None:
         """What every asked hospital receives with the weights each round (SCAFFOLD's control)."""

@@ -56,3 +56,20 @@ def test_every_hospital_sees_its_gain_from_federating(ray_session, demo_data, tm
     assert gains["models"]["global"]["hospitals"]["hospital_a"]["auroc"] == last["hospitals"]["hospital_a"]["auroc"]
     page = write_consortium_report(config.run_dir).read_text()
     assert "What each hospital gains" in page and "trained on its data alone" in page
+
+
+def test_a_run_with_two_model_widths_trains_and_evaluates_every_hospital(ray_session, demo_data, tmp_path):
+    raw = ehr_config(demo_data, tmp_path, name="heterofl", rounds=3)
+    raw["explain"] = {"enabled": False}
+    raw["hospitals"][2]["model"] = {"width": 0.5}
+    config = parse_config(raw)
+    Pipeline(config, progress=False).run()
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r["participants"]) for r in records] == [["hospital_a", "hospital_b", "hospital_c"]] * 3
+    assert all(sorted(r["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"] for r in records)
+    assert records[-1]["pooled"]["auroc"] >= 0.75 and records[-1]["hospitals"]["hospital_c"]["auroc"] >= 0.7
+    ckpt = load_checkpoint(config.run_dir)
+    assert ckpt.layout.shapes[0] == (32, ckpt.layout.shapes[0][1])  # the global model keeps its full width
+    assert json.loads((config.run_dir / "model" / "model.json").read_text())["model"]["hidden"] == [32, 16]
+    own = {m["hospital"]: m for m in (json.loads(p.read_text()) for p in (tmp_path / "sites").glob("*/runs/*/model/model.json"))}
+    assert own["hospital_c"]["model"]["hidden"] == [16, 8] and own["hospital_a"]["model"]["hidden"] == [32, 16]

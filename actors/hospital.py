@@ -29,8 +29,9 @@ from explain.summary import ConsortiumExplanation, ExplanationSummary
 from fedward.config import FedwardConfig
 from fedward.errors import DataError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
+from fedward import subgroups
 from fedward.seeds import derived_seed
-from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
+from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, RoundPlan, SealedUpdate, Update
 from models.flat import flatten, layout_of, load_flat
 from models import export, training, width
 from models.networks import build_model
@@ -77,9 +78,9 @@ class Hospital:
         report = DataReport(self.name)
         data = self.config.data
         if data.kind == "table":
-            samples = load_table(self.data_dir, data.table, report)
+            samples = load_table(self.data_dir, data.table, report, attributes=self.config.subgroups.attributes)
         else:
-            samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache")
+            samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache", attributes=self.config.subgroups.attributes)
         if record:
             report.write(self.run_dir / "data_report.json")
         usable, classes = len(samples), set(np.unique(samples.labels).tolist())
@@ -222,6 +223,13 @@ class Hospital:
     def evaluate(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
         model = self._model_with(weights, layout)
         return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+
+    def evaluate_subgroups(self, weights: np.ndarray, layout: Layout) -> GroupHistograms:
+        """The model's score histograms per patient group of the held-out split; groups too small
+        to hide their patients stay here."""
+        groups = subgroups.group_labels({k: v[self.holdout_idx] for k, v in self._loaded().attributes.items()}, self.config.subgroups)
+        scores = training.probabilities(self._model_with(weights, layout), self.x[self.holdout_idx])
+        return subgroups.at_hospital(self.name, scores, self._loaded().labels[self.holdout_idx], groups, self.config.subgroups.min_count)
 
     def _rewind(self, round: int) -> None:
         """A round asked again (a retry) starts from the hospital's state before it, not from where

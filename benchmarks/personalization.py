@@ -1,8 +1,9 @@
 """What each strategy gives each hospital: AUROC per hospital on its own held-out patients.
 
 Runs a demo config once per strategy through the real pipeline on an embedded Ray (explanations
-off), plus the local-only models and FedAvg fine-tuned at each hospital, and prints one row per
-hospital and the worst hospital and mean over hospitals; raw figures per run come from each run's
+off), plus the local-only models and FedAvg fine-tuned at each hospital, and a HeteroFL run (FedAvg
+with one hospital, `--narrow`, training the half-width sub-model); prints one column per hospital
+and the worst hospital and mean over hospitals; raw figures per run come from each run's
 personalization.json. A strategy that needs other settings runs with them (FedBN BatchNorm;
 SCAFFOLD plain SGD at lr 0.05), which its row then also reflects.
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from fedward.config import load_config  # noqa: E402
 from pipelines.run import Pipeline  # noqa: E402
 
-STRATEGIES = ["fedavg", "fedprox", "fedyogi", "scaffold", "fedbn", "fedper", "fedrep", "ditto"]
+STRATEGIES = ["fedavg", "fedprox", "fedyogi", "scaffold", "fedbn", "fedper", "fedrep", "ditto", "heterofl"]
 
 
 def run(config_path: Path, root: str, name: str, settings: list[str]) -> dict:
@@ -39,11 +40,14 @@ def main() -> None:
     parser.add_argument("config", type=Path)
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--set", action="append", default=[], help="more config settings, as for fedward simulate")
+    parser.add_argument("--narrow", default="hospital_c", help="the hospital that trains a half-width model in the heterofl run")
     args = parser.parse_args()
     columns: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as root:
         for name in args.strategies:
             settings = [f"strategy.name={name}", *args.set]
+            if name == "heterofl":
+                settings = ["strategy.name=fedavg", f"hospitals.{args.narrow}.model.width=0.5", *args.set]
             if name == "fedavg":  # the baselines come with the FedAvg run
                 settings += ["strategy.fine_tune_epochs=2", "strategy.local_only=true"]
             if name == "fedyogi":

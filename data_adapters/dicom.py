@@ -24,7 +24,7 @@ import logging
 import os
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,7 +72,10 @@ class _Skip(Exception):
         self.reason, self.field, self.detail = reason, field, detail
 
 
-def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: Path | None = None, labelled: bool = True) -> Samples:
+def load_dicom(
+    data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: Path | None = None, labelled: bool = True,
+    attributes: Mapping[str, str] = {},
+) -> Samples:
     """Load every labelled, decodable image under `data_dir / spec.images`.
 
     Sample ids are paths relative to `data_dir`; with `frames="all"` each frame of a multi-frame
@@ -80,6 +83,8 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
     (all frames of a file stay together). With `cache_dir`, each file's preprocessed frames are
     kept under its content hash and the preprocessing settings. With `labelled=False` (new
     patients to score) no label table is read: every decodable image is used, labelled `NO_LABEL`.
+    `attributes` names the header elements of patient-group attributes to carry along (name ->
+    DICOM keyword, e.g. PatientSex); an unreadable one is left empty, the image still used.
     """
     data_dir = Path(data_dir)
     images_dir = data_dir / spec.images
@@ -92,11 +97,13 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
         labels.seen.update(p.relative_to(images_dir).as_posix() for p in files)
 
     arrays, targets, patients, sample_ids, hashes = [], [], [], [], []
+    groups: dict[str, list[str]] = {name: [] for name in attributes}
     for path in files:
         source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
         try:
             with _pydicom_silenced():
-                digest, label, patient, frames = _load_file(path, key_path, spec, labels, cache)
+                digest, label, patient, frames, ds = _load_file(path, key_path, spec, labels, cache)
+                values = {name: _attribute(ds, keyword) for name, keyword in attributes.items()}
         except _Skip as skip:
             report.skip(source, skip.field, skip.reason, skip.detail)
             continue
@@ -105,6 +112,8 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
             targets.append(label)
             patients.append(patient or source)
             sample_ids.append(f"{source}#frame{i}" if len(frames) > 1 else source)
+            for name, value in values.items():
+                groups[name].append(value)
         hashes.append(digest)
     if labels is not None:
         labels.report_unmatched(report)
@@ -117,6 +126,7 @@ def load_dicom(data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: P
         patient_ids=np.array(patients, dtype=str),
         sample_ids=sample_ids,
         fingerprint=hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest(),
+        attributes={name: np.array(values, dtype=str) for name, values in groups.items()},
     )
 
 
@@ -156,8 +166,8 @@ def _pydicom_silenced() -> Iterator[None]:
 
 def _load_file(
     path: Path, key_path: str, spec: DicomSpec, labels: _Labels | None, cache: _Cache | None
-) -> tuple[str, int, str, np.ndarray]:
-    """(content hash, label, PatientID, frames as float32 (F, S, S)) of one file, or `_Skip`."""
+) -> tuple[str, int, str, np.ndarray, pydicom.Dataset]:
+    """(content hash, label, PatientID, frames as float32 (F, S, S), header) of one file, or `_Skip`."""
     data = _read_bytes(path)
     ds = _read_dataset(data)
     if labels is not None:
@@ -173,7 +183,7 @@ def _load_file(
         frames = _preprocess(ds, spec)
         if cache:
             cache.put(digest, frames)
-    return digest, label, _text(ds, "PatientID"), frames
+    return digest, label, _text(ds, "PatientID"), frames, ds
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -219,6 +229,13 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
         return str(ds.get(keyword, "") or "").strip()
     except Exception as e:
         raise _Skip("unreadable_dicom", keyword, f"cannot read {keyword} ({type(e).__name__})") from None
+
+
+def _attribute(ds: pydicom.Dataset, keyword: str) -> str:
+    try:
+        return _text(ds, keyword)
+    except _Skip:  # a garbled group attribute costs the image its group, not its use
+        return ""
 
 
 def _preprocess(ds: pydicom.Dataset, spec: DicomSpec) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +17,9 @@ class Samples:
     patient_ids: np.ndarray  # str, shape (N,); one patient never straddles the split
     sample_ids: list[str]  # file path relative to the data folder, or "row N"
     fingerprint: str  # sha256 over the content hashes of the inputs used, for the audit manifest
+    # Patient-group attributes for subgroup evaluation (e.g. "sex", "age"), as text per sample; ""
+    # where missing. They never make a sample unusable: an unknown group is a group of its own.
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)

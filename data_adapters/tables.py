@@ -11,6 +11,7 @@ Missing values are empty cells, NaN, or the text "nan" in any case; they become 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,12 @@ def _feature(table: pa.Table, feature: FeatureSpec, file: str) -> tuple[pa.Chunk
     return values, (feature.name, "bad_value", detail, bad)
 
 
-def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bool = True) -> Samples:
+def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bool = True, attributes: Mapping[str, str] = {}) -> Samples:
     """The usable rows of `data_dir / spec.file`; every skipped row is recorded in `report`.
 
     With `labelled=False` (new patients to score) the label column is not read, may be absent, and
     every label is `NO_LABEL`; features and patient ids are read and checked as for training.
+    `attributes` names the columns of patient-group attributes to carry along (name -> column).
     """
     path = Path(data_dir) / spec.file
     table = read_table(path, "data.table.file")
@@ -64,10 +66,15 @@ def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bo
     report.used = len(sample_ids)
     with path.open("rb") as f:
         fingerprint = hashlib.file_digest(f, "sha256").hexdigest()
+    groups = {
+        name: as_text(find_column(table, column, f"subgroups.{name}", file), column, f"subgroups.{name}", file).filter(keep)
+        for name, column in attributes.items()
+    }
     return Samples(
         features=pa.table({name: values.filter(keep) for name, values in features.items()}),
         labels=np.asarray(labels.filter(keep).to_numpy(), dtype=np.int64) if labelled else np.full(len(sample_ids), NO_LABEL, np.int64),
         patient_ids=np.array(sample_ids if patient_ids is None else patient_ids.filter(keep).to_pylist(), dtype=str),
         sample_ids=sample_ids,
         fingerprint=fingerprint,
+        attributes={name: np.array(values.fill_null("").to_pylist(), dtype=str) for name, values in groups.items()},
     )

@@ -131,8 +131,9 @@ def importance_bars(label: str, importance: Mapping[str, float], by_hospital: Ma
     return to_png(fig)
 
 
-def model_comparison(auroc: Mapping[str, Mapping[str, float]]) -> bytes:
-    """AUROC per hospital (groups) and model (bars): what federating gave each hospital."""
+def model_comparison(auroc: Mapping[str, Mapping[str, float]], ylabel: str = "AUROC on its held-out patients") -> bytes:
+    """AUROC per hospital (groups) and model (bars): what federating gave each hospital; or per
+    hospital and patient group, with groups as the bars."""
     models = list(auroc)
     hospitals = sorted({h for values in auroc.values() for h in values})
     width = 0.8 / len(models)
@@ -142,7 +143,7 @@ def model_comparison(auroc: Mapping[str, Mapping[str, float]]) -> bytes:
         x = np.arange(len(hospitals)) + (k - (len(models) - 1) / 2) * width
         ax.bar(x, [auroc[model].get(h, np.nan) for h in hospitals], width, label=model)
     ax.set_xticks(np.arange(len(hospitals)), hospitals)
-    ax.set_ylabel("AUROC on its held-out patients")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0.5, 1.0)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))

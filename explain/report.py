@@ -32,6 +32,7 @@ from pipelines.checkpoint import load_checkpoint, read_metrics
 CALIBRATION_BINS = 10
 DEPENDENCE_FEATURES = 6  # dependence plots for the most important features
 TOP_FEATURES = 5  # a patient's contributions put in words
+TOP_GAPS = 8  # gaps between patient groups listed in the report
 LEVEL = 0.95
 CHECKS = {
     "additivity": "base value + SHAP values = model output, within 1e-3",
@@ -599,6 +600,41 @@ def _gains(personalization: dict, hospitals: Sequence[str]) -> _Section:
     return _section("gains", "What each hospital gains", *parts)
 
 
+def _by_group(summary: dict, hospitals: Sequence[str]) -> _Section:
+    """The final global model per patient group: the largest gaps first, then every released group."""
+    threshold, minimum = summary["threshold"], summary["min_count"]
+    gaps = summary["gaps"][:TOP_GAPS]
+    parts = [
+        _p(f"The global model after round {summary['round']} on each hospital's held-out patients, by group. Sensitivity "
+           f"and specificity count a score of {threshold:g} or more as a positive prediction. A hospital releases a group's "
+           f"figures only when it holds at least {minimum} positive and {minimum} negative patients in it (and holds back "
+           f"more groups when the held-back ones could be worked out from the rest); pooled figures combine the hospitals "
+           f"that released the group."),
+        Html("<h3>Largest gaps between groups</h3>"),
+        _table(("where", "attribute", "metric", "gap", "best group", "worst group"), [
+            (g["scope"], g["attribute"], g["metric"], f"{g['gap']:.3f}", g["best"], g["worst"]) for g in gaps
+        ]) if gaps else _p("No attribute had two known groups large enough to compare.", "note"),
+    ]
+    held = {h: sum(n.values()) for h, n in summary["held_back"].items() if sum(n.values())}
+    for attribute, figures in summary["attributes"].items():
+        rows = [
+            (where, group, f["positives"], f["negatives"], _figure(f["auroc"]), _figure(f["sensitivity"]), _figure(f["specificity"]))
+            for where, groups in (("pooled", figures["pooled"]), *((h, figures["hospitals"].get(h, {})) for h in hospitals))
+            for group, f in groups.items()
+        ]
+        auroc = {g: {"pooled": f["auroc"], **{h: figures["hospitals"][h][g]["auroc"] for h in hospitals if g in figures["hospitals"].get(h, {})}}
+                 for g, f in figures["pooled"].items()}
+        parts += [Html(f"<h3>By {_e(attribute)}</h3>"),
+                  _table(("where", "group", "positives", "negatives", "AUROC", "sensitivity", "specificity"), rows)]
+        if auroc:
+            parts.append(_img(plots.model_comparison(auroc, f"AUROC by {attribute}"), f"AUROC by {attribute} per hospital"))
+    if held:
+        parts.append(_p(f"Groups held back at their hospital for too few patients: {_setting(held)}.", "note"))
+    if summary["failures"]:
+        parts.append(_p(f"Hospitals whose evaluation by group failed: {_setting(summary['failures'])}.", "fail"))
+    return _section("groups", "Performance by patient group", *parts)
+
+
 # -- privacy ---------------------------------------------------------------------------------------
 
 
@@ -658,6 +694,8 @@ def write_consortium_report(run_dir: Path) -> Path:
     personalization = run_dir / "personalization.json"
     if personalization.is_file() and len(_read_json(personalization)["models"]) > 1:
         sections.append(_gains(_read_json(personalization), hospitals))
+    if (run_dir / "subgroups.json").is_file():
+        sections.append(_by_group(_read_json(run_dir / "subgroups.json"), hospitals))
     notices = _consortium_notices(run)
     if run.consortium is None:
         sections.append(_section("explanations", "Explanations", _p("Explanations were not computed for this run.", "fail")))

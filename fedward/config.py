@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_type_hints
 import yaml
 
 from fedward.errors import ConfigError
+from fedward.metrics import BINS
 
 FeatureType = Literal["numeric", "categorical", "boolean"]
 NormKind = Literal["batch", "group", "none"]
@@ -342,6 +343,34 @@ class ExplainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SubgroupConfig:
+    """Performance per patient group of the final global model, computed inside each hospital."""
+
+    sex: str | None = None  # the column (tables) or DICOM keyword (images) holding the patient's sex
+    age: str | None = None  # the same for age in years; DICOM age strings such as 045Y are read as years
+    age_bands: tuple[float, ...] = (40.0, 65.0)  # band edges: under 40, 40 to under 65, 65 and over
+    threshold: float = 0.5  # a score at or above it counts as a positive prediction
+    min_count: int = 10  # a group is released only with at least this many positives and negatives
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """The configured group attributes: name -> column or DICOM keyword."""
+        return {name: where for name, where in (("sex", self.sex), ("age", self.age)) if where}
+
+    def __post_init__(self):
+        _need(
+            all(b > a for a, b in zip(self.age_bands, self.age_bands[1:])) and all(b > 0 for b in self.age_bands),
+            f"subgroups.age_bands: expected increasing positive ages, got {list(self.age_bands)}",
+        )
+        # Sensitivity and specificity come from the score histograms, exact only at a bin edge.
+        _need(
+            0 < self.threshold < 1 and abs(self.threshold * BINS - round(self.threshold * BINS)) < 1e-9,
+            f"subgroups.threshold: expected a multiple of {1 / BINS:g} in (0, 1), got {self.threshold}",
+        )
+        _need(self.min_count >= 1, "subgroups.min_count: must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HospitalConfig:
     name: str
     data: str  # the hospital's data folder, as seen on the node the hospital runs on
@@ -400,6 +429,7 @@ class FedwardConfig:
     strategy: StrategyConfig = StrategyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     explain: ExplainConfig = ExplainConfig()
+    subgroups: SubgroupConfig = SubgroupConfig()
 
     def __post_init__(self):
         names = [h.name for h in self.hospitals]
@@ -420,6 +450,14 @@ class FedwardConfig:
             self.strategy.name != "fedbn" or self.model.norm == "batch",
             f"strategy.name: fedbn keeps BatchNorm layers at each hospital, but model.norm is {self.model.norm!r}; set it to 'batch'",
         )
+        if self.data.kind == "dicom":
+            from pydicom.datadict import tag_for_keyword  # only image runs need the dictionary
+
+            for name, keyword in self.subgroups.attributes.items():
+                _need(
+                    tag_for_keyword(keyword) is not None,
+                    f"subgroups.{name}: {keyword!r} is not a DICOM keyword; expected one such as PatientSex or PatientAge",
+                )
         dp = self.privacy.dp_sgd.enabled or self.privacy.dp_fedavg.enabled
         narrow = sorted(h.name for h in self.hospitals if h.model.get("width", 1.0) < 1)
         if narrow:
@@ -626,6 +664,11 @@ def _override(raw: Any, setting: str) -> None:
     *sections, name = key.split(".")
     node = raw
     for i, section in enumerate(sections):
+        if isinstance(node, list):  # a list of named entries (hospitals): pick one by its name
+            named = [entry for entry in node if isinstance(entry, dict) and entry.get("name") == section]
+            _need(len(named) == 1, f"--set {setting!r}: {'.'.join(sections[:i])} has no entry named {section!r}")
+            node = named[0]
+            continue
         _need(isinstance(node, dict), f"--set {setting!r}: {'.'.join(sections[:i])} is not a section")
         node = node.setdefault(section, {})
     _need(isinstance(node, dict), f"--set {setting!r}: {'.'.join(sections)} is not a section")

@@ -98,6 +98,15 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class GroupHistograms:
+    """A hospital's held-out score histograms per patient group, for the groups it may release."""
+
+    hospital: str
+    groups: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]  # attribute -> group -> (positive, negative) histograms
+    held_back: dict[str, int]  # attribute -> groups kept at the hospital for too few patients
+
+
+@dataclass(frozen=True)
 class DataCounts:
     """How a hospital's data went: usable samples and skipped ones per reason, no identifiers."""
 

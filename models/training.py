@@ -86,12 +86,21 @@ def train(
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, round: int, hospital: str) -> Evaluation:
-    """Scores stay here; what returns is aggregate metrics and per-class score histograms."""
+def probabilities(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The model's probability of the positive outcome for each input, float64 (N,)."""
+    return torch.sigmoid(_logits(model, x)).numpy().astype(np.float64)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(x[i : i + 256]).squeeze(1) for i in range(0, len(y), 256)])
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
+        return torch.cat([model(x[i : i + 256]).squeeze(1) for i in range(0, len(x), 256)])
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, round: int, hospital: str) -> Evaluation:
+    """Scores stay here; what returns is aggregate metrics and per-class score histograms."""
+    logits = _logits(model, x)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
     scores = torch.sigmoid(logits).numpy().astype(np.float64)
     labels = y.numpy().astype(np.int64)
     both = len(np.unique(labels)) == 2

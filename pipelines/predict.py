@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
-from torch import nn
 
 from data_adapters.dicom import load_dicom
 from data_adapters.harmonize import PreprocessingSpec
@@ -29,9 +28,8 @@ from data_adapters.samples import Samples
 from data_adapters.tables import load_table
 from fedward.errors import CheckpointError, ConfigError, DataError
 from fedward.files import atomic_write
+from models import training
 from models.export import CARD, ExportedModel, load_exported
-
-BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -59,18 +57,9 @@ def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
     columns = {"sample_id": pa.array(samples.sample_ids, pa.string())}
     if card.data_kind == "dicom" or card.patient_id is not None:  # tables without the column have none
         columns["patient_id"] = pa.array(samples.patient_ids.tolist(), pa.string())
-    columns["probability"] = pa.array(probabilities(model, x))
+    columns["probability"] = pa.array(training.probabilities(model, torch.from_numpy(np.ascontiguousarray(x, np.float32))))
     writer(pa.table(columns), out)
     return Prediction(out, len(samples), report.counts())
-
-
-def probabilities(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    """The model's probability of the positive outcome for each input, float64 (N,)."""
-    model.eval()
-    inputs = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    with torch.no_grad():
-        logits = torch.cat([model(inputs[i : i + BATCH]).squeeze(1) for i in range(0, len(inputs), BATCH)])
-    return torch.sigmoid(logits).numpy().astype(np.float64)
 
 
 def _read(card: ExportedModel, model_dir: Path, data: Path, report: DataReport) -> tuple[Samples, np.ndarray]:

@@ -31,6 +31,7 @@ from explain.attribution import unsupported_layers
 from explain.summary import to_jsonable
 from fedward.config import FedwardConfig, config_diff, config_hash, config_identity, config_to_dict
 from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, FedwardError, HospitalError, QuorumError
+from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.types import DataCounts, Evaluation, Layout
@@ -184,6 +185,8 @@ class Pipeline:
             weights, layout, last = self._train(shapes, ckpt)
             if last > 0:
                 gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())))
+                if self.config.subgroups.attributes:
+                    atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, last))
                 self._export(shapes, preprocessing, weights, layout, last)
                 atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
             if last > 0 and self._explanation_due(last):
@@ -392,6 +395,14 @@ class Pipeline:
                 "failures": failures,
             }
         return result
+
+    def _subgroups(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> dict:
+        """The final global model's performance per patient group, per hospital and pooled."""
+        weights_ref = ray.put(weights)
+        released, failures = gather({h: self.hospitals[h].evaluate_subgroups.remote(weights_ref, layout) for h in hospitals}, self.config.run.round_timeout_s)
+        for name, why in sorted(failures.items()):
+            self.log(f"{name}: its evaluation per patient group failed: {why}")
+        return subgroups.summarize(round, released, failures, self.config.subgroups)
 
     def _export(self, shapes: dict[str, tuple[int, ...]], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:
         """The final model, for scoring new patients: the global one here, and each hospital's own

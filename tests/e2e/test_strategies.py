@@ -44,6 +44,7 @@ def test_every_hospital_sees_its_gain_from_federating(ray_session, demo_data, tm
     raw = ehr_config(demo_data, tmp_path, name="gains", rounds=2)
     raw["explain"] = {"enabled": False}
     raw["strategy"] = {"name": "ditto", "fine_tune_epochs": 1, "local_only": True}
+    raw["subgroups"] = {"sex": "sex", "age": "age", "age_bands": [50, 70]}
     config = parse_config(raw)
     Pipeline(config, progress=False).run()
     gains = json.loads((config.run_dir / "personalization.json").read_text())
@@ -54,8 +55,16 @@ def test_every_hospital_sees_its_gain_from_federating(ray_session, demo_data, tm
         assert all(0.5 < m["auroc"] <= 1.0 for m in model["hospitals"].values())
     last = json.loads((config.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert gains["models"]["global"]["hospitals"]["hospital_a"]["auroc"] == last["hospitals"]["hospital_a"]["auroc"]
+    groups = json.loads((config.run_dir / "subgroups.json").read_text())
+    assert groups["round"] == 2 and not groups["failures"]
+    assert set(groups["attributes"]["sex"]["pooled"]) == {"female", "male"}
+    assert sorted(groups["attributes"]["age"]["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
+    pooled = groups["attributes"]["sex"]["pooled"]["female"]
+    assert pooled["positives"] == sum(h["female"]["positives"] for h in groups["attributes"]["sex"]["hospitals"].values() if "female" in h)
+    assert groups["gaps"] and all(0 <= g["gap"] <= 1 for g in groups["gaps"])
     page = write_consortium_report(config.run_dir).read_text()
     assert "What each hospital gains" in page and "trained on its data alone" in page
+    assert "Performance by patient group" in page and "Largest gaps between groups" in page
 
 
 def test_a_run_with_two_model_widths_trains_and_evaluates_every_hospital(ray_session, demo_data, tmp_path):

@@ -137,6 +137,11 @@ def test_settings_from_the_command_line_override_the_file(tmp_path):
         load_config(path, ["privacy.masking.enabled"])
     with pytest.raises(ConfigError, match=r"with privacy.masking.colour=1: privacy.masking: unknown field\(s\) \['colour'\]"):
         load_config(path, ["privacy.masking.colour=1"])
+    assert load_config(path, ["hospitals.b.model.width=0.5"]).model_for("b").hidden == tuple(
+        -(-w // 2) for w in load_config(path).model.hidden
+    )  # a hospital's own settings, picked by its name
+    with pytest.raises(ConfigError, match=r"hospitals has no entry named 'z'"):
+        load_config(path, ["hospitals.z.cpus=1"])
 
 
 def test_a_dropout_layer_at_only_some_hospitals_is_refused():

@@ -64,6 +64,7 @@ class Hospital:
         self.personal_model: nn.Module | None = None  # Ditto: this hospital's own model
         self.fine_tuned: nn.Module | None = None  # the global model fine-tuned here after the last round
         self._fitted: int | None = None  # the last round this hospital trained in
+        self.notes: dict[str, str] = {}  # the data report's problems that cost no sample
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -83,6 +84,7 @@ class Hospital:
             samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache", attributes=self.config.subgroups.attributes)
         if record:
             report.write(self.run_dir / "data_report.json")
+        self.notes = report.notes
         usable, classes = len(samples), set(np.unique(samples.labels).tolist())
         if usable < data.min_samples or classes != {0, 1}:
             raise DataError(
@@ -227,9 +229,15 @@ class Hospital:
     def evaluate_subgroups(self, weights: np.ndarray, layout: Layout) -> GroupHistograms:
         """The model's score histograms per patient group of the held-out split; groups too small
         to hide their patients stay here."""
-        groups = subgroups.group_labels({k: v[self.holdout_idx] for k, v in self._loaded().attributes.items()}, self.config.subgroups)
-        scores = training.probabilities(self._model_with(weights, layout), self.x[self.holdout_idx])
-        return subgroups.at_hospital(self.name, scores, self._loaded().labels[self.holdout_idx], groups, self.config.subgroups.min_count)
+        samples, held_out = self._loaded(), self.holdout_idx
+        missing = [f"subgroups.{name}" for name in self.config.subgroups.attributes if name not in samples.attributes]
+        if missing:
+            raise DataError(f"{self.name}: {'; '.join(self.notes.get(m, f'{m}: not in the data') for m in missing)}")
+        scores = training.probabilities(self._model_with(weights, layout), self.x[held_out])
+        if not np.isfinite(scores).all():
+            raise HospitalError(f"{self.name}: the model gives non-finite scores on its held-out split; it cannot be evaluated by group")
+        groups = subgroups.group_labels({k: v[held_out] for k, v in samples.attributes.items()}, self.config.subgroups)
+        return subgroups.at_hospital(self.name, scores, samples.labels[held_out], samples.patient_ids[held_out], groups, self.config.subgroups.min_count)
 
     def _rewind(self, round: int) -> None:
         """A round asked again (a retry) starts from the hospital's state before it, not from where
@@ -326,6 +334,8 @@ class Hospital:
         width (HeteroFL) the leading corner of each tensor."""
         if self.model is None:
             raise HospitalError(f"{self.name}: model not prepared; the pipeline calls prepare() first")
+        if self.config.hospital(self.name).model.get("width", 1.0) == 1:
+            return weights, layout  # load_flat checks that they fit exactly
         own = layout_of(self.model, self.personal)
         return width.take(weights, layout, own), own
 

@@ -26,6 +26,7 @@ class DataReport:
         self.hospital = hospital
         self.skipped: list[Skipped] = []
         self.used = 0
+        self.notes: dict[str, str] = {}  # field -> a problem that costs no sample (e.g. an optional column)
 
     def skip(self, source: str, field: str, reason: str, detail: str) -> None:
         self.skipped.append(Skipped(str(source), field, reason, detail))
@@ -39,4 +40,5 @@ class DataReport:
             "used": self.used,
             "skipped_counts": self.counts(),
             "skipped": [asdict(s) for s in self.skipped],
+            "notes": self.notes,
         })

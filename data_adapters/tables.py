@@ -23,6 +23,7 @@ from data_adapters.cells import (
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
 from fedward.config import FeatureSpec, TableSpec
+from fedward.errors import DataError
 
 
 def _feature(table: pa.Table, feature: FeatureSpec, file: str) -> tuple[pa.ChunkedArray, Problem]:
@@ -38,7 +39,8 @@ def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bo
 
     With `labelled=False` (new patients to score) the label column is not read, may be absent, and
     every label is `NO_LABEL`; features and patient ids are read and checked as for training.
-    `attributes` names the columns of patient-group attributes to carry along (name -> column).
+    `attributes` names the columns of patient-group attributes to carry along (name -> column);
+    one missing or unreadable is noted in `report` and left out, as it costs no sample.
     """
     path = Path(data_dir) / spec.file
     table = read_table(path, "data.table.file")
@@ -66,10 +68,12 @@ def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bo
     report.used = len(sample_ids)
     with path.open("rb") as f:
         fingerprint = hashlib.file_digest(f, "sha256").hexdigest()
-    groups = {
-        name: as_text(find_column(table, column, f"subgroups.{name}", file), column, f"subgroups.{name}", file).filter(keep)
-        for name, column in attributes.items()
-    }
+    groups = {}
+    for name, column in attributes.items():
+        try:
+            groups[name] = as_text(find_column(table, column, f"subgroups.{name}", file), column, f"subgroups.{name}", file).filter(keep)
+        except DataError as e:
+            report.notes[f"subgroups.{name}"] = str(e)
     return Samples(
         features=pa.table({name: values.filter(keep) for name, values in features.items()}),
         labels=np.asarray(labels.filter(keep).to_numpy(), dtype=np.int64) if labelled else np.full(len(sample_ids), NO_LABEL, np.int64),

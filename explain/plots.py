@@ -144,7 +144,8 @@ def model_comparison(auroc: Mapping[str, Mapping[str, float]], ylabel: str = "AU
         ax.bar(x, [auroc[model].get(h, np.nan) for h in hospitals], width, label=model)
     ax.set_xticks(np.arange(len(hospitals)), hospitals)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0.5, 1.0)
+    lowest = min((v for values in auroc.values() for v in values.values() if np.isfinite(v)), default=0.5)
+    ax.set_ylim(min(0.5, lowest - 0.05), 1.0)  # a model worse than chance somewhere must show
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     return to_png(fig)

@@ -609,18 +609,19 @@ def _by_group(summary: dict, hospitals: Sequence[str]) -> _Section:
            f"and specificity count a score of {threshold:g} or more as a positive prediction. A hospital releases a group's "
            f"figures only when it holds at least {minimum} positive and {minimum} negative patients in it (and holds back "
            f"more groups when the held-back ones could be worked out from the rest); pooled figures combine the hospitals "
-           f"that released the group."),
+           f"that released the group, and pooled gaps only the hospitals that released every group compared. Counts are "
+           f"of {'images' if summary.get('kind') == 'dicom' else 'rows'}."),
         Html("<h3>Largest gaps between groups</h3>"),
         _table(("where", "attribute", "metric", "gap", "best group", "worst group"), [
             (g["scope"], g["attribute"], g["metric"], f"{g['gap']:.3f}", g["best"], g["worst"]) for g in gaps
         ]) if gaps else _p("No attribute had two known groups large enough to compare.", "note"),
     ]
-    held = {h: sum(n.values()) for h, n in summary["held_back"].items() if sum(n.values())}
+    held = {h: [a for a, any_held in by.items() if any_held] for h, by in summary["held_back"].items()}
     for attribute, figures in summary["attributes"].items():
+        pooled = [(f"pooled ({', '.join(figures['pooled_over'][g])})", g, f) for g, f in figures["pooled"].items()]
         rows = [
             (where, group, f["positives"], f["negatives"], _figure(f["auroc"]), _figure(f["sensitivity"]), _figure(f["specificity"]))
-            for where, groups in (("pooled", figures["pooled"]), *((h, figures["hospitals"].get(h, {})) for h in hospitals))
-            for group, f in groups.items()
+            for where, group, f in (*pooled, *((h, g, f) for h in hospitals for g, f in figures["hospitals"].get(h, {}).items()))
         ]
         auroc = {g: {"pooled": f["auroc"], **{h: figures["hospitals"][h][g]["auroc"] for h in hospitals if g in figures["hospitals"].get(h, {})}}
                  for g, f in figures["pooled"].items()}
@@ -628,8 +629,15 @@ def _by_group(summary: dict, hospitals: Sequence[str]) -> _Section:
                   _table(("where", "group", "positives", "negatives", "AUROC", "sensitivity", "specificity"), rows)]
         if auroc:
             parts.append(_img(plots.model_comparison(auroc, f"AUROC by {attribute}"), f"AUROC by {attribute} per hospital"))
-    if held:
-        parts.append(_p(f"Groups held back at their hospital for too few patients: {_setting(held)}.", "note"))
+        if not figures["recognised"]:
+            parts.append(_p(f"No hospital released a known {attribute} group: check that subgroups.{attribute} names the right "
+                            f"column or DICOM element and that its values are recognised (sex: F/M/O or female/male/other; age: years or a DICOM age string).", "fail"))
+    if any(held.values()):
+        parts.append(_p("Some groups stayed at their hospital, too small to release or held back so that a smaller one could "
+                        f"not be worked out from the rest: {_setting({h: a for h, a in held.items() if a})}.", "note"))
+    own = {h: m for h, m in summary.get("models", {}).items() if m != "global model"}
+    if own:
+        parts.append(_p(f"Each hospital evaluates the model it runs: {_setting(own)}.", "note"))
     if summary["failures"]:
         parts.append(_p(f"Hospitals whose evaluation by group failed: {_setting(summary['failures'])}.", "fail"))
     return _section("groups", "Performance by patient group", *parts)

@@ -359,7 +359,7 @@ class SubgroupConfig:
 
     def __post_init__(self):
         _need(
-            all(b > a for a, b in zip(self.age_bands, self.age_bands[1:])) and all(b > 0 for b in self.age_bands),
+            len(self.age_bands) > 0 and all(b > a for a, b in zip(self.age_bands, self.age_bands[1:])) and all(b > 0 for b in self.age_bands),
             f"subgroups.age_bands: expected increasing positive ages, got {list(self.age_bands)}",
         )
         # Sensitivity and specificity come from the score histograms, exact only at a bin edge.
@@ -686,8 +686,10 @@ OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s", "round_retri
 
 
 def config_identity(config: FedwardConfig) -> dict:
-    """The part of the config that decides the run's result."""
+    """The part of the config that decides the run's result. Subgroup evaluation reads the final
+    model without changing it, so it can be added to a finished run."""
     body = config_to_dict(config)
+    body.pop("subgroups")
     for key in OPERATIONAL["run"]:
         body["run"].pop(key)
     for hospital in body["hospitals"]:

@@ -64,11 +64,15 @@ def group_labels(attributes: Mapping[str, np.ndarray], config: SubgroupConfig) -
 
 
 def releasable(positives: np.ndarray, negatives: np.ndarray, minimum: int) -> np.ndarray:
-    """Which groups may leave the hospital; the others stay, together too large to single anyone out."""
+    """Which groups may leave the hospital, given each group's positive and negative patients.
+
+    The held-back groups together are what subtraction from the hospital's overall histograms
+    would reveal, so they must be either nothing or a group the same rule would release."""
     release = (positives >= minimum) & (negatives >= minimum)
 
-    def exposed() -> bool:  # a held-back class count that subtraction would reveal as a small histogram
-        return any(0 < int(c[~release].sum()) < minimum for c in (positives, negatives))
+    def exposed() -> bool:
+        pos, neg = int(positives[~release].sum()), int(negatives[~release].sum())
+        return pos + neg > 0 and (pos < minimum or neg < minimum)
 
     while exposed() and release.any():
         smallest = np.flatnonzero(release)[np.argmin(np.minimum(positives, negatives)[release])]
@@ -76,15 +80,20 @@ def releasable(positives: np.ndarray, negatives: np.ndarray, minimum: int) -> np
     return release
 
 
-def at_hospital(hospital: str, scores: np.ndarray, labels: np.ndarray, groups: Mapping[str, np.ndarray], minimum: int) -> GroupHistograms:
-    """The releasable groups' score histograms of one hospital's held-out split."""
+def at_hospital(
+    hospital: str, scores: np.ndarray, labels: np.ndarray, patients: np.ndarray, groups: Mapping[str, np.ndarray], minimum: int
+) -> GroupHistograms:
+    """The releasable groups' score histograms of one hospital's held-out split. Groups are sized
+    in patients, not images or rows: ten images of one patient are one patient."""
     released, held_back = {}, {}
     for attribute, group_of in groups.items():
         names = sorted(set(group_of.tolist()))
-        hists = [score_histograms(scores[group_of == g], labels[group_of == g]) for g in names]
-        release = releasable(np.array([p.sum() for p, _ in hists]), np.array([n.sum() for _, n in hists]), minimum)
+        members = [group_of == g for g in names]
+        hists = [score_histograms(scores[m], labels[m]) for m in members]
+        counts = [(len(set(patients[m & (labels == 1)])), len(set(patients[m & (labels == 0)]))) for m in members]
+        release = releasable(np.array([p for p, _ in counts]), np.array([n for _, n in counts]), minimum)
         released[attribute] = {g: h for g, h, r in zip(names, hists, release) if r}
-        held_back[attribute] = int((~release).sum())
+        held_back[attribute] = bool((~release).any())
     return GroupHistograms(hospital=hospital, groups=released, held_back=held_back)
 
 
@@ -114,29 +123,44 @@ def _gaps(scope: str, attribute: str, groups: Mapping[str, dict]) -> list[dict]:
     return out
 
 
-def summarize(round: int, released: Mapping[str, GroupHistograms], failures: Mapping[str, str], config: SubgroupConfig) -> dict:
+def summarize(round: int, released: Mapping[str, GroupHistograms], failures: Mapping[str, str], models: Mapping[str, str], config: SubgroupConfig) -> dict:
     """Per attribute and group: figures per hospital and pooled, and the gaps between groups,
-    largest first. Gaps leave out the unknown group, which is not a group of patients."""
+    largest first. Gaps leave out the unknown group, which is not a group of patients; pooled gaps
+    use only the hospitals that released every known group of the attribute, so that a gap between
+    groups is not a gap between hospitals."""
     attributes: dict[str, dict] = {}
     gaps: list[dict] = []
     for attribute in config.attributes:
-        hospitals = {
-            h: {g: figures(p, n, config.threshold) for g, (p, n) in sorted(r.groups.get(attribute, {}).items())}
-            for h, r in sorted(released.items())
+        own = {h: r.groups.get(attribute, {}) for h, r in sorted(released.items())}
+        hospitals = {h: {g: figures(p, n, config.threshold) for g, (p, n) in sorted(groups.items())} for h, groups in own.items()}
+        pooled = _pooled(own, config.threshold)
+        known = {g for groups in own.values() for g in groups} - {UNKNOWN}
+        complete = {h: groups for h, groups in own.items() if known <= set(groups)}
+        attributes[attribute] = {
+            "pooled": pooled,
+            "pooled_over": {g: sorted(h for h, groups in own.items() if g in groups) for g in pooled},
+            "hospitals": hospitals,
+            "recognised": bool(known),
         }
-        pooled_hists: dict[str, list] = {}
-        for r in released.values():
-            for g, (p, n) in r.groups.get(attribute, {}).items():
-                pooled_hists.setdefault(g, []).append((p, n))
-        pooled = {g: figures(sum(p for p, _ in hs), sum(n for _, n in hs), config.threshold) for g, hs in sorted(pooled_hists.items())}
-        attributes[attribute] = {"pooled": pooled, "hospitals": hospitals}
-        gaps += _gaps("pooled", attribute, pooled) + [g for h, groups in hospitals.items() for g in _gaps(h, attribute, groups)]
+        if len(complete) > 1:
+            scope = "pooled" if len(complete) == len(own) else f"pooled over {', '.join(complete)}"
+            gaps += _gaps(scope, attribute, _pooled(complete, config.threshold))
+        gaps += [g for h, groups in hospitals.items() for g in _gaps(h, attribute, groups)]
     return {
         "round": round,
         "threshold": config.threshold,
         "min_count": config.min_count,
+        "models": dict(sorted(models.items())),
         "attributes": attributes,
         "held_back": {h: r.held_back for h, r in sorted(released.items())},
         "gaps": sorted(gaps, key=lambda g: -g["gap"]),
         "failures": dict(failures),
     }
+
+
+def _pooled(own: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], threshold: float) -> dict[str, dict]:
+    hists: dict[str, list] = {}
+    for groups in own.values():
+        for g, pair in groups.items():
+            hists.setdefault(g, []).append(pair)
+    return {g: figures(sum(p for p, _ in hs), sum(n for _, n in hs), threshold) for g, hs in sorted(hists.items())}

@@ -103,7 +103,7 @@ class GroupHistograms:
 
     hospital: str
     groups: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]  # attribute -> group -> (positive, negative) histograms
-    held_back: dict[str, int]  # attribute -> groups kept at the hospital for too few patients
+    held_back: dict[str, bool]  # attribute -> whether any group stayed at the hospital (how many would say too much)
 
 
 @dataclass(frozen=True)

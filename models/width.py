@@ -9,6 +9,8 @@ hospitals whose sub-model holds it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from fedward.errors import AggregationError
@@ -46,8 +48,18 @@ def put(values: np.ndarray, sub: Layout, layout: Layout) -> tuple[np.ndarray, np
         raise AggregationError(f"{values.shape[0] if values.ndim == 1 else values.shape} values do not fill a layout of {sub.size}")
     if sub == layout:
         return values, np.ones(layout.size, bool)
-    placed, held = np.zeros(layout.size, values.dtype), np.zeros(layout.size, bool)
+    placed = np.zeros(layout.size, values.dtype)
     for (span, full, corner), (_, own) in zip(_corners(sub, layout), sub.slices().items()):
         placed[span].reshape(full)[corner] = values[own].reshape(tuple(c.stop for c in corner))
-        held[span].reshape(full)[corner] = True
-    return placed, held
+    return placed, covered([sub], layout)
+
+
+def covered(held: Sequence[Layout], layout: Layout) -> np.ndarray:
+    """Which entries of `layout` at least one of the sub-model layouts `held` holds."""
+    out = np.zeros(layout.size, bool)
+    for sub in set(held):
+        if sub == layout:
+            return np.ones(layout.size, bool)
+        for span, full, corner in _corners(sub, layout):
+            out[span].reshape(full)[corner] = True
+    return out

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedward.types import Layout, Update
+from models import width
 from pipelines.fedavg import weighted_mean
 from pipelines.strategy import Strategy
 
@@ -43,16 +44,19 @@ class FedOpt(Strategy):
             return None
         s = self.config.strategy
         delta = weighted_mean(updates, self.layout)
+        # Entries no hospital of the round holds (narrower models only, HeteroFL) neither move nor
+        # change their moments.
+        held = width.covered([u.layout for u in updates], self.layout) if self.layout is not None else np.ones(delta.size, bool)
         if self.m is None:
             self.m = np.zeros_like(delta)
             self.v = np.full_like(delta, s.tau**2)  # v starts at tau^2, as in the paper
-        self.m = s.beta1 * self.m + (1 - s.beta1) * delta
-        self.v = self.second_moment(self.v, delta**2)
+        self.m = np.where(held, s.beta1 * self.m + (1 - s.beta1) * delta, self.m)
+        self.v = np.where(held, self.second_moment(self.v, delta**2), self.v)
         step = s.server_lr * self.m / (np.sqrt(self.v) + s.tau)
         # Buffers (BatchNorm's running statistics) are averaged, not stepped: an adaptive step of
         # about server_lr could push a small running variance below zero.
         trainable = self.trainable if self.trainable is not None else np.ones(delta.size, bool)
-        return (current + np.where(trainable, step, delta)).astype(np.float32)
+        return (current + np.where(held, np.where(trainable, step, delta), 0.0)).astype(np.float32)
 
     def state_dict(self) -> dict:
         if self.m is None:

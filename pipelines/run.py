@@ -164,7 +164,8 @@ class Pipeline:
             raise CheckpointError(f"{self.run_dir}: checkpoint round {ckpt.round} was written under another config")
         record_invocation(self.run_dir, self.digest, ckpt.round if ckpt else 0)
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
-        if ckpt is not None and ckpt.round >= self.config.run.rounds and self._models_out(ckpt.round) and not self._explanation_due(ckpt.round):
+        done = ckpt is not None and ckpt.round >= self.config.run.rounds and self._models_out(ckpt.round)
+        if done and not self._subgroups_due(ckpt.round) and not self._explanation_due(ckpt.round):
             self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
             return ckpt.weights
         started = start_ray(self.config, self.address)
@@ -185,10 +186,10 @@ class Pipeline:
             weights, layout, last = self._train(shapes, ckpt)
             if last > 0:
                 gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())))
-                if self.config.subgroups.attributes:
-                    atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, last))
                 self._export(shapes, preprocessing, weights, layout, last)
                 atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
+            if last > 0 and self._subgroups_due(last):
+                atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, last))
             if last > 0 and self._explanation_due(last):
                 self._explain(sorted(shapes), weights, layout, last)
             return weights
@@ -357,6 +358,16 @@ class Pipeline:
         except (OSError, ValueError, KeyError):
             return False
 
+    def _subgroups_due(self, last: int) -> bool:
+        """Evaluate by group unless it was done for round `last` with these settings."""
+        if not self.config.subgroups.attributes:
+            return False
+        try:
+            done = json.loads((self.run_dir / "subgroups.json").read_text())
+        except (OSError, ValueError):
+            return True
+        return done.get("round") != last or done.get("settings") != config_to_dict(self.config)["subgroups"] or bool(done.get("failures"))
+
     def _explanation_due(self, last: int) -> bool:
         """Explain unless the last round's explanation finished everywhere, reports included."""
         if not self.config.explain.enabled:
@@ -397,12 +408,21 @@ class Pipeline:
         return result
 
     def _subgroups(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> dict:
-        """The final global model's performance per patient group, per hospital and pooled."""
+        """The final global model's performance per patient group, per hospital and pooled, as each
+        hospital runs it: at its own width, with its own layers where the strategy keeps some."""
+        cfg = self.config
         weights_ref = ray.put(weights)
-        released, failures = gather({h: self.hospitals[h].evaluate_subgroups.remote(weights_ref, layout) for h in hospitals}, self.config.run.round_timeout_s)
+        released, failures = gather({h: self.hospitals[h].evaluate_subgroups.remote(weights_ref, layout) for h in hospitals}, cfg.run.round_timeout_s)
         for name, why in sorted(failures.items()):
             self.log(f"{name}: its evaluation per patient group failed: {why}")
-        return subgroups.summarize(round, released, failures, self.config.subgroups)
+        personal = self.strategy.personal_keys()
+        models = {
+            h: "global model" + (f" at width {cfg.hospital(h).model['width']:g}" if cfg.hospital(h).model.get("width", 1.0) < 1 else "")
+            + (f" with the layers {cfg.strategy.name} keeps at the hospital" if personal else "")
+            for h in hospitals
+        }
+        summary = subgroups.summarize(round, released, failures, models, cfg.subgroups)
+        return {**summary, "kind": cfg.data.kind, "settings": config_to_dict(cfg)["subgroups"]}
 
     def _export(self, shapes: dict[str, tuple[int, ...]], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:
         """The final model, for scoring new patients: the global one here, and each hospital's own

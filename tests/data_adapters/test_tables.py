@@ -263,5 +263,6 @@ def test_the_report_is_written_whole_as_json_whatever_lies_beside_it(tmp_path):
             "source": "export.csv row 2", "field": "age", "reason": "bad_value",
             "detail": "expected a numeric value, found a string cell that is not one",
         }],
+        "notes": {},
     }
     assert sorted(p.name for p in out.parent.iterdir()) == ["data_report.json", "data_report.json.tmp"]

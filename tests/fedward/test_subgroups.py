@@ -39,6 +39,19 @@ def test_small_groups_stay_home_and_so_do_groups_that_would_reveal_them():
     assert subgroups.releasable(np.array([50, 30, 3]), np.array([50, 30, 40]), 10).tolist() == [True, False, False]
     assert subgroups.releasable(np.array([50, 30, 12]), np.array([50, 30, 40]), 10).tolist() == [True, True, True]
     assert subgroups.releasable(np.array([50, 2]), np.array([50, 2]), 10).tolist() == [False, False]
+    # A remainder of 15 positives and no negative would tell that all its patients had the outcome.
+    release = subgroups.releasable(np.array([40, 40, 15]), np.array([40, 40, 0]), 10)
+    assert not release[2] and release.sum() == 1  # one of the two large groups stays with it
+
+
+def test_groups_are_sized_in_patients_not_images():
+    scores = np.linspace(0.01, 0.99, 60)
+    labels = np.array([1, 0] * 30)
+    # Group "one" holds 20 positive images of 2 patients: too few patients, whatever the image count.
+    patients = np.array([f"p{i % 2}" if i < 40 and labels[i] else f"q{i}" for i in range(60)])
+    group = np.array(["one" if i < 40 else "two" for i in range(60)], dtype=object)
+    released = subgroups.at_hospital("h", scores, labels, patients, {"g": group}, 10)
+    assert released.groups["g"] == {} and released.held_back == {"g": True}
 
 
 def _scores(rng, n, quality):
@@ -56,10 +69,10 @@ def test_figures_per_group_match_direct_computation_and_pool_over_hospitals():
         ms, ml = _scores(rng, 200, 0.1)  # and men's barely
         scores, labels = np.concatenate([fs, ms]), np.concatenate([fl, ml])
         sex = np.array(["female"] * 200 + ["male"] * 200, dtype=object)
-        released[h] = subgroups.at_hospital(h, scores, labels, {"sex": sex}, 10)
+        released[h] = subgroups.at_hospital(h, scores, labels, np.arange(400).astype(str), {"sex": sex}, 10)
         for g, s, y in (("female", fs, fl), ("male", ms, ml)):
             truth[g][0].append(s), truth[g][1].append(y)
-    summary = subgroups.summarize(4, released, {}, config)
+    summary = subgroups.summarize(4, released, {}, {"a": "global model", "b": "global model"}, config)
     for g, (s, y) in truth.items():
         s, y = np.concatenate(s), np.concatenate(y)
         pooled = summary["attributes"]["sex"]["pooled"][g]
@@ -71,6 +84,11 @@ def test_figures_per_group_match_direct_computation_and_pool_over_hospitals():
     assert top["best"] == "female" and top["worst"] == "male" and top["gap"] > 0.2
     assert [g["gap"] for g in summary["gaps"]] == sorted((g["gap"] for g in summary["gaps"]), reverse=True)
     assert {g["scope"] for g in summary["gaps"]} == {"pooled", "a", "b"}
+    # A group only one hospital released counts in its pooled figures, but not in pooled gaps.
+    released["b"] = subgroups.at_hospital("b", scores, labels, np.arange(400).astype(str), {"sex": np.array(["female"] * 400, dtype=object)}, 10)
+    summary = subgroups.summarize(4, released, {}, {}, config)
+    assert summary["attributes"]["sex"]["pooled_over"] == {"female": ["a", "b"], "male": ["a"]}
+    assert {g["scope"] for g in summary["gaps"]} == {"a"}
 
 
 def test_subgroup_settings_are_checked_at_load(tmp_path):
@@ -78,6 +96,7 @@ def test_subgroup_settings_are_checked_at_load(tmp_path):
         ({"threshold": 0.505}, r"subgroups.threshold: expected a multiple of 0.01"),
         ({"age_bands": [65, 40]}, r"subgroups.age_bands: expected increasing positive ages"),
         ({"min_count": 0}, r"subgroups.min_count: must be at least 1"),
+        ({"age_bands": []}, r"subgroups.age_bands: expected increasing positive ages"),
     ):
         with pytest.raises(ConfigError, match=match):
             parse_config({**ehr_config(tmp_path, tmp_path), "subgroups": {"sex": "sex", **section}})
@@ -112,8 +131,20 @@ def test_a_hospital_releases_its_groups_and_names_a_missing_group_column(demo_da
     raw["model"]["hidden"] = [8]
     raw["data"]["table"]["features"].pop("sex")
     raw["subgroups"] = {"sex": "sex"}
-    with pytest.raises(DataError, match=r"ehr.csv: column 'sex' \(subgroups.sex\) is missing"):
-        Hospital("hospital_a", parse_config(raw), "groups").load()
+    config = parse_config(raw)
+    hospital = Hospital("hospital_a", config, "groups")
+    hospital.load()  # a missing group column costs no sample: the hospital still trains
+    shape = hospital.prepare(merge_summaries([hospital.summarize()], config.data.table).to_dict(), frozenset())
+    weights, layout = flatten(build_model(config.model, shape))
+    with pytest.raises(DataError, match=r"hospital_a: ehr.csv: column 'sex' \(subgroups.sex\) is missing"):
+        hospital.evaluate_subgroups(weights, layout)
+
+
+def test_subgroup_settings_do_not_change_the_runs_identity(tmp_path):
+    from fedward.config import config_hash
+
+    plain = parse_config(ehr_config(tmp_path, tmp_path))
+    assert config_hash(parse_config({**ehr_config(tmp_path, tmp_path), "subgroups": {"sex": "sex"}})) == config_hash(plain)
 
 
 def test_an_image_hospital_reads_groups_from_the_dicom_header(demo_data, tmp_path):

@@ -134,3 +134,30 @@ def test_a_narrow_hospital_trains_its_slice_and_returns_a_change_in_its_own_shap
     assert np.array_equal(update.delta, flatten(hospital.model)[0] - width.take(weights, layout, sub))
     evaluation = hospital.evaluate(1, weights, layout)  # the global weights, at this hospital's width
     assert evaluation.num_examples == len(hospital.holdout_idx) and 0 <= evaluation.auroc <= 1
+
+
+def test_a_server_optimizer_leaves_entries_no_hospital_sent_and_their_moments_alone(tmp_path):
+    from pipelines.fedopt import FedYogi
+
+    full, narrow = _full_and_narrow("mlp", 0.5)
+    layout, sub = flatten(full)[1], flatten(narrow)[1]
+    strategy = FedYogi(parse_config({**ehr_config(tmp_path, tmp_path), "strategy": {"name": "fedyogi"}}))
+    strategy.start(full, layout)
+    current = np.zeros(layout.size, np.float32)
+    wide = Update(1, "a", np.full(layout.size, 0.1, np.float32), layout, 10, 10.0)
+    after = strategy.aggregate(1, current, [wide], {})
+    m, v = strategy.m.copy(), strategy.v.copy()
+    only_narrow = Update(2, "c", np.full(sub.size, -0.1, np.float32), sub, 10, 10.0)
+    again = strategy.aggregate(2, after, [only_narrow], {})
+    held = width.covered([sub], layout)
+    assert np.array_equal(again[~held], after[~held]) and np.array_equal(strategy.m[~held], m[~held]) and np.array_equal(strategy.v[~held], v[~held])
+    assert not np.allclose(again[held], after[held])
+
+
+@pytest.mark.parametrize("privacy", [{"encryption": {"enabled": True}}, {"dp_fedavg": {"enabled": True, "noise_multiplier": 1.0}}])
+def test_narrow_models_are_refused_where_updates_are_summed_in_one_shape(tmp_path, privacy):
+    raw = ehr_config(tmp_path, tmp_path)
+    raw["hospitals"][2]["model"] = {"width": 0.5}
+    raw["privacy"] = privacy
+    with pytest.raises(ConfigError, match=r"hospital_c.*privacy\.(encryption|dp_fedavg)"):
+        parse_config(raw)

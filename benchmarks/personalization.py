@@ -7,7 +7,7 @@ and the worst hospital and mean over hospitals; raw figures per run come from ea
 personalization.json. A strategy that needs other settings runs with them (FedBN BatchNorm;
 SCAFFOLD plain SGD at lr 0.05), which its row then also reflects.
 
-    python benchmarks/personalization.py configs/demo_images.yaml
+    python benchmarks/personalization.py configs/demo_images.yaml --seeds 0 1 2
     python benchmarks/personalization.py configs/demo_ehr.yaml --strategies fedavg fedprox fedper ditto
 """
 
@@ -35,40 +35,52 @@ def run(config_path: Path, root: str, name: str, settings: list[str]) -> dict:
     return json.loads((config.run_dir / "personalization.json").read_text())["models"]
 
 
+def one_seed(args: argparse.Namespace, root: str, seed: int) -> dict[str, dict[str, float]]:
+    """AUROC per strategy and hospital for one run seed (it also draws the hospitals' splits)."""
+    columns: dict[str, dict[str, float]] = {}
+    for name in args.strategies:
+        settings = [f"strategy.name={name}", f"run.seed={seed}", *args.set]
+        if name == "heterofl":
+            settings = ["strategy.name=fedavg", f"hospitals.{args.narrow}.model.width=0.5", f"run.seed={seed}", *args.set]
+        if name == "fedavg":  # the baselines come with the FedAvg run
+            settings += ["strategy.fine_tune_epochs=2", "strategy.local_only=true"]
+        if name == "fedyogi":
+            settings += ["strategy.server_lr=0.01"]
+        if name == "fedbn":
+            settings += ["model.norm=batch"]
+        if name == "scaffold":  # its control update assumes plain SGD steps
+            settings += ["train.optimizer=sgd", "train.momentum=0", "train.lr=0.05"]
+        models = run(args.config, root, f"{name}-seed{seed}", settings)
+        own = "personal" if name == "ditto" else "global"
+        columns[name] = {h: m["auroc"] for h, m in models[own]["hospitals"].items()}
+        if name == "fedavg":
+            columns["local-only"] = {h: m["auroc"] for h, m in models["local_only"]["hospitals"].items()}
+            columns["fedavg+fine-tune"] = {h: m["auroc"] for h, m in models["fine_tuned"]["hospitals"].items()}
+        print(f"done: {name}, seed {seed}", file=sys.stderr, flush=True)
+    return columns
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--set", action="append", default=[], help="more config settings, as for fedward simulate")
     parser.add_argument("--narrow", default="hospital_c", help="the hospital that trains a half-width model in the heterofl run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="run seeds; each draws its own initial weights and splits")
     args = parser.parse_args()
-    columns: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as root:
-        for name in args.strategies:
-            settings = [f"strategy.name={name}", *args.set]
-            if name == "heterofl":
-                settings = ["strategy.name=fedavg", f"hospitals.{args.narrow}.model.width=0.5", *args.set]
-            if name == "fedavg":  # the baselines come with the FedAvg run
-                settings += ["strategy.fine_tune_epochs=2", "strategy.local_only=true"]
-            if name == "fedyogi":
-                settings += ["strategy.server_lr=0.01"]
-            if name == "fedbn":
-                settings += ["model.norm=batch"]
-            if name == "scaffold":  # its control update assumes plain SGD steps
-                settings += ["train.optimizer=sgd", "train.momentum=0", "train.lr=0.05"]
-            models = run(args.config, root, name, settings)
-            own = "personal" if name == "ditto" else "global"
-            columns[name] = {h: m["auroc"] for h, m in models[own]["hospitals"].items()}
-            if name == "fedavg":
-                columns["local-only"] = {h: m["auroc"] for h, m in models["local_only"]["hospitals"].items()}
-                columns["fedavg+fine-tune"] = {h: m["auroc"] for h, m in models["fine_tuned"]["hospitals"].items()}
-            print(f"done: {name}", file=sys.stderr, flush=True)
-    hospitals = sorted({h for c in columns.values() for h in c})
-    print(f"{args.config}: AUROC per hospital on its own held-out patients ({' '.join(args.set) or 'as configured'})")
-    print(f"{'':<17}" + "".join(f"{h:>12}" for h in hospitals) + f"{'worst':>8}{'mean':>8}")
-    for name, values in columns.items():
-        row = [values.get(h, float("nan")) for h in hospitals]
-        print(f"{name:<17}" + "".join(f"{v:>12.3f}" for v in row) + f"{min(row):>8.3f}{statistics.mean(row):>8.3f}")
+        by_seed = [one_seed(args, root, seed) for seed in args.seeds]
+    hospitals = sorted({h for c in by_seed[0].values() for h in c})
+    print(f"{args.config}: AUROC per hospital on its own held-out patients ({' '.join(args.set) or 'as configured'}), "
+          f"mean over seeds {args.seeds}; 'worst/seed' is the worst hospital's AUROC per seed, mean ± sd over seeds")
+    print(f"{'':<17}" + "".join(f"{h:>12}" for h in hospitals) + f"{'worst':>8}{'mean':>8}{'worst/seed':>16}")
+    for name in by_seed[0]:
+        per_seed = [[columns[name].get(h, float("nan")) for h in hospitals] for columns in by_seed]
+        row = [statistics.mean(values) for values in zip(*per_seed)]
+        worst = [min(values) for values in per_seed]
+        spread = statistics.stdev(worst) if len(worst) > 1 else 0.0
+        print(f"{name:<17}" + "".join(f"{v:>12.3f}" for v in row) + f"{min(row):>8.3f}{statistics.mean(row):>8.3f}"
+              + f"{statistics.mean(worst):>10.3f} ± {spread:.3f}")
 
 
 if __name__ == "__main__":

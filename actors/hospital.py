@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from actors import attacks
 from data_adapters.dicom import load_dicom
 from data_adapters.harmonize import PreprocessingSpec, TableSummary, summarize
 from data_adapters.report import DataReport
@@ -172,6 +173,10 @@ class Hospital:
         if plan.personal_lambda is not None:
             self._train_personal(plan, weights, layout)
         self._save_state(plan.round)
+        update = attacks.tampered(self.config.attack, update, plan.seed)
+        bound = self.config.robust.norm_bound
+        if bound is not None and not self.hook.reveals_individual_updates:  # the driver cannot bound what it cannot see
+            update = dp_fedavg.clip(update, bound)
         if self.config.privacy.dp_fedavg.enabled:
             update = dp_fedavg.clip(update, self.config.privacy.dp_fedavg.clip_norm)
             if not self.hook.reveals_individual_updates:
@@ -180,7 +185,7 @@ class Hospital:
         return self.hook.encode(update, hook_setup)
 
     def _train(self, model: nn.Module, plan: RoundPlan, correction: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        x, y = self.x[self.train_idx], self.y[self.train_idx]
+        x, y = self.x[self.train_idx], attacks.training_labels(self.config.attack, self.name, self.y[self.train_idx])
         dp = self.config.privacy.dp_sgd
         if not dp.enabled:
             shared = None

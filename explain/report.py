@@ -570,6 +570,10 @@ def _consortium_notices(run: _Run) -> list[str]:
     elif run.consortium.round != run.finished:
         notices.append(f"Explanations are of round {run.consortium.round}, performance figures of round {run.finished}.")
     notices += [f"Explanations failed at {h}, which the explanation sections leave out: {why}" for h, why in run.explain_failures.items()]
+    attack = run.identity.get("attack") or {}
+    if attack.get("hospitals"):
+        notices.append(f"Simulated attack: {', '.join(attack['hospitals'])} ran '{attack['kind']}' (config attack). This run tests "
+                       f"defences; its model is not for patients.")
     return notices
 
 
@@ -643,6 +647,34 @@ def _by_group(summary: dict, hospitals: Sequence[str]) -> _Section:
     return _section("groups", "Performance by patient group", *parts)
 
 
+def _screening(metrics: Sequence[dict], hospitals: Sequence[str]) -> _Section | None:
+    """Updates refused at the door, and how far each hospital's changes lay from the others'."""
+    refused = [(r["round"], h, why) for r in metrics for h, why in r.get("failures", {}).items() if why.startswith("rejected:")]
+    scored = [r for r in metrics if r.get("anomaly")]
+    if not refused and not scored:
+        return None
+    parts = [_p("Every update is checked before aggregation (sender, round, layout, finite values, counts); one that fails "
+                "is left out of its round. Anomaly scores compare each change with the coordinate-wise median of the round's "
+                "changes: a large distance or a low cosine over several rounds points at a faulty or hostile hospital.")]
+    if refused:
+        parts += [Html("<h3>Updates refused</h3>"), _table(("round", "hospital", "reason"), refused)]
+    if scored:
+        def mean(h: str, key: str) -> float | None:
+            values = [r["anomaly"][h][key] for r in scored if h in r["anomaly"]]
+            return sum(values) / len(values) if values else None
+
+        rows = [(h, *(_figure(mean(h, k)) for k in ("distance", "cosine", "norm")),
+                 *(_figure(scored[-1]["anomaly"].get(h, {}).get(k)) for k in ("distance", "cosine")),
+                 sum(h in r.get("flagged", []) for r in metrics)) for h in hospitals]
+        parts += [Html("<h3>Anomaly scores</h3>"),
+                  _table(("hospital", "mean distance", "mean cosine", "mean norm", "last distance", "last cosine", "rounds flagged"), rows)]
+    quarantined = metrics[-1].get("quarantined", [])
+    if quarantined:
+        first = {h: next(r["round"] for r in metrics if h in r.get("quarantined", [])) for h in quarantined}
+        parts.append(_p("Quarantined (flagged too often, asked no more): " + ", ".join(f"{h} from round {n}" for h, n in first.items()) + ".", "fail"))
+    return _section("screening", "Update screening", *parts)
+
+
 # -- privacy ---------------------------------------------------------------------------------------
 
 
@@ -711,6 +743,9 @@ def write_consortium_report(run_dir: Path) -> Path:
         explained = _from_consortium(run.consortium, run.summaries)
         sections += _explanation_sections(explained, _feature_types(run.identity))
         notices += _failed_checks(explained)
+    screening = _screening(run.metrics, hospitals)
+    if screening is not None:
+        sections.append(screening)
     if (run_dir / "privacy.json").is_file():
         ledger = _read_json(run_dir / "privacy.json")
         sections.append(_privacy(ledger))

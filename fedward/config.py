@@ -343,6 +343,42 @@ class ExplainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RobustConfig:
+    """How the hospitals' changes combine when some may be faulty or hostile (pipelines/aggregation.py)."""
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    trim: float = 0.2  # trimmed_mean: the share of values cut at each end of every coordinate
+    byzantine: int = 1  # krum, multi_krum: hospitals per round that may be hostile (f)
+    keep: int | None = None  # multi_krum: changes kept and averaged (default: hospitals in the round - byzantine)
+    norm_bound: float | None = None  # every change is clipped to this L2 norm before combining
+    # A hospital whose change lies more than `flag_distance` times the round's median distance from
+    # the median change is flagged; flagged in `quarantine_after` rounds, it is asked no more (0: never).
+    flag_distance: float = 3.0
+    quarantine_after: int = 0
+
+    def __post_init__(self):
+        _need(0 < self.trim < 0.5, f"robust.trim: expected a share in (0, 0.5), got {self.trim}")
+        _need(self.byzantine >= 0, f"robust.byzantine: must be >= 0, got {self.byzantine}")
+        _need(self.keep is None or self.keep >= 1, f"robust.keep: must be at least 1, got {self.keep}")
+        _need(self.norm_bound is None or self.norm_bound > 0, f"robust.norm_bound: must be positive, got {self.norm_bound}")
+        _need(self.flag_distance > 1, f"robust.flag_distance: must be above 1, got {self.flag_distance}")
+        _need(self.quarantine_after >= 0, f"robust.quarantine_after: must be >= 0, got {self.quarantine_after}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+    """A simulated attack for testing defences (actors/attacks.py): what the named hospitals do."""
+
+    hospitals: tuple[str, ...] = ()
+    kind: Literal["label_flip", "sign_flip", "scale", "noise"] = "sign_flip"
+    scale: float = 10.0  # scale: the factor on the change (model replacement)
+    sigma: float = 1.0  # noise: the standard deviation of the noise sent instead of a change
+
+    def __post_init__(self):
+        _need(self.sigma > 0, f"attack.sigma: must be positive, got {self.sigma}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SubgroupConfig:
     """Performance per patient group of the final global model, computed inside each hospital."""
 
@@ -430,6 +466,8 @@ class FedwardConfig:
     privacy: PrivacyConfig = PrivacyConfig()
     explain: ExplainConfig = ExplainConfig()
     subgroups: SubgroupConfig = SubgroupConfig()
+    robust: RobustConfig = RobustConfig()
+    attack: AttackConfig = AttackConfig()
 
     def __post_init__(self):
         names = [h.name for h in self.hospitals]
@@ -446,6 +484,8 @@ class FedwardConfig:
         )
         for h in self.hospitals:
             self.model_for(h.name)  # validates each hospital's overrides now, not mid-run
+        unknown = sorted(set(self.attack.hospitals) - set(names))
+        _need(not unknown, f"attack.hospitals: {unknown} are not hospitals of this run; hospitals are {names}")
         _need(
             self.strategy.name != "fedbn" or self.model.norm == "batch",
             f"strategy.name: fedbn keeps BatchNorm layers at each hospital, but model.norm is {self.model.norm!r}; set it to 'batch'",
@@ -501,9 +541,10 @@ class FedwardConfig:
             "a patient's influence; set model.norm to 'group' or 'none'",
         )
         privacy = self.privacy
+        # The fewest hospitals a round asks: thresholds must hold for them too.
+        asked = min(len(names), max(self.run.min_hospitals, math.ceil(self.strategy.fraction * len(names))))
+        self._check_robust(asked, narrow)
         if privacy.masking.enabled:
-            # The fewest hospitals a round asks: the threshold must hold for them too.
-            asked = min(len(names), max(self.run.min_hospitals, math.ceil(self.strategy.fraction * len(names))))
             threshold = asked - privacy.masking.dropout_tolerance
             _need(
                 threshold >= 2 and threshold > asked / 2,
@@ -520,6 +561,33 @@ class FedwardConfig:
                 not privacy.masking.enabled or privacy.dp_fedavg.clip_norm <= privacy.masking.clip,
                 f"privacy: dp_fedavg.clip_norm={privacy.dp_fedavg.clip_norm} must not exceed masking.clip={privacy.masking.clip}, "
                 f"so no clipped update needs clipping again",
+            )
+
+    def _check_robust(self, asked: int, narrow: list[str]) -> None:
+        rule, robust = self.robust.rule, self.robust
+        if rule == "mean":
+            return
+        hidden = [name for name, on in (("privacy.masking", self.privacy.masking.enabled), ("privacy.encryption", self.privacy.encryption.enabled)) if on]
+        _need(
+            not hidden,
+            f"robust.rule: {rule} needs each hospital's change in the clear, which {' and '.join(hidden)} hide; "
+            f"with secure aggregation use robust.rule: mean with robust.norm_bound, enforced inside each hospital",
+        )
+        _need(
+            not self.privacy.dp_fedavg.enabled,
+            f"robust.rule: privacy.dp_fedavg calibrates its noise to the mean's sensitivity, not {rule}'s; use robust.norm_bound",
+        )
+        _need(not narrow, f"robust.rule: {rule} compares whole changes, but hospitals {narrow} train narrower models")
+        if rule in ("krum", "multi_krum"):
+            _need(
+                asked > 2 * robust.byzantine + 2,
+                f"robust.byzantine={robust.byzantine}: Krum needs more than 2f + 2 = {2 * robust.byzantine + 2} hospitals per round, "
+                f"and a round may ask only {asked} (run.min_hospitals, strategy.fraction)",
+            )
+        if rule == "trimmed_mean":
+            _need(
+                int(robust.trim * asked) >= 1,
+                f"robust.trim={robust.trim}: with {asked} hospitals in a round nothing would be cut; raise it to at least {1 / asked:.2f}",
             )
 
     @property

@@ -16,7 +16,6 @@ from torch import nn
 
 from fedward.types import Layout, Update
 from models import width
-from pipelines.fedavg import weighted_mean
 from pipelines.strategy import Strategy
 
 
@@ -43,7 +42,7 @@ class FedOpt(Strategy):
         if not updates:
             return None
         s = self.config.strategy
-        delta = weighted_mean(updates, self.layout)
+        delta = self.combine(updates)
         # Entries no hospital of the round holds (narrower models only, HeteroFL) neither move nor
         # change their moments.
         held = width.covered([u.layout for u in updates], self.layout) if self.layout is not None else np.ones(delta.size, bool)

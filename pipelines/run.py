@@ -34,10 +34,11 @@ from fedward.errors import AggregationError, CheckpointError, ConfigError, DataE
 from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
-from fedward.types import DataCounts, Evaluation, Layout
+from fedward.types import DataCounts, Evaluation, Layout, Update
 from models.export import export_model, from_weights
 from models.flat import flatten
 from models.networks import build_model
+from pipelines import admission, aggregation
 from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from pipelines.manifest import record_data, record_invocation
 from pipelines.strategies import STRATEGIES
@@ -153,6 +154,7 @@ class Pipeline:
         self.hospitals: dict[str, ray.actor.ActorHandle] = {}
         self.counts: dict[str, DataCounts] = {}
         self.start_sent: dict[str, int] = {}
+        self.expected: dict[str, Layout] = {}  # each hospital's update layout, once training starts
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -163,6 +165,8 @@ class Pipeline:
         if ckpt is not None and ckpt.config_hash != self.digest:
             raise CheckpointError(f"{self.run_dir}: checkpoint round {ckpt.round} was written under another config")
         record_invocation(self.run_dir, self.digest, ckpt.round if ckpt else 0)
+        if self.config.attack.hospitals:
+            self.log(f"SIMULATED ATTACK: {', '.join(self.config.attack.hospitals)} {self.config.attack.kind} (config attack); a test of defences, not a model for patients")
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
         done = ckpt is not None and ckpt.round >= self.config.run.rounds and self._models_out(ckpt.round)
         if done and not self._subgroups_due(ckpt.round) and not self._explanation_due(ckpt.round):
@@ -307,16 +311,19 @@ class Pipeline:
             rng.bit_generator.state = ckpt.rng_state
             self._restore_hospitals(sorted(shapes), ckpt.round)
         self.strategy.start(build_model(cfg.model, next(iter(shapes.values()))), layout)
+        self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout)
         self._truncate_metrics(start - 1)
         self._write_ledger()
         last = start - 1
         bar = tqdm(range(start, cfg.run.rounds + 1), desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
         for round in bar:
             began = time.monotonic()
-            result = self._round_with_retries(round, sorted(shapes), weights, layout, rng)
+            quarantined = self._quarantined()
+            result = self._round_with_retries(round, [h for h in sorted(shapes) if h not in quarantined], weights, layout, rng)
             if result is None:
                 break
             weights, record = result
+            record["quarantined"] = quarantined
             record["seconds"] = round_seconds = time.monotonic() - began
             self._append_metrics(record)
             save_checkpoint(
@@ -327,6 +334,21 @@ class Pipeline:
             last = round
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
         return weights, layout, last
+
+    def _quarantined(self) -> list[str]:
+        """Hospitals flagged in `robust.quarantine_after` rounds so far: they are asked no more.
+        Read from the metric records, so a resumed run quarantines exactly as an uninterrupted one."""
+        after = self.config.robust.quarantine_after
+        if not after:
+            return []
+        counts: dict[str, int] = {}
+        for record in read_metrics(self.run_dir / "metrics.jsonl"):
+            for h in record.get("flagged", []):
+                counts[h] = counts.get(h, 0) + 1
+        out = sorted(h for h, n in counts.items() if n >= after)
+        if out:
+            self.log(f"quarantined after {after} flagged rounds: {out}")
+        return out
 
     def _round_with_retries(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict] | None:
         """A round, tried again when its aggregation fails; None when the privacy budget ends training."""
@@ -532,6 +554,8 @@ class Pipeline:
         failures.update(fit_failures)
         for h, u in updates.items():
             sent[h] = sent.get(h, 0) + _wire_bytes(u)
+        updates, refused = admission.admit(round, updates, self.expected)
+        failures.update(refused)
         self._check_reported_steps(round, updates, units)
         self._require_quorum(round, updates, failures)
         combined = self.hook.combine(round, [updates[h] for h in sorted(updates)])
@@ -563,6 +587,10 @@ class Pipeline:
             "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
             "evaluation_failures": eval_failures,
             "privacy": self._privacy_record(updates, sent, len(plans)),
+            # How far each change lies from the others, for spotting a faulty or hostile hospital
+            # (only where changes arrive in the clear).
+            "anomaly": (anomaly := aggregation.anomaly_scores([u for u in updates.values() if isinstance(u, Update)])),
+            "flagged": aggregation.flagged(anomaly, cfg.robust.flag_distance),
         }
         if self.strategy.personal_lambda is not None:
             record["personal"] = self._personal_record(round, available)

@@ -22,7 +22,6 @@ from torch import nn
 
 from fedward.errors import AggregationError
 from fedward.types import Layout, Update
-from pipelines.fedavg import weighted_mean
 from pipelines.strategy import Strategy
 
 CONTROL = "control:"  # prefix of the control-change entries appended to an update's layout
@@ -54,10 +53,13 @@ def next_control(controls: Layout, layout: Layout, own: np.ndarray, server: np.n
     return (own - server + (start[at] - trained[at]) / (steps * lr)).astype(np.float32)
 
 
+def with_controls(layout: Layout, controls: Layout) -> Layout:
+    return Layout(layout.names + tuple(CONTROL + n for n in controls.names), layout.shapes + controls.shapes)
+
+
 def with_control_change(update: Update, controls: Layout, change: np.ndarray) -> Update:
-    layout = Layout(update.layout.names + tuple(CONTROL + n for n in controls.names), update.layout.shapes + controls.shapes)
-    return Update(update.round, update.hospital, np.concatenate([update.delta, change]).astype(np.float32), layout,
-                  update.num_examples, update.weight, update.metrics)
+    return Update(update.round, update.hospital, np.concatenate([update.delta, change]).astype(np.float32),
+                  with_controls(update.layout, controls), update.num_examples, update.weight, update.metrics)
 
 
 class Scaffold(Strategy):
@@ -65,10 +67,12 @@ class Scaffold(Strategy):
         super().__init__(config)
         self.control: np.ndarray | None = None  # the server's c, over the controlled parameters
         self.asked = 0  # hospitals asked in the current round
+        self.controls: Layout | None = None  # the controlled parameters, once started
 
     def start(self, model: nn.Module, layout: Layout) -> None:
         super().start(model, layout)
-        size = control_layout(model, layout).size
+        self.controls = control_layout(model, layout)
+        size = self.controls.size
         if self.control is None:
             self.control = np.zeros(size, np.float32)
         elif self.control.size != size:
@@ -76,6 +80,9 @@ class Scaffold(Strategy):
 
     def broadcast(self) -> np.ndarray:
         return self.control
+
+    def update_layout(self, layout: Layout) -> Layout:
+        return with_controls(layout, self.controls)
 
     def configure_round(self, round, hospitals, rng):
         plans = super().configure_round(round, hospitals, rng)
@@ -85,7 +92,7 @@ class Scaffold(Strategy):
     def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
         if not updates:
             return None
-        mean = weighted_mean(updates)
+        mean = self.combine(updates)
         n = current.size
         if mean.size != n + self.control.size:
             raise AggregationError(f"round {round}: SCAFFOLD updates hold {mean.size} values, expected {n} weights and {self.control.size} controls")

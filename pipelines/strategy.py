@@ -16,6 +16,7 @@ from torch import nn
 from fedward.config import FedwardConfig
 from fedward.seeds import derived_seed
 from fedward.types import Layout, RoundPlan, Update
+from pipelines import aggregation
 
 
 class Strategy(ABC):
@@ -50,6 +51,11 @@ class Strategy(ABC):
     def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
         """The next global weights, or None to keep `current`."""
 
+    def combine(self, updates: Sequence[Update]) -> np.ndarray:
+        """The round's change from the hospitals' changes: their weighted mean, or the robust rule
+        the config names (float64)."""
+        return aggregation.combine(updates, None if self.layout is None else self.update_layout(self.layout), self.config.robust)
+
     def start(self, model: nn.Module, layout: Layout) -> None:
         """Called before the first round of a run or a resume, once the shared layout is known."""
         self.layout = layout
@@ -57,6 +63,10 @@ class Strategy(ABC):
     def broadcast(self) -> np.ndarray | None:
         """What every asked hospital receives with the weights each round (SCAFFOLD's control)."""
         return None
+
+    def update_layout(self, layout: Layout) -> Layout:
+        """What an update from a hospital whose model holds `layout` carries (SCAFFOLD adds its control change)."""
+        return layout
 
     def personal_keys(self) -> frozenset[str]:
         """State-dict entries that stay at each hospital and never enter the aggregate."""

@@ -221,7 +221,7 @@ def test_the_consortium_report_is_one_self_contained_file_with_every_section_and
     run_dir, path = federation[0], consortium_report
     assert path == run_dir / "report.html"
     page = assert_self_contained(path)
-    assert page.headings["h2"] == [*TABLE_SECTIONS, "Privacy"]
+    assert page.headings["h2"] == [*TABLE_SECTIONS, "Update screening", "Privacy"]
     text = path.read_text()
     # The figures of the last round, with intervals computed here from its histograms.
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
@@ -248,7 +248,7 @@ def test_the_consortium_report_is_one_self_contained_file_with_every_section_and
 def test_without_explanations_the_report_says_so_instead_of_looking_complete(run_dir):
     (run_dir / "explanations.json").unlink()
     page = assert_self_contained(write_consortium_report(run_dir))
-    assert page.headings["h2"] == [*TABLE_SECTIONS[:4], "Explanations", "Privacy"]
+    assert page.headings["h2"] == [*TABLE_SECTIONS[:4], "Explanations", "Update screening", "Privacy"]
     assert not set(EXPLANATION_SECTIONS) & set(page.headings["h2"])
     text = (run_dir / "report.html").read_text()
     assert 'role="alert">Explanations were not computed for this run' in text
@@ -331,7 +331,7 @@ def test_image_explanations_show_the_aggregate_map_and_the_patient_overlay(run_d
     body = {"round": 2, "hospitals": {h: to_jsonable(s) for h, s in summaries.items()}, "consortium": to_jsonable(consortium)}
     (run_dir / "explanations.json").write_text(json.dumps(body))
     page = assert_self_contained(write_consortium_report(run_dir))
-    assert page.headings["h2"] == [*TABLE_SECTIONS[:4], "Image attributions", "Checks", "Privacy"]
+    assert page.headings["h2"] == [*TABLE_SECTIONS[:4], "Image attributions", "Checks", "Update screening", "Privacy"]
     image = np.clip(blob.repeat(8, 0).repeat(8, 1) + 0.1 * np.random.default_rng(0).random((64, 64)), 0, 1)
     patient = PatientExplanation("P/7", "1.2.840.99", 1, 0.81, -0.5, [], image, (image - 0.5) * 0.05)
     path = write_patient_explanation(tmp_path / "patients", patient)
@@ -369,7 +369,7 @@ def browser():
 def test_the_reports_render_in_headless_chromium_with_every_image_loaded(consortium_report, hospital_report):
     driver = browser()
     try:
-        for path, title, sections in ((consortium_report, "fedward report: report", [*TABLE_SECTIONS, "Privacy"]),
+        for path, title, sections in ((consortium_report, "fedward report: report", [*TABLE_SECTIONS, "Update screening", "Privacy"]),
                                       (hospital_report, "fedward report: report at hospital_a", [*TABLE_SECTIONS[:7], "Checks", "Patients"])):
             driver.get(path.as_uri())
             assert driver.title == title

@@ -14,7 +14,8 @@ from fedward.types import RoundPlan, Update
 from models import width
 from models.flat import flatten, load_flat
 from models.networks import build_model
-from pipelines.fedavg import FedAvg, weighted_mean
+from pipelines.aggregation import weighted_mean
+from pipelines.fedavg import FedAvg
 from tests.conftest import ehr_config
 
 MODELS = {

@@ -1,0 +1,35 @@
+"""Simulated hostile hospitals, for testing defences (config `attack`); a test bench, never a run
+meant for patients. The named hospitals:
+
+- `label_flip`: train on flipped labels, as a hospital with poisoned data would;
+- `sign_flip`: send their change reversed;
+- `scale`: send their change times `scale`, to replace the model with their own;
+- `noise`: send Gaussian noise of standard deviation `sigma` instead of a change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from fedward.config import AttackConfig
+from fedward.types import Update
+
+
+def training_labels(attack: AttackConfig, hospital: str, y: torch.Tensor) -> torch.Tensor:
+    return 1 - y if attack.kind == "label_flip" and hospital in attack.hospitals else y
+
+
+def tampered(attack: AttackConfig, update: Update, seed: int) -> Update:
+    """The update as an attacking hospital sends it; `seed` makes its noise reproducible."""
+    if update.hospital not in attack.hospitals or attack.kind == "label_flip":
+        return update
+    if attack.kind == "sign_flip":
+        delta = -update.delta
+    elif attack.kind == "scale":
+        delta = update.delta * attack.scale
+    else:
+        delta = np.random.default_rng(seed).normal(0.0, attack.sigma, update.delta.size)
+    return dataclasses.replace(update, delta=delta.astype(np.float32))

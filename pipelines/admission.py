@@ -1,0 +1,65 @@
+"""What a hospital's answer must be to enter the aggregate.
+
+Every answer is checked before a privacy hook or a strategy sees it: an update from the hospital
+that was asked, for this round, in the layout of that hospital's model, with finite values and a
+positive count. One that fails is dropped and its hospital counts as failed in the round, with
+the reason in the run log and the round's record: a buggy or hostile hospital costs its own
+update, never the aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedward.config import FedwardConfig
+from fedward.types import Layout, SealedUpdate, Update
+from models.flat import layout_of
+from models.networks import build_model
+from pipelines.strategy import Strategy
+
+
+def expected_layouts(config: FedwardConfig, strategy: Strategy, shape: tuple[int, ...], layout: Layout) -> dict[str, Layout]:
+    """The layout each hospital's update must have: the global one, or its narrower model's."""
+    personal = strategy.personal_keys()
+    own = {h.name: layout if h.model.get("width", 1.0) == 1 else layout_of(build_model(config.model_for(h.name), shape), personal) for h in config.hospitals}
+    return {h: strategy.update_layout(sub) for h, sub in own.items()}
+
+
+def problem(round: int, hospital: str, answer: Any, layout: Layout) -> str | None:
+    """Why `answer` cannot enter round `round`'s aggregate as `hospital`'s update, or None."""
+    if not isinstance(answer, (Update, SealedUpdate)):
+        return f"rejected: sent a {type(answer).__name__}, not an update"
+    if answer.hospital != hospital:
+        return f"rejected: its update is labelled as from {str(answer.hospital)[:40]!r}"
+    if answer.round != round:
+        return f"rejected: its update is for round {answer.round}, not {round} (late or replayed)"
+    if answer.layout != layout:
+        return f"rejected: its update's layout ({answer.layout.size} values in {len(answer.layout.names)} entries) is not its model's ({layout.size} in {len(layout.names)})"
+    if not isinstance(answer.num_examples, (int, np.integer)) or answer.num_examples < 1:
+        return f"rejected: its update claims {answer.num_examples!r} training examples"
+    if isinstance(answer, SealedUpdate):
+        return None  # the hook checks its own payload
+    delta = answer.delta
+    if not isinstance(delta, np.ndarray) or delta.dtype != np.float32 or delta.shape != (layout.size,):
+        return f"rejected: its change is not {layout.size} float32 values"
+    if not np.isfinite(delta).all():
+        return f"rejected: its change holds {int((~np.isfinite(delta)).sum())} NaN or infinite values"
+    if not (isinstance(answer.weight, (int, float)) and math.isfinite(answer.weight) and answer.weight > 0):
+        return f"rejected: its aggregation weight is {answer.weight!r}"
+    return None
+
+
+def admit(round: int, answers: Mapping[str, Any], layouts: Mapping[str, Layout]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The answers that may enter the aggregate, and the reason for each one that may not."""
+    admitted, refused = {}, {}
+    for hospital, answer in answers.items():
+        why = problem(round, hospital, answer, layouts[hospital]) if hospital in layouts else "rejected: not a hospital of this run"
+        if why is None:
+            admitted[hospital] = answer
+        else:
+            refused[hospital] = why
+    return admitted, refused

@@ -1,0 +1,110 @@
+"""How the hospitals' changes become one change: their weighted mean, or a robust rule.
+
+The mean lets one hospital move the model as far as it likes. The robust rules bound what a few
+faulty or hostile hospitals can do, at some cost in efficiency when all are honest:
+
+- `median`: the coordinate-wise median (Yin et al. 2018);
+- `trimmed_mean`: per coordinate, the mean after cutting the `trim` share of values at each end;
+- `krum` / `multi_krum` (Blanchard et al. 2017): the change (or the `keep` changes) closest to its
+  n - f - 2 nearest neighbours, f being the hospitals per round that may be hostile;
+- `norm_bound` (Sun et al. 2019), with any rule: every change is clipped to an L2 norm first.
+
+All but the mean and the norm bound need each change in the clear: the config refuses them with
+secure aggregation or encryption, where the norm bound is enforced inside each hospital instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.stats import trim_mean
+
+from fedward.config import RobustConfig
+from fedward.errors import AggregationError
+from fedward.types import Layout, Update
+from models import width
+from privacy.dp_fedavg import clip
+
+
+def weighted_mean(updates: Sequence[Update], layout: Layout | None = None) -> np.ndarray:
+    """The weighted mean change over `layout` (by default the one the updates share). Under width
+    slicing (HeteroFL) each entry is averaged over the hospitals whose sub-model holds it; an
+    entry no hospital holds does not move."""
+    if layout is None:
+        layouts = {u.layout for u in updates}
+        if len(layouts) != 1:
+            raise AggregationError(f"updates from {[u.hospital for u in updates]} do not share one layout")
+        layout = layouts.pop()
+    # float64 accumulation in a fixed order (by hospital) keeps the result reproducible.
+    acc, total = np.zeros(layout.size, np.float64), np.zeros(layout.size, np.float64)
+    for u in sorted(updates, key=lambda u: u.hospital):
+        try:
+            delta, held = width.put(u.delta, u.layout, layout)
+        except AggregationError as e:
+            raise AggregationError(f"update from {u.hospital}: {e}") from None
+        acc += u.weight * delta.astype(np.float64)
+        total += u.weight * held
+    if not (total > 0).any():
+        raise AggregationError("updates carry no weight (no training examples)")
+    return np.divide(acc, total, out=np.zeros_like(acc), where=total > 0)
+
+
+def _stacked(updates: Sequence[Update]) -> np.ndarray:
+    if len({u.layout for u in updates}) != 1:
+        raise AggregationError(f"a robust rule needs changes of one layout; {[u.hospital for u in updates]} differ")
+    return np.stack([u.delta.astype(np.float64) for u in updates])
+
+
+def krum_scores(deltas: np.ndarray, byzantine: int) -> np.ndarray:
+    """Each change's sum of squared distances to its n - f - 2 nearest other changes."""
+    n = len(deltas)
+    squared = (deltas**2).sum(axis=1)
+    distances = np.maximum(squared[:, None] + squared[None, :] - 2 * deltas @ deltas.T, 0.0)
+    nearest = max(1, n - byzantine - 2)
+    return np.array([np.sort(np.delete(distances[i], i))[:nearest].sum() for i in range(n)])
+
+
+def combine(updates: Sequence[Update], layout: Layout | None, robust: RobustConfig) -> np.ndarray:
+    """The round's change under the configured rule (float64)."""
+    if robust.norm_bound is not None:
+        updates = [clip(u, robust.norm_bound) for u in updates]
+    if robust.rule == "mean":
+        return weighted_mean(updates, layout)
+    ordered = sorted(updates, key=lambda u: u.hospital)
+    deltas = _stacked(ordered)
+    if robust.rule == "median":
+        return np.median(deltas, axis=0)
+    if robust.rule == "trimmed_mean":
+        return trim_mean(deltas, robust.trim, axis=0)
+    # A round may have fewer hospitals than the config planned for (some failed): Krum then keeps
+    # what it can, and never fewer than one.
+    keep = 1 if robust.rule == "krum" else max(1, min(robust.keep or len(deltas) - robust.byzantine, len(deltas)))
+    chosen = np.argsort(krum_scores(deltas, robust.byzantine), kind="stable")[:keep]
+    return weighted_mean([ordered[i] for i in sorted(chosen)], layout)
+
+
+def anomaly_scores(updates: Sequence[Update]) -> dict[str, dict[str, float]]:
+    """Per hospital: its change's norm, and its distance and cosine similarity to the
+    coordinate-wise median of all changes, a reference no single hospital can drag away."""
+    if len(updates) < 2 or len({u.layout for u in updates}) != 1:
+        return {}
+    ordered = sorted(updates, key=lambda u: u.hospital)
+    deltas = _stacked(ordered)
+    reference = np.median(deltas, axis=0)
+    ref_norm = float(np.linalg.norm(reference))
+    out = {}
+    for u, d in zip(ordered, deltas):
+        norm = float(np.linalg.norm(d))
+        cosine = float(d @ reference / (norm * ref_norm)) if norm > 0 and ref_norm > 0 else 0.0
+        out[u.hospital] = {"norm": norm, "distance": float(np.linalg.norm(d - reference)), "cosine": cosine}
+    return out
+
+
+def flagged(scores: dict[str, dict[str, float]], factor: float) -> list[str]:
+    """Hospitals whose change lies more than `factor` times the round's median distance from the
+    median change: with honest hospitals spread alike, a hostile one stands out."""
+    if len(scores) < 3:  # with two, each is as far from their median as the other
+        return []
+    typical = float(np.median([s["distance"] for s in scores.values()]))
+    return sorted(h for h, s in scores.items() if s["distance"] > factor * typical)

@@ -113,6 +113,10 @@ class Hospital:
             split_fingerprint=hashlib.sha256("\n".join(sorted(split["holdout"])).encode()).hexdigest(),
         )
 
+    def ready(self) -> bool:
+        """Whether it holds its data and model: not in a process Ray has just restarted."""
+        return self.model is not None
+
     def summarize(self) -> TableSummary | None:
         """Summary statistics of the training split for federated harmonization (tables only)."""
         if self.config.data.kind != "table":

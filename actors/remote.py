@@ -43,8 +43,9 @@ def start_hospital(config: FedwardConfig, name: str, run_id: str) -> ray.actor.A
     return remote_cls.options(
         num_cpus=own.cpus,
         resources={name: 1},
-        # A restarted actor would come back without its data; until hospitals rejoin by reloading
-        # (the reliability work), a dead hospital stays out and the quorum decides.
-        max_restarts=0,
+        # A hospital whose process dies is restarted empty; the driver has it reload its data and
+        # its own state before the next round (Pipeline._rejoin). The task it was running is not
+        # retried: its round goes on without it if the quorum holds.
+        max_restarts=config.run.hospital_restarts,
         max_task_retries=0,
     ).remote(name, config, run_id)

@@ -648,16 +648,21 @@ def _by_group(summary: dict, hospitals: Sequence[str]) -> _Section:
 
 
 def _screening(metrics: Sequence[dict], hospitals: Sequence[str]) -> _Section | None:
-    """Updates refused at the door, and how far each hospital's changes lay from the others'."""
-    refused = [(r["round"], h, why) for r in metrics for h, why in r.get("failures", {}).items() if why.startswith("rejected:")]
+    """What went wrong round by round (updates lost or refused, hospitals restarted), and how far
+    each hospital's changes lay from the others'."""
+    events = [
+        *((r["round"], h, why) for r in metrics for h, why in r.get("failures", {}).items()),
+        *((r["round"], h, "its process had died; restarted, it reloaded its data and state and rejoined") for r in metrics for h in r.get("rejoined", [])),
+    ]
     scored = [r for r in metrics if r.get("anomaly")]
-    if not refused and not scored:
+    if not events and not scored:
         return None
     parts = [_p("Every update is checked before aggregation (sender, round, layout, finite values, counts); one that fails "
-                "is left out of its round. Anomaly scores compare each change with the coordinate-wise median of the round's "
-                "changes: a large distance or a low cosine over several rounds points at a faulty or hostile hospital.")]
-    if refused:
-        parts += [Html("<h3>Updates refused</h3>"), _table(("round", "hospital", "reason"), refused)]
+                "is left out of its round, which goes on while the quorum holds. Anomaly scores compare each change with the "
+                "coordinate-wise median of the round's changes: a large distance or a low cosine over several rounds points at "
+                "a faulty or hostile hospital.")]
+    if events:
+        parts += [Html("<h3>Events</h3>"), _table(("round", "hospital", "what happened"), sorted(events))]
     if scored:
         def mean(h: str, key: str) -> float | None:
             values = [r["anomaly"][h][key] for r in scored if h in r["anomaly"]]

@@ -441,6 +441,8 @@ class RunConfig:
     # A round whose aggregation fails (secure aggregation could not recover the sum) is tried again
     # this many times; then the run stops, resumable from the last checkpoint.
     round_retries: int = 2
+    hospital_restarts: int = 3  # times Ray restarts a hospital's process that died; it then rejoins
+    quorum_wait_s: float = 30.0  # pause before a round short of its quorum is tried again
 
     def __post_init__(self):
         _need(
@@ -453,6 +455,8 @@ class RunConfig:
         _need(self.round_timeout_s > 0, "run.round_timeout_s: must be positive")
         _need(self.data_timeout_s > 0, "run.data_timeout_s: must be positive")
         _need(self.round_retries >= 0, "run.round_retries: must be >= 0")
+        _need(self.hospital_restarts >= 0, "run.hospital_restarts: must be >= 0")
+        _need(self.quorum_wait_s >= 0, "run.quorum_wait_s: must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -750,7 +754,7 @@ def config_to_dict(config: FedwardConfig) -> dict:
 # Where things run and how long to wait do not change what a run computes, so they may change
 # between a run and its resume: a stuck run can be given a longer timeout, data can move (its
 # content is checked by fingerprint instead).
-OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s", "round_retries"), "hospitals": ("data", "work_dir", "cpus")}
+OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s"), "hospitals": ("data", "work_dir", "cpus")}
 
 
 def config_identity(config: FedwardConfig) -> dict:

@@ -28,13 +28,13 @@ class AggregationError(FedwardError):
 class QuorumError(FedwardError):
     """Fewer hospitals than `min_hospitals` took part; lists why each missing one failed."""
 
-    def __init__(self, round_number: int, needed: int, failures: dict[str, str]):
+    def __init__(self, round_number: int, needed: int, failures: dict[str, str], ending: str = ""):
         self.round_number = round_number
         self.needed = needed
         self.failures = dict(failures)
         lines = "\n".join(f"  - {name}: {why}" for name, why in sorted(self.failures.items()))
         super().__init__(
-            f"round {round_number}: quorum not met, needed {needed} hospitals; failures:\n{lines}"
+            f"round {round_number}: quorum not met, needed {needed} hospitals; failures:\n{lines}" + (f"\n{ending}" if ending else "")
         )
 
 

@@ -155,6 +155,7 @@ class Pipeline:
         self.counts: dict[str, DataCounts] = {}
         self.start_sent: dict[str, int] = {}
         self.expected: dict[str, Layout] = {}  # each hospital's update layout, once training starts
+        self.preprocessing: dict | None = None  # the agreed preprocessing spec (tables), once harmonized
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -178,9 +179,9 @@ class Pipeline:
             at_hospitals = self.config.with_paths_from(Path.cwd())
             self.hospitals = {h.name: start_hospital(at_hospitals, h.name, self.run_id) for h in self.config.hospitals}
             counts = self._validate(resuming=ckpt is not None)
-            preprocessing = self._harmonize(sorted(counts))
+            self.preprocessing = self._harmonize(sorted(counts))
             shapes, failures = gather(
-                {h: self.hospitals[h].prepare.remote(preprocessing, self.strategy.personal_keys()) for h in counts},
+                {h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys()) for h in counts},
                 self.config.run.round_timeout_s,
             )
             self._require_quorum(0, shapes, failures)
@@ -188,9 +189,10 @@ class Pipeline:
             # Key set-up bytes count toward the first round run in this invocation.
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
             weights, layout, last = self._train(shapes, ckpt)
+            self._rejoin(sorted(shapes), last)  # a hospital lost after the last round still gets its own model
             if last > 0:
                 gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())))
-                self._export(shapes, preprocessing, weights, layout, last)
+                self._export(shapes, self.preprocessing, weights, layout, last)
                 atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
             if last > 0 and self._subgroups_due(last):
                 atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, last))
@@ -319,7 +321,8 @@ class Pipeline:
         for round in bar:
             began = time.monotonic()
             quarantined = self._quarantined()
-            result = self._round_with_retries(round, [h for h in sorted(shapes) if h not in quarantined], weights, layout, rng)
+            available = [h for h in sorted(shapes) if h not in quarantined]
+            result = self._round_with_retries(round, available, weights, layout, rng)
             if result is None:
                 break
             weights, record = result
@@ -334,6 +337,31 @@ class Pipeline:
             last = round
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
         return weights, layout, last
+
+    def _rejoin(self, hospitals: list[str], last: int) -> list[str]:
+        """Hospitals whose process Ray restarted since round `last` (it died) come back: each
+        reloads its data, which must be what the run began with, rebuilds its model and restores
+        its own state of round `last`. Returns those that rejoined."""
+        cfg, timeout = self.config, self.config.run.round_timeout_s
+        ready, _ = gather({h: self.hospitals[h].ready.remote() for h in hospitals}, timeout)
+        fresh = sorted(h for h, is_ready in ready.items() if not is_ready)
+        if not fresh:
+            return []
+        counts, failures = gather({h: self.hospitals[h].load.remote(False) for h in fresh}, cfg.run.data_timeout_s)
+        same = [h for h, c in counts.items() if (c.fingerprint, c.split_fingerprint) == (self.counts[h].fingerprint, self.counts[h].split_fingerprint)]
+        failures.update({h: "its data changed since the run began" for h in counts if h not in same})
+        prepared, more = gather({h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys()) for h in same}, timeout)
+        failures.update(more)
+        restored, more = gather({h: self.hospitals[h].restore.remote(last) for h in prepared}, timeout)
+        failures.update(more)
+        back = sorted(restored)
+        for h in back:
+            self.log(f"{h} was restarted after its process died; it reloaded its data and its state of round {restored[h] or 0} and rejoins in round {last + 1}")
+        for h, why in sorted(failures.items()):
+            self.log(f"{h} was restarted after its process died but cannot rejoin yet: {why}")
+        if back:  # the hook's keys died with the process: set up afresh, with it
+            self.hook.start(sorted(h for h in ready if h not in failures), self._asker(last + 1, {}, self.start_sent))
+        return back
 
     def _quarantined(self) -> list[str]:
         """Hospitals flagged in `robust.quarantine_after` rounds so far: they are asked no more.
@@ -351,22 +379,30 @@ class Pipeline:
         return out
 
     def _round_with_retries(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict] | None:
-        """A round, tried again when its aggregation fails; None when the privacy budget ends training."""
+        """A round, tried again when its aggregation fails or too few hospitals answer (after
+        `run.quorum_wait_s`, for restarted ones to come back); None when the privacy budget ends training."""
+        cfg = self.config.run
         state = rng.bit_generator.state  # a retry selects the same hospitals
-        for attempt in range(self.config.run.round_retries + 1):
+        rejoined: list[str] = []
+        for attempt in range(cfg.round_retries + 1):
             rng.bit_generator.state = state
+            rejoined += self._rejoin(available, round - 1)
             try:
-                return self._round(round, available, weights, layout, rng, attempt)
+                weights, record = self._round(round, available, weights, layout, rng, attempt)
+                return weights, {**record, "rejoined": rejoined}
             except _BudgetSpent as spent:
                 self.log(f"privacy budget: {spent}; training stops after round {round - 1}")
                 self._write_ledger(stopped=f"before round {round}: {spent}")
                 return None
-            except AggregationError as e:
-                if attempt == self.config.run.round_retries:
-                    raise AggregationError(
-                        f"round {round} failed {attempt + 1} times, last: {e}. Checkpointed rounds are kept; run again to resume"
-                    ) from None
-                self.log(f"round {round}: aggregation failed ({e}); trying again ({attempt + 1} of {self.config.run.round_retries})")
+            except (AggregationError, QuorumError) as e:
+                if attempt == cfg.round_retries:
+                    ending = f"round {round} failed {attempt + 1} times. Checkpointed rounds are kept; run again to resume"
+                    if isinstance(e, QuorumError):
+                        raise QuorumError(round, e.needed, e.failures, ending) from None
+                    raise AggregationError(f"{ending}. Last: {e}") from None
+                self.log(f"round {round}: {e}; trying again ({attempt + 1} of {cfg.round_retries})")
+                if isinstance(e, QuorumError):
+                    time.sleep(cfg.quorum_wait_s)
 
     def _write_ledger(self, stopped: str | None = None) -> None:
         records = read_metrics(self.run_dir / "metrics.jsonl")

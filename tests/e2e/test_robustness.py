@@ -29,7 +29,7 @@ def test_an_update_with_infinite_values_is_refused_and_the_round_goes_on(ray_ses
         assert sorted(r["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]  # it is still evaluated
     assert records[-1]["pooled"]["auroc"] >= 0.75
     page = write_consortium_report(config.run_dir).read_text()
-    assert "Updates refused" in page and "Simulated attack: hospital_a ran &#x27;scale&#x27;" in page
+    assert "rejected: its change holds" in page and "Simulated attack: hospital_a ran &#x27;scale&#x27;" in page
 
 
 def test_the_median_holds_against_a_hospital_scaling_its_change(ray_session, demo_data, tmp_path):

@@ -1,0 +1,68 @@
+"""Faults with real processes: a hospital's process killed with a signal mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+
+from fedward.config import parse_config
+from pipelines.run import Pipeline
+from tests.conftest import ehr_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _kill_after_round(pipeline: Pipeline, hospital: str, round: int, killed: list[int]) -> None:
+    metrics = pipeline.run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= round):
+        time.sleep(0.05)
+    pid = ray.get(pipeline.hospitals[hospital].__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    killed.append(pid)
+
+
+def test_a_killed_hospital_is_restarted_reloads_its_state_and_rejoins(ray_session, demo_data, tmp_path):
+    raw = {**ehr_config(demo_data, tmp_path, name="killed", rounds=5), "explain": {"enabled": False}, "strategy": {"name": "fedper"}}
+    pipeline = Pipeline(parse_config(raw), progress=False, log=lambda msg: None)
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_after_round, args=(pipeline, "hospital_a", 1, killed), daemon=True)
+    watcher.start()
+    pipeline.run()
+    watcher.join(5)
+    assert killed, "the hospital's process was never killed"
+    records = [json.loads(line) for line in (pipeline.run_dir / "metrics.jsonl").read_text().splitlines()]
+    back = [r["round"] for r in records if "hospital_a" in r["rejoined"]]
+    assert len(back) == 1 and back[0] >= 2
+    # Until it rejoined it may have missed a round; from then on it trains and is evaluated again.
+    for r in records[back[0] - 1 :]:
+        assert "hospital_a" in r["participants"] and "hospital_a" in r["hospitals"]
+    assert records[-1]["pooled"]["auroc"] >= 0.75 and records[-1]["hospitals"]["hospital_a"]["auroc"] >= 0.7
+    from explain.report import write_consortium_report
+
+    assert "restarted, it reloaded its data and state and rejoined" in write_consortium_report(pipeline.run_dir).read_text()
+
+
+def test_a_round_short_of_its_quorum_is_retried_then_stops_resumably(ray_session, demo_data, tmp_path):
+    from fedward.errors import QuorumError
+    from pipelines.checkpoint import load_checkpoint
+
+    raw = {**ehr_config(demo_data, tmp_path, name="quorum", rounds=3, min_hospitals=3, hospital_restarts=0, quorum_wait_s=0.2, round_retries=1),
+           "explain": {"enabled": False}}
+    logged: list[str] = []
+    pipeline = Pipeline(parse_config(raw), progress=False, log=logged.append)
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_after_round, args=(pipeline, "hospital_b", 1, killed), daemon=True)
+    watcher.start()
+    with pytest.raises(QuorumError, match=r"needed 3 hospitals(.|\n)*hospital_b(.|\n)*failed 2 times\. Checkpointed rounds are kept; run again to resume"):
+        pipeline.run()
+    assert any("trying again (1 of 1)" in line for line in logged)
+    assert load_checkpoint(pipeline.run_dir).round >= 1
+    # Run again, with the hospital's process back: it resumes after the last checkpointed round.
+    final = Pipeline(parse_config(raw), progress=False, log=lambda msg: None).run()
+    assert load_checkpoint(pipeline.run_dir).round == 3 and final.dtype.name == "float32"

@@ -9,6 +9,8 @@ the file then disagree.
 
 from __future__ import annotations
 
+import codecs
+import difflib
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +29,30 @@ _FALSE = pa.array(["false", "0", "no"])
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"  # no inf: it would wreck the standardisation
 
 
+def _first_non_utf8_line(path: Path) -> int | None:
+    """The line that holds the file's first byte that is not UTF-8, or None; read in blocks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with path.open("rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # the start of a character the previous block cut
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                return line + block.count(b"\n", 0, max(e.start - pending, 0))
+            if not block:
+                return None
+            line += block.count(b"\n")
+
+
 def _read_csv(path: Path) -> pa.Table:
+    # Arrow cannot decode a malformed row that is not UTF-8 for our handler, and then quotes the
+    # row in its error, which may identify a patient; a header that is not UTF-8 escapes as a
+    # UnicodeDecodeError. So such a file is refused here, by line, before Arrow parses it.
+    line = _first_non_utf8_line(path)
+    if line is not None:
+        raise DataError(f"{path}: cannot be read as a UTF-8 CSV file: line {line} holds bytes that are not UTF-8")
     # Every column as text, so a bad cell is found per row instead of failing the file's inference,
     # and identifiers keep their leading zeros.
     skip_all = pacsv.ParseOptions(invalid_row_handler=lambda row: "skip")
@@ -80,9 +105,13 @@ def read_table(path: Path, config_field: str) -> pa.Table:
 
 def find_column(table: pa.Table, name: str, expected: str, file: str) -> pa.ChunkedArray:
     found = table.schema.get_all_field_indices(name)
-    if len(found) != 1:
-        problem = "is missing" if not found else "appears more than once"
-        raise DataError(f"{file}: column {name!r} ({expected}) {problem}; columns are {table.column_names}")
+    if len(found) > 1:
+        raise DataError(f"{file}: column {name!r} ({expected}) appears more than once")
+    if not found:
+        # Only near-misses are named, not the header: in a file exported without one, it is a patient's row.
+        similar = difflib.get_close_matches(name, table.column_names, n=3)
+        hint = f"; similar columns: {similar}" if similar else ""
+        raise DataError(f"{file}: column {name!r} ({expected}) is missing from its {table.num_columns} columns{hint}")
     return table.column(found[0])
 
 

@@ -10,9 +10,10 @@ Files are read as DICOM Part 10 (128-byte preamble, then "DICM") or, failing tha
 dataset as older systems write it, accepted only if it holds image or SOP class elements.
 
 Files that cannot be used are skipped and recorded in the DataReport, never fatal; so are broken
-links and folders that cannot be listed. Only a missing images folder or an unusable label table
-raises `DataError`. Hidden files and folders (names starting with ".") are ignored without a
-record: they are system debris, not inputs. Links to folders are not followed.
+links, folders that cannot be listed, and images whose header declares frames larger than
+MAX_FRAME_SAMPLES, refused before any decoder allocates them. Only a missing images folder or an
+unusable label table raises `DataError`. Hidden files and folders (names starting with ".") are
+ignored without a record: they are system debris, not inputs. Links to folders are not followed.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ CACHE_VERSION = 2
 # Process-wide counts of files "decoded" and served from cache ("cache_hits"), for monitoring.
 stats: Counter[str] = Counter()
 _CHECKSUM_BYTES = 32  # a cache entry ends with the SHA-256 of the rest
+# Decoders allocate a frame at its declared size before decoding it, so a header that declares an
+# enormous image would take that memory whatever the file holds. Radiographs stay well below it
+# (mammography: about 4000 x 5000); preprocessing a frame at the cap takes about 1.5 GB.
+MAX_FRAME_SAMPLES = 8192 * 8192  # Rows x Columns x SamplesPerPixel
+MAX_FILE_BYTES = 2 * 1024**3  # files are read whole; a multi-frame CT series file stays below it
 
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
@@ -192,6 +198,9 @@ def _read_bytes(path: Path) -> bytes:
     if not path.is_file():  # reading a pipe or device could block forever
         raise _Skip("not_dicom", "file", "expected a DICOM file, found a pipe, socket or device")
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:  # read whole, it would take that much memory
+            raise _Skip("image_too_large", "file", f"the file holds {size} bytes, more than {MAX_FILE_BYTES}")
         return path.read_bytes()
     except OSError as e:
         raise _Skip("unreadable_dicom", "file", f"the file cannot be read: {e.strerror}") from None
@@ -270,6 +279,19 @@ def _check_decodable(ds: pydicom.Dataset) -> None:
     # Checked here because the decoder reports a cut-off copy only as a generic ValueError.
     if not tsyntax.is_encapsulated and _is_truncated(ds):
         raise _Skip("unreadable_dicom", "PixelData", "PixelData is shorter than its Rows x Columns x frames: truncated")
+    samples = _frame_samples(ds)
+    if samples > MAX_FRAME_SAMPLES:
+        raise _Skip(
+            "image_too_large", "Rows",
+            f"Rows x Columns x SamplesPerPixel declares {samples} samples per frame, more than {MAX_FRAME_SAMPLES} (8192 x 8192)",
+        )
+
+
+def _frame_samples(ds: pydicom.Dataset) -> int:
+    try:
+        return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+    except Exception:  # missing or malformed image tags: left to the decoder to reject
+        return 0
 
 
 def _is_truncated(ds: pydicom.Dataset) -> bool:

@@ -443,6 +443,7 @@ class RunConfig:
     round_retries: int = 2
     hospital_restarts: int = 3  # times Ray restarts a hospital's process that died; it then rejoins
     quorum_wait_s: float = 30.0  # pause before a round short of its quorum is tried again
+    min_free_mb: float = 64.0  # a round starts only with this much free space for its checkpoint and records
 
     def __post_init__(self):
         _need(
@@ -457,6 +458,7 @@ class RunConfig:
         _need(self.round_retries >= 0, "run.round_retries: must be >= 0")
         _need(self.hospital_restarts >= 0, "run.hospital_restarts: must be >= 0")
         _need(self.quorum_wait_s >= 0, "run.quorum_wait_s: must be >= 0")
+        _need(self.min_free_mb >= 0, "run.min_free_mb: must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -754,7 +756,7 @@ def config_to_dict(config: FedwardConfig) -> dict:
 # Where things run and how long to wait do not change what a run computes, so they may change
 # between a run and its resume: a stuck run can be given a longer timeout, data can move (its
 # content is checked by fingerprint instead).
-OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s"), "hospitals": ("data", "work_dir", "cpus")}
+OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s", "min_free_mb"), "hospitals": ("data", "work_dir", "cpus")}
 
 
 def config_identity(config: FedwardConfig) -> dict:

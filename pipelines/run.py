@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -206,6 +207,15 @@ class Pipeline:
             if started:
                 ray.shutdown()
 
+    def _check_space(self, before: str) -> None:
+        """Stop before work whose results could not be saved, not after."""
+        free = shutil.disk_usage(self.run_dir).free / 2**20
+        if free < self.config.run.min_free_mb:
+            raise CheckpointError(
+                f"{self.run_dir}: {free:.0f} MiB free, below run.min_free_mb={self.config.run.min_free_mb:g}; stopped {before}. "
+                f"Checkpointed rounds are kept: free space and run again to resume"
+            )
+
     def _open_run_dir(self) -> None:
         identity = self.run_dir / "run.json"
         if identity.is_file():
@@ -221,6 +231,7 @@ class Pipeline:
                 )
         else:
             atomic_write_json(identity, {"config_hash": self.digest, "identity": config_identity(self.config)})
+        self._check_space("before starting")
 
     def _validate(self, resuming: bool) -> dict[str, DataCounts]:
         counts, failures = gather({n: a.load.remote() for n, a in self.hospitals.items()}, self.config.run.data_timeout_s)
@@ -319,6 +330,7 @@ class Pipeline:
         last = start - 1
         bar = tqdm(range(start, cfg.run.rounds + 1), desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
         for round in bar:
+            self._check_space(f"before round {round}")
             began = time.monotonic()
             quarantined = self._quarantined()
             available = [h for h in sorted(shapes) if h not in quarantined]
@@ -676,10 +688,14 @@ class Pipeline:
 
     def _append_metrics(self, record: dict) -> None:
         # Synced before the round's checkpoint, so a checkpointed round always has its line.
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # the round is not checkpointed: a resume redoes it
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}; round {record['round']} will be redone when the run is resumed") from e
 
     def _truncate_metrics(self, last_round: int) -> None:
         """Drop metric lines of rounds after the checkpoint, which the resumed run will redo."""

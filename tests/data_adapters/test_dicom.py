@@ -32,7 +32,7 @@ from fedward.errors import DataError
 
 SKIP_REASONS = {
     "unreadable_dicom", "not_dicom", "no_pixel_data", "no_decoder", "image_without_label",
-    "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label",
+    "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label", "image_too_large",
 }
 
 
@@ -471,3 +471,14 @@ def test_pydicom_bundled_files_decode_or_are_skipped_with_a_known_reason(tmp_pat
         assert skipped(report)[f"images/{name}"] == "no_pixel_data"
     for name in ["README.txt", "test1.json", "zipMR.gz", "rtplan.dump"]:
         assert skipped(report)[f"images/{name}"] == "not_dicom"
+
+
+def test_a_file_too_large_to_read_whole_is_skipped_unread(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_dicom(images / "ok.dcm", ramp())
+    with open(images / "huge.dcm", "wb") as f:  # sparse: the size is declared, not written
+        f.truncate(dicom.MAX_FILE_BYTES + 1)
+    write_labels(tmp_path / "labels.csv", [("ok.dcm", "1"), ("huge.dcm", "0")])
+    samples, report = load(tmp_path)
+    assert samples.sample_ids == ["images/ok.dcm"] and skipped(report)["images/huge.dcm"] == "image_too_large"

@@ -73,20 +73,46 @@ def test_a_failed_aggregation_is_retried_with_the_same_selection_then_stops_the_
 
     attempts = []
 
+    from fedward.errors import QuorumError
+
+    attempts = []
+
     class Flaky(Pipeline):
+        def _rejoin(self, hospitals, last):
+            return []  # no hospital process to restart here
+
         def _round(self, round, available, weights, layout, rng, attempt):
             attempts.append(rng.integers(1 << 30))  # what a selection drawn now would see
             if len(attempts) <= failures:
-                raise AggregationError("a share failed its check")
+                raise error
             return weights, {"round": round}
 
-    failures = 2
-    p = Flaky(parse_config(raw_config(run={"name": "t", "root": str(tmp_path), "round_retries": 2})), progress=False, log=lambda m: None)
+    failures, error = 2, AggregationError("a share failed its check")
+    p = Flaky(parse_config(raw_config(run={"name": "t", "root": str(tmp_path), "round_retries": 2, "quorum_wait_s": 0})), progress=False, log=lambda m: None)
     rng = np.random.default_rng(0)
     _, record = p._round_with_retries(1, ["a", "b"], np.zeros(1, np.float32), None, rng)
-    assert record == {"round": 1}
+    assert record == {"round": 1, "rejoined": []}
     assert len(set(attempts)) == 1 and len(attempts) == 3
     attempts.clear()
     failures = 3
-    with pytest.raises(AggregationError, match="round 1 failed 3 times, last: a share failed its check.*run again to resume"):
+    with pytest.raises(AggregationError, match="round 1 failed 3 times. Checkpointed rounds are kept; run again to resume. Last: a share failed its check"):
         p._round_with_retries(1, ["a", "b"], np.zeros(1, np.float32), None, rng)
+    attempts.clear()
+    error = QuorumError(1, 2, {"b": "no answer within 60 s"})
+    with pytest.raises(QuorumError, match=r"needed 2 hospitals;(.|\n)*b: no answer within 60 s\nround 1 failed 3 times"):
+        p._round_with_retries(1, ["a", "b"], np.zeros(1, np.float32), None, rng)
+
+
+def test_an_unwritable_or_full_run_directory_stops_the_run_before_any_round(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a folder cannot be made under a regular file, even as root
+    with pytest.raises(CheckpointError, match=r"cannot write .*file/t/run.json"):
+        Pipeline(parse_config(raw_config(run={"name": "t", "root": str(blocker)})), progress=False, log=lambda m: None).run()
+    full = pipeline(tmp_path, min_free_mb=1e12)  # more than any disk holds: as good as a full one
+    with pytest.raises(CheckpointError, match=r"MiB free, below run.min_free_mb=1e\+12; stopped before starting\. Checkpointed rounds are kept"):
+        full.run()
+    p = pipeline(tmp_path / "metrics")
+    p.run_dir.mkdir(parents=True)
+    (p.run_dir / "metrics.jsonl").mkdir()  # where the file should be: its append fails
+    with pytest.raises(CheckpointError, match=r"cannot write .*metrics.jsonl.*round 4 will be redone when the run is resumed"):
+        p._append_metrics({"round": 4})

@@ -7,6 +7,8 @@ held-out patients (their labels are true: a label-flipping hospital poisons only
 
     fedward demo-data --out /tmp/demo8 --hospitals 8
     python benchmarks/robustness.py configs/demo_ehr.yaml --data /tmp/demo8 --attackers 2
+    fedward demo-data --out /tmp/trusted --hospitals 1 --seed 1
+    python benchmarks/robustness.py configs/demo_ehr.yaml --data /tmp/demo8 --rules fltrust --trusted /tmp/trusted/hospital_a
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ RULES = {
     "krum": ["robust.rule=krum"],
     "multi_krum": ["robust.rule=multi_krum"],
     "mean+norm_bound": ["robust.norm_bound=1.0"],
+    "fltrust": ["robust.rule=fltrust"],  # with --trusted
 }
 
 
@@ -48,7 +51,8 @@ def main() -> None:
     parser.add_argument("--attackers", type=int, default=2)
     parser.add_argument("--byzantine", type=int, default=2, help="Krum's f")
     parser.add_argument("--attacks", nargs="+", default=ATTACKS)
-    parser.add_argument("--rules", nargs="+", default=list(RULES))
+    parser.add_argument("--rules", nargs="+", default=[r for r in RULES if r != "fltrust"])
+    parser.add_argument("--trusted", type=Path, help="fltrust: the driver's trusted data folder, e.g. a hospital of another demo-data seed")
     parser.add_argument("--set", action="append", default=[], help="more config settings, as for fedward simulate")
     args = parser.parse_args()
     hospitals = sorted(p.name for p in args.data.iterdir() if p.name.startswith("hospital_"))
@@ -59,6 +63,8 @@ def main() -> None:
         for rule in args.rules:
             for attack in args.attacks:
                 settings = [every, f"robust.byzantine={args.byzantine}", *RULES[rule], *args.set]
+                if rule == "fltrust":
+                    settings.append(f"robust.trusted_data={args.trusted.absolute()}")
                 if attack != "none":
                     settings += [f"attack.hospitals={attackers}", f"attack.kind={attack}"]
                 results.setdefault(rule, {})[attack] = pooled_auroc(args.config, root, f"{rule}-{attack}".replace("+", "-"), settings)

@@ -346,11 +346,12 @@ class ExplainConfig:
 class RobustConfig:
     """How the hospitals' changes combine when some may be faulty or hostile (pipelines/aggregation.py)."""
 
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "fltrust"] = "mean"
     trim: float = 0.2  # trimmed_mean: the share of values cut at each end of every coordinate
     byzantine: int = 1  # krum, multi_krum: hospitals per round that may be hostile (f)
     keep: int | None = None  # multi_krum: changes kept and averaged (default: hospitals in the round - byzantine)
     norm_bound: float | None = None  # every change is clipped to this L2 norm before combining
+    trusted_data: str | None = None  # fltrust: the driver's own small, clean data set, in a hospital's format
     # A hospital whose change lies more than `flag_distance` times the round's median distance from
     # the median change is flagged; flagged in `quarantine_after` rounds, it is asked no more (0: never).
     flag_distance: float = 3.0
@@ -590,6 +591,14 @@ class FedwardConfig:
                 f"robust.byzantine={robust.byzantine}: Krum needs more than 2f + 2 = {2 * robust.byzantine + 2} hospitals per round, "
                 f"and a round may ask only {asked} (run.min_hospitals, strategy.fraction)",
             )
+        _need(
+            not (rule == "fltrust" and self.strategy.name == "scaffold"),
+            "robust.rule: fltrust compares each change with the driver's own, which carries no SCAFFOLD control change",
+        )
+        _need(
+            (rule == "fltrust") == (robust.trusted_data is not None),
+            "robust.trusted_data: fltrust needs the driver's trusted data folder (and only fltrust uses one)",
+        )
         if rule == "trimmed_mean":
             _need(
                 int(robust.trim * asked) >= 1,

@@ -7,6 +7,9 @@ faulty or hostile hospitals can do, at some cost in efficiency when all are hone
 - `trimmed_mean`: per coordinate, the mean after cutting the `trim` share of values at each end;
 - `krum` / `multi_krum` (Blanchard et al. 2017): the change (or the `keep` changes) closest to its
   n - f - 2 nearest neighbours, f being the hospitals per round that may be hostile;
+- `fltrust` (Cao et al. 2021): the driver trains on its own small trusted data each round; each
+  change counts by its cosine similarity to that trusted change (nothing when it points away),
+  rescaled to the trusted change's norm (`trust_weighted`, applied before the mean);
 - `norm_bound` (Sun et al. 2019), with any rule: every change is clipped to an L2 norm first.
 
 All but the mean and the norm bound need each change in the clear: the config refuses them with
@@ -16,6 +19,8 @@ secure aggregation or encryption, where the norm bound is enforced inside each h
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import dataclasses
 
 import numpy as np
 from scipy.stats import trim_mean
@@ -69,7 +74,7 @@ def combine(updates: Sequence[Update], layout: Layout | None, robust: RobustConf
     """The round's change under the configured rule (float64)."""
     if robust.norm_bound is not None:
         updates = [clip(u, robust.norm_bound) for u in updates]
-    if robust.rule == "mean":
+    if robust.rule in ("mean", "fltrust"):  # FLTrust's weights are already in the updates
         return weighted_mean(updates, layout)
     ordered = sorted(updates, key=lambda u: u.hospital)
     deltas = _stacked(ordered)
@@ -108,3 +113,21 @@ def flagged(scores: dict[str, dict[str, float]], factor: float) -> list[str]:
         return []
     typical = float(np.median([s["distance"] for s in scores.values()]))
     return sorted(h for h, s in scores.items() if s["distance"] > factor * typical)
+
+
+def trust_weighted(updates: Sequence[Update], trusted: np.ndarray) -> tuple[list[Update], dict[str, float]]:
+    """FLTrust: each change rescaled to the trusted change's norm, so that no hospital counts more
+    by sending a larger change, and weighted by its cosine similarity to it, floored at zero.
+    Returns the updates that still count, and every hospital's trust score."""
+    reference = trusted.astype(np.float64)
+    ref_norm = float(np.linalg.norm(reference))
+    kept, trust = [], {}
+    for u in sorted(updates, key=lambda u: u.hospital):
+        delta = u.delta.astype(np.float64)
+        norm = float(np.linalg.norm(delta))
+        trust[u.hospital] = max(0.0, float(delta @ reference) / (norm * ref_norm)) if norm > 0 and ref_norm > 0 else 0.0
+        if trust[u.hospital] > 0:
+            kept.append(dataclasses.replace(u, delta=(delta * (ref_norm / norm)).astype(np.float32), weight=trust[u.hospital]))
+    if not kept:
+        raise AggregationError("FLTrust: no hospital's change points the way the trusted data's change does")
+    return kept, trust

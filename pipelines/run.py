@@ -8,6 +8,7 @@ continues after the last checkpointed round and ends with the same weights as an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,17 +26,19 @@ import ray
 import torch
 from tqdm import tqdm
 
+from actors.hospital import Hospital
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
 from explain.aggregate import merge
 from explain.attribution import unsupported_layers
 from explain.summary import to_jsonable
-from fedward.config import FedwardConfig, config_diff, config_hash, config_identity, config_to_dict
+from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
 from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, FedwardError, HospitalError, QuorumError
 from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
-from fedward.types import DataCounts, Evaluation, Layout, Update
+from fedward.seeds import derived_seed
+from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, Update
 from models.export import export_model, from_weights
 from models.flat import flatten
 from models.networks import build_model
@@ -90,6 +93,7 @@ def _wire_bytes(message: Any) -> int:
     return len(pickle.dumps(message, protocol=5))
 
 
+TRUSTED = "trusted_root"  # FLTrust's trusted data, at the driver
 FIGURES = ("n", "auroc", "auprc", "accuracy", "loss")  # what a record holds of each evaluation
 
 
@@ -157,6 +161,7 @@ class Pipeline:
         self.start_sent: dict[str, int] = {}
         self.expected: dict[str, Layout] = {}  # each hospital's update layout, once training starts
         self.preprocessing: dict | None = None  # the agreed preprocessing spec (tables), once harmonized
+        self.trusted: Hospital | None = None  # FLTrust: the driver's trusted data
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -187,6 +192,7 @@ class Pipeline:
             )
             self._require_quorum(0, shapes, failures)
             self._check_model(next(iter(shapes.values())), sorted(shapes))
+            self.trusted = self._trusted_root() if self.config.robust.rule == "fltrust" else None
             # Key set-up bytes count toward the first round run in this invocation.
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
             weights, layout, last = self._train(shapes, ckpt)
@@ -349,6 +355,25 @@ class Pipeline:
             last = round
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
         return weights, layout, last
+
+    def _trusted_root(self) -> Hospital:
+        """FLTrust's reference: the driver's own trusted data, read, checked and prepared in this
+        process exactly as a hospital's is."""
+        cfg = self.config
+        root = HospitalConfig(name=TRUSTED, data=cfg.robust.trusted_data, work_dir=str(self.run_dir / TRUSTED))
+        config = dataclasses.replace(cfg, hospitals=(*cfg.hospitals, root)).with_paths_from(Path.cwd())
+        trusted = Hospital(TRUSTED, config, self.run_id)
+        try:
+            trusted.load()
+        except DataError as e:
+            raise DataError(f"robust.trusted_data: {e}") from None
+        trusted.prepare(self.preprocessing, self.strategy.personal_keys())
+        return trusted
+
+    def _trusted_change(self, round: int, weights: np.ndarray, layout: Layout) -> np.ndarray:
+        cfg = self.config
+        plan = RoundPlan(round, TRUSTED, derived_seed(cfg.run.seed, round, TRUSTED), cfg.train.local_epochs, cfg.train.lr, self.strategy.proximal_mu)
+        return self.trusted.fit(plan, weights, layout).delta
 
     def _rejoin(self, hospitals: list[str], last: int) -> list[str]:
         """Hospitals whose process Ray restarted since round `last` (it died) come back: each
@@ -610,6 +635,9 @@ class Pipeline:
         aggregated = self.hook.finish(round, combined, {h: why for h, why in failures.items() if h in setups}, ask)
         if cfg.privacy.dp_fedavg.enabled and self.hook.reveals_individual_updates:
             aggregated = [dp_fedavg.noised_mean(aggregated, cfg)]
+        trust = {}
+        if self.trusted is not None:
+            aggregated, trust = aggregation.trust_weighted(aggregated, self._trusted_change(round, weights, layout))
         new = self.strategy.aggregate(round, weights, aggregated, failures)
         weights = weights if new is None else new
         new_ref = ray.put(weights)
@@ -639,6 +667,7 @@ class Pipeline:
             # (only where changes arrive in the clear).
             "anomaly": (anomaly := aggregation.anomaly_scores([u for u in updates.values() if isinstance(u, Update)])),
             "flagged": aggregation.flagged(anomaly, cfg.robust.flag_distance),
+            "trust": trust,  # FLTrust's weight for each hospital's change
         }
         if self.strategy.personal_lambda is not None:
             record["personal"] = self._personal_record(round, available)

@@ -44,3 +44,12 @@ def test_the_median_holds_against_a_hospital_scaling_its_change(ray_session, dem
     assert records[2]["quarantined"] == ["hospital_a"] and records[2]["participants"] == ["hospital_b", "hospital_c"]
     page = write_consortium_report(config.run_dir).read_text()
     assert "Anomaly scores" in page and "hospital_a from round 3" in page
+
+
+def test_fltrust_gives_a_hospital_sending_the_opposite_change_no_weight(ray_session, demo_data, tmp_path):
+    attack = {"hospitals": ["hospital_a"], "kind": "sign_flip"}
+    robust = {"rule": "fltrust", "trusted_data": str(demo_data / "hospital_c")}
+    config, records = _run(demo_data, tmp_path, "fltrust", attack=attack, robust=robust)
+    assert all(r["trust"]["hospital_a"] == 0.0 and r["trust"]["hospital_b"] > 0 for r in records[1:])
+    assert records[-1]["pooled"]["auroc"] >= 0.75
+    assert (config.run_dir / "trusted_root" / "runs").is_dir()  # the trusted data is read at the driver, in its own area

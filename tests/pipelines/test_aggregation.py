@@ -87,6 +87,10 @@ def test_robust_rules_are_refused_where_they_cannot_work(tmp_path):
     with pytest.raises(ConfigError, match=r"attack.hospitals: \['hospital_z'\] are not hospitals of this run"):
         config({}, attack={"hospitals": ["hospital_z"]})
     assert config({"norm_bound": 2.0}, privacy={"masking": {"enabled": True}}).robust.norm_bound == 2.0  # offered with masking
+    with pytest.raises(ConfigError, match=r"robust.trusted_data: fltrust needs the driver's trusted data folder"):
+        config({"rule": "fltrust"})
+    with pytest.raises(ConfigError, match=r"fltrust compares each change with the driver's own, which carries no SCAFFOLD"):
+        config({"rule": "fltrust", "trusted_data": "t"}, strategy={"name": "scaffold"}, train={"optimizer": "sgd", "momentum": 0.0})
 
 
 def test_every_strategy_combines_by_the_configured_rule(tmp_path):
@@ -122,3 +126,17 @@ def test_a_change_far_beyond_the_typical_distance_is_flagged():
     assert aggregation.flagged(scores, 3.0) == ["h0"]
     assert aggregation.flagged(aggregation.anomaly_scores(federation()), 3.0) == []
     assert aggregation.flagged(aggregation.anomaly_scores(federation(ATTACKS["scale"], n=2, hostile=1)), 3.0) == []
+
+
+def test_fltrust_weighs_changes_by_their_agreement_with_the_trusted_one():
+    updates = federation(ATTACKS["sign_flip"], hostile=1)
+    updates[1] = Update(1, "h1", (HONEST * 40).astype(np.float32), LAYOUT, 101, 101.0)  # the right way, but huge
+    kept, trust = aggregation.trust_weighted(updates, HONEST.astype(np.float32))
+    assert trust["h0"] == 0.0 and "h0" not in {u.hospital for u in kept}  # it points away: it counts for nothing
+    assert trust["h1"] == pytest.approx(1.0) and all(0.9 < trust[f"h{i}"] < 1.0 for i in range(2, 8))
+    norm = np.linalg.norm(HONEST)
+    assert all(np.linalg.norm(u.delta.astype(np.float64)) == pytest.approx(norm, rel=1e-5) for u in kept)  # a larger change weighs no more
+    combined = aggregation.combine(kept, LAYOUT, RobustConfig(rule="fltrust", trusted_data="x"))
+    assert np.linalg.norm(combined - HONEST) < 0.2
+    with pytest.raises(Exception, match="no hospital's change points the way"):
+        aggregation.trust_weighted(updates[:1], HONEST.astype(np.float32))

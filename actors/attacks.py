@@ -1,15 +1,17 @@
-"""Simulated hostile hospitals, for testing defences (config `attack`); a test bench, never a run
-meant for patients. The named hospitals:
+"""Simulated hostile or faulty hospitals, for testing defences (config `attack`); a test bench,
+never a run meant for patients. The named hospitals:
 
 - `label_flip`: train on flipped labels, as a hospital with poisoned data would;
 - `sign_flip`: send their change reversed;
 - `scale`: send their change times `scale`, to replace the model with their own;
-- `noise`: send Gaussian noise of standard deviation `sigma` instead of a change.
+- `noise`: send Gaussian noise of standard deviation `sigma` instead of a change;
+- `slow`: send their change `delay_s` seconds late, as a straggler does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import torch
@@ -25,6 +27,9 @@ def training_labels(attack: AttackConfig, hospital: str, y: torch.Tensor) -> tor
 def tampered(attack: AttackConfig, update: Update, seed: int) -> Update:
     """The update as an attacking hospital sends it; `seed` makes its noise reproducible."""
     if update.hospital not in attack.hospitals or attack.kind == "label_flip":
+        return update
+    if attack.kind == "slow":
+        time.sleep(attack.delay_s)
         return update
     if attack.kind == "sign_flip":
         delta = -update.delta

@@ -368,12 +368,13 @@ class RobustConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AttackConfig:
-    """A simulated attack for testing defences (actors/attacks.py): what the named hospitals do."""
+    """A simulated attack or fault for testing defences (actors/attacks.py): what the named hospitals do."""
 
     hospitals: tuple[str, ...] = ()
-    kind: Literal["label_flip", "sign_flip", "scale", "noise"] = "sign_flip"
+    kind: Literal["label_flip", "sign_flip", "scale", "noise", "slow"] = "sign_flip"
     scale: float = 10.0  # scale: the factor on the change (model replacement)
     sigma: float = 1.0  # noise: the standard deviation of the noise sent instead of a change
+    delay_s: float = 10.0  # slow: seconds each update takes longer, a straggler's
 
     def __post_init__(self):
         _need(self.sigma > 0, f"attack.sigma: must be positive, got {self.sigma}")
@@ -445,6 +446,9 @@ class RunConfig:
     hospital_restarts: int = 3  # times Ray restarts a hospital's process that died; it then rejoins
     quorum_wait_s: float = 30.0  # pause before a round short of its quorum is tried again
     min_free_mb: float = 64.0  # a round starts only with this much free space for its checkpoint and records
+    # An update that misses its round's deadline is dropped (0), or counts in the round it arrives
+    # in, its weight times stale_weight per round late.
+    stale_weight: float = 0.0
 
     def __post_init__(self):
         _need(
@@ -460,6 +464,7 @@ class RunConfig:
         _need(self.hospital_restarts >= 0, "run.hospital_restarts: must be >= 0")
         _need(self.quorum_wait_s >= 0, "run.quorum_wait_s: must be >= 0")
         _need(self.min_free_mb >= 0, "run.min_free_mb: must be >= 0")
+        _need(0 <= self.stale_weight <= 1, f"run.stale_weight: expected a number in [0, 1], got {self.stale_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -548,6 +553,12 @@ class FedwardConfig:
             "a patient's influence; set model.norm to 'group' or 'none'",
         )
         privacy = self.privacy
+        late = [name for name, on in (("privacy.masking", privacy.masking.enabled), ("privacy.encryption", privacy.encryption.enabled),
+                                      ("privacy.dp_fedavg", privacy.dp_fedavg.enabled)) if on]
+        _need(
+            self.run.stale_weight == 0 or not late,
+            f"run.stale_weight: a late update cannot join another round's {', '.join(late)}; set run.stale_weight: 0 to drop late updates",
+        )
         # The fewest hospitals a round asks: thresholds must hold for them too.
         asked = min(len(names), max(self.run.min_hospitals, math.ceil(self.strategy.fraction * len(names))))
         self._check_robust(asked, narrow)

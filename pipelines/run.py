@@ -64,16 +64,20 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__} (details in the hospital's log)"
 
 
-def gather(futures: Mapping[str, ray.ObjectRef], timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
-    """Results of the hospitals that answered in time, and a reason for each that did not."""
+def gather(futures: Mapping[str, ray.ObjectRef], timeout: float, late: dict[str, ray.ObjectRef] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Results of the hospitals that answered in time, and a reason for each that did not. With
+    `late`, an answer not in time is left to arrive and put there; otherwise it is cancelled."""
     refs = list(futures.values())
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     ready = set(ready)
     results, failures = {}, {}
     for name, ref in futures.items():
         if ref not in ready:
-            failures[name] = f"no answer within {timeout:.0f} s"
-            ray.cancel(ref)
+            failures[name] = f"no answer within {timeout:.0f} s" + ("; it counts, weighed down, when it arrives" if late is not None else "")
+            if late is None:
+                ray.cancel(ref)
+            else:
+                late[name] = ref
             continue
         try:
             results[name] = ray.get(ref)
@@ -162,6 +166,7 @@ class Pipeline:
         self.expected: dict[str, Layout] = {}  # each hospital's update layout, once training starts
         self.preprocessing: dict | None = None  # the agreed preprocessing spec (tables), once harmonized
         self.trusted: Hospital | None = None  # FLTrust: the driver's trusted data
+        self.pending: dict[str, tuple[int, ray.ObjectRef]] = {}  # hospital -> (round, its update still on the way)
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -355,6 +360,26 @@ class Pipeline:
             last = round
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
         return weights, layout, last
+
+    def _late_updates(self, round: int) -> dict[str, tuple[Update, int]]:
+        """Updates of earlier rounds that arrived since (`run.stale_weight` > 0), checked as for
+        their own round and weighed down by stale_weight per round late; with their round."""
+        ready, _ = ray.wait([ref for _, ref in self.pending.values()], num_returns=len(self.pending), timeout=0) if self.pending else ([], [])
+        arrived = {}
+        for h in sorted(h for h, (_, ref) in self.pending.items() if ref in ready):
+            sent_in, ref = self.pending.pop(h)
+            try:
+                update = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                self.log(f"round {round}: the late update of {h} from round {sent_in} failed: {type(e).__name__}")
+                continue
+            why = admission.problem(sent_in, h, update, self.expected[h])
+            if why is not None:
+                self.log(f"round {round}: the late update of {h} from round {sent_in} is {why}")
+                continue
+            weight = update.weight * self.config.run.stale_weight ** (round - sent_in)
+            arrived[h] = (dataclasses.replace(update, weight=weight), sent_in)
+        return arrived
 
     def _trusted_root(self) -> Hospital:
         """FLTrust's reference: the driver's own trusted data, read, checked and prepared in this
@@ -603,6 +628,7 @@ class Pipeline:
 
     def _round(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator, attempt: int = 0) -> tuple[np.ndarray, dict]:
         cfg, timeout = self.config, self.config.run.round_timeout_s
+        available = [h for h in available if h not in self.pending]  # one still working on a late update is not asked
         plans = self.strategy.configure_round(round, available, rng)
         spend_log = self.run_dir / SPEND_LOG
         units = {p.hospital: self._dp_units(p.hospital) for p in plans} if cfg.privacy.dp_sgd.enabled else {}
@@ -620,15 +646,20 @@ class Pipeline:
         weights_ref = ray.put(weights)  # broadcast once through the object store
         extra = self.strategy.broadcast()
         extra_ref = None if extra is None else ray.put(extra)
+        late: dict[str, ray.ObjectRef] | None = {} if cfg.run.stale_weight > 0 else None
         updates, fit_failures = gather(
             {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital], extra_ref) for p in plans if p.hospital in setups},
             timeout,
+            late,
         )
         failures.update(fit_failures)
         for h, u in updates.items():
             sent[h] = sent.get(h, 0) + _wire_bytes(u)
         updates, refused = admission.admit(round, updates, self.expected)
         failures.update(refused)
+        arrived = self._late_updates(round)
+        self.pending.update({h: (round, ref) for h, ref in (late or {}).items()})
+        updates.update({h: u for h, (u, _) in arrived.items()})
         self._check_reported_steps(round, updates, units)
         self._require_quorum(round, updates, failures)
         combined = self.hook.combine(round, [updates[h] for h in sorted(updates)])
@@ -668,6 +699,9 @@ class Pipeline:
             "anomaly": (anomaly := aggregation.anomaly_scores([u for u in updates.values() if isinstance(u, Update)])),
             "flagged": aggregation.flagged(anomaly, cfg.robust.flag_distance),
             "trust": trust,  # FLTrust's weight for each hospital's change
+            # Late updates counted in this round, with their own round (an update of this round that
+            # arrived while the round was retried is no late one).
+            "late": {h: r for h, (_, r) in arrived.items() if r < round},
         }
         if self.strategy.personal_lambda is not None:
             record["personal"] = self._personal_record(round, available)

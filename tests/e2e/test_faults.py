@@ -66,3 +66,18 @@ def test_a_round_short_of_its_quorum_is_retried_then_stops_resumably(ray_session
     # Run again, with the hospital's process back: it resumes after the last checkpointed round.
     final = Pipeline(parse_config(raw), progress=False, log=lambda msg: None).run()
     assert load_checkpoint(pipeline.run_dir).round == 3 and final.dtype.name == "float32"
+
+
+def test_a_straggler_s_late_update_counts_weighed_down_in_the_round_it_arrives(ray_session, demo_data, tmp_path):
+    raw = {**ehr_config(demo_data, tmp_path, name="straggler", rounds=4, round_timeout_s=4.0, stale_weight=0.5, quorum_wait_s=0),
+           "explain": {"enabled": False}, "attack": {"hospitals": ["hospital_a"], "kind": "slow", "delay_s": 6.0}}
+    logged: list[str] = []
+    pipeline = Pipeline(parse_config(raw), progress=False, log=logged.append)
+    pipeline.run()
+    records = [json.loads(line) for line in (pipeline.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["failures"]["hospital_a"].startswith("no answer within 4 s; it counts")
+    late = [(r["round"], r["late"]["hospital_a"]) for r in records if r["late"]]
+    assert late and all(arrived > sent for arrived, sent in late)  # tagged with its own round, never taken for a current one
+    for r in records:  # while its update is on the way, it is not asked again
+        assert "hospital_a" not in r["participants"] or "hospital_a" in r["late"]
+    assert records[-1]["pooled"]["auroc"] >= 0.75

@@ -55,6 +55,14 @@ def test_parses_nested_sections_and_per_hospital_model_options():
         ("privacy", {"dp_sgd": {"enabled": True}}, "privacy.dp_sgd: give epsilon"),
         ("privacy", {"dp_fedavg": {"enabled": True, "epsilon": 1, "delta": 2}}, "privacy.dp_fedavg.delta: expected a number in (0, 1)"),
         ("privacy", {"dp_sgd": {"enabled": True, "epsilon": 1, "unit": "visit"}}, "privacy.dp_sgd.unit: expected one of"),
+        ("run", {"name": "t", "rounds": -2}, "run.rounds"),
+        ("run", {"name": "t", "stale_weight": 1.5}, "run.stale_weight: expected a number in [0, 1]"),
+        ("run", {"name": "t", "quorum_wait_s": -1}, "run.quorum_wait_s: must be >= 0"),
+        ("robust", {"rule": "geometric_median"}, "robust.rule: expected one of"),
+        ("robust", {"trim": 0.5}, "robust.trim: expected a share in (0, 0.5)"),
+        ("robust", {"norm_bound": 0}, "robust.norm_bound: must be positive"),
+        ("attack", {"hospitals": ["a"], "kind": "ddos"}, "attack.kind: expected one of"),
+        ("subgroups", {"sex": "sex", "min_count": "ten"}, "subgroups.min_count: expected a whole number"),
     ],
 )
 def test_bad_values_name_the_field(section, value, fragment):

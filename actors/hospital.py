@@ -36,7 +36,7 @@ from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, Round
 from models.flat import flatten, layout_of, load_flat
 from models import export, training, width
 from models.networks import build_model
-from pipelines import scaffold
+from pipelines import aggregation, scaffold
 from privacy import dp_fedavg, dp_sgd, ledger
 from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
@@ -177,10 +177,10 @@ class Hospital:
         if plan.personal_lambda is not None:
             self._train_personal(plan, weights, layout)
         self._save_state(plan.round)
-        update = attacks.tampered(self.config.attack, update, plan.seed)
         bound = self.config.robust.norm_bound
         if bound is not None and not self.hook.reveals_individual_updates:  # the driver cannot bound what it cannot see
-            update = dp_fedavg.clip(update, bound)
+            update = aggregation.bounded(update, bound, layout.size)
+        update = attacks.tampered(self.config.attack, update, plan.seed)  # a hostile hospital skips the bound
         if self.config.privacy.dp_fedavg.enabled:
             update = dp_fedavg.clip(update, self.config.privacy.dp_fedavg.clip_norm)
             if not self.hook.reveals_individual_updates:

@@ -378,6 +378,7 @@ class AttackConfig:
 
     def __post_init__(self):
         _need(self.sigma > 0, f"attack.sigma: must be positive, got {self.sigma}")
+        _need(self.delay_s >= 0, f"attack.delay_s: must be >= 0, got {self.delay_s}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -554,14 +555,15 @@ class FedwardConfig:
         )
         privacy = self.privacy
         late = [name for name, on in (("privacy.masking", privacy.masking.enabled), ("privacy.encryption", privacy.encryption.enabled),
-                                      ("privacy.dp_fedavg", privacy.dp_fedavg.enabled)) if on]
+                                      ("privacy.dp_fedavg", privacy.dp_fedavg.enabled), ("privacy.dp_sgd", privacy.dp_sgd.enabled)) if on]
         _need(
             self.run.stale_weight == 0 or not late,
-            f"run.stale_weight: a late update cannot join another round's {', '.join(late)}; set run.stale_weight: 0 to drop late updates",
+            f"run.stale_weight: a late update cannot join a later round under {', '.join(late)}, whose protocols and accounting are "
+            f"per round; set run.stale_weight: 0 to drop late updates",
         )
         # The fewest hospitals a round asks: thresholds must hold for them too.
         asked = min(len(names), max(self.run.min_hospitals, math.ceil(self.strategy.fraction * len(names))))
-        self._check_robust(asked, narrow)
+        self._check_robust(narrow)
         if privacy.masking.enabled:
             threshold = asked - privacy.masking.dropout_tolerance
             _need(
@@ -581,10 +583,20 @@ class FedwardConfig:
                 f"so no clipped update needs clipping again",
             )
 
-    def _check_robust(self, asked: int, narrow: list[str]) -> None:
+    def _check_robust(self, narrow: list[str]) -> None:
         rule, robust = self.robust.rule, self.robust
+        _need(
+            (rule == "fltrust") == (robust.trusted_data is not None),
+            "robust.trusted_data: fltrust needs the driver's trusted data folder (and only fltrust uses one)",
+        )
+        _need(
+            robust.norm_bound is None or not self.privacy.dp_fedavg.enabled,
+            "robust.norm_bound: privacy.dp_fedavg already bounds each update, by its clip_norm",
+        )
         if rule == "mean":
             return
+        # A round may go ahead with as few as run.min_hospitals changes: the rule must hold for them.
+        fewest = self.run.min_hospitals
         hidden = [name for name, on in (("privacy.masking", self.privacy.masking.enabled), ("privacy.encryption", self.privacy.encryption.enabled)) if on]
         _need(
             not hidden,
@@ -598,22 +610,24 @@ class FedwardConfig:
         _need(not narrow, f"robust.rule: {rule} compares whole changes, but hospitals {narrow} train narrower models")
         if rule in ("krum", "multi_krum"):
             _need(
-                asked > 2 * robust.byzantine + 2,
+                fewest > 2 * robust.byzantine + 2,
                 f"robust.byzantine={robust.byzantine}: Krum needs more than 2f + 2 = {2 * robust.byzantine + 2} hospitals per round, "
-                f"and a round may ask only {asked} (run.min_hospitals, strategy.fraction)",
+                f"and a round may go ahead with run.min_hospitals={fewest}",
             )
         _need(
             not (rule == "fltrust" and self.strategy.name == "scaffold"),
             "robust.rule: fltrust compares each change with the driver's own, which carries no SCAFFOLD control change",
         )
         _need(
-            (rule == "fltrust") == (robust.trusted_data is not None),
-            "robust.trusted_data: fltrust needs the driver's trusted data folder (and only fltrust uses one)",
+            not (rule == "fltrust" and self.privacy.dp_sgd.enabled),
+            "robust.rule: fltrust's trusted change would be trained under DP-SGD and spend a budget of its own; use median or krum with dp_sgd",
         )
+        _need(self.run.stale_weight == 0, f"run.stale_weight: {rule} does not weigh changes, so a late one could not be weighed down; use mean")
         if rule == "trimmed_mean":
             _need(
-                int(robust.trim * asked) >= 1,
-                f"robust.trim={robust.trim}: with {asked} hospitals in a round nothing would be cut; raise it to at least {1 / asked:.2f}",
+                int(robust.trim * fewest) >= 1,
+                f"robust.trim={robust.trim}: a round with run.min_hospitals={fewest} hospitals would cut nothing; "
+                f"raise it to at least {math.ceil(100 / fewest) / 100:.2f} (below 0.5)",
             )
 
     @property

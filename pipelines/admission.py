@@ -1,8 +1,9 @@
 """What a hospital's answer must be to enter the aggregate.
 
-Every answer is checked before a privacy hook or a strategy sees it: an update from the hospital
-that was asked, for this round, in the layout of that hospital's model, with finite values and a
-positive count. One that fails is dropped and its hospital counts as failed in the round, with
+Every answer is checked before a privacy hook or a strategy sees it: an update in the form the
+run's hook expects, from the hospital that was asked, for this round, in the layout of that
+hospital's model, with the example count it joined with and finite values. Its aggregation
+weight is not taken from it: the driver derives it from that count. One that fails is dropped and its hospital counts as failed in the round, with
 the reason in the run log and the round's record: a buggy or hostile hospital costs its own
 update, never the aggregate.
 """
@@ -29,35 +30,45 @@ def expected_layouts(config: FedwardConfig, strategy: Strategy, shape: tuple[int
     return {h: strategy.update_layout(sub) for h, sub in own.items()}
 
 
-def problem(round: int, hospital: str, answer: Any, layout: Layout) -> str | None:
-    """Why `answer` cannot enter round `round`'s aggregate as `hospital`'s update, or None."""
-    if not isinstance(answer, (Update, SealedUpdate)):
-        return f"rejected: sent a {type(answer).__name__}, not an update"
+def problem(round: int, hospital: str, answer: Any, layout: Layout, form: str, examples: int) -> str | None:
+    """Why `answer` cannot enter round `round`'s aggregate as `hospital`'s update, or None. `form`
+    is how updates travel ("plain", "masked", "encrypted"); `examples` the hospital's training
+    examples as it reported them when it joined."""
+    try:
+        return _problem(round, hospital, answer, layout, form, examples)
+    except Exception as e:  # whatever a hostile answer holds, checking it must not stop the round
+        return f"rejected: its update cannot be checked ({type(e).__name__})"
+
+
+def _problem(round: int, hospital: str, answer: Any, layout: Layout, form: str, examples: int) -> str | None:
+    expected = Update if form == "plain" else SealedUpdate
+    if type(answer) is not expected or (form != "plain" and answer.form != form):
+        return f"rejected: sent a {type(answer).__name__}, not a {form} update"
     if answer.hospital != hospital:
         return f"rejected: its update is labelled as from {str(answer.hospital)[:40]!r}"
     if answer.round != round:
         return f"rejected: its update is for round {answer.round}, not {round} (late or replayed)"
     if answer.layout != layout:
         return f"rejected: its update's layout ({answer.layout.size} values in {len(answer.layout.names)} entries) is not its model's ({layout.size} in {len(layout.names)})"
-    if not isinstance(answer.num_examples, (int, np.integer)) or answer.num_examples < 1:
-        return f"rejected: its update claims {answer.num_examples!r} training examples"
-    if isinstance(answer, SealedUpdate):
+    if answer.num_examples != examples:
+        return f"rejected: its update claims {answer.num_examples!r} training examples, not the {examples} it joined with"
+    if not isinstance(answer.metrics, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in answer.metrics.values()):
+        return "rejected: its training metrics are not finite numbers"
+    if form != "plain":
         return None  # the hook checks its own payload
     delta = answer.delta
     if not isinstance(delta, np.ndarray) or delta.dtype != np.float32 or delta.shape != (layout.size,):
         return f"rejected: its change is not {layout.size} float32 values"
     if not np.isfinite(delta).all():
         return f"rejected: its change holds {int((~np.isfinite(delta)).sum())} NaN or infinite values"
-    if not (isinstance(answer.weight, (int, float)) and math.isfinite(answer.weight) and answer.weight > 0):
-        return f"rejected: its aggregation weight is {answer.weight!r}"
     return None
 
 
-def admit(round: int, answers: Mapping[str, Any], layouts: Mapping[str, Layout]) -> tuple[dict[str, Any], dict[str, str]]:
+def admit(round: int, answers: Mapping[str, Any], layouts: Mapping[str, Layout], form: str, examples: Mapping[str, int]) -> tuple[dict[str, Any], dict[str, str]]:
     """The answers that may enter the aggregate, and the reason for each one that may not."""
     admitted, refused = {}, {}
     for hospital, answer in answers.items():
-        why = problem(round, hospital, answer, layouts[hospital]) if hospital in layouts else "rejected: not a hospital of this run"
+        why = problem(round, hospital, answer, layouts[hospital], form, examples[hospital]) if hospital in layouts else "rejected: not a hospital of this run"
         if why is None:
             admitted[hospital] = answer
         else:

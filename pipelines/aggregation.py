@@ -10,7 +10,8 @@ faulty or hostile hospitals can do, at some cost in efficiency when all are hone
 - `fltrust` (Cao et al. 2021): the driver trains on its own small trusted data each round; each
   change counts by its cosine similarity to that trusted change (nothing when it points away),
   rescaled to the trusted change's norm (`trust_weighted`, applied before the mean);
-- `norm_bound` (Sun et al. 2019), with any rule: every change is clipped to an L2 norm first.
+- `norm_bound` (Sun et al. 2019), with any rule: every change is clipped to an L2 norm first, by
+  the driver as it admits it (`bounded`), or inside each hospital when updates are hidden.
 
 All but the mean and the norm bound need each change in the clear: the config refuses them with
 secure aggregation or encryption, where the norm bound is enforced inside each hospital instead.
@@ -29,7 +30,6 @@ from fedward.config import RobustConfig
 from fedward.errors import AggregationError
 from fedward.types import Layout, Update
 from models import width
-from privacy.dp_fedavg import clip
 
 
 def weighted_mean(updates: Sequence[Update], layout: Layout | None = None) -> np.ndarray:
@@ -72,8 +72,6 @@ def krum_scores(deltas: np.ndarray, byzantine: int) -> np.ndarray:
 
 def combine(updates: Sequence[Update], layout: Layout | None, robust: RobustConfig) -> np.ndarray:
     """The round's change under the configured rule (float64)."""
-    if robust.norm_bound is not None:
-        updates = [clip(u, robust.norm_bound) for u in updates]
     if robust.rule in ("mean", "fltrust"):  # FLTrust's weights are already in the updates
         return weighted_mean(updates, layout)
     ordered = sorted(updates, key=lambda u: u.hospital)
@@ -89,13 +87,23 @@ def combine(updates: Sequence[Update], layout: Layout | None, robust: RobustConf
     return weighted_mean([ordered[i] for i in sorted(chosen)], layout)
 
 
-def anomaly_scores(updates: Sequence[Update]) -> dict[str, dict[str, float]]:
+def bounded(update: Update, bound: float, size: int) -> Update:
+    """The update with its weight change clipped to L2 norm `bound`; entries past the model's
+    `size` values (SCAFFOLD's control change) scale with it."""
+    norm = float(np.linalg.norm(update.delta[:size].astype(np.float64)))
+    if norm <= bound:
+        return update
+    return dataclasses.replace(update, delta=(update.delta * (bound / norm)).astype(np.float32))
+
+
+def anomaly_scores(updates: Sequence[Update], size: int) -> dict[str, dict[str, float]]:
     """Per hospital: its change's norm, and its distance and cosine similarity to the
-    coordinate-wise median of all changes, a reference no single hospital can drag away."""
+    coordinate-wise median of all changes, a reference no single hospital can drag away. Over
+    the model's first `size` values: SCAFFOLD's control change after them is no weight change."""
     if len(updates) < 2 or len({u.layout for u in updates}) != 1:
         return {}
     ordered = sorted(updates, key=lambda u: u.hospital)
-    deltas = _stacked(ordered)
+    deltas = _stacked(ordered)[:, :size]
     reference = np.median(deltas, axis=0)
     ref_norm = float(np.linalg.norm(reference))
     out = {}
@@ -118,7 +126,8 @@ def flagged(scores: dict[str, dict[str, float]], factor: float) -> list[str]:
 def trust_weighted(updates: Sequence[Update], trusted: np.ndarray) -> tuple[list[Update], dict[str, float]]:
     """FLTrust: each change rescaled to the trusted change's norm, so that no hospital counts more
     by sending a larger change, and weighted by its cosine similarity to it, floored at zero.
-    Returns the updates that still count, and every hospital's trust score."""
+    Returns the updates that still count (none when every change points away), and every
+    hospital's trust score."""
     reference = trusted.astype(np.float64)
     ref_norm = float(np.linalg.norm(reference))
     kept, trust = [], {}
@@ -128,6 +137,4 @@ def trust_weighted(updates: Sequence[Update], trusted: np.ndarray) -> tuple[list
         trust[u.hospital] = max(0.0, float(delta @ reference) / (norm * ref_norm)) if norm > 0 and ref_norm > 0 else 0.0
         if trust[u.hospital] > 0:
             kept.append(dataclasses.replace(u, delta=(delta * (ref_norm / norm)).astype(np.float32), weight=trust[u.hospital]))
-    if not kept:
-        raise AggregationError("FLTrust: no hospital's change points the way the trusted data's change does")
     return kept, trust

@@ -98,6 +98,8 @@ def _wire_bytes(message: Any) -> int:
 
 
 TRUSTED = "trusted_root"  # FLTrust's trusted data, at the driver
+READY_TIMEOUT_S = 5.0  # how long the check for restarted hospitals waits for each
+MAX_ROUNDS_LATE = 3  # a straggler's update older than this is dropped, and the hospital asked again
 FIGURES = ("n", "auroc", "auprc", "accuracy", "loss")  # what a record holds of each evaluation
 
 
@@ -166,7 +168,10 @@ class Pipeline:
         self.expected: dict[str, Layout] = {}  # each hospital's update layout, once training starts
         self.preprocessing: dict | None = None  # the agreed preprocessing spec (tables), once harmonized
         self.trusted: Hospital | None = None  # FLTrust: the driver's trusted data
-        self.pending: dict[str, tuple[int, ray.ObjectRef]] = {}  # hospital -> (round, its update still on the way)
+        self.layout_size = 0  # the global model's shared values, once training starts
+        self.input_shape: tuple[int, ...] = ()  # one sample's shape, once hospitals prepared
+        self.pending: dict[str, tuple[int, ray.ObjectRef]] = {}
+        self.quarantine_logged: list[str] = []  # hospital -> (round, its update still on the way)
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -197,6 +202,7 @@ class Pipeline:
             )
             self._require_quorum(0, shapes, failures)
             self._check_model(next(iter(shapes.values())), sorted(shapes))
+            self.input_shape = next(iter(shapes.values()))
             self.trusted = self._trusted_root() if self.config.robust.rule == "fltrust" else None
             # Key set-up bytes count toward the first round run in this invocation.
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
@@ -334,8 +340,11 @@ class Pipeline:
             self.strategy.load_state_dict(ckpt.strategy_state)
             rng.bit_generator.state = ckpt.rng_state
             self._restore_hospitals(sorted(shapes), ckpt.round)
+            if self.trusted is not None:  # its own layers (FedBN, FedPer) as they were
+                self.trusted.restore(ckpt.round)
         self.strategy.start(build_model(cfg.model, next(iter(shapes.values()))), layout)
         self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout)
+        self.layout_size = layout.size
         self._truncate_metrics(start - 1)
         self._write_ledger()
         last = start - 1
@@ -361,24 +370,46 @@ class Pipeline:
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
         return weights, layout, last
 
-    def _late_updates(self, round: int) -> dict[str, tuple[Update, int]]:
+    def _examples(self) -> dict[str, int]:
+        return {h: c.train_examples for h, c in self.counts.items()}
+
+    def _weighed(self, updates: Mapping[str, Any], rounds_late: Mapping[str, int]) -> dict[str, Any]:
+        """Updates as the driver counts them: a plain one weighs what its example count (as the
+        hospital joined with it) gives, never what it claims, times stale_weight per round late;
+        clipped to robust.norm_bound where the driver sees it."""
+        cfg, out = self.config, {}
+        for h, u in updates.items():
+            if isinstance(u, Update):
+                u = dataclasses.replace(u, weight=dp_fedavg.aggregation_weight(cfg, u.num_examples) * cfg.run.stale_weight ** rounds_late.get(h, 0))
+                if cfg.robust.norm_bound is not None:
+                    u = aggregation.bounded(u, cfg.robust.norm_bound, self.layout_size)
+            out[h] = u
+        return out
+
+    def _late_updates(self, round: int, failures: dict[str, str]) -> dict[str, tuple[Update, int]]:
         """Updates of earlier rounds that arrived since (`run.stale_weight` > 0), checked as for
-        their own round and weighed down by stale_weight per round late; with their round."""
-        ready, _ = ray.wait([ref for _, ref in self.pending.values()], num_returns=len(self.pending), timeout=0) if self.pending else ([], [])
+        their own round; with that round. One more than MAX_ROUNDS_LATE rounds late is dropped."""
         arrived = {}
-        for h in sorted(h for h, (_, ref) in self.pending.items() if ref in ready):
-            sent_in, ref = self.pending.pop(h)
+        ready, _ = ray.wait([ref for _, ref in self.pending.values()], num_returns=len(self.pending), timeout=0) if self.pending else ([], [])
+        for h in sorted(self.pending):
+            sent_in, ref = self.pending[h]
+            if ref not in ready:
+                if round - sent_in > MAX_ROUNDS_LATE:
+                    ray.cancel(ref)
+                    del self.pending[h]
+                    failures[h] = f"its update of round {sent_in} is more than {MAX_ROUNDS_LATE} rounds late; dropped"
+                continue
+            del self.pending[h]
             try:
                 update = ray.get(ref)
             except ray.exceptions.RayError as e:
-                self.log(f"round {round}: the late update of {h} from round {sent_in} failed: {type(e).__name__}")
+                failures[h] = f"its late update of round {sent_in} failed: {type(e).__name__}"
                 continue
-            why = admission.problem(sent_in, h, update, self.expected[h])
+            why = admission.problem(sent_in, h, update, self.expected[h], self.hook.form, self._examples()[h])
             if why is not None:
-                self.log(f"round {round}: the late update of {h} from round {sent_in} is {why}")
+                failures[h] = f"its late update of round {sent_in} was {why}"
                 continue
-            weight = update.weight * self.config.run.stale_weight ** (round - sent_in)
-            arrived[h] = (dataclasses.replace(update, weight=weight), sent_in)
+            arrived[h] = (update, sent_in)
         return arrived
 
     def _trusted_root(self) -> Hospital:
@@ -389,10 +420,16 @@ class Pipeline:
         config = dataclasses.replace(cfg, hospitals=(*cfg.hospitals, root)).with_paths_from(Path.cwd())
         trusted = Hospital(TRUSTED, config, self.run_id)
         try:
-            trusted.load()
+            counts = trusted.load()
         except DataError as e:
             raise DataError(f"robust.trusted_data: {e}") from None
-        trusted.prepare(self.preprocessing, self.strategy.personal_keys())
+        shape = trusted.prepare(self.preprocessing, self.strategy.personal_keys())
+        if shape != self.input_shape:
+            raise DataError(f"robust.trusted_data: its inputs have shape {shape}, the hospitals' {self.input_shape}")
+        saved, now = self.run_dir / "trusted.json", {"fingerprint": counts.fingerprint, "split_fingerprint": counts.split_fingerprint}
+        if saved.is_file() and json.loads(saved.read_text()) != now:
+            raise CheckpointError(f"robust.trusted_data: {cfg.robust.trusted_data} changed since the run began; restore it or start a new run")
+        atomic_write_json(saved, now)
         return trusted
 
     def _trusted_change(self, round: int, weights: np.ndarray, layout: Layout) -> np.ndarray:
@@ -405,7 +442,8 @@ class Pipeline:
         reloads its data, which must be what the run began with, rebuilds its model and restores
         its own state of round `last`. Returns those that rejoined."""
         cfg, timeout = self.config, self.config.run.round_timeout_s
-        ready, _ = gather({h: self.hospitals[h].ready.remote() for h in hospitals}, timeout)
+        # A hospital still busy with a late update or a timed-out task answers after it, or not now.
+        ready, _ = gather({h: self.hospitals[h].ready.remote() for h in hospitals if h not in self.pending}, min(timeout, READY_TIMEOUT_S))
         fresh = sorted(h for h, is_ready in ready.items() if not is_ready)
         if not fresh:
             return []
@@ -418,11 +456,11 @@ class Pipeline:
         failures.update(more)
         back = sorted(restored)
         for h in back:
-            self.log(f"{h} was restarted after its process died; it reloaded its data and its state of round {restored[h] or 0} and rejoins in round {last + 1}")
+            self.log(f"{h} was restarted after its process died; it reloaded its data and its state of round {restored[h] or 0} and rejoins")
         for h, why in sorted(failures.items()):
             self.log(f"{h} was restarted after its process died but cannot rejoin yet: {why}")
-        if back:  # the hook's keys died with the process: set up afresh, with it
-            self.hook.start(sorted(h for h in ready if h not in failures), self._asker(last + 1, {}, self.start_sent))
+        if back:  # the hook's keys died with the process: set up afresh, with every hospital that may take part
+            self.hook.start(sorted(h for h in hospitals if h not in failures), self._asker(last + 1, {}, self.start_sent))
         return back
 
     def _quarantined(self) -> list[str]:
@@ -436,8 +474,12 @@ class Pipeline:
             for h in record.get("flagged", []):
                 counts[h] = counts.get(h, 0) + 1
         out = sorted(h for h, n in counts.items() if n >= after)
-        if out:
-            self.log(f"quarantined after {after} flagged rounds: {out}")
+        for h in sorted(set(out) - set(self.quarantine_logged)):
+            self.log(f"{h} is quarantined: flagged in {after} rounds, it is asked no more")
+        self.quarantine_logged = out
+        if len(self.counts) - len(out) < self.config.run.min_hospitals:
+            raise QuorumError(0, self.config.run.min_hospitals, {h: "quarantined" for h in out},
+                              "quarantine leaves too few hospitals for the quorum; a resume would quarantine them again")
         return out
 
     def _round_with_retries(self, round: int, available: list[str], weights: np.ndarray, layout: Layout, rng: np.random.Generator) -> tuple[np.ndarray, dict] | None:
@@ -448,10 +490,10 @@ class Pipeline:
         rejoined: list[str] = []
         for attempt in range(cfg.round_retries + 1):
             rng.bit_generator.state = state
-            rejoined += self._rejoin(available, round - 1)
             try:
+                rejoined += self._rejoin(available, round - 1)
                 weights, record = self._round(round, available, weights, layout, rng, attempt)
-                return weights, {**record, "rejoined": rejoined}
+                return weights, {**record, "rejoined": sorted(set(rejoined))}
             except _BudgetSpent as spent:
                 self.log(f"privacy budget: {spent}; training stops after round {round - 1}")
                 self._write_ledger(stopped=f"before round {round}: {spent}")
@@ -655,11 +697,11 @@ class Pipeline:
         failures.update(fit_failures)
         for h, u in updates.items():
             sent[h] = sent.get(h, 0) + _wire_bytes(u)
-        updates, refused = admission.admit(round, updates, self.expected)
+        updates, refused = admission.admit(round, updates, self.expected, self.hook.form, self._examples())
         failures.update(refused)
-        arrived = self._late_updates(round)
+        arrived = self._late_updates(round, failures)
         self.pending.update({h: (round, ref) for h, ref in (late or {}).items()})
-        updates.update({h: u for h, (u, _) in arrived.items()})
+        updates = self._weighed({**updates, **{h: u for h, (u, _) in arrived.items()}}, {h: round - r for h, (_, r) in arrived.items()})
         self._check_reported_steps(round, updates, units)
         self._require_quorum(round, updates, failures)
         combined = self.hook.combine(round, [updates[h] for h in sorted(updates)])
@@ -669,6 +711,8 @@ class Pipeline:
         trust = {}
         if self.trusted is not None:
             aggregated, trust = aggregation.trust_weighted(aggregated, self._trusted_change(round, weights, layout))
+            if not aggregated:
+                self.log(f"round {round}: FLTrust: no hospital's change points the way the trusted data's does; the weights stay")
         new = self.strategy.aggregate(round, weights, aggregated, failures)
         weights = weights if new is None else new
         new_ref = ray.put(weights)
@@ -696,7 +740,8 @@ class Pipeline:
             "privacy": self._privacy_record(updates, sent, len(plans)),
             # How far each change lies from the others, for spotting a faulty or hostile hospital
             # (only where changes arrive in the clear).
-            "anomaly": (anomaly := aggregation.anomaly_scores([u for u in updates.values() if isinstance(u, Update)])),
+            # A late change was made from older weights: it would look far off for that alone.
+            "anomaly": (anomaly := aggregation.anomaly_scores([u for h, u in updates.items() if isinstance(u, Update) and h not in arrived], layout.size)),
             "flagged": aggregation.flagged(anomaly, cfg.robust.flag_distance),
             "trust": trust,  # FLTrust's weight for each hospital's change
             # Late updates counted in this round, with their own round (an update of this round that

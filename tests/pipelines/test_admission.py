@@ -24,33 +24,42 @@ def good(**changes) -> Update:
     return dataclasses.replace(update, **changes)
 
 
+LAYOUTS, EXAMPLES = {"hospital_a": LAYOUT, "hospital_b": LAYOUT}, {"hospital_a": 20, "hospital_b": 20}
+
+
 @pytest.mark.parametrize(
     "answer, reason",
     [
-        ({"w": 1}, "sent a dict, not an update"),
+        ({"w": 1}, "sent a dict, not a plain update"),
+        (SealedUpdate(4, "hospital_a", "masked", b"", LAYOUT, 20), "sent a SealedUpdate, not a plain update"),
         (good(hospital="hospital_b"), "labelled as from 'hospital_b'"),
         (good(round=3), "for round 3, not 4 (late or replayed)"),
+        (good(round=np.arange(3)), "cannot be checked (ValueError)"),
         (good(layout=Layout(("w",), ((3, 2),)), delta=np.zeros(6, np.float32)), "layout (6 values in 1 entries) is not its model's (9 in 2)"),
+        (good(layout=None), "cannot be checked (AttributeError)"),
+        (good(num_examples=0), "claims 0 training examples, not the 20 it joined with"),
+        (good(num_examples=2000, weight=2000.0), "claims 2000 training examples"),
+        (good(metrics=[1]), "training metrics are not finite numbers"),
+        (good(metrics={"train_loss": float("nan")}), "training metrics are not finite numbers"),
         (good(delta=np.zeros(8, np.float32)), "not 9 float32 values"),
         (good(delta=np.zeros(9, np.float64)), "not 9 float32 values"),
         (good(delta=np.array([0, 1, np.nan, 0, np.inf, 0, 0, 0, -np.inf], np.float32)), "holds 3 NaN or infinite values"),
-        (good(num_examples=0), "claims 0 training examples"),
-        (good(weight=float("nan")), "aggregation weight is nan"),
-        (good(weight=-1.0), "aggregation weight is -1.0"),
-        (SealedUpdate(4, "hospital_a", "masked", b"", LAYOUT, -5), "claims -5 training examples"),
     ],
 )
 def test_a_faulty_or_forged_update_is_refused_with_its_reason(answer, reason):
-    admitted, refused = admission.admit(4, {"hospital_a": answer, "hospital_b": good(hospital="hospital_b")}, {"hospital_a": LAYOUT, "hospital_b": LAYOUT})
+    admitted, refused = admission.admit(4, {"hospital_a": answer, "hospital_b": good(hospital="hospital_b")}, LAYOUTS, "plain", EXAMPLES)
     assert list(admitted) == ["hospital_b"] and reason in refused["hospital_a"]
 
 
-def test_good_updates_and_sealed_ones_pass_and_strangers_do_not():
-    sealed = SealedUpdate(4, "hospital_b", "masked", b"\x00", LAYOUT, 12)
-    plain = good()
-    admitted, refused = admission.admit(4, {"hospital_a": plain, "hospital_b": sealed, "mallory": good(hospital="mallory")}, {"hospital_a": LAYOUT, "hospital_b": LAYOUT})
-    assert admitted["hospital_a"] is plain and admitted["hospital_b"] is sealed and len(admitted) == 2
-    assert refused == {"mallory": "rejected: not a hospital of this run"}
+def test_good_updates_pass_in_the_form_the_hook_expects_and_strangers_do_not():
+    plain = good(num_examples=np.int64(20), weight=1.0)  # a numpy count, and DP-FedAvg's weight of one
+    admitted, refused = admission.admit(4, {"hospital_a": plain, "mallory": good(hospital="mallory")}, LAYOUTS, "plain", EXAMPLES)
+    assert admitted["hospital_a"] is plain and refused == {"mallory": "rejected: not a hospital of this run"}
+    sealed = SealedUpdate(4, "hospital_b", "masked", b"\x00", LAYOUT, 20)
+    admitted, refused = admission.admit(4, {"hospital_a": good(), "hospital_b": sealed}, LAYOUTS, "masked", EXAMPLES)
+    assert admitted == {"hospital_b": sealed} and "sent a Update, not a masked update" in refused["hospital_a"]
+    encrypted = SealedUpdate(4, "hospital_b", "encrypted", b"\x00", LAYOUT, 20)
+    assert "not a masked update" in admission.admit(4, {"hospital_b": encrypted}, LAYOUTS, "masked", EXAMPLES)[1]["hospital_b"]
 
 
 def test_each_hospital_is_held_to_its_own_models_layout(tmp_path):

@@ -58,16 +58,19 @@ def test_each_rule_computes_what_it_says():
     assert any(np.array_equal(krum, u.delta.astype(np.float64)) for u in updates[2:])
     multi = aggregation.combine(updates, LAYOUT, RobustConfig(rule="multi_krum", byzantine=2))
     np.testing.assert_allclose(multi, aggregation.weighted_mean(updates[2:], LAYOUT), atol=1e-12)  # keeps n - f = 6
-    bounded = aggregation.combine(updates, LAYOUT, RobustConfig(norm_bound=1.0))
+    bounded = [aggregation.bounded(u, 1.0, SIZE) for u in updates]
     clipped = [u.delta / max(1.0, np.linalg.norm(u.delta.astype(np.float64))) for u in updates]
-    np.testing.assert_allclose(bounded, np.average(clipped, axis=0, weights=[u.weight for u in updates]), atol=1e-6)
+    np.testing.assert_allclose([b.delta for b in bounded], clipped, atol=1e-6)
+    # Past the model's values (SCAFFOLD's control change) entries scale along but do not count.
+    extended = Update(1, "h", np.concatenate([HONEST, 100 * HONEST]).astype(np.float32), Layout(("w", "control:w"), ((SIZE,), (SIZE,))), 1, 1.0)
+    np.testing.assert_allclose(aggregation.bounded(extended, 1.0, SIZE).delta, extended.delta / np.linalg.norm(HONEST), rtol=1e-5)
 
 
 def test_anomaly_scores_single_out_the_attackers():
-    scores = aggregation.anomaly_scores(federation(ATTACKS["sign_flip"]))
+    scores = aggregation.anomaly_scores(federation(ATTACKS["sign_flip"]), SIZE)
     assert all(scores[f"h{i}"]["cosine"] < 0 < scores[f"h{j}"]["cosine"] for i in range(2) for j in range(2, 8))
     assert min(scores[f"h{i}"]["distance"] for i in range(2)) > 5 * max(scores[f"h{j}"]["distance"] for j in range(2, 8))
-    assert aggregation.anomaly_scores(federation()[:1]) == {}  # nothing to compare one change with
+    assert aggregation.anomaly_scores(federation()[:1], SIZE) == {}  # nothing to compare one change with
 
 
 def test_robust_rules_are_refused_where_they_cannot_work(tmp_path):
@@ -78,10 +81,14 @@ def test_robust_rules_are_refused_where_they_cannot_work(tmp_path):
         config({"rule": "median"}, privacy={"masking": {"enabled": True}})
     with pytest.raises(ConfigError, match=r"robust.rule: krum needs .* privacy.encryption"):
         config({"rule": "krum", "byzantine": 0}, privacy={"encryption": {"enabled": True}})
-    with pytest.raises(ConfigError, match=r"robust.byzantine=1: Krum needs more than 2f \+ 2 = 4 hospitals per round, and a round may ask only 3"):
+    with pytest.raises(ConfigError, match=r"robust.byzantine=1: Krum needs more than 2f \+ 2 = 4 hospitals per round, and a round may go ahead with run.min_hospitals=2"):
         config({"rule": "multi_krum"})
-    with pytest.raises(ConfigError, match=r"robust.trim=0.2: with 3 hospitals in a round nothing would be cut"):
+    with pytest.raises(ConfigError, match=r"robust.trim=0.2: a round with run.min_hospitals=2 hospitals would cut nothing; raise it to at least 0.50"):
         config({"rule": "trimmed_mean"})
+    with pytest.raises(ConfigError, match=r"robust.norm_bound: privacy.dp_fedavg already bounds each update"):
+        config({"norm_bound": 1.0}, privacy={"dp_fedavg": {"enabled": True, "noise_multiplier": 1.0}})
+    with pytest.raises(ConfigError, match=r"run.stale_weight: median does not weigh changes"):
+        config({"rule": "median"}, run={**ehr_config(tmp_path, tmp_path)["run"], "stale_weight": 0.5})
     with pytest.raises(ConfigError, match=r"dp_fedavg calibrates its noise to the mean's sensitivity"):
         config({"rule": "median"}, privacy={"dp_fedavg": {"enabled": True, "noise_multiplier": 1.0}})
     with pytest.raises(ConfigError, match=r"attack.hospitals: \['hospital_z'\] are not hospitals of this run"):
@@ -122,10 +129,10 @@ def test_simulated_attackers_tamper_only_with_their_own_updates():
 
 
 def test_a_change_far_beyond_the_typical_distance_is_flagged():
-    scores = aggregation.anomaly_scores(federation(ATTACKS["scale"], hostile=1))
+    scores = aggregation.anomaly_scores(federation(ATTACKS["scale"], hostile=1), SIZE)
     assert aggregation.flagged(scores, 3.0) == ["h0"]
-    assert aggregation.flagged(aggregation.anomaly_scores(federation()), 3.0) == []
-    assert aggregation.flagged(aggregation.anomaly_scores(federation(ATTACKS["scale"], n=2, hostile=1)), 3.0) == []
+    assert aggregation.flagged(aggregation.anomaly_scores(federation(), SIZE), 3.0) == []
+    assert aggregation.flagged(aggregation.anomaly_scores(federation(ATTACKS["scale"], n=2, hostile=1), SIZE), 3.0) == []
 
 
 def test_fltrust_weighs_changes_by_their_agreement_with_the_trusted_one():
@@ -138,5 +145,4 @@ def test_fltrust_weighs_changes_by_their_agreement_with_the_trusted_one():
     assert all(np.linalg.norm(u.delta.astype(np.float64)) == pytest.approx(norm, rel=1e-5) for u in kept)  # a larger change weighs no more
     combined = aggregation.combine(kept, LAYOUT, RobustConfig(rule="fltrust", trusted_data="x"))
     assert np.linalg.norm(combined - HONEST) < 0.2
-    with pytest.raises(Exception, match="no hospital's change points the way"):
-        aggregation.trust_weighted(updates[:1], HONEST.astype(np.float32))
+    assert aggregation.trust_weighted(updates[:1], HONEST.astype(np.float32)) == ([], {"h0": 0.0})  # the weights then stay

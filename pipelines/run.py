@@ -98,7 +98,8 @@ def _wire_bytes(message: Any) -> int:
 
 
 TRUSTED = "trusted_root"  # FLTrust's trusted data, at the driver
-READY_TIMEOUT_S = 5.0  # how long the check for restarted hospitals waits for each
+READY_TIMEOUT_S = 5.0  # how long the check for restarted hospitals waits for a busy one
+RESTART_WAIT_S = 60.0  # and for one Ray is restarting
 MAX_ROUNDS_LATE = 3  # a straggler's update older than this is dropped, and the hospital asked again
 FIGURES = ("n", "auroc", "auprc", "accuracy", "loss")  # what a record holds of each evaluation
 
@@ -442,8 +443,7 @@ class Pipeline:
         reloads its data, which must be what the run began with, rebuilds its model and restores
         its own state of round `last`. Returns those that rejoined."""
         cfg, timeout = self.config, self.config.run.round_timeout_s
-        # A hospital still busy with a late update or a timed-out task answers after it, or not now.
-        ready, _ = gather({h: self.hospitals[h].ready.remote() for h in hospitals if h not in self.pending}, min(timeout, READY_TIMEOUT_S))
+        ready = self._ready([h for h in hospitals if h not in self.pending])
         fresh = sorted(h for h, is_ready in ready.items() if not is_ready)
         if not fresh:
             return []
@@ -462,6 +462,33 @@ class Pipeline:
         if back:  # the hook's keys died with the process: set up afresh, with every hospital that may take part
             self.hook.start(sorted(h for h in hospitals if h not in failures), self._asker(last + 1, {}, self.start_sent))
         return back
+
+    def _ready(self, hospitals: list[str]) -> dict[str, bool]:
+        """Which hospitals hold their data and model. One still busy with a timed-out task is not
+        waited for long; one Ray is restarting is asked again until it is up, within RESTART_WAIT_S."""
+        busy_until, up_until = time.monotonic() + READY_TIMEOUT_S, time.monotonic() + RESTART_WAIT_S
+        answers: dict[str, bool] = {}
+        asking = hospitals
+        while asking:
+            refs = {h: self.hospitals[h].ready.remote() for h in asking}
+            done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(0.0, busy_until - time.monotonic()))
+            asking = []
+            for h, ref in refs.items():
+                if ref not in done:
+                    ray.cancel(ref)
+                    continue
+                try:
+                    answers[h] = ray.get(ref)
+                except ray.exceptions.ActorUnavailableError:
+                    asking.append(h)
+                except ray.exceptions.RayError:
+                    pass  # gone for good, or failing: its round's tasks will say why
+            if asking and time.monotonic() < up_until:
+                time.sleep(0.5)
+                busy_until = time.monotonic() + READY_TIMEOUT_S
+            else:
+                break
+        return answers
 
     def _quarantined(self) -> list[str]:
         """Hospitals flagged in `robust.quarantine_after` rounds so far: they are asked no more.

@@ -29,7 +29,8 @@ def _kill_after_round(pipeline: Pipeline, hospital: str, round: int, killed: lis
 
 def test_a_killed_hospital_is_restarted_reloads_its_state_and_rejoins(ray_session, demo_data, tmp_path):
     raw = {**ehr_config(demo_data, tmp_path, name="killed", rounds=5), "explain": {"enabled": False}, "strategy": {"name": "fedper"}}
-    pipeline = Pipeline(parse_config(raw), progress=False, log=lambda msg: None)
+    logged: list[str] = []
+    pipeline = Pipeline(parse_config(raw), progress=False, log=logged.append)
     killed: list[int] = []
     watcher = threading.Thread(target=_kill_after_round, args=(pipeline, "hospital_a", 1, killed), daemon=True)
     watcher.start()
@@ -38,7 +39,11 @@ def test_a_killed_hospital_is_restarted_reloads_its_state_and_rejoins(ray_sessio
     assert killed, "the hospital's process was never killed"
     records = [json.loads(line) for line in (pipeline.run_dir / "metrics.jsonl").read_text().splitlines()]
     back = [r["round"] for r in records if "hospital_a" in r["rejoined"]]
-    assert len(back) == 1 and back[0] >= 2
+    assert len(back) == 1 and back[0] >= 2, (logged, [(r["round"], r["participants"], r["failures"], r["rejoined"]) for r in records])
+    # It came back with its own head (FedPer) as it was after its last round, not a fresh one.
+    assert any(f"hospital_a was restarted after its process died; it reloaded its data and its state of round {back[0] - 1}" in line
+               or f"hospital_a was restarted after its process died; it reloaded its data and its state of round {back[0] - 2}" in line
+               for line in logged), logged
     # Until it rejoined it may have missed a round; from then on it trains and is evaluated again.
     for r in records[back[0] - 1 :]:
         assert "hospital_a" in r["participants"] and "hospital_a" in r["hospitals"]

@@ -1,8 +1,9 @@
 """Kill the driver (SIGKILL, with its embedded Ray) at random points, resume, compare weights.
 
 Runs a config once uninterrupted for reference, then `--kills` times: starts `fedward simulate`
-in its own process group, kills the group after a random share of the reference's wall time (so
-kills land in start-up, rounds, checkpoint writes and the finishing stages alike), runs the same
+in its own process group, waits until a random number of rounds (0 to all) is checkpointed, then
+kills the group a random share of a round's time later (so kills land in start-up, rounds,
+checkpoint writes and the finishing stages alike, however fast the machine is), runs the same
 command again until it finishes, and checks the final weights are `torch.equal` to the
 reference's. Prints one line per kill point and the count that matched.
 
@@ -43,20 +44,32 @@ def config_file(source: Path, root: Path, name: str, settings: dict) -> Path:
     return path
 
 
-def simulate(path: Path, kill_after: float | None = None) -> float:
-    """Run `fedward simulate`; with `kill_after`, SIGKILL its process group then. Returns seconds."""
+def simulate(path: Path) -> float:
+    """Run `fedward simulate` to the end; returns its seconds."""
     began = time.monotonic()
+    subprocess.run([sys.executable, "-m", "pipelines", "simulate", str(path), "--no-progress"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - began
+
+
+def kill_after(path: Path, run_dir: Path, rounds: int, wait: float) -> tuple[int, bool]:
+    """Start `fedward simulate`, and SIGKILL its process group `wait` seconds after `rounds`
+    rounds are checkpointed. Returns the rounds checkpointed at the kill and whether it ran to the end first."""
     driver = subprocess.Popen([sys.executable, "-m", "pipelines", "simulate", str(path), "--no-progress"], cwd=ROOT,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        driver.wait(timeout=kill_after)
-    except subprocess.TimeoutExpired:
+    while driver.poll() is None and checkpointed(run_dir) < rounds:
+        time.sleep(0.02)
+    time.sleep(wait)
+    finished = driver.poll() is not None
+    if not finished:
         os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    else:
-        if driver.returncode != 0:
-            raise RuntimeError(f"{path.name}: fedward simulate exited with {driver.returncode}")
-    return time.monotonic() - began
+    driver.wait()
+    return checkpointed(run_dir), finished
+
+
+def checkpointed(run_dir: Path) -> int:
+    ckpt = load_checkpoint(run_dir)
+    return ckpt.round if ckpt else 0
 
 
 def main() -> None:
@@ -72,19 +85,19 @@ def main() -> None:
         reference = config_file(args.config, root, "reference", settings)
         total = simulate(reference)
         expected = load_checkpoint(root / "reference").weights
-        print(f"{args.config}: reference run {total:.1f} s; killing at random points within it")
+        rounds = len((root / "reference" / "metrics.jsonl").read_text().splitlines())
+        print(f"{args.config}: reference run {total:.1f} s, {rounds} rounds; killing at random points within it")
         matched = 0
         for k in range(args.kills):
             name = f"killed{k}"
             path = config_file(args.config, root, name, settings)
-            at = draw.uniform(0.05, 1.0) * total
-            simulate(path, kill_after=at)
-            ckpt = load_checkpoint(root / name)
-            done_at_kill = ckpt.round if ckpt else 0
+            after_rounds, wait = draw.randint(0, rounds), draw.uniform(0.0, 1.0) * total / (rounds + 1)
+            done_at_kill, finished = kill_after(path, root / name, after_rounds, wait)
             simulate(path)
             equal = torch.equal(torch.from_numpy(load_checkpoint(root / name).weights), torch.from_numpy(expected))
             matched += equal
-            print(f"kill {k + 1}: after {at:5.1f} s, {done_at_kill} rounds checkpointed; resumed weights equal: {equal}", flush=True)
+            where = "it had finished" if finished else f"{done_at_kill} rounds checkpointed"
+            print(f"kill {k + 1}: {wait:4.1f} s after round {after_rounds} was checkpointed ({where}); resumed weights equal: {equal}", flush=True)
         print(f"{matched} of {args.kills} resumed runs ended with weights torch.equal to the uninterrupted run")
 
 

@@ -2,10 +2,11 @@
 
 Runs a config once uninterrupted for reference, then `--kills` times: starts `fedward simulate`
 in its own process group, waits until a random number of rounds (0 to all) is checkpointed, then
-kills the group a random share of a round's time later (so kills land in start-up, rounds,
-checkpoint writes and the finishing stages alike, however fast the machine is), runs the same
-command again until it finishes, and checks the final weights are `torch.equal` to the
-reference's. Prints one line per kill point and the count that matched.
+kills the group up to one round's time later, so kills land in start-up, rounds, checkpoint
+writes and the finishing stage alike however fast the machine is (a draw that lands after the
+run ended is drawn again). It then runs the same command again until it finishes and checks the
+final weights are `torch.equal` to the reference's. Prints one line per kill and the count that
+matched.
 
     python benchmarks/resume_check.py configs/demo_ehr.yaml --kills 10
 """
@@ -13,9 +14,12 @@ reference's. Prints one line per kill point and the count that matched.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,19 +89,24 @@ def main() -> None:
         reference = config_file(args.config, root, "reference", settings)
         total = simulate(reference)
         expected = load_checkpoint(root / "reference").weights
-        rounds = len((root / "reference" / "metrics.jsonl").read_text().splitlines())
-        print(f"{args.config}: reference run {total:.1f} s, {rounds} rounds; killing at random points within it")
-        matched = 0
-        for k in range(args.kills):
+        records = [json.loads(line) for line in (root / "reference" / "metrics.jsonl").read_text().splitlines()]
+        rounds, round_seconds = len(records), statistics.mean(r["seconds"] for r in records)
+        print(f"{args.config}: reference run {total:.1f} s, {rounds} rounds of {round_seconds:.1f} s; killing at random points within it")
+        matched = k = 0
+        while k < args.kills:
             name = f"killed{k}"
             path = config_file(args.config, root, name, settings)
-            after_rounds, wait = draw.randint(0, rounds), draw.uniform(0.0, 1.0) * total / (rounds + 1)
+            after_rounds, wait = draw.randint(0, rounds), draw.uniform(0.0, 1.0) * round_seconds
             done_at_kill, finished = kill_after(path, root / name, after_rounds, wait)
+            if finished:  # it ended before the kill: not a kill point, draw another
+                shutil.rmtree(root / name)
+                continue
             simulate(path)
             equal = torch.equal(torch.from_numpy(load_checkpoint(root / name).weights), torch.from_numpy(expected))
             matched += equal
-            where = "it had finished" if finished else f"{done_at_kill} rounds checkpointed"
-            print(f"kill {k + 1}: {wait:4.1f} s after round {after_rounds} was checkpointed ({where}); resumed weights equal: {equal}", flush=True)
+            k += 1
+            print(f"kill {k}: {wait:4.1f} s after round {after_rounds} was checkpointed ({done_at_kill} rounds checkpointed at the kill); "
+                  f"resumed weights equal: {equal}", flush=True)
         print(f"{matched} of {args.kills} resumed runs ended with weights torch.equal to the uninterrupted run")
 
 

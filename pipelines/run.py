@@ -137,6 +137,7 @@ def start_ray(config: FedwardConfig, address: str | None) -> bool:
         # Simulated hospitals may ask for more CPUs than the machine has: they take turns.
         wanted = math.ceil(sum(h.cpus for h in config.hospitals))
         ray.init(
+            address="local",  # a new Ray of its own, even where `ray start` runs another on this machine
             num_cpus=max(os.cpu_count() or 2, wanted),
             resources={h.name: 1 for h in config.hospitals},
             include_dashboard=False,

@@ -64,6 +64,7 @@ def ray_session():
     import ray
 
     ray.init(
+        address="local",  # never another test's `ray start` cluster
         num_cpus=2,
         resources={h: 1 for h in (*HOSPITALS, "hospital_d")},
         include_dashboard=False,

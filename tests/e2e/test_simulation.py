@@ -195,5 +195,11 @@ def test_run_on_an_existing_cluster_with_hospitals_on_their_own_nodes(demo_data,
         assert done.returncode == 0, done.stderr[-2000:]
         assert "round 2 of 2 (finished)" in done.stdout
         assert [r["round"] for r in metrics(parse_config(raw).run_dir)] == [1, 2]
+        # The embedded default starts a Ray of its own beside the running cluster, not a client of it.
+        local = {**raw, "run": {**raw["run"], "name": "beside", "rounds": 1}, "explain": {"enabled": False}}
+        (tmp_path / "beside.yaml").write_text(yaml.safe_dump(local, sort_keys=False))
+        done = subprocess.run([sys.executable, "-m", "pipelines", "simulate", str(tmp_path / "beside.yaml"), "--no-progress"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
     finally:
         cluster.shutdown()

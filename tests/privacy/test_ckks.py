@@ -140,7 +140,10 @@ def test_nothing_the_driver_receives_correlates_with_an_update():
                 if n < 3:
                     continue
                 correlation = np.corrcoef(values[:n].astype(float), update.delta[:n].astype(float))[0, 1]
-                assert abs(correlation) < 4 / np.sqrt(n)
+                # Hundreds of checks on structured serializations (headers, padding): 6 standard
+                # errors keeps chance out (a 4.4 was seen once), while an update that leaked in any
+                # recoverable form would correlate near 1.
+                assert abs(correlation) < 6 / np.sqrt(n)
                 checked += 1
     assert checked > 30, checked  # offers, contexts, sealed keys and ciphertexts were all looked at
     [release] = [m for _, m in fed.received if isinstance(m, np.ndarray) and m.size == SIZE]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from data_adapters.tables import load_table
 from explain.local import LocalExplanation, explain_at_hospital
 from explain.report import write_hospital_report
 from explain.summary import ConsortiumExplanation, ExplanationSummary
-from fedward.config import FedwardConfig
-from fedward.errors import DataError, HospitalError
+from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
+from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
 from fedward import subgroups
 from fedward.seeds import derived_seed
@@ -41,6 +42,19 @@ from privacy import dp_fedavg, dp_sgd, ledger
 from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
 
+def data_folder(own: HospitalConfig) -> Path:
+    """The hospital's data folder on this node: as configured, or NAME under the node's data root."""
+    if own.data is not None:
+        return Path(own.data).expanduser()
+    root = os.environ.get(DATA_ROOT_ENV)
+    if not root:
+        raise DeploymentError(
+            f"{own.name}: hospitals.{own.name}.data is not set and this node has no {DATA_ROOT_ENV}; start the "
+            f"hospital's Ray node with {DATA_ROOT_ENV}=/its/data/root (holding the folder {own.name}) or set the data path"
+        )
+    return Path(root).expanduser() / own.name
+
+
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
 
 
@@ -50,10 +64,7 @@ class Hospital:
         runs that share a name never share or prune each other's state."""
         self.name = name
         self.config = config
-        own = config.hospital(name)
-        self.data_dir = Path(own.data).expanduser()
-        self.work_dir = Path(own.work_dir).expanduser() if own.work_dir else self.data_dir / ".fedward"
-        self.run_dir = self.work_dir / "runs" / run_id
+        self.run_id = run_id
         self.hook = build_hook(config, name, run_id)
         self.samples: Samples | None = None
         self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
@@ -69,14 +80,36 @@ class Hospital:
 
     # -- data -------------------------------------------------------------------------------------
 
+    @property
+    def data_dir(self) -> Path:
+        return data_folder(self.config.hospital(self.name))
+
+    @property
+    def work_dir(self) -> Path:
+        own = self.config.hospital(self.name)
+        return Path(own.work_dir).expanduser() if own.work_dir else self.data_dir / ".fedward"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work_dir / "runs" / self.run_id
+
+    def deployment_problem(self) -> str | None:
+        """What keeps this hospital from reading its data on this node, if anything."""
+        try:
+            folder = self.data_dir
+        except DeploymentError as e:
+            return str(e)
+        return None if folder.is_dir() else f"{self.name}: data folder {folder} does not exist on this node"
+
     def load(self, record: bool = True) -> DataCounts:
         """Read and check the data, split it by patient; only counts leave the hospital.
 
         With `record`, the data report and the split are written to the hospital's area; a later
         reader of a finished run (explain-patient) loads without rewriting them.
         """
-        if not self.data_dir.is_dir():
-            raise DataError(f"{self.name}: data folder {self.data_dir} does not exist on this node")
+        problem = self.deployment_problem()
+        if problem:
+            raise DeploymentError(problem)
         report = DataReport(self.name)
         data = self.config.data
         if data.kind == "table":

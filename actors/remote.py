@@ -12,7 +12,8 @@ import torch
 
 from actors.hospital import Hospital
 from fedward.config import FedwardConfig
-from fedward.errors import ConfigError
+from fedward.errors import DeploymentError
+from fedward.types import Placement
 
 
 class HospitalActor(Hospital):
@@ -21,20 +22,27 @@ class HospitalActor(Hospital):
         torch.set_num_threads(max(1, int(config.hospital(name).cpus)))
         super().__init__(name, config, run_id)
 
+    def placement(self) -> Placement:
+        return Placement(self.name, ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), self.deployment_problem())
+
 
 def check_placement(config: FedwardConfig) -> None:
     """Fail early when no node can host a hospital: Ray would otherwise wait forever."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     problems = []
     for h in config.hospitals:
-        offering = [r for r in nodes if r.get(h.name, 0) >= 1]
+        hosts = [n for n in nodes if n["Resources"].get(h.name, 0) >= 1]
+        offering = [n["Resources"] for n in hosts]
         if not offering:
             problems.append(f"{h.name}: no node offers its resource; start its node with --resources='{{\"{h.name}\": 1}}'")
+        elif len(hosts) > 1:
+            where = ", ".join(n["NodeManagerAddress"] for n in hosts)
+            problems.append(f"{h.name}: {len(hosts)} nodes offer its resource ({where}); only the node holding its data may")
         elif all(r.get("CPU", 0) < h.cpus for r in offering):
             most = max(r.get("CPU", 0) for r in offering)
             problems.append(f"{h.name}: asks for cpus={h.cpus} but its node has {most} CPUs; lower hospitals.{h.name}.cpus")
     if problems:
-        raise ConfigError("hospitals cannot be placed in this Ray cluster:\n  " + "\n  ".join(problems))
+        raise DeploymentError("hospitals cannot be placed in this Ray cluster:\n  " + "\n  ".join(problems))
 
 
 def start_hospital(config: FedwardConfig, name: str, run_id: str) -> ray.actor.ActorHandle:

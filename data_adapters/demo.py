@@ -16,7 +16,11 @@ model beat MAX_BEST_AUROC (0.92) at a site or pooled, which happens for a few se
 
 Sites differ the way real ones do: scanner (CT or CR, matrix size, manufacturer, bits stored, rescale
 slope/intercept, MONOCHROME1 with a VOI window, noise and texture), population (age, an assay reading
-high), missing lab values, and prevalence. Images and EHR rows are two separate cohorts.
+high), missing lab values, and prevalence. Images and EHR rows are two separate cohorts. Up to here
+every site's outcome follows the same model, so one well-fitted global model ranks every site's
+patients best. `renal_units` names sites where it does not (concept shift): a renal unit's patients
+are on dialysis, their creatinine chronically high, and there the lower it is the worse, so a
+personalized model should beat the global one.
 
 Everything derives from `seed`: numpy generators are seeded by (seed, hospital, stream) and DICOM UIDs
 are hashed from the same values, dates are fixed, so one seed gives byte-identical files (for given
@@ -66,6 +70,10 @@ _SEVERITY_SLOPE = 2.4
 _NODULE_MAX_RADIUS = 0.13  # in half-widths of the field of view
 _PATIENT_SHARE = 0.5  # share of an image's severity variance common to the patient's other images
 _EHR_SCALE = 1.65  # scales the EHR logit so the best AUROC sits near 0.88
+# Dialysis patients: creatinine about 2.7 times the usual, and a *low* value is the danger sign there
+# (it reflects lost muscle mass; the "creatinine paradox" of dialysis cohorts).
+_RENAL_CREATININE_LOG = 1.0
+_RENAL_CREATININE_RISK = -1.2
 _STUDY_EPOCH = dt.date(2023, 1, 2)
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _SMOKER_RISK = {"never": 0.0, "former": 0.35, "current": 0.9}
@@ -140,10 +148,12 @@ def write_demo_data(
     seed: int = 0,
     images_per_hospital: Sequence[int] | None = None,
     rows_per_hospital: Sequence[int] | None = None,
+    renal_units: Sequence[str] = (),
 ) -> dict:
     """Write `hospitals` synthetic hospitals under `out` and return the ground truth also saved as truth.json.
 
-    Counts default to 360, 120 and 420 images and 900, 700 and 1,200 EHR rows, repeated for more hospitals. `out` must be empty or absent.
+    Counts default to 360, 120 and 420 images and 900, 700 and 1,200 EHR rows, repeated for more hospitals.
+    The hospitals named in `renal_units` export EHR rows of dialysis patients. `out` must be empty or absent.
     """
     out = Path(out)
     _check_whole("hospitals", hospitals, 1, MAX_HOSPITALS)
@@ -154,8 +164,14 @@ def write_demo_data(
         raise ConfigError(f"out: {out} is a file or already holds files; give an empty or new folder")
 
     names = [f"hospital_{letter}" for letter in string.ascii_lowercase[:hospitals]]
+    unknown = sorted(set(renal_units) - set(names))
+    if unknown:
+        raise ConfigError(f"renal_units: {', '.join(map(str, unknown))} not among the hospitals {', '.join(names)}")
     image_cohorts = [_image_cohort(_rng(seed, site, "images"), site, n) for site, n in enumerate(image_counts)]
-    ehr_cohorts = [_ehr_cohort(_rng(seed, site, "ehr"), site, n) for site, n in enumerate(row_counts)]
+    ehr_cohorts = [
+        _ehr_cohort(_rng(seed, site, "ehr"), site, n, renal=name in renal_units)
+        for site, (name, n) in enumerate(zip(names, row_counts))
+    ]
     image_labels, ehr_labels = _draw_labels(image_cohorts), _draw_labels(ehr_cohorts)
     for site, name in enumerate(names):
         ids = _patient_ids(_rng(seed, site, "ids"), site, image_counts[site] + row_counts[site])
@@ -174,6 +190,7 @@ def write_demo_data(
             "label": {"column": "discharge_status", "positive_values": list(POSITIVE_STATUSES)},
             "driving_features": list(DRIVING_FEATURES),
             "noise_features": list(NOISE_FEATURES),
+            "renal_units": sorted(renal_units),
         },
     }
     (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
@@ -425,7 +442,7 @@ def _dataset(scanner: _Scanner, pixels: np.ndarray, visit: _Visit, sop_uid: str,
 # --- EHR ----------------------------------------------------------------------------------------
 
 
-def _ehr_cohort(rng: np.random.Generator, site: int, n: int) -> _Cohort:
+def _ehr_cohort(rng: np.random.Generator, site: int, n: int, renal: bool) -> _Cohort:
     """The site's patients as its EHR records them, and their true risk of ICU or death."""
     population = _POPULATIONS[site % len(_POPULATIONS)]
     age = np.clip(rng.normal(population.age_mean, 14, n), 18, 97).round()
@@ -434,7 +451,8 @@ def _ehr_cohort(rng: np.random.Generator, site: int, n: int) -> _Cohort:
     heart_rate = np.clip(rng.normal(80, 13, n), 40, 170).round()
     bmi = np.clip(rng.normal(27.5, 5, n), 15, 55)
     diabetes = rng.random(n) < expit(-1.9 + 0.035 * (age - 60) + 0.12 * (bmi - 27.5))
-    creatinine = np.exp(rng.normal(np.log(0.95) + 0.006 * (age - 60) + 0.15 * diabetes, 0.3))
+    dialysis = _RENAL_CREATININE_LOG if renal else 0.0
+    creatinine = np.exp(rng.normal(np.log(0.95) + dialysis + 0.006 * (age - 60) + 0.15 * diabetes, 0.3))
     glucose = np.exp(rng.normal(np.log(98) + 0.4 * diabetes, 0.15))
     hypertension = rng.random(n) < expit((systolic_bp - 140) / 8)
     smoker = rng.choice(tuple(_SMOKER_RISK), n, p=(0.5, 0.3, 0.2))
@@ -446,7 +464,7 @@ def _ehr_cohort(rng: np.random.Generator, site: int, n: int) -> _Cohort:
     # The outcome depends on the *true* creatinine; the site's assay bias only shifts what is recorded.
     logits = _EHR_SCALE * (
         0.045 * (age - 65)
-        + 1.6 * np.log(creatinine)
+        + (_RENAL_CREATININE_RISK if renal else 1.6) * np.log(creatinine)
         + 0.0012 * (systolic_bp - 125) ** 2  # both shock and crisis are dangerous
         + 0.05 * np.maximum(heart_rate - 90, 0)  # tachycardia only
         + 0.8 * diabetes

@@ -409,10 +409,18 @@ class SubgroupConfig:
         _need(self.min_count >= 1, "subgroups.min_count: must be at least 1")
 
 
+# On a cluster the shared config names no hospital's paths: each hospital machine starts its Ray
+# node with this variable, and the hospital's data is the folder named after it under that root.
+# An actor placed on another hospital's node would find no data there, rather than the wrong data.
+DATA_ROOT_ENV = "FEDWARD_DATA_ROOT"
+
+
 @dataclass(frozen=True, kw_only=True)
 class HospitalConfig:
     name: str
-    data: str  # the hospital's data folder, as seen on the node the hospital runs on
+    # The hospital's data folder, as seen on the node the hospital runs on; none: NAME under the
+    # folder its node's FEDWARD_DATA_ROOT names.
+    data: str | None = None
     work_dir: str | None = None  # its own area for caches, reports, state; default DATA/.fedward
     cpus: float = 0.5
     model: dict[str, Any] = field(default_factory=dict)  # per-hospital model options

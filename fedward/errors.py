@@ -17,6 +17,10 @@ class DataError(FedwardError):
     """A hospital's data cannot be used as configured (missing folder, too few samples, ...)."""
 
 
+class DeploymentError(FedwardError):
+    """The cluster does not hold what the run needs where it needs it (a hospital's node or its data)."""
+
+
 class HospitalError(FedwardError):
     """A hospital failed while doing its part of a round."""
 

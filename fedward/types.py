@@ -119,3 +119,13 @@ class DataCounts:
     skipped: dict[str, int]  # reason -> count
     fingerprint: str  # hash of the content hashes of the usable inputs, for the audit manifest
     split_fingerprint: str  # hash of the held-out sample ids: shows the split, reveals no sample
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a hospital's actor runs, and what keeps it from its data there (None: nothing)."""
+
+    hospital: str
+    node_id: str
+    node_ip: str
+    problem: str | None

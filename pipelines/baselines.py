@@ -87,9 +87,10 @@ def compare(config: FedwardConfig) -> dict:
 def format_comparison(config: FedwardConfig, result: dict) -> str:
     """The demo's table: federated beside central and local-only, per hospital and pooled."""
     names = sorted(result["federated"]["per_hospital"])
-    truth = Path(config.hospitals[0].data).expanduser().parent / "truth.json"
+    data = config.hospitals[0].data
+    truth = Path(data).expanduser().parent / "truth.json" if data else None
     best = ""
-    if truth.is_file():
+    if truth is not None and truth.is_file():
         task = "ehr" if config.data.kind == "table" else "images"
         best = f" (best achievable on all data: {json.loads(truth.read_text())[task]['best_auroc']['pooled']:.3f})"
     rows = [

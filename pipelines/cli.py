@@ -12,23 +12,38 @@ from fedward.errors import FedwardError
 def _demo_data(args) -> None:
     from data_adapters.demo import write_demo_data
 
-    truth = write_demo_data(Path(args.out), hospitals=args.hospitals, seed=args.seed)
+    truth = write_demo_data(Path(args.out), hospitals=args.hospitals, seed=args.seed, renal_units=args.renal_unit)
     print(f"wrote {len(truth['hospitals'])} demo hospitals to {args.out}")
     for task in ("images", "ehr"):
         print(f"  {task}: best achievable AUROC (pooled) {truth[task]['best_auroc']['pooled']:.3f}")
 
 
-def _simulate(args, address: str | None = None) -> None:
+def _simulate(args) -> None:
     from fedward.config import load_config
-    from pipelines.run import Pipeline
+
+    _start(load_config(args.config, args.set), args, address=None)
+
+
+def _run(args) -> None:
+    from fedward.config import load_config
+    from pipelines.submit import require_cluster_paths
 
     config = load_config(args.config, args.set)
+    require_cluster_paths(config)
+    _start(config, args, address=args.address)
+
+
+def _start(config, args, address: str | None) -> None:
+    from pipelines.run import Pipeline
+
     Pipeline(config, address=address, progress=not args.no_progress).run()
     _print_status(config.run_dir)
 
 
-def _run(args) -> None:
-    _simulate(args, address=args.address)
+def _submit(args) -> None:
+    from pipelines.submit import submit
+
+    print(f"job {submit(Path(args.config), args.address, args.set, follow=not args.no_follow)}")
 
 
 def _print_status(run_dir: Path) -> None:
@@ -46,6 +61,17 @@ def _compare(args) -> None:
     result = compare(config)
     atomic_write_json(config.run_dir / "baselines.json", result)
     print(format_comparison(config, result))
+
+
+def _certs(args) -> None:
+    from fedward.certificates import write_certificates
+
+    nodes = {}
+    for given in args.node:
+        name, _, addresses = given.partition("=")
+        nodes[name] = [a for a in addresses.split(",") if a]
+    for path in write_certificates(Path(args.out), nodes):
+        print(f"wrote {path}")
 
 
 def _report(args) -> None:
@@ -82,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write the hospitals into")
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--renal-unit", action="append", default=[], metavar="HOSPITAL",
+        help="make HOSPITAL's EHR cohort dialysis patients, whose outcome depends on creatinine unlike elsewhere (repeatable)",
+    )
     p.set_defaults(func=_demo_data)
 
     p = sub.add_parser("simulate", help="run CONFIG as a local simulation on an embedded Ray")
@@ -96,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _settings(p)
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("submit", help="submit CONFIG as a Ray job to a cluster and follow its logs")
+    p.add_argument("config", help="a config inside this project folder, which the job ships as its working directory")
+    p.add_argument("--address", default="http://127.0.0.1:8265", help="the cluster's dashboard (default: http://127.0.0.1:8265)")
+    p.add_argument("--no-follow", action="store_true", help="return once submitted")
+    _settings(p)
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("certs", help="write TLS certificates for a consortium's Ray cluster: an authority and one per machine")
+    p.add_argument("--out", required=True, help="folder for ca.crt, ca.key and NAME.crt, NAME.key; an authority already there signs")
+    p.add_argument("--node", action="append", default=[], metavar="NAME=ADDRESS[,ADDRESS...]",
+                   help="a machine and the addresses (IPs or host names) others reach it at (repeatable)")
+    p.set_defaults(func=_certs)
 
     p = sub.add_parser("status", help="show where a run directory stands")
     p.add_argument("run_dir")

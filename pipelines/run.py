@@ -33,7 +33,7 @@ from explain.aggregate import merge
 from explain.attribution import unsupported_layers
 from explain.summary import to_jsonable
 from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
-from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, FedwardError, HospitalError, QuorumError
+from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, FedwardError, HospitalError, QuorumError
 from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
@@ -196,6 +196,7 @@ class Pipeline:
             check_placement(self.config)
             at_hospitals = self.config.with_paths_from(Path.cwd())
             self.hospitals = {h.name: start_hospital(at_hospitals, h.name, self.run_id) for h in self.config.hospitals}
+            self._check_deployment()
             counts = self._validate(resuming=ckpt is not None)
             self.preprocessing = self._harmonize(sorted(counts))
             shapes, failures = gather(
@@ -251,6 +252,16 @@ class Pipeline:
         else:
             atomic_write_json(identity, {"config_hash": self.digest, "identity": config_identity(self.config)})
         self._check_space("before starting")
+
+    def _check_deployment(self) -> None:
+        """Each hospital's actor must have come up with its data folder on its node: a deployment
+        mistake stops the run here, before any data is read, rather than leaving a hospital out."""
+        placements, failures = gather({n: a.placement.remote() for n, a in self.hospitals.items()}, self.config.run.data_timeout_s)
+        problems = {**failures, **{n: p.problem for n, p in placements.items() if p.problem}}
+        if problems:
+            lines = "\n".join(f"  - {name}: {why}" for name, why in sorted(problems.items()))
+            raise DeploymentError(f"hospitals cannot work where they run:\n{lines}")
+        atomic_write_json(self.run_dir / "placement.json", {n: {"node_id": p.node_id, "node_ip": p.node_ip} for n, p in sorted(placements.items())})
 
     def _validate(self, resuming: bool) -> dict[str, DataCounts]:
         counts, failures = gather({n: a.load.remote() for n, a in self.hospitals.items()}, self.config.run.data_timeout_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from actors.hospital import Hospital
 from data_adapters.harmonize import merge_summaries
 from fedward.config import parse_config
-from fedward.errors import DataError
+from fedward.errors import DataError, DeploymentError
 from fedward.types import RoundPlan
 from models.flat import flatten
 from models.networks import build_model
@@ -60,7 +61,7 @@ def test_an_image_hospital_splits_by_patient(demo_data, tmp_path):
 def test_missing_folder_and_too_few_samples_are_refused_with_the_reason(demo_data, tmp_path):
     raw = ehr_config(demo_data, tmp_path)
     raw["hospitals"][0]["data"] = str(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="nowhere does not exist"):
+    with pytest.raises(DeploymentError, match="nowhere does not exist on this node"):
         Hospital("hospital_a", parse_config(raw), "ehr-1").load()
 
     small = tmp_path / "small"
@@ -70,6 +71,27 @@ def test_missing_folder_and_too_few_samples_are_refused_with_the_reason(demo_dat
     raw["hospitals"][0]["data"] = str(small)
     with pytest.raises(DataError, match=r"30 usable samples .* data.min_samples=50"):
         Hospital("hospital_a", parse_config(raw), "ehr-1").load()
+
+
+def test_without_a_configured_path_a_hospital_reads_its_folder_under_its_nodes_data_root(demo_data, tmp_path, monkeypatch):
+    raw = ehr_config(demo_data, tmp_path)
+    del raw["hospitals"][1]["data"], raw["hospitals"][1]["work_dir"]
+    hospital = Hospital("hospital_b", parse_config(raw), "ehr-1")
+    monkeypatch.delenv("FEDWARD_DATA_ROOT", raising=False)
+    assert "this node has no FEDWARD_DATA_ROOT" in hospital.deployment_problem()
+    with pytest.raises(DeploymentError, match="hospitals.hospital_b.data is not set"):
+        hospital.load()
+
+    monkeypatch.setenv("FEDWARD_DATA_ROOT", str(tmp_path / "other_site"))  # another machine's root: no hospital_b there
+    assert hospital.deployment_problem() == f"hospital_b: data folder {tmp_path / 'other_site' / 'hospital_b'} does not exist on this node"
+    root = tmp_path / "site_b"
+    (root / "hospital_b").mkdir(parents=True)
+    shutil.copy(demo_data / "hospital_b" / "ehr.csv", root / "hospital_b")
+    monkeypatch.setenv("FEDWARD_DATA_ROOT", str(root))
+    assert hospital.deployment_problem() is None
+    counts = hospital.load()
+    assert counts.train_examples + counts.holdout_examples == 700
+    assert (root / "hospital_b" / ".fedward" / "runs" / "ehr-1" / "data_report.json").is_file()
 
 
 def test_a_hospital_under_dp_sgd_reports_its_steps_and_refuses_to_train_past_its_own_budget(demo_data, tmp_path):

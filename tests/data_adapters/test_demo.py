@@ -14,6 +14,7 @@ import pyarrow.csv as pacsv
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
+from sklearn.linear_model import LogisticRegression
 
 from data_adapters.demo import write_demo_data
 from fedward.errors import ConfigError
@@ -195,6 +196,30 @@ def test_ehr_noise_columns_are_independent_of_the_outcome_and_drivers_are_not(de
     assert corr(numbers("creatinine")) > 0.15
 
 
+def test_a_renal_unit_reverses_what_creatinine_says_and_only_there(tmp_path):
+    counts = dict(images_per_hospital=(20, 20), rows_per_hospital=(1500, 1500))
+    plain = write_demo_data(tmp_path / "plain", hospitals=2, **counts)
+    truth = write_demo_data(tmp_path / "renal", hospitals=2, renal_units=["hospital_b"], **counts)
+    assert (plain["ehr"]["renal_units"], truth["ehr"]["renal_units"]) == ([], ["hospital_b"])
+
+    def creatinine_effect(name: str) -> tuple[float, float]:
+        """Median creatinine, and its coefficient in a logistic model that also sees age and diabetes."""
+        table = pacsv.read_csv(tmp_path / "renal" / name / "ehr.csv").filter(pc.is_valid(pc.field("creatinine")))
+        y = pc.is_in(table.column("discharge_status"), value_set=pa.array(["icu", "died"])).to_numpy(zero_copy_only=False)
+        creatinine = table.column("creatinine").to_numpy()
+        x = np.column_stack([np.log(creatinine), table.column("age").to_numpy(), table.column("diabetes").to_numpy(zero_copy_only=False)])
+        fitted = LogisticRegression(max_iter=1000).fit((x - x.mean(0)) / x.std(0), y)
+        return float(np.median(creatinine)), float(fitted.coef_[0][0])
+
+    usual, usual_effect = creatinine_effect("hospital_a")
+    dialysis, dialysis_effect = creatinine_effect("hospital_b")
+    assert dialysis > 2 * usual
+    assert usual_effect > 0.3 and dialysis_effect < -0.1
+    # The other site and every image are as without a renal unit.
+    assert (tmp_path / "plain/hospital_a/ehr.csv").read_bytes() == (tmp_path / "renal/hospital_a/ehr.csv").read_bytes()
+    assert (tmp_path / "plain/hospital_b/labels.csv").read_bytes() == (tmp_path / "renal/hospital_b/labels.csv").read_bytes()
+
+
 def test_more_than_three_hospitals_reuse_the_site_profiles(tmp_path):
     counts = dict(images_per_hospital=[20] * 4, rows_per_hospital=[20] * 4)
     truth = write_demo_data(tmp_path / "four", hospitals=4, **counts)
@@ -215,6 +240,7 @@ def test_more_than_three_hospitals_reuse_the_site_profiles(tmp_path):
         (dict(hospitals=2, images_per_hospital=(40, 19)), "images_per_hospital"),
         (dict(hospitals=2, rows_per_hospital=(80,)), "rows_per_hospital"),
         (dict(hospitals=2, rows_per_hospital=(80, 10)), "rows_per_hospital"),
+        (dict(hospitals=2, renal_units=["hospital_c"]), "renal_units"),
     ],
 )
 def test_bad_arguments_raise_config_error_naming_the_argument(tmp_path, arguments, named):

@@ -12,6 +12,7 @@ import pytest
 import ray
 
 from fedward.config import parse_config
+from fedward.errors import DeploymentError
 from pipelines.run import Pipeline
 from tests.conftest import ehr_config
 
@@ -86,3 +87,13 @@ def test_a_straggler_s_late_update_counts_weighed_down_in_the_round_it_arrives(r
     for r in records:  # while its update is on the way, it is not asked again
         assert "hospital_a" not in r["participants"] or "hospital_a" in r["late"]
     assert records[-1]["pooled"]["auroc"] >= 0.75
+
+
+def test_a_hospital_whose_data_folder_is_missing_on_its_node_stops_the_run_before_any_read(ray_session, demo_data, tmp_path):
+    raw = {**ehr_config(demo_data, tmp_path, name="misplaced", rounds=2), "explain": {"enabled": False}}
+    raw["hospitals"][2]["data"] = str(tmp_path / "not_on_this_node")
+    pipeline = Pipeline(parse_config(raw), progress=False, log=lambda _: None)
+    with pytest.raises(DeploymentError, match=r"hospitals cannot work where they run:\n  - hospital_c: .*not_on_this_node does not exist on this node"):
+        pipeline.run()
+    assert not (pipeline.run_dir / "data.json").exists() and not (pipeline.run_dir / "placement.json").exists()
+    assert not list((tmp_path / "sites").rglob("data_report.json"))  # no hospital read its data

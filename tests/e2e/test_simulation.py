@@ -175,31 +175,3 @@ def test_driver_killed_mid_round_resumes_to_identical_weights(ray_session, demo_
     assert torch.equal(torch.from_numpy(resumed), torch.from_numpy(expected))
     assert torch.equal(torch.from_numpy(load_checkpoint(killed.run_dir).weights), torch.from_numpy(expected))
     assert [r["round"] for r in metrics(killed.run_dir)] == list(range(1, rounds + 1))
-
-
-def test_run_on_an_existing_cluster_with_hospitals_on_their_own_nodes(demo_data, tmp_path):
-    """`fedward run --address` against a separately started Ray: a head and one node per hospital."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "object_store_memory": 200 * 1024**2})
-    try:
-        for name in ("hospital_a", "hospital_b", "hospital_c"):
-            cluster.add_node(num_cpus=1, resources={name: 1}, object_store_memory=100 * 1024**2)
-        raw = ehr_config(demo_data, tmp_path, name="cluster", rounds=2)
-        config_file = tmp_path / "cluster.yaml"
-        config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-        done = subprocess.run(
-            [sys.executable, "-m", "pipelines", "run", str(config_file), "--address", cluster.address, "--no-progress"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert "round 2 of 2 (finished)" in done.stdout
-        assert [r["round"] for r in metrics(parse_config(raw).run_dir)] == [1, 2]
-        # The embedded default starts a Ray of its own beside the running cluster, not a client of it.
-        local = {**raw, "run": {**raw["run"], "name": "beside", "rounds": 1}, "explain": {"enabled": False}}
-        (tmp_path / "beside.yaml").write_text(yaml.safe_dump(local, sort_keys=False))
-        done = subprocess.run([sys.executable, "-m", "pipelines", "simulate", str(tmp_path / "beside.yaml"), "--no-progress"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    finally:
-        cluster.shutdown()

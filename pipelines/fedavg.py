@@ -16,4 +16,6 @@ class FedAvg(Strategy):
     def aggregate(self, round: int, current: np.ndarray, updates: Sequence[Update], failures: Mapping[str, str]) -> np.ndarray | None:
         if not updates:
             return None
-        return (current.astype(np.float64) + self.combine(updates)).astype(np.float32)
+        change = self.combine(updates)
+        change += current  # in the change's own float64 buffer: no third full-size array
+        return change.astype(np.float32)

@@ -215,7 +215,7 @@ class Hospital:
             update = aggregation.bounded(update, bound, layout.size)
         update = attacks.tampered(self.config.attack, update, plan.seed)  # a hostile hospital skips the bound
         if self.config.privacy.dp_fedavg.enabled:
-            update = dp_fedavg.clip(update, self.config.privacy.dp_fedavg.clip_norm)
+            update = aggregation.bounded(update, self.config.privacy.dp_fedavg.clip_norm, layout.size)
             if not self.hook.reveals_individual_updates:
                 shares = dp_fedavg.noise_shares(self.config, self.hook.contributors_agreed(plan.round))
                 update = dp_fedavg.add_noise_share(update, self.config, shares)

@@ -120,6 +120,11 @@ class DataCounts:
     fingerprint: str  # hash of the content hashes of the usable inputs, for the audit manifest
     split_fingerprint: str  # hash of the held-out sample ids: shows the split, reveals no sample
 
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        """What must not change for a run to go on with this data: its content and its split."""
+        return {"fingerprint": self.fingerprint, "split_fingerprint": self.split_fingerprint}
+
 
 @dataclass(frozen=True)
 class Placement:

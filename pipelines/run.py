@@ -280,11 +280,11 @@ class Pipeline:
     def _check_same_data(self, before: dict[str, dict], now: dict[str, DataCounts], resuming: bool) -> None:
         """A run continues only on the data it began with: same content, same split."""
         changed = [
-            f"{name}: {field} {before[name][field][:12]} -> {getattr(c, field)[:12]}"
+            f"{name}: {field} {before[name][field][:12]} -> {value[:12]}"
             for name, c in sorted(now.items())
             if name in before
-            for field in ("fingerprint", "split_fingerprint")
-            if before[name][field] != getattr(c, field)
+            for field, value in c.fingerprints.items()
+            if before[name][field] != value
         ]
         if changed:
             raise CheckpointError(
@@ -418,7 +418,7 @@ class Pipeline:
             except ray.exceptions.RayError as e:
                 failures[h] = f"its late update of round {sent_in} failed: {type(e).__name__}"
                 continue
-            why = admission.problem(sent_in, h, update, self.expected[h], self.hook.form, self._examples()[h])
+            why = admission.problem(sent_in, h, update, self.expected[h], self.hook.form, self.counts[h].train_examples)
             if why is not None:
                 failures[h] = f"its late update of round {sent_in} was {why}"
                 continue
@@ -439,7 +439,7 @@ class Pipeline:
         shape = trusted.prepare(self.preprocessing, self.strategy.personal_keys())
         if shape != self.input_shape:
             raise DataError(f"robust.trusted_data: its inputs have shape {shape}, the hospitals' {self.input_shape}")
-        saved, now = self.run_dir / "trusted.json", {"fingerprint": counts.fingerprint, "split_fingerprint": counts.split_fingerprint}
+        saved, now = self.run_dir / "trusted.json", counts.fingerprints
         if saved.is_file() and json.loads(saved.read_text()) != now:
             raise CheckpointError(f"robust.trusted_data: {cfg.robust.trusted_data} changed since the run began; restore it or start a new run")
         atomic_write_json(saved, now)
@@ -460,7 +460,7 @@ class Pipeline:
         if not fresh:
             return []
         counts, failures = gather({h: self.hospitals[h].load.remote(False) for h in fresh}, cfg.run.data_timeout_s)
-        same = [h for h, c in counts.items() if (c.fingerprint, c.split_fingerprint) == (self.counts[h].fingerprint, self.counts[h].split_fingerprint)]
+        same = [h for h, c in counts.items() if c.fingerprints == self.counts[h].fingerprints]
         failures.update({h: "its data changed since the run began" for h in counts if h not in same})
         prepared, more = gather({h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys()) for h in same}, timeout)
         failures.update(more)

@@ -47,13 +47,6 @@ def round_steps(config: FedwardConfig) -> GaussianSteps:
     return GaussianSteps(noise_multiplier=noise_multiplier(config), sample_rate=1.0, steps=1)
 
 
-def clip(update: Update, clip_norm: float) -> Update:
-    norm = float(np.linalg.norm(update.delta.astype(np.float64)))
-    if norm <= clip_norm:
-        return update
-    return dataclasses.replace(update, delta=(update.delta * (clip_norm / norm)).astype(np.float32))
-
-
 def _gaussian(size: int, std: float) -> np.ndarray:
     return np.random.default_rng().normal(0.0, std, size)  # seeded from OS entropy
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipelines import aggregation
 from privacy import dp_fedavg
 from privacy.hooks import AGGREGATE
 from tests.privacy.federation import config_with, random_updates
@@ -13,10 +14,10 @@ from tests.privacy.federation import config_with, random_updates
 def test_clipping_bounds_the_norm_and_leaves_small_updates_alone():
     config = config_with({"dp_fedavg": {"enabled": True, "noise_multiplier": 1.0, "clip_norm": 0.5}}, 3)
     updates = random_updates(config, 1, 1000, scale=1.0)
-    clipped = dp_fedavg.clip(updates["h0"], 0.5)
+    clipped = aggregation.bounded(updates["h0"], 0.5, 1000)  # the clip a hospital applies under dp_fedavg
     assert np.linalg.norm(clipped.delta) == pytest.approx(0.5, rel=1e-5)
     assert np.allclose(clipped.delta / np.linalg.norm(clipped.delta), updates["h0"].delta / np.linalg.norm(updates["h0"].delta), atol=1e-6)
-    small = dp_fedavg.clip(updates["h1"], 1e6)
+    small = aggregation.bounded(updates["h1"], 1e6, 1000)
     assert small is updates["h1"]
     assert dp_fedavg.aggregation_weight(config, 500) == 1.0  # every hospital counts once
 

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -82,7 +84,8 @@ def main() -> None:
           f"mean over seeds {args.seeds}; 'worst/seed' is the worst hospital's AUROC per seed, mean ± sd over seeds; "
           f"'vs local-only' and 'vs fedavg' are the paired differences of that per seed")
     print(f"{'':<17}" + "".join(f"{h:>12}" for h in hospitals) + f"{'worst':>8}{'mean':>8}{'worst/seed':>16}{'vs local-only':>18}{'vs fedavg':>18}")
-    worst = {name: [min(columns[name].get(h, float("nan")) for h in hospitals) for columns in by_seed] for name in by_seed[0]}
+    # A hospital missing from a run (it did not join) does not count as its worst.
+    worst = {name: [float(np.nanmin([columns[name].get(h, np.nan) for h in hospitals])) for columns in by_seed] for name in by_seed[0]}
     for name in by_seed[0]:
         row = [statistics.mean(columns[name].get(h, float("nan")) for columns in by_seed) for h in hospitals]
         paired = [_spread(worst[name])]
@@ -95,6 +98,7 @@ def main() -> None:
 def _spread(values: list[float], signed: bool = False) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):{'+' if signed else ''}.3f} ± {sd:.3f}"
+
 
 if __name__ == "__main__":
     main()

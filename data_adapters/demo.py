@@ -164,6 +164,8 @@ def write_demo_data(
         raise ConfigError(f"out: {out} is a file or already holds files; give an empty or new folder")
 
     names = [f"hospital_{letter}" for letter in string.ascii_lowercase[:hospitals]]
+    if isinstance(renal_units, str):
+        raise ConfigError(f"renal_units: expected a list of hospital names, got the string {renal_units!r}")
     unknown = sorted(set(renal_units) - set(names))
     if unknown:
         raise ConfigError(f"renal_units: {', '.join(map(str, unknown))} not among the hospitals {', '.join(names)}")

@@ -9,8 +9,10 @@ given as a loopback address also gets its interface addresses and host name.
     fedward certs --out certs --node head=10.0.0.10 --node hospital_a=10.0.0.11,a.example.org
 
 writes certs/ca.crt and certs/ca.key (the authority: keep the key off the cluster), and
-certs/head.crt, certs/head.key, ... for each machine. Run again with the same --out to add a
-machine under the same authority.
+certs/head.crt, certs/head.key, ... for each machine. Run again with the same --out (holding the
+authority's key) to add a machine, or to renew one whose certificate nears its end (NODE_DAYS):
+remove its two files first. A loopback address brings in the interfaces of the machine this runs
+on, so give a remote machine its real addresses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,8 +33,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedward.errors import ConfigError
 
 CA_DAYS = 5 * 365
-NODE_DAYS = 397  # the longest that TLS clients broadly accept for a leaf certificate
+NODE_DAYS = 365  # renewed yearly: a node whose certificate lapses drops out of the cluster's TLS
 CA_NAME = "fedward consortium CA"
+# A host name: dot-separated labels of letters, digits and inner hyphens.
+HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
 
 
 def write_certificates(out: Path, nodes: Mapping[str, Sequence[str]]) -> list[Path]:
@@ -41,13 +46,18 @@ def write_certificates(out: Path, nodes: Mapping[str, Sequence[str]]) -> list[Pa
     if not nodes:
         raise ConfigError("--node: name at least one machine, as NAME=ADDRESS[,ADDRESS...]")
     for name, addresses in nodes.items():
-        if not name or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"--node: {name!r} is not a usable file name; use letters, digits, '-' or '_'")
+        if not name or not name.replace("_", "").replace("-", "").isalnum() or name == "ca":
+            raise ConfigError(f"--node: {name!r} is not a usable machine name; use letters, digits, '-' or '_' (not 'ca')")
         if not addresses:
             raise ConfigError(f"--node {name}: give the addresses other machines reach it at")
+        for address in addresses:
+            if not _is_ip(address) and not HOST_NAME.match(address):
+                raise ConfigError(f"--node {name}: {address!r} is neither an IP address nor a host name (no ports, no spaces)")
         taken = [p for p in (out / f"{name}.crt", out / f"{name}.key") if p.exists()]
         if taken:
             raise ConfigError(f"--node {name}: {taken[0]} exists; remove it to issue a new certificate")
+    if (out / "ca.crt").exists() and not (out / "ca.key").exists():
+        raise ConfigError(f"{out}: ca.crt is there without ca.key; bring the authority's key back to sign with it (a new authority would not be trusted by the cluster)")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if (out / "ca.key").exists():
@@ -81,11 +91,16 @@ def _names_for(addresses: Sequence[str]) -> list[x509.GeneralName]:
         wanted += ["localhost", socket.gethostname(), *interface_addresses()]
     names: list[x509.GeneralName] = []
     for address in dict.fromkeys(wanted):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(address)))
-        except ValueError:
-            names.append(x509.DNSName(address))
+        names.append(x509.IPAddress(ipaddress.ip_address(address)) if _is_ip(address) else x509.DNSName(address))
     return names
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(address: str) -> bool:
@@ -121,13 +136,21 @@ def _load_authority(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifi
         cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{out}: ca.key and ca.crt must be the authority this command wrote ({e})") from None
-    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         raise ConfigError(f"{out}: ca.key does not belong to ca.crt")
+    try:
+        is_authority = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_authority = False
+    if not is_authority:
+        raise ConfigError(f"{out}: ca.crt is not a certificate authority's")
     return key, cert
 
 
 def _node_certificate(name: str, alt_names, key, ca_key, ca_cert: x509.Certificate) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
+    ends = min(now + dt.timedelta(days=NODE_DAYS), ca_cert.not_valid_after_utc)  # never past its authority
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -135,9 +158,11 @@ def _node_certificate(name: str, alt_names, key, ca_key, ca_cert: x509.Certifica
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=NODE_DAYS))
+        .not_valid_after(ends)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         # Every Ray process is both a gRPC server and a client of the others.
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)

@@ -156,6 +156,9 @@ def _own_view(metrics: list[dict], hospital: str) -> list[dict]:
 class Pipeline:
     def __init__(self, config: FedwardConfig, *, address: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None):
         self.config = config
+        # Relative paths are read from where the run was started. Taken now: in a Ray job, connecting
+        # to the cluster may unpack the job's working directory afresh, under this process's feet.
+        self.started_in = Path.cwd()
         self.address = address
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -194,10 +197,10 @@ class Pipeline:
         started = start_ray(self.config, self.address)
         try:
             check_placement(self.config)
-            at_hospitals = self.config.with_paths_from(Path.cwd())
+            at_hospitals = self.config.with_paths_from(self.started_in)
             self.hospitals = {h.name: start_hospital(at_hospitals, h.name, self.run_id) for h in self.config.hospitals}
-            self._check_deployment()
-            counts = self._validate(resuming=ckpt is not None)
+            unplaced = self._check_deployment()
+            counts = self._validate(resuming=ckpt is not None, unplaced=unplaced)
             self.preprocessing = self._harmonize(sorted(counts))
             shapes, failures = gather(
                 {h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys()) for h in counts},
@@ -253,18 +256,22 @@ class Pipeline:
             atomic_write_json(identity, {"config_hash": self.digest, "identity": config_identity(self.config)})
         self._check_space("before starting")
 
-    def _check_deployment(self) -> None:
+    def _check_deployment(self) -> dict[str, str]:
         """Each hospital's actor must have come up with its data folder on its node: a deployment
-        mistake stops the run here, before any data is read, rather than leaving a hospital out."""
+        mistake stops the run here, before any data is read, rather than leaving a hospital out.
+        A hospital that does not answer in time is only left out; returns why, per hospital."""
         placements, failures = gather({n: a.placement.remote() for n, a in self.hospitals.items()}, self.config.run.data_timeout_s)
-        problems = {**failures, **{n: p.problem for n, p in placements.items() if p.problem}}
+        problems = {n: p.problem for n, p in placements.items() if p.problem}
         if problems:
             lines = "\n".join(f"  - {name}: {why}" for name, why in sorted(problems.items()))
             raise DeploymentError(f"hospitals cannot work where they run:\n{lines}")
         atomic_write_json(self.run_dir / "placement.json", {n: {"node_id": p.node_id, "node_ip": p.node_ip} for n, p in sorted(placements.items())})
+        return failures
 
-    def _validate(self, resuming: bool) -> dict[str, DataCounts]:
-        counts, failures = gather({n: a.load.remote() for n, a in self.hospitals.items()}, self.config.run.data_timeout_s)
+    def _validate(self, resuming: bool, unplaced: Mapping[str, str]) -> dict[str, DataCounts]:
+        present = {n: a for n, a in self.hospitals.items() if n not in unplaced}
+        counts, failures = gather({n: a.load.remote() for n, a in present.items()}, self.config.run.data_timeout_s)
+        failures.update(unplaced)
         for name, why in sorted(failures.items()):
             self.log(f"hospital {name} does not join: {why}")
         path = self.run_dir / "data.json"
@@ -430,7 +437,7 @@ class Pipeline:
         process exactly as a hospital's is."""
         cfg = self.config
         root = HospitalConfig(name=TRUSTED, data=cfg.robust.trusted_data, work_dir=str(self.run_dir / TRUSTED))
-        config = dataclasses.replace(cfg, hospitals=(*cfg.hospitals, root)).with_paths_from(Path.cwd())
+        config = dataclasses.replace(cfg, hospitals=(*cfg.hospitals, root)).with_paths_from(self.started_in)
         trusted = Hospital(TRUSTED, config, self.run_id)
         try:
             counts = trusted.load()

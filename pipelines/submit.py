@@ -9,6 +9,7 @@ submitted again resumes it), and each hospital's data on its own node (FEDWARD_D
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -17,23 +18,29 @@ from fedward.config import FedwardConfig, load_config
 from fedward.errors import ConfigError, DeploymentError
 
 PROJECT = Path(__file__).resolve().parents[1]  # shipped as the job's working directory
-# Never shipped: environments, data and results are the machines' own, and big.
-NOT_SHIPPED = [".venv", ".git", "runs", "demo-data", "*.egg-info", "__pycache__", ".pytest_cache"]
+# Never shipped: environments, data and results are the machines' own, and big; secrets must not
+# be copied to every node that runs the job.
+NOT_SHIPPED = [".venv", ".git", "runs", "demo-data", "*.egg-info", "__pycache__", ".pytest_cache", "*.key", "auth_token"]
+FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def require_cluster_paths(config: FedwardConfig) -> None:
-    """Refuse paths that cannot mean the same thing on every machine of a cluster."""
-    if not Path(config.run.root).expanduser().is_absolute():
-        raise ConfigError(
-            f"run.root: {config.run.root!r} is relative; on a cluster give an absolute folder on the head node "
-            f"(a submitted job runs in a temporary copy of the project, and a job submitted again must find the run)"
-        )
-    relative = [h for h in config.hospitals if h.data is not None and not Path(h.data).expanduser().is_absolute()]
-    if relative:
-        raise ConfigError(
-            f"hospitals.{relative[0].name}.data: {relative[0].data!r} is relative, which means nothing on another machine; "
-            f"leave data out and start each hospital's node with FEDWARD_DATA_ROOT, or give an absolute path"
-        )
+    """Refuse paths that cannot mean the same thing on every machine of a cluster: relative ones
+    (read against the job's temporary copy) and ~ (expanded for the head's user, not the node's)."""
+    paths = {"run.root": config.run.root}
+    for h in config.hospitals:
+        paths[f"hospitals.{h.name}.data"] = h.data
+        paths[f"hospitals.{h.name}.work_dir"] = h.work_dir
+    paths.update({"robust.trusted_data": config.robust.trusted_data, "explain.truth": config.explain.truth})
+    for field, path in paths.items():
+        if path is not None and not Path(path).is_absolute():
+            if field == "run.root":
+                hint = "an absolute folder on the head node (a job runs in a temporary copy of the project, and a job submitted again must find the run)"
+            elif field.endswith(".data"):
+                hint = "none at all (its node's FEDWARD_DATA_ROOT then says where the hospital's data is), or an absolute path"
+            else:
+                hint = "an absolute path"
+            raise ConfigError(f"{field}: {path!r} is not an absolute path, which means nothing on another machine; give {hint}")
 
 
 def entrypoint(config_path: Path, settings: list[str]) -> str:
@@ -48,30 +55,52 @@ def entrypoint(config_path: Path, settings: list[str]) -> str:
     return shlex.join(words)
 
 
+def pem_files() -> list[Path]:
+    """PEM files in the project: they may hold private keys, which the excludes (*.key) would not
+    catch and a job would copy to every node."""
+    found = []
+    for folder, subfolders, files in os.walk(PROJECT):
+        subfolders[:] = [d for d in subfolders if d not in (".venv", ".git", "runs", "demo-data")]
+        found += [Path(folder) / f for f in files if f.endswith(".pem")]
+    return sorted(found)
+
+
 def submit(config_path: Path, address: str, settings: list[str], follow: bool = True) -> str:
     """Submit the run to the cluster whose dashboard is at `address`; with `follow`, print its logs
     until it ends. Returns the job's final status (or PENDING/RUNNING when not following)."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    if not address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address: {address!r} is not the dashboard's URL; give http://HEAD:8265 (the dashboard, not the GCS port)")
     require_cluster_paths(load_config(config_path, settings))  # refused here, before anything ships
+    pems = pem_files()
+    if pems:
+        raise ConfigError(f"{pems[0]}: a PEM file inside the project would be shipped to every node; keep keys and certificates outside {PROJECT}")
     try:
         client = JobSubmissionClient(address)
+        job = client.submit_job(
+            entrypoint=entrypoint(config_path, settings),
+            runtime_env={"working_dir": str(PROJECT), "excludes": NOT_SHIPPED},
+        )
     except AuthenticationError as e:
         raise DeploymentError(
             f"{address} refused the submission: {e}\nSet RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN_PATH) before running fedward"
         ) from None
-    except ConnectionError as e:
-        raise DeploymentError(f"no Ray dashboard answers at {address}: {e}") from None
-    job = client.submit_job(
-        entrypoint=entrypoint(config_path, settings),
-        runtime_env={"working_dir": str(PROJECT), "excludes": NOT_SHIPPED},
-    )
+    except (ConnectionError, RuntimeError) as e:
+        raise DeploymentError(f"could not submit to the Ray dashboard at {address}: {e}") from None
     print(f"submitted job {job} to {address}", file=sys.stderr, flush=True)
-    if follow:
+    if not follow:
+        return str(client.get_job_status(job).value)
+    follow_up = f"ray job logs --follow {job} --address {address} (or ray job stop {job})"
+    try:
         asyncio.run(_print_logs(client, job))
+    except (RuntimeError, ConnectionError, KeyboardInterrupt) as e:
+        raise DeploymentError(f"stopped following job {job} ({type(e).__name__}); it may still run: {follow_up}") from None
     status = str(client.get_job_status(job).value)
-    if follow and status != "SUCCEEDED":
+    if status not in FINAL:
+        raise DeploymentError(f"lost job {job}'s logs while it is {status}: {follow_up}")
+    if status != "SUCCEEDED":
         raise DeploymentError(f"job {job} ended {status}; its logs: ray job logs {job} --address {address}")
     return status
 

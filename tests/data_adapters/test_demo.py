@@ -241,6 +241,7 @@ def test_more_than_three_hospitals_reuse_the_site_profiles(tmp_path):
         (dict(hospitals=2, rows_per_hospital=(80,)), "rows_per_hospital"),
         (dict(hospitals=2, rows_per_hospital=(80, 10)), "rows_per_hospital"),
         (dict(hospitals=2, renal_units=["hospital_c"]), "renal_units"),
+        (dict(hospitals=2, renal_units="hospital_b"), "renal_units"),
     ],
 )
 def test_bad_arguments_raise_config_error_naming_the_argument(tmp_path, arguments, named):

@@ -24,14 +24,28 @@ from fedward.certificates import write_certificates
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
-GCS_PORT, DASHBOARD_PORT, CLIENT_PORT = 46390, 46265, 46399
-# Each node's own ports, away from Ray's defaults, which an embedded Ray of another test may hold.
-NODES = {"head": 46400, "hospital_a": 46430, "hospital_b": 46460}
-DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive ports nothing listens on, away from Ray's defaults, which
+    an embedded Ray of another test may hold."""
+    for first in range(46000, 60000, count):
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+NODES = ("head", "hospital_a", "hospital_b")
 UP_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 420
 # The hospitals by name only: each node knows where its own data is.
-RUN = ["--set", "hospitals=[{name: hospital_a}, {name: hospital_b}]", "--set", "run.name=cluster", "--set", "run.rounds=2", "--set", "explain.enabled=false"]
+RUN = ["--set", "hospitals=[{name: hospital_a}, {name: hospital_b}]", "--set", "run.name=cluster", "--set", "run.rounds=2", "--set", "explain.enabled=false",
+       "--set", "explain.truth=null"]
 
 
 class Cluster:
@@ -47,6 +61,10 @@ class Cluster:
         # One certificate serves every node of this one machine; fedward certs adds the interface address Ray binds.
         write_certificates(base / "certs", {"node": ["127.0.0.1"]})
         self.nodes: dict[str, subprocess.Popen] = {}
+        first = _free_ports(100)
+        self.gcs_port, dashboard_port, self.client_port = first, first + 1, first + 2
+        self.dashboard = f"http://127.0.0.1:{dashboard_port}"
+        self.node_ports = {name: first + 10 + 30 * i for i, name in enumerate(NODES)}  # each node's own 30
         # Ray's socket paths must stay under 108 bytes: a short folder of its own, not pytest's deep one.
         self.ray_dir = Path(tempfile.mkdtemp(prefix="fwray-"))
 
@@ -55,7 +73,7 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "FEDWARD_DATA_ROOT"}
         return {
             **env,
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is this environment's
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # as ray.env sets it: a job's `python` is this environment's
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token),
             "RAY_USE_TLS": "1",
@@ -69,7 +87,7 @@ class Cluster:
         }
 
     def start(self, name: str, data_root: Path) -> None:
-        port = NODES[name]
+        port = self.node_ports[name]
         command = [
             str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
             f"--memory={1500 * 2**20}", f"--object-store-memory={100 * 2**20}", f"--temp-dir={self.ray_dir}",
@@ -79,10 +97,10 @@ class Cluster:
             f"--min-worker-port={port + 10}", f"--max-worker-port={port + 29}",
         ]
         if name == "head":
-            command += ["--head", f"--port={GCS_PORT}", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
-                        f"--ray-client-server-port={CLIENT_PORT}"]
+            command += ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}",
+                        f"--ray-client-server-port={self.client_port}"]
         else:
-            command += [f"--address=127.0.0.1:{GCS_PORT}", f"--resources={json.dumps({name: 1})}"]
+            command += [f"--address=127.0.0.1:{self.gcs_port}", f"--resources={json.dumps({name: 1})}"]
         log = (self.base / f"{name}.log").open("wb")
         self.nodes[name] = subprocess.Popen(
             command, env=self.client_env(FEDWARD_DATA_ROOT=str(data_root)), stdout=log, stderr=subprocess.STDOUT,
@@ -94,7 +112,7 @@ class Cluster:
 
     def alive_nodes(self) -> list[dict]:
         request = urllib.request.Request(
-            f"{DASHBOARD}/api/v0/nodes?limit=100&detail=true", headers={"Authorization": f"Bearer {self.token.read_text()}"}
+            f"{self.dashboard}/api/v0/nodes?limit=100&detail=true", headers={"Authorization": f"Bearer {self.token.read_text()}"}
         )
         with urllib.request.urlopen(request, timeout=5) as answer:
             return [n for n in json.loads(answer.read())["data"]["result"]["result"] if n["state"] == "ALIVE"]
@@ -135,7 +153,7 @@ def _signal_group(pid: int, sig: int) -> None:
 
 def _submit(cluster: Cluster, *settings: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "fedward"), "submit", "configs/demo_ehr.yaml", "--address", DASHBOARD, *RUN, *settings],
+        [str(BIN / "fedward"), "submit", "configs/demo_ehr.yaml", "--address", cluster.dashboard, *RUN, *settings],
         cwd=ROOT, env=cluster.client_env(**env), capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
     )
 
@@ -186,7 +204,7 @@ def test_a_submitted_run_places_each_hospital_on_its_own_node_with_its_own_data(
     # Submitted again, as Ray's own CLI does it, the job finds the finished run in the run root, not
     # in its temporary working copy.
     again = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--",
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--",
          "python", "-m", "pipelines", "run", "configs/demo_ehr.yaml", *RUN, "--set", f"run.root={tmp_path / 'runs'}"],
         cwd=ROOT, env=cluster.client_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
     )
@@ -208,13 +226,13 @@ def test_submissions_without_the_token_or_with_a_wrong_one_are_refused(cluster, 
     for env in ({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}, {"RAY_AUTH_TOKEN": "0" * 64}):
         done = _submit(cluster, "--set", f"run.root={tmp_path / 'runs'}", HOME=str(empty_home), **env)
         assert done.returncode == 2, done.stderr[-2000:]
-        assert f"{DASHBOARD} refused the submission" in done.stderr
+        assert f"{cluster.dashboard} refused the submission" in done.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_relative_run_root_is_refused_before_anything_is_shipped(cluster):
     done = _submit(cluster, "--set", "run.root=runs")
-    assert done.returncode == 2 and "run.root: 'runs' is relative" in done.stderr
+    assert done.returncode == 2 and "run.root: 'runs' is not an absolute path" in done.stderr
 
 
 def test_the_embedded_default_starts_its_own_ray_beside_a_running_cluster(cluster, demo_data, tmp_path):
@@ -227,11 +245,11 @@ def test_the_embedded_default_starts_its_own_ray_beside_a_running_cluster(cluste
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def _gcs_answers(context: ssl.SSLContext) -> bool:
+def _gcs_answers(port: int, context: ssl.SSLContext) -> bool:
     """Whether Ray's GCS answers an HTTP/2 (gRPC) client over TLS made with `context`."""
     context.set_alpn_protocols(["h2"])
     try:
-        with socket.create_connection(("127.0.0.1", GCS_PORT), timeout=10) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             return tls.recv(9) != b""  # the server's SETTINGS frame, or the end of the connection
     except (ssl.SSLError, ConnectionError):
@@ -242,10 +260,10 @@ def test_ray_speaks_tls_only_to_holders_of_a_consortium_certificate(cluster):
     certs = cluster.base / "certs"
     member = ssl.create_default_context(cafile=certs / "ca.crt")  # also checks the GCS's certificate names 127.0.0.1
     member.load_cert_chain(certs / "node.crt", certs / "node.key")
-    assert _gcs_answers(member)
-    assert not _gcs_answers(ssl.create_default_context(cafile=certs / "ca.crt"))  # trusts the cluster, shows no certificate
+    assert _gcs_answers(cluster.gcs_port, member)
+    assert not _gcs_answers(cluster.gcs_port, ssl.create_default_context(cafile=certs / "ca.crt"))  # trusts the cluster, shows no certificate
     outsider = cluster.base / "outsider"  # a certificate from another authority
     write_certificates(outsider, {"node": ["127.0.0.1"]})
     foreign = ssl.create_default_context(cafile=certs / "ca.crt")
     foreign.load_cert_chain(outsider / "node.crt", outsider / "node.key")
-    assert not _gcs_answers(foreign)
+    assert not _gcs_answers(cluster.gcs_port, foreign)

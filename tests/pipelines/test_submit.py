@@ -31,11 +31,17 @@ def test_a_config_outside_the_shipped_project_is_refused(tmp_path):
         entrypoint(outside, [])
 
 
+NAMED_ONLY = "hospitals=[{name: hospital_a}, {name: hospital_b}]"
+
+
 @pytest.mark.parametrize(
     ("settings", "says"),
     [
-        (["run.root=runs"], "run.root: 'runs' is relative"),
-        (["run.root=/srv/runs"], "hospitals.hospital_a.data: 'demo-data/hospital_a' is relative"),
+        (["run.root=runs"], "run.root: 'runs' is not an absolute path"),
+        (["run.root=~/runs"], "run.root: '~/runs' is not an absolute path"),  # whose home: the head's or a node's?
+        (["run.root=/srv/runs"], "hospitals.hospital_a.data: 'demo-data/hospital_a' is not an absolute path"),
+        (["run.root=/srv/runs", NAMED_ONLY, "hospitals.hospital_b.work_dir=state"], "hospitals.hospital_b.work_dir: 'state' is not"),
+        (["run.root=/srv/runs", NAMED_ONLY], "explain.truth: 'demo-data/truth.json' is not an absolute path"),
     ],
 )
 def test_paths_that_mean_nothing_on_another_machine_are_refused(settings, says):
@@ -44,10 +50,15 @@ def test_paths_that_mean_nothing_on_another_machine_are_refused(settings, says):
 
 
 def test_hospitals_named_only_with_an_absolute_run_root_are_fit_for_a_cluster(capsys):
-    require_cluster_paths(load_config(DEMO, ["run.root=/srv/runs", "hospitals=[{name: hospital_a}, {name: hospital_b}]"]))
+    require_cluster_paths(load_config(DEMO, ["run.root=/srv/runs", NAMED_ONLY, "explain.truth=null"]))
     # `fedward run` checks the same before connecting anywhere.
     assert main(["run", str(DEMO), "--set", "run.root=runs"]) == 2
-    assert "run.root: 'runs' is relative" in capsys.readouterr().err
+    assert "run.root: 'runs' is not an absolute path" in capsys.readouterr().err
+
+
+def test_submit_wants_the_dashboards_url_not_the_gcs_address(capsys):
+    assert main(["submit", str(DEMO), "--address", "10.0.0.10:6379"]) == 2
+    assert "--address: '10.0.0.10:6379' is not the dashboard's URL" in capsys.readouterr().err
 
 
 def test_cluster_yaml_is_a_valid_on_premise_cluster_for_rays_launcher():

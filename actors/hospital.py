@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,8 +25,6 @@ from data_adapters.report import DataReport
 from data_adapters.samples import Samples
 from data_adapters.splits import split_by_patient
 from data_adapters.tables import load_table
-from explain.local import LocalExplanation, explain_at_hospital
-from explain.report import write_hospital_report
 from explain.summary import ConsortiumExplanation, ExplanationSummary
 from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
 from fedward.errors import DataError, DeploymentError, HospitalError
@@ -54,6 +52,9 @@ def data_folder(own: HospitalConfig) -> Path:
         )
     return Path(root).expanduser() / own.name
 
+
+if TYPE_CHECKING:
+    from explain.local import LocalExplanation
 
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
 
@@ -329,6 +330,8 @@ class Hospital:
     def explain(self, round: int, weights: np.ndarray, layout: Layout) -> ExplanationSummary:
         """SHAP of the global model on this hospital's held-out patients; only aggregates return."""
         model = self._model_with(weights, layout)
+        from explain.local import explain_at_hospital  # shap: loaded by the hospitals that explain, when they do
+
         self.explanation = explain_at_hospital(self, model, round, derived_seed(self.config.run.seed, round, self.name))
         return self.explanation.summary
 
@@ -336,6 +339,8 @@ class Hospital:
         """The hospital's own report with its patients' explanations, written in its own area."""
         if self.explanation is None:
             raise HospitalError(f"{self.name}: nothing explained yet; the pipeline calls explain() first")
+        from explain.report import write_hospital_report  # matplotlib: once, at the end of the run
+
         path = write_hospital_report(
             self.run_dir / "report",
             hospital=self.name,

@@ -371,7 +371,7 @@ class Pipeline:
         bar = tqdm(range(start, cfg.run.rounds + 1), desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
         for round in bar:
             self._check_space(f"before round {round}")
-            began = time.monotonic()
+            began, began_at = time.monotonic(), time.time()
             quarantined = self._quarantined()
             available = [h for h in sorted(shapes) if h not in quarantined]
             result = self._round_with_retries(round, available, weights, layout, rng)
@@ -379,6 +379,7 @@ class Pipeline:
                 break
             weights, record = result
             record["quarantined"] = quarantined
+            record["started"] = began_at  # wall clock (Unix time): when, not only how long
             record["seconds"] = round_seconds = time.monotonic() - began
             self._append_metrics(record)
             save_checkpoint(

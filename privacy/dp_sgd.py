@@ -16,11 +16,10 @@ import secrets
 import warnings
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedward.config import FedwardConfig, TrainConfig
@@ -28,9 +27,17 @@ from fedward.errors import ConfigError
 from models.training import make_optimizer
 from privacy.accounting import GaussianSteps, calibrate_noise_multiplier
 
+# opacus loads where private training happens: every hospital process imports this module, and
+# opacus costs each of them about a second and its memory even when no one trains privately.
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
 
 def check_model(model: nn.Module) -> None:
     """Refuse a model whose per-sample gradients Opacus cannot compute or clip."""
+    from opacus.validators import ModuleValidator
+
     # Opacus explains each problem at length; its first sentence names it.
     problems = sorted({str(p).split(". ")[0] for p in ModuleValidator.validate(model, strict=False)})
     if problems:
@@ -94,6 +101,9 @@ def train_private(
     check_model(model)
     rows_of = _rows_per_unit(units)
     generator = torch.Generator().manual_seed(secrets.randbits(64))
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = DPOptimizer(
         make_optimizer(model, lr, config),

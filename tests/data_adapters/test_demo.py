@@ -220,6 +220,14 @@ def test_a_renal_unit_reverses_what_creatinine_says_and_only_there(tmp_path):
     assert (tmp_path / "plain/hospital_b/labels.csv").read_bytes() == (tmp_path / "renal/hospital_b/labels.csv").read_bytes()
 
 
+def test_many_tiny_hospitals_are_written_though_some_site_is_always_too_easy_by_chance(tmp_path):
+    # With 20 rows a site, one of 26 sites nearly always lets a perfect model beat the ceiling: the
+    # labels are redrawn a bounded number of times, then only the pooled ceiling holds.
+    truth = write_demo_data(tmp_path / "many", hospitals=26, images_per_hospital=[20] * 26, rows_per_hospital=[20] * 26)
+    assert len(truth["hospitals"]) == 26 and truth["ehr"]["best_auroc"]["pooled"] <= 0.92
+    assert truth["images"]["best_auroc"]["pooled"] <= 0.92
+
+
 def test_more_than_three_hospitals_reuse_the_site_profiles(tmp_path):
     counts = dict(images_per_hospital=[20] * 4, rows_per_hospital=[20] * 4)
     truth = write_demo_data(tmp_path / "four", hospitals=4, **counts)

@@ -40,6 +40,10 @@ from privacy import dp_fedavg, dp_sgd, ledger
 from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
 
+if TYPE_CHECKING:
+    from explain.local import LocalExplanation
+
+
 def data_folder(own: HospitalConfig) -> Path:
     """The hospital's data folder on this node: as configured, or NAME under the node's data root."""
     if own.data is not None:
@@ -52,9 +56,6 @@ def data_folder(own: HospitalConfig) -> Path:
         )
     return Path(root).expanduser() / own.name
 
-
-if TYPE_CHECKING:
-    from explain.local import LocalExplanation
 
 KEEP_STATES = 3  # rounds of hospital state kept, so a driver resuming a little behind finds its round
 

@@ -32,15 +32,13 @@ def check_placement(config: FedwardConfig) -> None:
     problems = []
     for h in config.hospitals:
         hosts = [n for n in nodes if n["Resources"].get(h.name, 0) >= 1]
-        offering = [n["Resources"] for n in hosts]
-        if not offering:
+        if not hosts:
             problems.append(f"{h.name}: no node offers its resource; start its node with --resources='{{\"{h.name}\": 1}}'")
         elif len(hosts) > 1:
             where = ", ".join(n["NodeManagerAddress"] for n in hosts)
             problems.append(f"{h.name}: {len(hosts)} nodes offer its resource ({where}); only the node holding its data may")
-        elif all(r.get("CPU", 0) < h.cpus for r in offering):
-            most = max(r.get("CPU", 0) for r in offering)
-            problems.append(f"{h.name}: asks for cpus={h.cpus} but its node has {most} CPUs; lower hospitals.{h.name}.cpus")
+        elif (cpus := hosts[0]["Resources"].get("CPU", 0)) < h.cpus:
+            problems.append(f"{h.name}: asks for cpus={h.cpus} but its node has {cpus} CPUs; lower hospitals.{h.name}.cpus")
     if problems:
         raise DeploymentError("hospitals cannot be placed in this Ray cluster:\n  " + "\n  ".join(problems))
 

@@ -41,11 +41,16 @@ def take(weights: np.ndarray, layout: Layout, sub: Layout) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
 
 
+def check_fills(values: np.ndarray, layout: Layout) -> None:
+    """Refuse flat values that are not exactly one `layout`'s worth."""
+    if values.shape != (layout.size,):
+        raise AggregationError(f"{values.shape[0] if values.ndim == 1 else values.shape} values do not fill a layout of {layout.size}")
+
+
 def put(values: np.ndarray, sub: Layout, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """A sub-model's flat values placed where they sit in the global layout, zero elsewhere, and
     which global entries they cover."""
-    if values.shape != (sub.size,):
-        raise AggregationError(f"{values.shape[0] if values.ndim == 1 else values.shape} values do not fill a layout of {sub.size}")
+    check_fills(values, sub)
     if sub == layout:
         return values, np.ones(layout.size, bool)
     placed = np.zeros(layout.size, values.dtype)

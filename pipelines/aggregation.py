@@ -37,6 +37,8 @@ from models import width
 # update streams through it, so the mean reads every update from memory once (BLAS saxpy, float32:
 # the weights the mean moves are float32 too; a fixed order keeps the sum reproducible).
 BLOCK = 1 << 15
+
+
 def weighted_mean(updates: Sequence[Update], layout: Layout | None = None) -> np.ndarray:
     """The weighted mean change over `layout` (by default the one the updates share). Under width
     slicing (HeteroFL) each entry is averaged over the hospitals whose sub-model holds it; an
@@ -49,16 +51,11 @@ def weighted_mean(updates: Sequence[Update], layout: Layout | None = None) -> np
     ordered = sorted(updates, key=lambda u: u.hospital)  # a fixed order keeps the float sum reproducible
     if all(u.layout == layout for u in ordered):
         for u in ordered:
-            _check_fills(u, layout)
-        if not sum(u.weight for u in ordered) > 0:
-            raise AggregationError("updates carry no weight (no training examples)")
+            _naming(u, width.check_fills, u.delta, layout)
         return _blockwise_mean([(u.weight, u.delta) for u in ordered], layout.size)
     acc, total = np.zeros(layout.size, np.float64), np.zeros(layout.size, np.float64)
     for u in ordered:
-        try:
-            delta, held = width.put(u.delta, u.layout, layout)
-        except AggregationError as e:
-            raise AggregationError(f"update from {u.hospital}: {e}") from None
+        delta, held = _naming(u, width.put, u.delta, u.layout, layout)
         acc += u.weight * delta.astype(np.float64)
         total += u.weight * held
     if not (total > 0).any():
@@ -66,14 +63,19 @@ def weighted_mean(updates: Sequence[Update], layout: Layout | None = None) -> np
     return np.divide(acc, total, out=np.zeros_like(acc), where=total > 0)
 
 
-def _check_fills(update: Update, layout: Layout) -> None:
-    if update.delta.shape != (layout.size,):
-        raise AggregationError(f"update from {update.hospital}: {update.delta.shape} values do not fill a layout of {layout.size}")
+def _naming(update: Update, check, *args):
+    """`check(*args)`, its refusal naming the hospital whose update it is."""
+    try:
+        return check(*args)
+    except AggregationError as e:
+        raise AggregationError(f"update from {update.hospital}: {e}") from None
 
 
 def _blockwise_mean(terms: Sequence[tuple[float, np.ndarray]], size: int) -> np.ndarray:
     """sum(weight * values) / sum(weight), block by block, summed in the order given."""
     total = float(sum(weight for weight, _ in terms))
+    if not total > 0:
+        raise AggregationError("updates carry no weight (no training examples)")
     out = np.empty(size, np.float64)
     acc = np.empty(min(BLOCK, size), np.float32)
     for start in range(0, size, BLOCK):

@@ -20,7 +20,8 @@ from fedward.errors import ConfigError, DeploymentError
 PROJECT = Path(__file__).resolve().parents[1]  # shipped as the job's working directory
 # Never shipped: environments, data and results are the machines' own, and big; secrets must not
 # be copied to every node that runs the job.
-NOT_SHIPPED = [".venv", ".git", "runs", "demo-data", "*.egg-info", "__pycache__", ".pytest_cache", "*.key", "auth_token"]
+LOCAL_FOLDERS = (".venv", ".git", "runs", "demo-data")
+NOT_SHIPPED = [*LOCAL_FOLDERS, "*.egg-info", "__pycache__", ".pytest_cache", "*.key", "auth_token"]
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -60,7 +61,7 @@ def pem_files() -> list[Path]:
     catch and a job would copy to every node."""
     found = []
     for folder, subfolders, files in os.walk(PROJECT):
-        subfolders[:] = [d for d in subfolders if d not in (".venv", ".git", "runs", "demo-data")]
+        subfolders[:] = [d for d in subfolders if d not in LOCAL_FOLDERS]
         found += [Path(folder) / f for f in files if f.endswith(".pem")]
     return sorted(found)
 

@@ -15,7 +15,6 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -95,15 +94,15 @@ def train_private(
     max_grad_norm: float,
 ) -> PrivateTraining:
     """`plan.steps` DP-SGD steps; `units[i]` names the unit (patient) row i belongs to."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
     if not (len(x) == len(y) == len(units) > 0):
         raise ConfigError(f"privacy.dp_sgd: expected as many inputs ({len(x)}), labels ({len(y)}) and unit ids ({len(units)}), at least one")
     model.train()
     check_model(model)
     rows_of = _rows_per_unit(units)
     generator = torch.Generator().manual_seed(secrets.randbits(64))
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = DPOptimizer(
         make_optimizer(model, lr, config),

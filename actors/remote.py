@@ -1,5 +1,7 @@
 """Where a `Hospital` becomes a Ray actor: its resources and placement, nothing else.
 
+This is how hospitals run on a cluster, and in a simulation that asks for `run.hosting:
+per_hospital`; a simulation otherwise hosts them on a pool of shared workers (`actors/pool.py`).
 Each hospital actor asks for its own custom resource (named after the hospital), so on a cluster
 it can only run on the node that registers it, the node holding that hospital's data. The local
 simulation registers all of them on the one local node.
@@ -17,9 +19,9 @@ from fedward.types import Placement
 
 
 class HospitalActor(Hospital):
-    def __init__(self, name: str, config: FedwardConfig, run_id: str):
+    def __init__(self, name: str, config: FedwardConfig, run_id: str, threads: int):
         # One torch thread per CPU granted, so simulated hospitals sharing cores do not oversubscribe.
-        torch.set_num_threads(max(1, int(config.hospital(name).cpus)))
+        torch.set_num_threads(threads)
         super().__init__(name, config, run_id)
 
     def placement(self) -> Placement:
@@ -54,4 +56,4 @@ def start_hospital(config: FedwardConfig, name: str, run_id: str) -> ray.actor.A
         # retried: its round goes on without it if the quorum holds.
         max_restarts=config.run.hospital_restarts,
         max_task_retries=0,
-    ).remote(name, config, run_id)
+    ).remote(name, config, run_id, threads=max(1, int(own.cpus)))

@@ -209,7 +209,7 @@ def main() -> None:
             names = [f"hospital_{i:03d}" for i in range(count)]
             write_demo_data(tmp / "data", hospitals=min(count, 26), images_per_hospital=[IMAGES // count] * min(count, 26),
                             rows_per_hospital=[20] * min(count, 26))
-            data = _hospital_folders(tmp / "data", names)
+            data = hospital_folders(tmp / "data", names)
             steps = export_tensors(data, names, tmp / "runs", tmp / "tensors")
             sides: dict[str, list[dict]] = {"plain, 1 process": [], "ideal, 2 processes": [], "fedward": []}
             for repeat in range(args.repeats):
@@ -227,7 +227,7 @@ def main() -> None:
             print(f"{'':>9} raw whole s: " + "; ".join(f"{side} {[round(r['whole'], 1) for r in results]}" for side, results in sides.items()))
 
 
-def _hospital_folders(demo: Path, names: list[str]) -> Path:
+def hospital_folders(demo: Path, names: list[str]) -> Path:
     """One folder per hospital name; beyond the demo's 26 sites, hospitals reuse a site's files
     (links), each its own hospital with its own work area."""
     sites = sorted(p for p in demo.iterdir() if p.is_dir())

@@ -458,6 +458,12 @@ class RunConfig:
     # An update that misses its round's deadline is dropped (0), or counts in the round it arrives
     # in, its weight times stale_weight per round late.
     stale_weight: float = 0.0
+    # How the simulation runs its hospitals: on a pool of shared worker processes ("auto" and
+    # "pool"), or each in its own process as on a cluster ("per_hospital"). On a cluster "auto"
+    # means per_hospital: a hospital runs on the node holding its data.
+    hosting: Literal["auto", "pool", "per_hospital"] = "auto"
+    workers: int | None = None  # the pool's worker processes; default one per CPU
+    resident_hospitals: int = 64  # hospitals a pool worker keeps in memory; the others wait on disk
 
     def __post_init__(self):
         _need(
@@ -474,6 +480,8 @@ class RunConfig:
         _need(self.quorum_wait_s >= 0, "run.quorum_wait_s: must be >= 0")
         _need(self.min_free_mb >= 0, "run.min_free_mb: must be >= 0")
         _need(0 <= self.stale_weight <= 1, f"run.stale_weight: expected a number in [0, 1], got {self.stale_weight}")
+        _need(self.workers is None or self.workers >= 1, f"run.workers: expected a whole number >= 1, got {self.workers}")
+        _need(self.resident_hospitals >= 1, f"run.resident_hospitals: expected a whole number >= 1, got {self.resident_hospitals}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -798,7 +806,11 @@ def config_to_dict(config: FedwardConfig) -> dict:
 # Where things run and how long to wait do not change what a run computes, so they may change
 # between a run and its resume: a stuck run can be given a longer timeout, data can move (its
 # content is checked by fingerprint instead).
-OPERATIONAL = {"run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s", "min_free_mb"), "hospitals": ("data", "work_dir", "cpus")}
+OPERATIONAL = {
+    "run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s", "min_free_mb",
+            "hosting", "workers", "resident_hospitals"),
+    "hospitals": ("data", "work_dir", "cpus"),
+}
 
 
 def config_identity(config: FedwardConfig) -> dict:

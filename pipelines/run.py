@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from actors.hospital import Hospital
+from actors.pool import HostedHospital, start_pool
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
 from explain.aggregate import merge
@@ -122,8 +123,19 @@ def pooled_metrics(evaluations: list[Evaluation]) -> dict[str, float]:
     }
 
 
+def pooled(config: FedwardConfig, address: str | None) -> bool:
+    """Whether the hospitals share a pool of worker processes: a simulation's way, never a cluster's."""
+    if address and config.run.hosting == "pool":
+        raise DeploymentError(
+            "run.hosting: pool puts hospitals together on shared workers, which only a simulation does; on a cluster "
+            "each hospital runs on the node holding its data: set run.hosting to auto or per_hospital"
+        )
+    return address is None and config.run.hosting != "per_hospital"
+
+
 def start_ray(config: FedwardConfig, address: str | None) -> bool:
-    """Connect to `address`, or start an embedded Ray offering every hospital's resource.
+    """Connect to `address`, or start an embedded Ray: for hospitals with actors of their own, it
+    offers every hospital's resource.
 
     Returns whether this call started Ray (and so should stop it). An already initialised Ray,
     as in tests, is used as it is.
@@ -134,12 +146,13 @@ def start_ray(config: FedwardConfig, address: str | None) -> bool:
     if address:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     else:
-        # Simulated hospitals may ask for more CPUs than the machine has: they take turns.
-        wanted = math.ceil(sum(h.cpus for h in config.hospitals))
+        # Hospitals with processes of their own may ask for more CPUs than the machine has: they take turns.
+        pool = pooled(config, address)
+        wanted = 0 if pool else math.ceil(sum(h.cpus for h in config.hospitals))
         ray.init(
             address="local",  # a new Ray of its own, even where `ray start` runs another on this machine
             num_cpus=max(os.cpu_count() or 2, wanted),
-            resources={h.name: 1 for h in config.hospitals},
+            resources={} if pool else {h.name: 1 for h in config.hospitals},
             include_dashboard=False,
             object_store_memory=500 * 1024**2,
             logging_level="WARNING",
@@ -167,7 +180,8 @@ class Pipeline:
         self.run_id = f"{config.run.name}-{self.digest[:12]}"
         self.strategy = STRATEGIES[config.strategy.name](config)
         self.hook = build_hook(config, None, self.run_id)
-        self.hospitals: dict[str, ray.actor.ActorHandle] = {}
+        self.hospitals: dict[str, ray.actor.ActorHandle | HostedHospital] = {}
+        self.processes: list[ray.actor.ActorHandle] = []  # the hospitals' actors, or the pool's workers
         self.counts: dict[str, DataCounts] = {}
         self.start_sent: dict[str, int] = {}
         self.expected: dict[str, Layout] = {}  # each hospital's update layout, once training starts
@@ -196,9 +210,13 @@ class Pipeline:
             return ckpt.weights
         started = start_ray(self.config, self.address)
         try:
-            check_placement(self.config)
             at_hospitals = self.config.with_paths_from(self.started_in)
-            self.hospitals = {h.name: start_hospital(at_hospitals, h.name, self.run_id) for h in self.config.hospitals}
+            if pooled(self.config, self.address):
+                self.hospitals, self.processes = start_pool(at_hospitals, self.run_id)
+            else:
+                check_placement(self.config)
+                self.hospitals = {h.name: start_hospital(at_hospitals, h.name, self.run_id) for h in self.config.hospitals}
+                self.processes = list(self.hospitals.values())
             unplaced = self._check_deployment()
             counts = self._validate(resuming=ckpt is not None, unplaced=unplaced)
             self.preprocessing = self._harmonize(sorted(counts))
@@ -224,9 +242,9 @@ class Pipeline:
                 self._explain(sorted(shapes), weights, layout, last)
             return weights
         finally:
-            for actor in self.hospitals.values():
+            for actor in self.processes:
                 ray.kill(actor)
-            self.hospitals = {}
+            self.hospitals, self.processes = {}, []
             if started:
                 ray.shutdown()
 

@@ -35,7 +35,7 @@ from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, Round
 from models.flat import flatten, layout_of, load_flat
 from models import export, training, width
 from models.networks import build_model
-from pipelines import aggregation, scaffold
+from pipelines import aggregation, compression, scaffold
 from privacy import dp_fedavg, dp_sgd, ledger
 from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
@@ -75,6 +75,7 @@ class Hospital:
         self.preprocessing: PreprocessingSpec | None = None
         self.explanation: LocalExplanation | None = None
         self.control: np.ndarray | None = None  # SCAFFOLD: this hospital's control variate c_i
+        self.residual: np.ndarray | None = None  # top-k compression: what its updates have not sent yet
         self.personal_model: nn.Module | None = None  # Ditto: this hospital's own model
         self.fine_tuned: nn.Module | None = None  # the global model fine-tuned here after the last round
         self._fitted: int | None = None  # the last round this hospital trained in
@@ -211,7 +212,6 @@ class Hospital:
             self.control = own
         if plan.personal_lambda is not None:
             self._train_personal(plan, weights, layout)
-        self._save_state(plan.round)
         bound = self.config.robust.norm_bound
         if bound is not None and not self.hook.reveals_individual_updates:  # the driver cannot bound what it cannot see
             update = aggregation.bounded(update, bound, layout.size)
@@ -221,7 +221,12 @@ class Hospital:
             if not self.hook.reveals_individual_updates:
                 shares = dp_fedavg.noise_shares(self.config, self.hook.contributors_agreed(plan.round))
                 update = dp_fedavg.add_noise_share(update, self.config, shares)
-        return self.hook.encode(update, hook_setup)
+        sent = self.hook.encode(update, hook_setup)
+        if self.config.compression.kind != "none":
+            seed = derived_seed(self.config.run.seed, plan.round, f"{self.name}/compression")
+            sent, self.residual = compression.compress(sent, self.config.compression, seed, self.residual)
+        self._save_state(plan.round)
+        return sent
 
     def _train(self, model: nn.Module, plan: RoundPlan, correction: dict[str, torch.Tensor] | None) -> dict[str, float]:
         x, y = self.x[self.train_idx], attacks.training_labels(self.config.attack, self.name, self.y[self.train_idx])
@@ -293,6 +298,7 @@ class Hospital:
         torch.manual_seed(self.config.run.seed)  # as prepare() built it: personal layers start the same
         self.model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
         self.control = None
+        self.residual = None
         self.personal_model = None
 
     def _train_personal(self, plan: RoundPlan, weights: np.ndarray, layout: Layout) -> None:
@@ -399,6 +405,8 @@ class Hospital:
             state["personal_model"] = self.personal_model.state_dict()
         if self.control is not None:  # SCAFFOLD's control variate is the hospital's own, like its layers
             state["control"] = torch.from_numpy(self.control)
+        if self.residual is not None:
+            state["residual"] = torch.from_numpy(self.residual)
         atomic_torch_save(state, self._state_path(round))
         for old in sorted(self._state_path(0).parent.glob("round_*.pt"))[:-KEEP_STATES]:
             old.unlink()
@@ -413,6 +421,7 @@ class Hospital:
         state = torch.load(usable[-1], weights_only=True)
         self.model.load_state_dict(state["model"])
         self.control = state["control"].numpy().copy() if "control" in state else None
+        self.residual = state["residual"].numpy().copy() if "residual" in state else None
         if "personal_model" in state:
             self.personal_model = copy.deepcopy(self.model)
             self.personal_model.load_state_dict(state["personal_model"])

@@ -301,6 +301,21 @@ def _check_dp(section: DpSgdConfig | DpFedAvgConfig, name: str) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CompressionConfig:
+    """How a plaintext update's change travels: as it is, as 8-bit codes (unbiased stochastic
+    rounding, one scale per block), or only its largest entries, the rest carried to the hospital's
+    next update (error feedback)."""
+
+    kind: Literal["none", "int8", "top_k"] = "none"
+    block: int = 256  # int8: entries sharing one scale
+    top_k_fraction: float = 0.01  # top_k: the share of entries sent each round
+
+    def __post_init__(self):
+        _need(self.block >= 1, f"compression.block: expected a whole number >= 1, got {self.block}")
+        _need(0 < self.top_k_fraction <= 1, f"compression.top_k_fraction: expected a number in (0, 1], got {self.top_k_fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
     """What protects updates on their way out of the hospitals; see privacy/."""
 
@@ -493,6 +508,7 @@ class FedwardConfig:
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    compression: CompressionConfig = CompressionConfig()
     explain: ExplainConfig = ExplainConfig()
     subgroups: SubgroupConfig = SubgroupConfig()
     robust: RobustConfig = RobustConfig()
@@ -527,6 +543,13 @@ class FedwardConfig:
                     tag_for_keyword(keyword) is not None,
                     f"subgroups.{name}: {keyword!r} is not a DICOM keyword; expected one such as PatientSex or PatientAge",
                 )
+        hidden = [name for name, on in (("privacy.masking", self.privacy.masking.enabled), ("privacy.encryption", self.privacy.encryption.enabled)) if on]
+        _need(
+            self.compression.kind == "none" or not hidden,
+            f"compression.kind: {self.compression.kind} compresses changes sent in the clear; with {hidden[0] if hidden else ''} a change "
+            f"leaves as masked ring elements or ciphertexts the size of the model whatever its values (32 or 64 bits per entry), "
+            f"so nothing would be saved. Use compression with plaintext updates (DP-FedAvg and DP-SGD compose with it)",
+        )
         dp = self.privacy.dp_sgd.enabled or self.privacy.dp_fedavg.enabled
         narrow = sorted(h.name for h in self.hospitals if h.model.get("width", 1.0) < 1)
         if narrow:
@@ -818,6 +841,8 @@ def config_identity(config: FedwardConfig) -> dict:
     model without changing it, so it can be added to a finished run."""
     body = config_to_dict(config)
     body.pop("subgroups")
+    if config.compression == CompressionConfig():  # added later: runs made before it keep their identity
+        body.pop("compression")
     for key in OPERATIONAL["run"]:
         body["run"].pop(key)
     for hospital in body["hospitals"]:

@@ -65,6 +65,34 @@ class Update:
 
 
 @dataclass(frozen=True)
+class CompressedDelta:
+    """A change compressed for the wire (see pipelines/compression.py): `size` float32 values as
+    int8 `codes` times one float32 scale per `block` entries, or as the `values` at sorted
+    `indices` (top-k; every other entry is zero)."""
+
+    kind: str  # "int8" or "top_k"
+    size: int
+    block: int = 0
+    codes: np.ndarray | None = None  # int8
+    scales: np.ndarray | None = None  # float32, one per block
+    indices: np.ndarray | None = None  # uint32, ascending
+    values: np.ndarray | None = None  # float32
+
+
+@dataclass(frozen=True)
+class CompressedUpdate:
+    """An `Update` whose change travels compressed; the driver restores it before anything reads it."""
+
+    round: int
+    hospital: str
+    delta: CompressedDelta
+    layout: Layout
+    num_examples: int
+    weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SealedUpdate:
     """An update in the form a privacy hook lets it leave the hospital: the driver can combine
     sealed updates but not read one. Counts and training metrics travel in the clear."""

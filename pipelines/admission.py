@@ -1,11 +1,11 @@
 """What a hospital's answer must be to enter the aggregate.
 
 Every answer is checked before a privacy hook or a strategy sees it: an update in the form the
-run's hook expects, from the hospital that was asked, for this round, in the layout of that
-hospital's model, with the example count it joined with and finite values. Its aggregation
-weight is not taken from it: the driver derives it from that count. One that fails is dropped and its hospital counts as failed in the round, with
-the reason in the run log and the round's record: a buggy or hostile hospital costs its own
-update, never the aggregate.
+run's hook (or compression) expects, from the hospital that was asked, for this round, in the
+layout of that hospital's model, with the example count it joined with and finite values. Its
+aggregation weight is not taken from it: the driver derives it from that count. One that fails
+is dropped and its hospital counts as failed in the round, with the reason in the run log and
+the round's record: a buggy or hostile hospital costs its own update, never the aggregate.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from fedward.config import FedwardConfig
-from fedward.types import Layout, SealedUpdate, Update
+from fedward.types import CompressedUpdate, Layout, SealedUpdate, Update
 from models.flat import layout_of
 from models.networks import build_model
+from pipelines import compression
 from pipelines.strategy import Strategy
 
 
@@ -30,47 +31,63 @@ def expected_layouts(config: FedwardConfig, strategy: Strategy, shape: tuple[int
     return {h: strategy.update_layout(sub) for h, sub in own.items()}
 
 
-def problem(round: int, hospital: str, answer: Any, layout: Layout, form: str, examples: int) -> str | None:
-    """Why `answer` cannot enter round `round`'s aggregate as `hospital`'s update, or None. `form`
-    is how updates travel ("plain", "masked", "encrypted"); `examples` the hospital's training
-    examples as it reported them when it joined."""
+def admitted(round: int, hospital: str, answer: Any, layout: Layout, form: str, examples: int) -> Update | SealedUpdate:
+    """`answer` as it enters round `round`'s aggregate as `hospital`'s update (a compressed change
+    restored); raises `Refused` saying why it cannot. `form` is how updates travel ("plain",
+    "compressed", "masked", "encrypted"); `examples` the hospital's training examples as it
+    reported them when it joined."""
     try:
-        return _problem(round, hospital, answer, layout, form, examples)
+        return _admitted(round, hospital, answer, layout, form, examples)
+    except Refused:
+        raise
     except Exception as e:  # whatever a hostile answer holds, checking it must not stop the round
-        return f"rejected: its update cannot be checked ({type(e).__name__})"
+        raise Refused(f"rejected: its update cannot be checked ({type(e).__name__})") from None
 
 
-def _problem(round: int, hospital: str, answer: Any, layout: Layout, form: str, examples: int) -> str | None:
-    expected = Update if form == "plain" else SealedUpdate
-    if type(answer) is not expected or (form != "plain" and answer.form != form):
-        return f"rejected: sent a {type(answer).__name__}, not a {form} update"
+class Refused(Exception):
+    pass
+
+
+WIRE_TYPES = {"plain": Update, "compressed": CompressedUpdate, "masked": SealedUpdate, "encrypted": SealedUpdate}
+
+
+def _admitted(round: int, hospital: str, answer: Any, layout: Layout, form: str, examples: int) -> Update | SealedUpdate:
+    expected = WIRE_TYPES[form]
+    if type(answer) is not expected or (expected is SealedUpdate and answer.form != form):
+        raise Refused(f"rejected: sent a {type(answer).__name__}, not a {form} update")
     if answer.hospital != hospital:
-        return f"rejected: its update is labelled as from {str(answer.hospital)[:40]!r}"
+        raise Refused(f"rejected: its update is labelled as from {str(answer.hospital)[:40]!r}")
     if answer.round != round:
-        return f"rejected: its update is for round {answer.round}, not {round} (late or replayed)"
+        raise Refused(f"rejected: its update is for round {answer.round}, not {round} (late or replayed)")
     if answer.layout != layout:
-        return f"rejected: its update's layout ({answer.layout.size} values in {len(answer.layout.names)} entries) is not its model's ({layout.size} in {len(layout.names)})"
+        raise Refused(f"rejected: its update's layout ({answer.layout.size} values in {len(answer.layout.names)} entries) is not its model's ({layout.size} in {len(layout.names)})")
     if answer.num_examples != examples:
-        return f"rejected: its update claims {answer.num_examples!r} training examples, not the {examples} it joined with"
+        raise Refused(f"rejected: its update claims {answer.num_examples!r} training examples, not the {examples} it joined with")
     if not isinstance(answer.metrics, dict) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in answer.metrics.values()):
-        return "rejected: its training metrics are not finite numbers"
-    if form != "plain":
-        return None  # the hook checks its own payload
+        raise Refused("rejected: its training metrics are not finite numbers")
+    if expected is SealedUpdate:
+        return answer  # the hook checks its own payload
+    if expected is CompressedUpdate:
+        try:
+            answer = compression.restore(answer, layout.size)
+        except ValueError as e:
+            raise Refused(f"rejected: {e}") from None
     delta = answer.delta
     if not isinstance(delta, np.ndarray) or delta.dtype != np.float32 or delta.shape != (layout.size,):
-        return f"rejected: its change is not {layout.size} float32 values"
+        raise Refused(f"rejected: its change is not {layout.size} float32 values")
     if not np.isfinite(delta).all():
-        return f"rejected: its change holds {int((~np.isfinite(delta)).sum())} NaN or infinite values"
-    return None
+        raise Refused(f"rejected: its change holds {int((~np.isfinite(delta)).sum())} NaN or infinite values")
+    return answer
 
 
 def admit(round: int, answers: Mapping[str, Any], layouts: Mapping[str, Layout], form: str, examples: Mapping[str, int]) -> tuple[dict[str, Any], dict[str, str]]:
     """The answers that may enter the aggregate, and the reason for each one that may not."""
-    admitted, refused = {}, {}
+    taken, refused = {}, {}
     for hospital, answer in answers.items():
-        why = problem(round, hospital, answer, layouts[hospital], form, examples[hospital]) if hospital in layouts else "rejected: not a hospital of this run"
-        if why is None:
-            admitted[hospital] = answer
-        else:
-            refused[hospital] = why
-    return admitted, refused
+        try:
+            if hospital not in layouts:
+                raise Refused("rejected: not a hospital of this run")
+            taken[hospital] = admitted(round, hospital, answer, layouts[hospital], form, examples[hospital])
+        except Refused as e:
+            refused[hospital] = str(e)
+    return taken, refused

@@ -180,6 +180,7 @@ class Pipeline:
         self.run_id = f"{config.run.name}-{self.digest[:12]}"
         self.strategy = STRATEGIES[config.strategy.name](config)
         self.hook = build_hook(config, None, self.run_id)
+        self.wire_form = "compressed" if config.compression.kind != "none" else self.hook.form  # how updates arrive
         self.hospitals: dict[str, ray.actor.ActorHandle | HostedHospital] = {}
         self.processes: list[ray.actor.ActorHandle] = []  # the hospitals' actors, or the pool's workers
         self.counts: dict[str, DataCounts] = {}
@@ -415,13 +416,16 @@ class Pipeline:
     def _weighed(self, updates: Mapping[str, Any], rounds_late: Mapping[str, int]) -> dict[str, Any]:
         """Updates as the driver counts them: a plain one weighs what its example count (as the
         hospital joined with it) gives, never what it claims, times stale_weight per round late;
-        clipped to robust.norm_bound where the driver sees it."""
+        clipped to robust.norm_bound where the driver sees it, or to DP-FedAvg's clip_norm, which its
+        noise is calibrated to whatever a hospital (or compression's rounding) sent."""
         cfg, out = self.config, {}
+        dp = cfg.privacy.dp_fedavg
+        bound = dp.clip_norm if dp.enabled else cfg.robust.norm_bound
         for h, u in updates.items():
             if isinstance(u, Update):
                 u = dataclasses.replace(u, weight=dp_fedavg.aggregation_weight(cfg, u.num_examples) * cfg.run.stale_weight ** rounds_late.get(h, 0))
-                if cfg.robust.norm_bound is not None:
-                    u = aggregation.bounded(u, cfg.robust.norm_bound, self.layout_size)
+                if bound is not None:
+                    u = aggregation.bounded(u, bound, self.layout_size)
             out[h] = u
         return out
 
@@ -444,11 +448,10 @@ class Pipeline:
             except ray.exceptions.RayError as e:
                 failures[h] = f"its late update of round {sent_in} failed: {type(e).__name__}"
                 continue
-            why = admission.problem(sent_in, h, update, self.expected[h], self.hook.form, self.counts[h].train_examples)
-            if why is not None:
+            try:
+                arrived[h] = (admission.admitted(sent_in, h, update, self.expected[h], self.wire_form, self.counts[h].train_examples), sent_in)
+            except admission.Refused as why:
                 failures[h] = f"its late update of round {sent_in} was {why}"
-                continue
-            arrived[h] = (update, sent_in)
         return arrived
 
     def _trusted_root(self) -> Hospital:
@@ -762,7 +765,7 @@ class Pipeline:
         failures.update(fit_failures)
         for h, u in updates.items():
             sent[h] = sent.get(h, 0) + _wire_bytes(u)
-        updates, refused = admission.admit(round, updates, self.expected, self.hook.form, self._examples())
+        updates, refused = admission.admit(round, updates, self.expected, self.wire_form, self._examples())
         failures.update(refused)
         arrived = self._late_updates(round, failures)
         self.pending.update({h: (round, ref) for h, ref in (late or {}).items()})

@@ -224,7 +224,8 @@ class Hospital:
         sent = self.hook.encode(update, hook_setup)
         if self.config.compression.kind != "none":
             seed = derived_seed(self.config.run.seed, plan.round, f"{self.name}/compression")
-            sent, self.residual = compression.compress(sent, self.config.compression, seed, self.residual)
+            statistics = compression.statistics(sent.layout, {n for n, _ in self.model.named_buffers()})
+            sent, self.residual = compression.compress(sent, self.config.compression, seed, self.residual, statistics)
         self._save_state(plan.round)
         return sent
 

@@ -67,8 +67,8 @@ class Update:
 @dataclass(frozen=True)
 class CompressedDelta:
     """A change compressed for the wire (see pipelines/compression.py): `size` float32 values as
-    int8 `codes` times one float32 scale per `block` entries, or as the `values` at sorted
-    `indices` (top-k; every other entry is zero)."""
+    int8 `codes` times one float32 scale per `block` entries (int8) or zeros (top_k), with the
+    `values` at ascending `indices` sent exactly (top_k's chosen entries, running statistics)."""
 
     kind: str  # "int8" or "top_k"
     size: int

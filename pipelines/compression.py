@@ -21,18 +21,32 @@ import math
 import numpy as np
 
 from fedward.config import CompressionConfig
-from fedward.types import CompressedDelta, CompressedUpdate, Update
+from fedward.types import CompressedDelta, CompressedUpdate, Layout, Update
 
 INT8_LEVELS = 127
 
 
-def compress(update: Update, config: CompressionConfig, seed: int, residual: np.ndarray | None) -> tuple[CompressedUpdate, np.ndarray | None]:
-    """The update as it travels, and the residual the hospital keeps for its next one (top_k)."""
+def compress(update: Update, config: CompressionConfig, seed: int, residual: np.ndarray | None, exact: np.ndarray) -> tuple[CompressedUpdate, np.ndarray | None]:
+    """The update as it travels, and the residual the hospital keeps for its next one (top_k).
+    Entries at `exact` (running statistics such as BatchNorm's, see `statistics`) travel as they
+    are: they are no gradient steps, and a residual replayed into them later overshoots."""
+    delta = update.delta.copy()
+    kept = delta[exact]
+    delta[exact] = 0.0
     if config.kind == "int8":
-        payload, residual = _quantized(update.delta, config.block, np.random.default_rng(seed)), None
+        payload, residual = _quantized(delta, config.block, np.random.default_rng(seed)), None
     else:
-        payload, residual = _top_k(update.delta, config.top_k_fraction, residual)
+        payload, residual = _top_k(delta, config.top_k_fraction, residual)
+    indices = np.concatenate([payload.indices, exact.astype(np.uint32)])
+    order = np.argsort(indices, kind="stable")
+    payload = dataclasses.replace(payload, indices=indices[order], values=np.concatenate([payload.values, kept])[order])
     return CompressedUpdate(**{**_fields(update), "delta": payload}), residual
+
+
+def statistics(layout: Layout, buffers: set[str]) -> np.ndarray:
+    """Positions in `layout` of the model's buffers (running statistics), which travel exactly."""
+    at = layout.slices()
+    return np.concatenate([np.arange(at[n].start, at[n].stop, dtype=np.uint32) for n in layout.names if n in buffers] or [np.zeros(0, np.uint32)])
 
 
 def restore(sent: CompressedUpdate, size: int) -> Update:
@@ -43,12 +57,10 @@ def restore(sent: CompressedUpdate, size: int) -> Update:
         raise ValueError(f"its compressed change is a {type(payload).__name__}")
     if payload.size != size:
         raise ValueError(f"its compressed change holds {payload.size!r} values, not its model's {size}")
-    if payload.kind == "int8":
-        delta = _dequantized(payload)
-    elif payload.kind == "top_k":
-        delta = _scattered(payload)
-    else:
+    if payload.kind not in ("int8", "top_k"):
         raise ValueError(f"its change is compressed as {str(payload.kind)[:20]!r}, not int8 or top_k")
+    delta = _dequantized(payload) if payload.kind == "int8" else np.zeros(size, np.float32)
+    _scatter(payload, delta)
     return Update(**{**_fields(sent), "delta": delta})
 
 
@@ -65,7 +77,8 @@ def _quantized(delta: np.ndarray, block: int, rng: np.random.Generator) -> Compr
     safe = np.where(scales > 0, scales, 1.0)[:, None]
     codes = np.floor(padded / safe + rng.random(padded.shape, dtype=np.float32))
     codes = np.clip(codes, -INT8_LEVELS, INT8_LEVELS).astype(np.int8)  # float rounding may reach 128 at the block's maximum
-    return CompressedDelta("int8", delta.size, block=block, codes=codes.ravel()[: delta.size], scales=scales)
+    none = np.zeros(0, np.uint32)
+    return CompressedDelta("int8", delta.size, block=block, codes=codes.ravel()[: delta.size], scales=scales, indices=none, values=none.astype(np.float32))
 
 
 def _dequantized(payload: CompressedDelta) -> np.ndarray:
@@ -82,20 +95,19 @@ def _dequantized(payload: CompressedDelta) -> np.ndarray:
 def _top_k(delta: np.ndarray, fraction: float, residual: np.ndarray | None) -> tuple[CompressedDelta, np.ndarray]:
     full = delta if residual is None or residual.size != delta.size else delta + residual
     k = max(1, math.ceil(fraction * full.size))
-    indices = np.sort(np.argpartition(np.abs(full), full.size - k)[full.size - k:]).astype(np.uint32)
+    indices = np.argpartition(np.abs(full), full.size - k)[full.size - k:].astype(np.uint32)
     values = full[indices].astype(np.float32)
     left = full.copy()
     left[indices] = 0.0
     return CompressedDelta("top_k", delta.size, indices=indices, values=values), left
 
 
-def _scattered(payload: CompressedDelta) -> np.ndarray:
+def _scatter(payload: CompressedDelta, delta: np.ndarray) -> None:
+    """Writes the entries sent exactly into `delta`."""
     indices, values, size = payload.indices, payload.values, payload.size
     if not (isinstance(indices, np.ndarray) and indices.dtype == np.uint32 and isinstance(values, np.ndarray)
             and values.dtype == np.float32 and indices.ndim == values.ndim == 1 and indices.shape == values.shape):
-        raise ValueError("its top_k change does not hold matching uint32 positions and float32 values")
+        raise ValueError("its change does not hold matching uint32 positions and float32 values")
     if indices.size and (int(indices[-1]) >= size or not (np.diff(indices.astype(np.int64)) > 0).all()):
-        raise ValueError(f"its top_k positions are not ascending, distinct and below {size}")
-    delta = np.zeros(size, np.float32)
+        raise ValueError(f"its positions are not ascending, distinct and below {size}")
     delta[indices] = values
-    return delta

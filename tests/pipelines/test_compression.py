@@ -20,6 +20,8 @@ from tests.conftest import ehr_config
 
 SIZE = 10_000
 LAYOUT = Layout(("w",), ((SIZE,),))
+NONE = np.zeros(0, np.uint32)  # no running statistics
+EXACT = {"indices": NONE, "values": np.zeros(0, np.float32)}  # an int8 change with no entry sent exactly
 
 
 def change(seed: int = 0) -> Update:
@@ -30,7 +32,7 @@ def change(seed: int = 0) -> Update:
 
 def test_int8_sends_a_quarter_of_the_bytes_and_its_mean_over_hospitals_is_unbiased():
     update = change()
-    sent = [compression.compress(update, CompressionConfig(kind="int8"), seed, None)[0] for seed in range(400)]
+    sent = [compression.compress(update, CompressionConfig(kind="int8"), seed, None, NONE)[0] for seed in range(400)]
     ratio = len(pickle.dumps(sent[0], protocol=5)) / len(pickle.dumps(update, protocol=5))
     assert 0.25 < ratio < 0.28
     restored = np.stack([compression.restore(s, SIZE).delta for s in sent])
@@ -38,7 +40,7 @@ def test_int8_sends_a_quarter_of_the_bytes_and_its_mean_over_hospitals_is_unbias
     assert (np.abs(restored - update.delta) <= scales * 1.0001).all()  # one step of its block at most
     # Stochastic rounding is unbiased: 400 hospitals' rounding errors average out like 1/sqrt(400).
     assert np.abs(restored.mean(axis=0) - update.delta).max() < 0.2 * scales.max()
-    assert np.array_equal(restored[0], compression.restore(compression.compress(update, CompressionConfig(kind="int8"), 0, None)[0], SIZE).delta)
+    assert np.array_equal(restored[0], compression.restore(compression.compress(update, CompressionConfig(kind="int8"), 0, None, NONE)[0], SIZE).delta)
 
 
 def test_top_k_sends_its_share_and_error_feedback_sends_every_entry_eventually():
@@ -46,7 +48,7 @@ def test_top_k_sends_its_share_and_error_feedback_sends_every_entry_eventually()
     residual, sent_total, changes_total = None, np.zeros(SIZE, np.float64), np.zeros(SIZE, np.float64)
     for round in range(30):
         update = change(round)
-        sent, residual = compression.compress(update, config, round, residual)
+        sent, residual = compression.compress(update, config, round, residual, NONE)
         assert sent.delta.indices.size == 500 and sent.delta.values.dtype == np.float32
         assert len(pickle.dumps(sent, protocol=5)) < 0.12 * len(pickle.dumps(update, protocol=5))
         sent_total += compression.restore(sent, SIZE).delta
@@ -56,8 +58,24 @@ def test_top_k_sends_its_share_and_error_feedback_sends_every_entry_eventually()
     assert (sent_total != 0).mean() > 0.5  # far more than the 5 % of entries any one round sends
 
 
+@pytest.mark.parametrize("kind", ["int8", "top_k"])
+def test_running_statistics_travel_exactly_and_never_wait_in_the_residual(kind):
+    layout = Layout(("conv.weight", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"), ((9990,), (4,), (4,), ()))
+    exact = compression.statistics(layout, {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"})
+    assert exact.tolist() == list(range(9990, 9999))
+    update = dataclasses.replace(change(), layout=layout, delta=change().delta[:9999].copy())
+    update.delta[9990:] = [5.0, -3.0, 40.0, 0.5, -7.0, 2.0, 1e-3, 9.0, 4.0]  # far larger than any weight's change
+    sent, residual = compression.compress(update, CompressionConfig(kind=kind, top_k_fraction=0.01), 0, None, exact)
+    restored = compression.restore(sent, 9999).delta
+    assert np.array_equal(restored[9990:], update.delta[9990:])
+    if kind == "int8":  # the statistics do not stretch the weights' scales
+        assert np.abs(restored[:9990] - update.delta[:9990]).max() < 0.01
+    else:
+        assert np.count_nonzero(restored[:9990]) == 100 and not residual[9990:].any()
+
+
 def compressed(**changes) -> CompressedUpdate:
-    sent, _ = compression.compress(change(), CompressionConfig(kind="top_k", top_k_fraction=0.01), 0, None)
+    sent, _ = compression.compress(change(), CompressionConfig(kind="top_k", top_k_fraction=0.01), 0, None, NONE)
     return dataclasses.replace(sent, **changes)
 
 
@@ -71,7 +89,7 @@ def compressed(**changes) -> CompressedUpdate:
         (CompressedDelta("top_k", SIZE, indices=np.array([5], np.uint32), values=np.array([np.nan], np.float32)), "holds 1 NaN or infinite values"),
         (CompressedDelta("int8", SIZE, block=256, codes=np.zeros(SIZE, np.int8), scales=np.ones(3, np.float32)), "scales do not match its blocks"),
         (CompressedDelta("int8", SIZE, block=256, codes=np.zeros(SIZE, np.int16), scales=np.ones(40, np.float32)), "does not hold 10000 int8 codes"),
-        (CompressedDelta("int8", SIZE, block=256, codes=np.full(SIZE, 127, np.int8), scales=np.full(40, 3e38, np.float32)), "NaN or infinite"),
+        (CompressedDelta("int8", SIZE, block=256, codes=np.full(SIZE, 127, np.int8), scales=np.full(40, 3e38, np.float32), **EXACT), "NaN or infinite"),
         (CompressedDelta("zip", SIZE), "compressed as 'zip', not int8 or top_k"),
         (np.zeros(SIZE, np.float32), "its compressed change is a ndarray"),
     ],

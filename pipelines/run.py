@@ -16,7 +16,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.seeds import derived_seed
-from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, Update
+from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from models.export import export_model, from_weights
 from models.flat import flatten
 from models.networks import build_model
@@ -68,25 +68,39 @@ def _reason(error: Exception) -> str:
 def gather(futures: Mapping[str, ray.ObjectRef], timeout: float, late: dict[str, ray.ObjectRef] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Results of the hospitals that answered in time, and a reason for each that did not. With
     `late`, an answer not in time is left to arrive and put there; otherwise it is cancelled."""
-    refs = list(futures.values())
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-    ready = set(ready)
-    results, failures = {}, {}
-    for name, ref in futures.items():
-        if ref not in ready:
+    failures: dict[str, str] = {}
+    return dict(arrivals(futures, timeout, failures, late)), failures
+
+
+def arrivals(futures: Mapping[str, ray.ObjectRef], timeout: float, failures: dict[str, str], late: dict[str, ray.ObjectRef] | None = None) -> Iterator[tuple[str, Any]]:
+    """(hospital, result) in the order they arrive within `timeout`; a reason for each that does
+    not goes into `failures`, as for `gather`. A result is fetched only when it is taken."""
+    deadline = time.monotonic() + timeout
+    waiting = {ref: name for name, ref in futures.items()}
+    try:
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)  # and whatever else is in
+            for ref in ready:
+                name = waiting.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    failures[name] = _reason(e.cause)
+                    continue
+                except ray.exceptions.RayError as e:
+                    failures[name] = f"{type(e).__name__}: the hospital's actor is gone"
+                    continue
+                yield name, result
+    finally:  # also when the taker stops early: what is still out is cancelled or left to arrive late
+        for ref, name in waiting.items():
             failures[name] = f"no answer within {timeout:.0f} s" + ("; it counts, weighed down, when it arrives" if late is not None else "")
             if late is None:
                 ray.cancel(ref)
             else:
                 late[name] = ref
-            continue
-        try:
-            results[name] = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            failures[name] = _reason(e.cause)
-        except ray.exceptions.RayError as e:
-            failures[name] = f"{type(e).__name__}: the hospital's actor is gone"
-    return results, failures
 
 
 class _BudgetSpent(Exception):
@@ -410,9 +424,6 @@ class Pipeline:
             bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
         return weights, layout, last
 
-    def _examples(self) -> dict[str, int]:
-        return {h: c.train_examples for h, c in self.counts.items()}
-
     def _weighed(self, updates: Mapping[str, Any], rounds_late: Mapping[str, int]) -> dict[str, Any]:
         """Updates as the driver counts them: a plain one weighs what its example count (as the
         hospital joined with it) gives, never what it claims, times stale_weight per round late;
@@ -428,6 +439,19 @@ class Pipeline:
                     u = aggregation.bounded(u, bound, self.layout_size)
             out[h] = u
         return out
+
+    def _admitted(self, round: int, arriving: Iterator[tuple[str, Any]], sent: dict[str, int], failures: dict[str, str], updates: dict[str, Any]) -> Iterator[Update | SealedUpdate]:
+        """Updates as they arrive and pass admission. Each is also kept in `updates`: whole where
+        it is in the clear, and where it is sealed only its counts and metrics, once passed on."""
+        for h, answer in arriving:
+            sent[h] = sent.get(h, 0) + _wire_bytes(answer)
+            try:
+                update = admission.admitted(round, h, answer, self.expected[h], self.wire_form, self.counts[h].train_examples)
+            except admission.Refused as why:
+                failures[h] = str(why)
+                continue
+            updates[h] = update if isinstance(update, Update) else dataclasses.replace(update, payload=None)
+            yield update
 
     def _late_updates(self, round: int, failures: dict[str, str]) -> dict[str, tuple[Update, int]]:
         """Updates of earlier rounds that arrived since (`run.stale_weight` > 0), checked as for
@@ -757,22 +781,23 @@ class Pipeline:
         extra = self.strategy.broadcast()
         extra_ref = None if extra is None else ray.put(extra)
         late: dict[str, ray.ObjectRef] | None = {} if cfg.run.stale_weight > 0 else None
-        updates, fit_failures = gather(
-            {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital], extra_ref) for p in plans if p.hospital in setups},
-            timeout,
-            late,
-        )
-        failures.update(fit_failures)
-        for h, u in updates.items():
-            sent[h] = sent.get(h, 0) + _wire_bytes(u)
-        updates, refused = admission.admit(round, updates, self.expected, self.wire_form, self._examples())
-        failures.update(refused)
+        futures = {p.hospital: self.hospitals[p.hospital].fit.remote(p, weights_ref, layout, setups[p.hospital], extra_ref) for p in plans if p.hospital in setups}
+        arriving = arrivals(futures, timeout, failures, late)
+        updates: dict[str, Any] = {}
+        try:  # a hook that sums adds each update as it arrives
+            combined = self.hook.combine(round, self._admitted(round, arriving, sent, failures, updates))
+        except AggregationError:
+            self._require_quorum(round, updates, failures)  # too few arrived: say so, not how the sum failed
+            raise
+        finally:
+            arriving.close()
         arrived = self._late_updates(round, failures)
         self.pending.update({h: (round, ref) for h, ref in (late or {}).items()})
-        updates = self._weighed({**updates, **{h: u for h, (u, _) in arrived.items()}}, {h: round - r for h, (_, r) in arrived.items()})
+        if self.hook.reveals_individual_updates:  # changes in the clear are weighed here, late ones joined
+            updates = self._weighed({**updates, **{h: u for h, (u, _) in arrived.items()}}, {h: round - r for h, (_, r) in arrived.items()})
+            combined = [updates[h] for h in sorted(updates)]
         self._check_reported_steps(round, updates, units)
         self._require_quorum(round, updates, failures)
-        combined = self.hook.combine(round, [updates[h] for h in sorted(updates)])
         aggregated = self.hook.finish(round, combined, {h: why for h, why in failures.items() if h in setups}, ask)
         if cfg.privacy.dp_fedavg.enabled and self.hook.reveals_individual_updates:
             aggregated = [dp_fedavg.noised_mean(aggregated, cfg)]

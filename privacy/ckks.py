@@ -16,7 +16,7 @@ lacks, would remove that trust.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from math import ceil
 from typing import Any
@@ -148,7 +148,7 @@ class CkksHook(AggregationHook):
         self._plan = (round, scales, planned)
         return scales
 
-    def combine(self, round: int, received: Sequence[SealedUpdate]) -> _Sum | None:
+    def combine(self, round: int, received: Iterable[SealedUpdate]) -> _Sum | None:
         if self._plan is None or self._plan[0] != round:
             raise AggregationError(f"round {round}: updates arrived for a round the encryption hook did not set up")
         _, scales, weights = self._plan

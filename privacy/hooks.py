@@ -6,7 +6,8 @@ its name says. One instance lives at the driver (`hospital` None) and one in eac
 1. `start` (driver, once per run invocation): set-up among hospitals that lasts the run (keys).
 2. `setup` (driver, before a round): one set-up message per hospital asked to train.
 3. `encode` (each hospital): turn its `Update` into what may leave the hospital.
-4. `combine` (driver): join what arrived.
+4. `combine` (driver): join updates one by one as they arrive, in one pass: a hook that sums
+   holds the sum and one update, never all of them.
 5. `finish` (driver): turn the combination into plain `Update`s for the strategy. It knows which
    set-up hospitals dropped out, and may `ask` the others for their part (unmasking shares,
    decryption): each request is answered at a hospital by `respond`.
@@ -21,7 +22,7 @@ such a hook.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fedward.config import FedwardConfig
@@ -55,7 +56,7 @@ class AggregationHook(ABC):
     def encode(self, update: Update, setup: Any) -> Update | SealedUpdate: ...
 
     @abstractmethod
-    def combine(self, round: int, received: Sequence[Update | SealedUpdate]) -> Any: ...
+    def combine(self, round: int, received: Iterable[Update | SealedUpdate]) -> Any: ...
 
     @abstractmethod
     def finish(self, round: int, combined: Any, dropped: Mapping[str, str], ask: Ask) -> Sequence[Update]: ...
@@ -88,7 +89,7 @@ class PlaintextHook(AggregationHook):
     def encode(self, update: Update, setup: Any) -> Update:
         return update
 
-    def combine(self, round: int, received: Sequence[Update]) -> Sequence[Update]:
+    def combine(self, round: int, received: Iterable[Update]) -> Sequence[Update]:
         return list(received)
 
     def finish(self, round: int, combined: Sequence[Update], dropped: Mapping[str, str], ask: Ask) -> Sequence[Update]:

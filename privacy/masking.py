@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,27 +192,27 @@ class MaskingHook(AggregationHook):
         mask_keys = {h: adverts[h].mask_key for h in participants}
         return {h: MaskingSetup(round, w / total, mask_keys, {u: sealed[u][h] for u in participants}) for h, w in participants.items()}
 
-    def combine(self, round: int, received: Sequence[SealedUpdate]) -> MaskedSum:
+    def combine(self, round: int, received: Iterable[SealedUpdate]) -> MaskedSum:
         state = self._driver_round(round)
-        if not received:
-            raise AggregationError(f"round {round}: no masked update arrived")
-        layout = received[0].layout
-        total = np.zeros(layout.size, self.ring)
-        seen: list[str] = []
+        total, layout, seen, examples = None, None, [], 0
         for sealed in received:
             where = f"round {round}, {sealed.hospital}"
             if sealed.form != self.form or sealed.round != round:
                 raise AggregationError(f"{where}: expected a masked update of this round, got form {sealed.form!r} of round {sealed.round}")
             if sealed.hospital not in state.weights or sealed.hospital in seen:
                 raise AggregationError(f"{where}: not a participant of the round's set-up, or sent a second update")
+            layout = layout or sealed.layout
             payload = sealed.payload
             if sealed.layout != layout or not (isinstance(payload, np.ndarray) and payload.dtype == self.ring and payload.shape == (layout.size,)):
-                raise AggregationError(
-                    f"{where}: expected {layout.size} {self.masking.ring_bits}-bit ring elements in {received[0].hospital}'s layout"
-                )
+                raise AggregationError(f"{where}: expected {layout.size} {self.masking.ring_bits}-bit ring elements in the round's layout")
+            if total is None:
+                total = np.zeros(layout.size, self.ring)
             total += payload  # wraps around: arithmetic mod 2**ring_bits
             seen.append(sealed.hospital)
-        return MaskedSum(round, tuple(sorted(seen)), total, layout, sum(s.num_examples for s in received))
+            examples += sealed.num_examples
+        if total is None:
+            raise AggregationError(f"round {round}: no masked update arrived")
+        return MaskedSum(round, tuple(sorted(seen)), total, layout, examples)
 
     def finish(self, round: int, combined: MaskedSum, dropped: Mapping[str, str], ask: Ask) -> Sequence[Update]:
         state = self._driver_round(round)

@@ -1,18 +1,24 @@
 """What fedward costs beyond the training itself: a federated run against the same local training
-done by plain PyTorch, in one process and in two processes (the ideal on a 2-core machine).
+done by plain PyTorch, in one process and in two processes (the ideal on a 2-core machine), and
+against the same FedAvg task in Flower's simulation engine (benchmarks/flower_side.py, in a
+virtualenv of its own that this script builds once: Flower pins another Ray than fedward's).
 
 The workload is the imaging demo's CNN on 3,200 images of 64x64 split over H hospitals, R rounds
 of FedAvg. Each side trains with the same function (models/training.train) on the same training
-split: the plain PyTorch sides take each hospital's training tensors as fedward's own `Hospital`
-prepared them, so every side takes the same optimizer steps (asserted). Per side and repetition:
+split: the plain PyTorch and Flower sides take each hospital's training tensors as fedward's own
+`Hospital` prepared them, so every side takes the same optimizer steps (asserted); fedward alone
+reads the DICOM files (cached after the first repetition). Per side and repetition:
 - whole: wall time from starting the process to its end (imports, Ray, data, all rounds);
-- first round: seconds from the start until the first round began;
+- first round: seconds from the start until the first round began (Flower: its first client call);
 - steady round: the median round time after the first;
 - peak PSS: the largest sum of proportional set sizes over the process and all it started (Ray's
   own processes included), sampled every 0.2 s.
 Sides interleave within each repetition; figures are medians over repetitions.
 
     python benchmarks/overhead.py --hospitals 8 32 --repeats 5
+
+The Flower virtualenv (about 1.6 GB, 60 to 90 s to build) goes to --flower-cache, by default
+~/.cache/fedward-bench.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,10 +102,51 @@ def fedward_side(data: Path, hospitals: list[str], runs: Path, name: str, rounds
 
 def plain_side(tensors: Path, processes: int, rounds: int) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--plain", str(tensors), "--processes", str(processes), "--rounds", str(rounds)]
-    started_at, whole, peak, out = timed_process(command, dict(os.environ))
+    return _timed_side(command, dict(os.environ))
+
+
+def flower_side(python: Path, tensors: Path, rounds: int) -> dict:
+    command = [str(python), str(Path(__file__).with_name("flower_side.py")), str(tensors), "--rounds", str(rounds), "--project", str(ROOT)]
+    return _timed_side(command, {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")})
+
+
+def _timed_side(command: list[str], env: dict[str, str]) -> dict:
+    """A side that prints its figures as one JSON line: first_round_at, rounds, steps."""
+    started_at, whole, peak, out = timed_process(command, env)
     figures = json.loads(out.splitlines()[-1])
     return {"whole": whole, "first_round": figures["first_round_at"] - started_at, "steady": statistics.median(figures["rounds"][1:]),
             "peak_pss": peak, "steps": figures["steps"]}
+
+
+FLOWER = "flwr[simulation]==1.41.0"
+TORCH = "torch==2.13.0"  # the one torch on these machines' disk; any other is a multi-GB download
+# What models/training, models/networks and fedward/config import beyond torch, pinned to the
+# versions this interpreter has, so both sides train with the same libraries.
+PROJECT_NEEDS = ("numpy", "scipy", "scikit-learn", "pyyaml", "pydicom")
+
+
+def flower_python(cache: Path) -> Path:
+    """The python of a virtualenv under `cache` with Flower's simulation engine, the project's
+    torch and what the project's training code imports; built on first use, reused after."""
+    from importlib import metadata
+
+    venv = cache / "flower-venv"
+    python, marker = venv / "bin" / "python", venv / "complete"
+    pins = [TORCH, *(f"{name}=={metadata.version(name)}" for name in PROJECT_NEEDS)]
+    wanted = "\n".join([FLOWER, *pins]) + "\n"
+    if marker.exists() and marker.read_text() == wanted:  # the marker says what was installed: changed pins rebuild
+        return python
+    shutil.rmtree(venv, ignore_errors=True)  # half-built by an interrupted run, or stale
+    print(f"building Flower's virtualenv in {venv} (once)", flush=True)
+    # This interpreter, for the torch wheel's Python version; isolated, so no local venv.py stands in for the stdlib's.
+    subprocess.run([sys.executable, "-I", "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, TORCH], check=True)  # alone first, so the resolver settles on the local wheel
+    constraints = venv / "constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")  # flwr's dependencies may not move torch or numpy
+    subprocess.run([*pip, "-c", str(constraints), FLOWER, *PROJECT_NEEDS], check=True)
+    marker.write_text(wanted)
+    return python
 
 
 # -- the plain PyTorch side, run as its own process ------------------------------------------------
@@ -191,6 +239,8 @@ def main() -> None:
     parser.add_argument("--hospitals", nargs="+", type=int, default=[8, 32])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--flower-cache", type=Path, default=Path.home() / ".cache" / "fedward-bench", help="where Flower's virtualenv is built")
+    parser.add_argument("--no-flower", action="store_true", help="leave the Flower side out")
     parser.add_argument("--plain", type=Path, help=argparse.SUPPRESS)  # the plain side's own process
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,9 +250,12 @@ def main() -> None:
 
     from data_adapters.demo import write_demo_data
 
+    flower = None if args.no_flower else flower_python(args.flower_cache)
+
     print(f"{IMAGES} images of 64x64, the imaging demo's CNN, {args.rounds} rounds, median of {args.repeats} interleaved repetitions; "
           f"{os.cpu_count()} cores")
-    print(f"{'hospitals':>9} {'side':<16}{'whole s':>9}{'first round s':>15}{'steady round s':>16}{'peak PSS GB':>13}{'whole/ideal':>13}{'steady/ideal':>14}")
+    print(f"{'hospitals':>9} {'side':<20}{'whole s':>9}{'first round s':>15}{'steady round s':>16}{'peak PSS GB':>13}{'whole/ideal':>13}"
+          f"{'steady/ideal':>14}{'first/Flower':>14}{'PSS/Flower':>12}")
     for count in args.hospitals:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -211,20 +264,24 @@ def main() -> None:
                             rows_per_hospital=[20] * min(count, 26))
             data = hospital_folders(tmp / "data", names)
             steps = export_tensors(data, names, tmp / "runs", tmp / "tensors")
-            sides: dict[str, list[dict]] = {"plain, 1 process": [], "ideal, 2 processes": [], "fedward": []}
+            sides: dict[str, list[dict]] = {"plain, 1 process": [], "ideal, 2 processes": [], "fedward": [], **({"Flower": []} if flower else {})}
             for repeat in range(args.repeats):
                 sides["plain, 1 process"].append(plain_side(tmp / "tensors", 1, args.rounds))
                 sides["ideal, 2 processes"].append(plain_side(tmp / "tensors", 2, args.rounds))
                 sides["fedward"].append(fedward_side(data, names, tmp / "runs", f"run{repeat}", args.rounds))
-            for side in ("plain, 1 process", "ideal, 2 processes"):
-                assert all(r["steps"] == steps * args.rounds for r in sides[side]), "the sides took different numbers of steps"
-            assert all(r["rounds"] == args.rounds for r in sides["fedward"])
-            ideal = {k: statistics.median(r[k] for r in sides["ideal, 2 processes"]) for k in ("whole", "steady")}
+                if flower:
+                    sides["Flower"].append(flower_side(flower, tmp / "tensors", args.rounds))
             for side, results in sides.items():
-                m = {k: statistics.median(r[k] for r in results) for k in ("whole", "first_round", "steady", "peak_pss")}
-                print(f"{count:>9} {side:<16}{m['whole']:>9.1f}{m['first_round']:>15.1f}{m['steady']:>16.2f}{m['peak_pss'] / 1e9:>13.2f}"
-                      f"{m['whole'] / ideal['whole']:>13.2f}{m['steady'] / ideal['steady']:>14.2f}", flush=True)
-            print(f"{'':>9} raw whole s: " + "; ".join(f"{side} {[round(r['whole'], 1) for r in results]}" for side, results in sides.items()))
+                assert side == "fedward" or all(r["steps"] == steps * args.rounds for r in results), f"{side} took other steps than {steps * args.rounds}"
+            assert all(r["rounds"] == args.rounds for r in sides["fedward"])
+            medians = {side: {k: statistics.median(r[k] for r in results) for k in ("whole", "first_round", "steady", "peak_pss")} for side, results in sides.items()}
+            ideal, peer = medians["ideal, 2 processes"], medians.get("Flower")
+            for side, m in medians.items():
+                against_flower = f"{m['first_round'] / peer['first_round']:>14.2f}{m['peak_pss'] / peer['peak_pss']:>12.2f}" if peer else ""
+                print(f"{count:>9} {side:<20}{m['whole']:>9.1f}{m['first_round']:>15.1f}{m['steady']:>16.2f}{m['peak_pss'] / 1e9:>13.2f}"
+                      f"{m['whole'] / ideal['whole']:>13.2f}{m['steady'] / ideal['steady']:>14.2f}{against_flower}", flush=True)
+            for key in ("whole", "first_round", "steady"):
+                print(f"{'':>9} raw {key} s: " + "; ".join(f"{side} {[round(r[key], 2) for r in results]}" for side, results in sides.items()))
 
 
 def hospital_folders(demo: Path, names: list[str]) -> Path:

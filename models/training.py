@@ -10,11 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
 from fedward.config import TrainConfig
-from fedward.metrics import score_histograms
+from fedward import metrics
 from fedward.types import Evaluation
 
 
@@ -104,15 +103,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, round: int, 
     scores = torch.sigmoid(logits).numpy().astype(np.float64)
     labels = y.numpy().astype(np.int64)
     both = len(np.unique(labels)) == 2
-    pos, neg = score_histograms(scores, labels)
+    pos, neg = metrics.score_histograms(scores, labels)
     return Evaluation(
         round=round,
         hospital=hospital,
         num_examples=len(labels),
         loss=loss,
         accuracy=float(((scores >= 0.5) == labels).mean()),
-        auroc=float(roc_auc_score(labels, scores)) if both else float("nan"),
-        auprc=float(average_precision_score(labels, scores)) if both else float("nan"),
+        auroc=metrics.auroc(labels, scores) if both else float("nan"),
+        auprc=metrics.average_precision(labels, scores) if both else float("nan"),
         positive_hist=pos,
         negative_hist=neg,
     )

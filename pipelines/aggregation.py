@@ -25,7 +25,6 @@ import dataclasses
 
 import numpy as np
 from scipy.linalg.blas import saxpy
-from scipy.stats import trim_mean
 
 from fedward.config import RobustConfig
 from fedward.errors import AggregationError
@@ -112,6 +111,8 @@ def combine(updates: Sequence[Update], layout: Layout | None, robust: RobustConf
     if robust.rule == "median":
         return np.median(deltas, axis=0)
     if robust.rule == "trimmed_mean":
+        from scipy.stats import trim_mean  # scipy.stats: 65 MB, in the driver that trims and nowhere else
+
         return trim_mean(deltas, robust.trim, axis=0)
     # A round may have fewer hospitals than the config planned for (some failed): Krum then keeps
     # what it can, and never fewer than one.

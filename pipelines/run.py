@@ -30,8 +30,6 @@ from actors.hospital import Hospital
 from actors.pool import HostedHospital, start_pool
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
-from explain.aggregate import merge
-from explain.attribution import unsupported_layers
 from explain.summary import to_jsonable
 from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
 from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, FedwardError, HospitalError, QuorumError
@@ -351,6 +349,8 @@ class Pipeline:
         """Refuse before training, not in its middle, what the model or the privacy settings forbid."""
         cfg = self.config
         model = build_model(cfg.model, shape)
+        from explain.attribution import unsupported_layers  # shap: in a driver that explains, when it does
+
         unsupported = unsupported_layers(model) if cfg.explain.enabled else []
         if unsupported:
             raise ConfigError(
@@ -702,6 +702,8 @@ class Pipeline:
 
     def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> None:
         """SHAP inside each hospital, merged here; each hospital then writes its own report."""
+        from explain.aggregate import merge  # shap, via the explanation's types: only in a driver that explains
+
         timeout = self.config.run.round_timeout_s
         weights_ref = ray.put(weights)
         summaries, failures = gather({h: self.hospitals[h].explain.remote(round, weights_ref, layout) for h in hospitals}, timeout)

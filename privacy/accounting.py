@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 
-import dp_accounting
-from dp_accounting import mechanism_calibration
-from dp_accounting.pld import PLDAccountant
+from typing import TYPE_CHECKING
 
 from fedward.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dp_accounting
+    from dp_accounting import mechanism_calibration
 
 # 1e-3 keeps an epsilon of hundreds of steps near 0.1 s, within 1e-4 (relative) of the 1e-4
 # default; the PLD is a pessimistic estimate at either interval, so epsilon is never understated.
@@ -48,6 +50,8 @@ class GaussianSteps:
             )
 
     def event(self) -> dp_accounting.DpEvent:
+        import dp_accounting  # with its scipy.stats, 70 MB: loaded where epsilons are computed, not in every hospital
+
         step = dp_accounting.GaussianDpEvent(self.noise_multiplier)
         if self.sample_rate < 1:
             step = dp_accounting.PoissonSampledDpEvent(self.sample_rate, step)
@@ -67,6 +71,9 @@ def epsilon(history: Sequence[GaussianSteps], delta: float) -> float:
 
 @functools.lru_cache(maxsize=1024)
 def _epsilon(history: tuple[GaussianSteps, ...], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
     accountant = PLDAccountant(value_discretization_interval=VALUE_DISCRETIZATION_INTERVAL)
     accountant.compose(dp_accounting.ComposedDpEvent([run.event() for run in history]))
     return float(accountant.get_epsilon(delta))
@@ -78,6 +85,9 @@ def calibrate_noise_multiplier(epsilon: float, delta: float, sample_rate: float,
     what = f"epsilon={epsilon} at delta={delta} over {steps} steps at sample rate {sample_rate:.4g}"
     if steps < 1:
         raise ConfigError(f"cannot calibrate noise for {what}: there is no step to add noise to")
+    from dp_accounting import mechanism_calibration
+    from dp_accounting.pld import PLDAccountant
+
     bracket = _bracket(lambda sigma: _spent(sigma, sample_rate, steps, delta) - epsilon, what)
     try:
         return mechanism_calibration.calibrate_dp_mechanism(
@@ -107,6 +117,8 @@ def _bracket(gap: Callable[[float], float], what: str) -> mechanism_calibration.
         elif gap(low) <= 0:
             low, high = low / 2, low
         else:
+            from dp_accounting import mechanism_calibration
+
             return mechanism_calibration.ExplicitBracketInterval(low, high)
     raise ConfigError(
         f"{what} needs a noise multiplier outside {NOISE_RANGE[0]}..{NOISE_RANGE[1]:.0f}; choose a budget "

@@ -28,3 +28,16 @@ def test_histograms_count_every_sample_once_including_the_edges():
     assert pos.sum() == 2 and neg.sum() == 2
     assert pos[0] == 1 and pos[-1] == 1
     assert np.isnan(auroc_from_histograms(pos, np.zeros_like(neg)))
+
+
+def test_a_hospitals_exact_auroc_and_average_precision_are_scikit_learns():
+    from fedward.metrics import auroc, average_precision
+
+    rng = np.random.default_rng(1)
+    for n, decimals in ((7, 1), (50, 1), (400, 2), (1000, 6)):  # coarse scores make many ties
+        labels = rng.random(n) < 0.3
+        labels[:2] = [True, False]
+        scores = np.round(1 / (1 + np.exp(-(rng.normal(size=n) + labels))), decimals)
+        assert abs(auroc(labels, scores) - roc_auc_score(labels, scores)) < 1e-12
+        assert abs(average_precision(labels, scores) - average_precision_score(labels, scores)) < 1e-12
+    assert np.isnan(auroc(np.ones(5, bool), np.linspace(0, 1, 5))) and np.isnan(average_precision(np.zeros(5, bool), np.linspace(0, 1, 5)))

@@ -80,3 +80,9 @@ def test_each_hospital_is_held_to_its_own_models_layout(tmp_path):
     scaffold.start(model, layout)
     extended = admission.expected_layouts(parse_config(raw), scaffold, (13,), layout)["hospital_a"]
     assert extended.names[: len(layout.names)] == layout.names and extended.size == 2 * layout.size  # the MLP has no buffers
+
+
+def test_a_huge_but_finite_change_is_not_mistaken_for_an_infinite_one():
+    huge = good(delta=np.array([1e30, 0, 0, 0, 0, 0, 0, 0, -3e38], np.float32))  # its squared norm overflows float32
+    admitted, refused = admission.admit(4, {"hospital_a": huge}, LAYOUTS, "plain", EXAMPLES)
+    assert admitted == {"hospital_a": huge} and not refused

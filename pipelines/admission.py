@@ -77,7 +77,9 @@ def _admitted(round: int, hospital: str, answer: Any, layout: Layout, form: str,
         raise Refused(f"rejected: its change is not {layout.size} float32 values")
     # One BLAS pass at memory speed for every change; the exact count only for the rare one that
     # fails it (a huge finite value's square overflows too).
-    if not math.isfinite(float(np.dot(delta, delta))) and (bad := int((~np.isfinite(delta)).sum())):
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = float(np.dot(delta, delta))
+    if not math.isfinite(squares) and (bad := int((~np.isfinite(delta)).sum())):
         raise Refused(f"rejected: its change holds {bad} NaN or infinite values")
     return answer
 

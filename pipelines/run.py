@@ -349,9 +349,11 @@ class Pipeline:
         """Refuse before training, not in its middle, what the model or the privacy settings forbid."""
         cfg = self.config
         model = build_model(cfg.model, shape)
-        from explain.attribution import unsupported_layers  # shap: in a driver that explains, when it does
+        unsupported = []
+        if cfg.explain.enabled:
+            from explain.attribution import unsupported_layers  # shap: only in a driver that explains
 
-        unsupported = unsupported_layers(model) if cfg.explain.enabled else []
+            unsupported = unsupported_layers(model)
         if unsupported:
             raise ConfigError(
                 f"model: DeepExplainer cannot explain {', '.join(sorted(set(unsupported)))} layers; "

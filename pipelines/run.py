@@ -145,9 +145,9 @@ def pooled(config: FedwardConfig, address: str | None) -> bool:
     return address is None and config.run.hosting != "per_hospital"
 
 
-def start_ray(config: FedwardConfig, address: str | None) -> bool:
-    """Connect to `address`, or start an embedded Ray: for hospitals with actors of their own, it
-    offers every hospital's resource.
+def start_ray(config: FedwardConfig, address: str | None, pool: bool) -> bool:
+    """Connect to `address`, or start an embedded Ray: for hospitals with actors of their own (not
+    a `pool`), it offers every hospital's resource.
 
     Returns whether this call started Ray (and so should stop it). An already initialised Ray,
     as in tests, is used as it is.
@@ -159,7 +159,6 @@ def start_ray(config: FedwardConfig, address: str | None) -> bool:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     else:
         # Hospitals with processes of their own may ask for more CPUs than the machine has: they take turns.
-        pool = pooled(config, address)
         wanted = 0 if pool else math.ceil(sum(h.cpus for h in config.hospitals))
         ray.init(
             address="local",  # a new Ray of its own, even where `ray start` runs another on this machine
@@ -221,10 +220,11 @@ class Pipeline:
         if done and not self._subgroups_due(ckpt.round) and not self._explanation_due(ckpt.round):
             self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
             return ckpt.weights
-        started = start_ray(self.config, self.address)
+        pool = pooled(self.config, self.address)  # a refused hosting stops the run before Ray starts
+        started = start_ray(self.config, self.address, pool)
         try:
             at_hospitals = self.config.with_paths_from(self.started_in)
-            if pooled(self.config, self.address):
+            if pool:
                 self.hospitals, self.processes = start_pool(at_hospitals, self.run_id)
             else:
                 check_placement(self.config)

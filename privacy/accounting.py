@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
-
 from typing import TYPE_CHECKING
 
 from fedward.errors import ConfigError

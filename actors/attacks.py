@@ -1,7 +1,7 @@
 """Simulated hostile or faulty hospitals, for testing defences (config `attack`); a test bench,
 never a run meant for patients. The named hospitals:
 
-- `label_flip`: train on flipped labels, as a hospital with poisoned data would;
+- `label_flip`: train on flipped targets (as the task defines a flip), as a hospital with poisoned data would;
 - `sign_flip`: send their change reversed;
 - `scale`: send their change times `scale`, to replace the model with their own;
 - `noise`: send Gaussian noise of standard deviation `sigma` instead of a change;
@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from fedward.config import AttackConfig
+from fedward.tasks import Task
 from fedward.types import Update
 
 
-def training_labels(attack: AttackConfig, hospital: str, y: torch.Tensor) -> torch.Tensor:
-    return 1 - y if attack.kind == "label_flip" and hospital in attack.hospitals else y
+def training_targets(attack: AttackConfig, hospital: str, y: torch.Tensor, task: Task) -> torch.Tensor:
+    """The targets a hospital trains on: flipped as its task defines a flip, for a label-flipping attacker."""
+    return task.flipped(y) if attack.kind == "label_flip" and hospital in attack.hospitals else y
 
 
 def tampered(attack: AttackConfig, update: Update, seed: int) -> Update:

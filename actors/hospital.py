@@ -31,6 +31,7 @@ from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
 from fedward import subgroups
 from fedward.seeds import derived_seed
+from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, RoundPlan, SealedUpdate, Update
 from models.flat import flatten, layout_of, load_flat
 from models import export, training, width
@@ -68,6 +69,8 @@ class Hospital:
         self.config = config
         self.run_id = run_id
         self.hook = build_hook(config, name, run_id)
+        self.task = build_task(config.task, config.run.study_dir)
+        self.scale: dict[str, float] | None = None  # the targets' scale the consortium agreed (regression)
         self.samples: Samples | None = None
         self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
         self.model: nn.Module | None = None
@@ -115,23 +118,25 @@ class Hospital:
             raise DeploymentError(problem)
         report = DataReport(self.name)
         data = self.config.data
+        attributes = self.config.subgroups.attributes
         if data.kind == "table":
-            samples = load_table(self.data_dir, data.table, report, attributes=self.config.subgroups.attributes)
+            samples = load_table(self.data_dir, data.table, report, attributes=attributes, task=self.task)
         else:
-            samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache", attributes=self.config.subgroups.attributes)
+            samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache", attributes=attributes, task=self.task)
         if record:
             report.write(self.run_dir / "data_report.json")
         self.notes = report.notes
-        usable, classes = len(samples), set(np.unique(samples.labels).tolist())
-        if usable < data.min_samples or classes != {0, 1}:
+        usable, lacking = len(samples), self.task.unusable(samples.labels)
+        if usable < data.min_samples or lacking:
+            found = self.task.target_counts(samples.labels) or f"{len(np.unique(samples.labels))} different values"
+            needs = " and ".join([f"at least data.min_samples={data.min_samples} usable samples", *([lacking] if lacking else [])])
             raise DataError(
-                f"{self.name}: {usable} usable samples with labels {sorted(classes)}; joining needs at least "
-                f"data.min_samples={data.min_samples} and both classes. Skipped per reason: {report.counts()}; "
-                f"details in the hospital's report {self.run_dir / 'data_report.json'}"
+                f"{self.name}: {usable} usable samples with targets {found}; joining needs {needs}. Skipped per reason: "
+                f"{report.counts()}; details in the hospital's report {self.run_dir / 'data_report.json'}"
             )
         self.samples = samples
         self.train_idx, self.holdout_idx = split_by_patient(
-            samples.patient_ids, samples.labels, data.holdout_fraction, self.config.run.seed
+            samples.patient_ids, self.task.strata(samples.labels), data.holdout_fraction, self.config.run.seed
         )
         ids = np.asarray(samples.sample_ids)
         split = {"train": ids[self.train_idx].tolist(), "holdout": ids[self.holdout_idx].tolist()}
@@ -143,7 +148,7 @@ class Hospital:
             holdout_examples=len(self.holdout_idx),
             train_patients=len(np.unique(samples.patient_ids[self.train_idx])),
             holdout_patients=len(np.unique(samples.patient_ids[self.holdout_idx])),
-            positives=int(samples.labels.sum()),
+            targets=self.task.target_counts(samples.labels),
             skipped=report.counts(),
             fingerprint=samples.fingerprint,
             split_fingerprint=hashlib.sha256("\n".join(sorted(split["holdout"])).encode()).hexdigest(),
@@ -159,13 +164,20 @@ class Hospital:
             return None
         return summarize(self._loaded().features.take(self.train_idx), self.config.data.table, self.name)
 
-    def prepare(self, preprocessing: dict | None, personal: frozenset[str]) -> tuple[int, ...]:
-        """Apply the agreed preprocessing and build the local model; returns one sample's shape."""
+    def summarize_targets(self) -> dict[str, float] | None:
+        """The task's sums over the training split's targets, for the scale the hospitals agree on
+        (regression: count, sum, sum of squares); None when the task needs none."""
+        return self.task.summary(self._loaded().labels[self.train_idx])
+
+    def prepare(self, preprocessing: dict | None, personal: frozenset[str], scale: dict[str, float] | None = None) -> tuple[int, ...]:
+        """Apply the agreed preprocessing and target scale and build the local model; returns one
+        sample's shape."""
         samples = self._loaded()
         self.preprocessing = PreprocessingSpec.from_dict(preprocessing) if preprocessing is not None else None
         x = self.preprocessing.apply(samples.features) if self.preprocessing else samples.features
         self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        self.y = torch.from_numpy(samples.labels.astype(np.float32))
+        self.scale = scale
+        self.y = self.task.tensor(samples.labels, scale)
         self.personal = frozenset(personal)
         self._fresh_state()  # personal layers start the same on every resume
         return tuple(self.x.shape[1:])
@@ -230,23 +242,23 @@ class Hospital:
         return sent
 
     def _train(self, model: nn.Module, plan: RoundPlan, correction: dict[str, torch.Tensor] | None) -> dict[str, float]:
-        x, y = self.x[self.train_idx], attacks.training_labels(self.config.attack, self.name, self.y[self.train_idx])
+        x, y = self.x[self.train_idx], attacks.training_targets(self.config.attack, self.name, self.y[self.train_idx], self.task)
         dp = self.config.privacy.dp_sgd
         if not dp.enabled:
             shared = None
             if plan.personal_epochs:  # FedRep: the head adapts to the body as it came, then the body trains
                 head = frozenset(n for n, _ in model.named_parameters() if n in self.personal)
                 shared = frozenset(n for n, _ in model.named_parameters()) - head
-                training.train(model, x, y, epochs=plan.personal_epochs, lr=plan.lr, seed=plan.seed + 1, config=self.config.train, only=head)
+                training.train(model, x, y, epochs=plan.personal_epochs, lr=plan.lr, seed=plan.seed + 1, config=self.config.train, only=head, task=self.task)
             loss = training.train(
                 model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train,
-                proximal_mu=plan.proximal_mu, correction=correction, only=shared,
+                proximal_mu=plan.proximal_mu, correction=correction, only=shared, task=self.task,
             )
             return {"train_loss": loss}
         units = self.dp_units()
         planned = dp_sgd.plan_round(self.config, int(units.max()) + 1)
         self._charge_own_budget(plan.round, planned)
-        done = dp_sgd.train_private(model, x, y, units, planned, lr=plan.lr, config=self.config.train, max_grad_norm=dp.max_grad_norm)
+        done = dp_sgd.train_private(model, x, y, units, planned, lr=plan.lr, config=self.config.train, max_grad_norm=dp.max_grad_norm, task=self.task)
         # What the optimizer did, for the ledger's accountant: these leave the hospital.
         return {
             "train_loss": done.loss,
@@ -273,8 +285,11 @@ class Hospital:
         return np.unique(self._loaded().patient_ids[self.train_idx], return_inverse=True)[1]
 
     def evaluate(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
-        model = self._model_with(weights, layout)
-        return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+        return self._evaluate(self._model_with(weights, layout), round)
+
+    def _evaluate(self, model: nn.Module, round: int) -> Evaluation:
+        held_out = self.holdout_idx
+        return training.evaluate(model, self.x[held_out], self.y[held_out], round=round, hospital=self.name, task=self.task, scale=self.scale)
 
     def evaluate_subgroups(self, weights: np.ndarray, layout: Layout) -> GroupHistograms:
         """The model's score histograms per patient group of the held-out split; groups too small
@@ -283,9 +298,7 @@ class Hospital:
         missing = [f"subgroups.{name}" for name in self.config.subgroups.attributes if name not in samples.attributes]
         if missing:
             raise DataError(f"{self.name}: {'; '.join(self.notes.get(m, f'{m}: not in the data') for m in missing)}")
-        scores = training.probabilities(self._model_with(weights, layout), self.x[held_out])
-        if not np.isfinite(scores).all():
-            raise HospitalError(f"{self.name}: the model gives non-finite scores on its held-out split; it cannot be evaluated by group")
+        scores = self.task.probabilities(training.outputs(self._model_with(weights, layout), self.x[held_out]))
         groups = subgroups.group_labels({k: v[held_out] for k, v in samples.attributes.items()}, self.config.subgroups)
         return subgroups.at_hospital(self.name, scores, samples.labels[held_out], samples.patient_ids[held_out], groups, self.config.subgroups.min_count)
 
@@ -297,7 +310,7 @@ class Hospital:
 
     def _fresh_state(self) -> None:
         torch.manual_seed(self.config.run.seed)  # as prepare() built it: personal layers start the same
-        self.model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
+        self.model = self._build()
         self.control = None
         self.residual = None
         self.personal_model = None
@@ -308,7 +321,7 @@ class Hospital:
         anchor = [torch.from_numpy(weights[at[name]].copy()).reshape(p.shape) for name, p in self.personal_model.named_parameters()]
         training.train(
             self.personal_model, self.x[self.train_idx], self.y[self.train_idx], epochs=plan.local_epochs, lr=plan.lr,
-            seed=plan.seed + 1, config=self.config.train, proximal_mu=plan.personal_lambda, anchor=anchor,
+            seed=plan.seed + 1, config=self.config.train, proximal_mu=plan.personal_lambda, anchor=anchor, task=self.task,
         )
 
     def train_own_copy(self, round: int, weights: np.ndarray, layout: Layout, epochs: int, purpose: str) -> Evaluation:
@@ -317,21 +330,21 @@ class Hospital:
         initial weights. A fine-tuned model becomes the hospital's own model for export."""
         if purpose == "local_only":  # a model of its own from the start: no federated personal layers either
             torch.manual_seed(self.config.run.seed)
-            model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]))
+            model = self._build()
             load_flat(model, *self._own(weights, layout), self.personal)
         else:
             model = copy.deepcopy(self._model_with(weights, layout))
         training.train(model, self.x[self.train_idx], self.y[self.train_idx], epochs=epochs, lr=self.config.train.lr,
-                       seed=derived_seed(self.config.run.seed, round, f"{self.name}/{purpose}"), config=self.config.train)
+                       seed=derived_seed(self.config.run.seed, round, f"{self.name}/{purpose}"), config=self.config.train, task=self.task)
         if purpose == "fine_tuned":
             self.fine_tuned = model
-        return training.evaluate(model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+        return self._evaluate(model, round)
 
     def evaluate_personal(self, round: int) -> Evaluation | None:
         """The hospital's personal model (Ditto) on its held-out split; None when it keeps none."""
         if self.personal_model is None:
             return None
-        return training.evaluate(self.personal_model, self.x[self.holdout_idx], self.y[self.holdout_idx], round=round, hospital=self.name)
+        return self._evaluate(self.personal_model, round)
 
     # -- explanations -----------------------------------------------------------------------------
 
@@ -377,8 +390,14 @@ class Hospital:
             hospital=self.name,
             run_id=run_id,
             round=round,
+            task=self.config.task,
+            scale=self.scale,
+            study_dir=self.config.run.study_dir,
         )
         return str(folder)
+
+    def _build(self) -> nn.Module:
+        return build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]), self.task.output_size, self.config.run.study_dir)
 
     def _model_with(self, weights: np.ndarray, layout: Layout) -> nn.Module:
         load_flat(self.model, *self._own(weights, layout), self.personal)

@@ -21,12 +21,11 @@ import pyarrow.csv as pacsv
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
+from fedward.cells import parse_boolean, parse_numeric, row_mask
 from fedward.config import LabelRule
 from fedward.errors import DataError
+from fedward.tasks.base import Problem, Task
 
-_TRUE = pa.array(["true", "1", "yes"])
-_FALSE = pa.array(["false", "0", "no"])
-_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"  # no inf: it would wreck the standardisation
 
 
 def _first_non_utf8_line(path: Path) -> int | None:
@@ -131,54 +130,16 @@ def as_text(column: pa.ChunkedArray, name: str, expected: str, file: str) -> pa.
     return pc.if_else(pc.is_in(pc.utf8_lower(text), pa.array(["", "nan"])), None, text)
 
 
-def _parse_numeric(text: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.if_else(pc.match_substring_regex(text, _NUMBER), text, None).cast(pa.float64())
+PARSERS = {"numeric": parse_numeric, "boolean": parse_boolean, "categorical": lambda text: text}
 
-
-def _parse_boolean(text: pa.ChunkedArray) -> pa.ChunkedArray:
-    lower = pc.utf8_lower(text)
-    return pc.if_else(pc.is_in(lower, _TRUE), True, pc.if_else(pc.is_in(lower, _FALSE), False, None))
-
-
-PARSERS = {"numeric": _parse_numeric, "boolean": _parse_boolean, "categorical": lambda text: text}
-
-
-def row_mask(values: pa.ChunkedArray) -> np.ndarray:
-    return np.asarray(pc.fill_null(values, False).to_numpy(), dtype=bool)
-
-
-def parse_cells(text: pa.ChunkedArray, parse, name: str, expected: str, found: pa.DataType, file: str):
-    """Parsed values (null where missing or unparseable) and the mask of unparseable cells."""
-    values = parse(text)
-    bad = row_mask(pc.and_(text.is_valid(), values.is_null()))
-    if bad.any() and bad.sum() == text.length() - text.null_count:
-        raise DataError(
-            f"{file}: column {name!r} should hold {expected} values, but none of its "
-            f"{bad.sum()} filled cells is one (found {found} cells)"
-        )
-    return values, bad
-
-
-def _label_parser(rule: LabelRule) -> tuple[Callable, str]:
-    if rule.positive_values is not None:
-        return (lambda text: pc.is_in(text, pa.array(rule.positive_values))), "text"
-    if rule.threshold is not None:
-        return (lambda text: pc.greater_equal(_parse_numeric(text), rule.threshold)), "numeric"
-    return _parse_boolean, "0/1, true/false or yes/no"
-
-
-Problem = tuple[str, str, str, np.ndarray]  # field, reason, detail, mask of the rows affected
 
 # The label of a sample read for scoring (`labelled=False`): new patients have no outcome yet.
 NO_LABEL = -1
 
 
-def label_values(table: pa.Table, rule: LabelRule, file: str) -> tuple[pa.ChunkedArray, list[Problem]]:
+def label_targets(table: pa.Table, rule: LabelRule, file: str, task: Task) -> tuple[np.ndarray, list[Problem]]:
+    """Every row's target as the task reads the label column, and the problems of rows with none."""
     column = find_column(table, rule.column, "label", file)
     text = as_text(column, rule.column, "label", file)
-    parse, expected = _label_parser(rule)
-    values, bad = parse_cells(text, parse, rule.column, expected, column.type, file)
-    return values, [
-        (rule.column, "missing_label", "expected an outcome, found an empty cell", row_mask(text.is_null())),
-        (rule.column, "bad_label", f"expected a {expected} label, found a {column.type} cell that is not one", bad),
-    ]
+    targets, problems = task.targets(text, column.type, rule, file)
+    return targets, [(rule.column, "missing_label", "expected an outcome, found an empty cell", row_mask(text.is_null())), *problems]

@@ -49,7 +49,9 @@ from sklearn.metrics import roc_auc_score
 from fedward.errors import ConfigError
 
 POSITIVE_FINDINGS = ("nodule", "mass")  # labels.csv `finding` values that mean label 1
+NEGATIVE_FINDINGS = ("benign", "normal")  # and those that mean 0
 POSITIVE_STATUSES = ("icu", "died")  # ehr.csv `discharge_status` values that mean label 1
+NEGATIVE_STATUSES = ("home", "transferred")
 DRIVING_FEATURES = ("age", "creatinine", "systolic_bp", "heart_rate", "diabetes", "smoker")
 NOISE_FEATURES = ("height_cm", "sodium", "admission_weekday")
 EHR_COLUMNS = (
@@ -187,11 +189,11 @@ def write_demo_data(
         "hospitals": names,
         "images": {
             **_summary(names, image_cohorts, image_labels),
-            "label": {"column": "finding", "positive_values": list(POSITIVE_FINDINGS)},
+            "label": {"column": "finding", "positive_values": list(POSITIVE_FINDINGS), "negative_values": list(NEGATIVE_FINDINGS)},
         },
         "ehr": {
             **_summary(names, ehr_cohorts, ehr_labels),
-            "label": {"column": "discharge_status", "positive_values": list(POSITIVE_STATUSES)},
+            "label": {"column": "discharge_status", "positive_values": list(POSITIVE_STATUSES), "negative_values": list(NEGATIVE_STATUSES)},
             "driving_features": list(DRIVING_FEATURES),
             "noise_features": list(NOISE_FEATURES),
             "renal_units": sorted(renal_units),
@@ -323,7 +325,7 @@ def _finding(rng: np.random.Generator, label: int, severity: float) -> str:
     # The label decides the binary class; the subtype is texture for the label table only.
     if label:
         return POSITIVE_FINDINGS[int(rng.random() < 0.4)]
-    return "benign" if severity > 0 else "normal"
+    return NEGATIVE_FINDINGS[0] if severity > 0 else NEGATIVE_FINDINGS[1]
 
 
 @dataclass(frozen=True)
@@ -502,7 +504,7 @@ def _write_ehr(path: Path, cohort: _Cohort, labels: np.ndarray, site: int, ids: 
     status = np.where(
         labels == 1,
         np.where(rng.random(n) < 0.35, "died", "icu"),
-        np.where(rng.random(n) < 0.15, "transferred", "home"),
+        np.where(rng.random(n) < 0.15, NEGATIVE_STATUSES[1], NEGATIVE_STATUSES[0]),
     )
     columns = {"patient_id": np.array(ids), **cohort.latent, "discharge_status": status}
     for column, share in _POPULATIONS[site % len(_POPULATIONS)].missing:

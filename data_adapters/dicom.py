@@ -28,6 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,12 +40,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from data_adapters.cells import NO_LABEL, find_column, label_values, read_table
+from data_adapters.cells import NO_LABEL, find_column, label_targets, read_table
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
 from fedward.config import DicomSpec
 from fedward.errors import DataError
 from fedward.files import atomic_write
+from fedward.tasks import Task, binary_task
 
 # Bump whenever preprocessing or the cache's file layout changes, so no cache serves arrays made
 # the old way.
@@ -80,14 +82,15 @@ class _Skip(Exception):
 
 def load_dicom(
     data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: Path | None = None, labelled: bool = True,
-    attributes: Mapping[str, str] = {},
+    attributes: Mapping[str, str] = {}, task: Task | None = None,
 ) -> Samples:
     """Load every labelled, decodable image under `data_dir / spec.images`.
 
     Sample ids are paths relative to `data_dir`; with `frames="all"` each frame of a multi-frame
     file is its own sample, `"<path>#frame<i>"`. An image without a PatientID is its own patient
     (all frames of a file stay together). With `cache_dir`, each file's preprocessed frames are
-    kept under its content hash and the preprocessing settings. With `labelled=False` (new
+    kept under its content hash and the preprocessing settings. The label table's column becomes
+    targets as `task` reads it (binary when None). With `labelled=False` (new
     patients to score) no label table is read: every decodable image is used, labelled `NO_LABEL`.
     `attributes` names the header elements of patient-group attributes to carry along (name ->
     DICOM keyword, e.g. PatientSex); an unreadable one is left empty, the image still used.
@@ -96,7 +99,7 @@ def load_dicom(
     images_dir = data_dir / spec.images
     if not images_dir.is_dir():
         raise DataError(f"images folder {images_dir} does not exist (data.dicom.images)")
-    labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report) if labelled else None
+    labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report, task or binary_task()) if labelled else None
     cache = _Cache(Path(cache_dir), spec) if cache_dir is not None else None
     files = _image_files(images_dir, data_dir, report)
     if labels is not None and spec.key == "path":  # a labelled file that proves unreadable is reported once, as itself
@@ -128,7 +131,7 @@ def load_dicom(
     report.used = len(targets)
     return Samples(
         features=np.stack(arrays)[:, None] if arrays else np.zeros((0, 1, size, size), np.float32),
-        labels=np.array(targets, dtype=np.int64),
+        labels=np.array(targets) if targets else np.zeros(0, np.int64),
         patient_ids=np.array(patients, dtype=str),
         sample_ids=sample_ids,
         fingerprint=hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest(),
@@ -393,18 +396,18 @@ def _read_label_table(path: Path, spec: DicomSpec) -> pa.Table:
 
 
 class _Labels:
-    """The label table as key -> 0/1; rows that give none are reported as they are read."""
+    """The label table as key -> target; rows that give none are reported as they are read."""
 
-    def __init__(self, table: pa.Table, spec: DicomSpec, report: DataReport):
+    def __init__(self, table: pa.Table, spec: DicomSpec, report: DataReport, task: Task):
         self._spec = spec
-        self.labels: dict[str, int] = {}
+        self.labels: dict[str, Any] = {}
         self.failed: dict[str, str] = {}  # key -> why none of its rows gives a label
         self.rows: dict[str, list[int]] = defaultdict(list)  # key -> rows with a usable label
         self.seen: set[str] = set()  # keys of files found, usable or not
-        found: dict[str, set[int]] = defaultdict(set)
+        found: dict[str, set] = defaultdict(set)
         # Parsed as the table adapter parses labels, so a rule means the same for images and tables.
-        values, problems = label_values(table, spec.label, spec.labels)
-        values = values.to_pylist()
+        values, problems = label_targets(table, spec.label, spec.labels, task)
+        values = values.tolist()
         keys = table.column(spec.key_column).to_pylist()
         for row, key in enumerate(keys, start=1):
             key = "" if key is None else str(key).strip()
@@ -417,7 +420,7 @@ class _Labels:
                 report.skip(where, spec.label.column, *problem)
                 self.failed.setdefault(key, problem[0])
                 continue
-            found[key].add(int(values[row - 1]))
+            found[key].add(values[row - 1])
             self.rows[key].append(row)
         for key, labels in found.items():
             if len(labels) == 1:
@@ -432,7 +435,7 @@ class _Labels:
     def _where(self, row: int) -> str:
         return f"{self._spec.labels} row {row}"
 
-    def take(self, key: str) -> int:
+    def take(self, key: str) -> Any:
         spec = self._spec
         if key in self.labels:
             return self.labels[key]

@@ -16,36 +16,55 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from data_adapters.cells import (
-    NO_LABEL, PARSERS, Problem, as_text, find_column, label_values, parse_cells, read_table, row_mask,
-)
+from data_adapters.cells import NO_LABEL, PARSERS, as_text, find_column, label_targets, read_table
 from data_adapters.report import DataReport
 from data_adapters.samples import Samples
+from fedward.cells import parse_cells, parse_numeric, row_mask
 from fedward.config import FeatureSpec, TableSpec
 from fedward.errors import DataError
+from fedward.tasks import Task, binary_task
+from fedward.tasks.base import Problem
 
 
 def _feature(table: pa.Table, feature: FeatureSpec, file: str) -> tuple[pa.ChunkedArray, Problem]:
     column = find_column(table, feature.name, feature.type, file)
-    text = as_text(column, feature.name, feature.type, file)
+    text = _without_missing_codes(as_text(column, feature.name, feature.type, file), feature)
     values, bad = parse_cells(text, PARSERS[feature.type], feature.name, feature.type, column.type, file)
     detail = f"expected a {feature.type} value, found a {column.type} cell that is not one"
     return values, (feature.name, "bad_value", detail, bad)
 
 
-def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bool = True, attributes: Mapping[str, str] = {}) -> Samples:
+def _without_missing_codes(text: pa.ChunkedArray, feature: FeatureSpec) -> pa.ChunkedArray:
+    """The column with the feature's `missing_values` codes as missing cells; numeric codes match
+    by value, so -9 also catches "-9.0"."""
+    if not feature.missing_values:
+        return text
+    codes = pc.is_in(text, pa.array(feature.missing_values))
+    if feature.type == "numeric":
+        numbers = parse_numeric(pa.chunked_array([pa.array(feature.missing_values)])).drop_null()
+        if len(numbers):
+            codes = pc.or_(codes, pc.is_in(parse_numeric(text), value_set=numbers.combine_chunks()))
+    return pc.if_else(pc.fill_null(codes, False), None, text)
+
+
+def load_table(
+    data_dir: Path, spec: TableSpec, report: DataReport, labelled: bool = True, attributes: Mapping[str, str] = {}, task: Task | None = None,
+) -> Samples:
     """The usable rows of `data_dir / spec.file`; every skipped row is recorded in `report`.
 
-    With `labelled=False` (new patients to score) the label column is not read, may be absent, and
-    every label is `NO_LABEL`; features and patient ids are read and checked as for training.
+    The label column becomes targets as `task` reads it (binary when None). With `labelled=False`
+    (new patients to score) the label column is not read, may be absent, and every target is
+    `NO_LABEL`; features and patient ids are read and checked as for training.
     `attributes` names the columns of patient-group attributes to carry along (name -> column);
     one missing or unreadable is noted in `report` and left out, as it costs no sample.
     """
     path = Path(data_dir) / spec.file
     table = read_table(path, "data.table.file")
     file = spec.file
-    labels, problems = label_values(table, spec.label, file) if labelled else (None, [])
+    task = task or binary_task()
+    targets, problems = label_targets(table, spec.label, file, task) if labelled else (None, [])
     patient_ids = None
     if spec.patient_id is not None:
         patient_ids = as_text(find_column(table, spec.patient_id, "patient id", file), spec.patient_id, "patient id", file)
@@ -76,7 +95,7 @@ def load_table(data_dir: Path, spec: TableSpec, report: DataReport, labelled: bo
             report.notes[f"subgroups.{name}"] = str(e)
     return Samples(
         features=pa.table({name: values.filter(keep) for name, values in features.items()}),
-        labels=np.asarray(labels.filter(keep).to_numpy(), dtype=np.int64) if labelled else np.full(len(sample_ids), NO_LABEL, np.int64),
+        labels=targets[~skipped] if labelled else np.full(len(sample_ids), NO_LABEL, np.int64),
         patient_ids=np.array(sample_ids if patient_ids is None else patient_ids.filter(keep).to_pylist(), dtype=str),
         sample_ids=sample_ids,
         fingerprint=fingerprint,

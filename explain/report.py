@@ -541,6 +541,15 @@ def _read_run(run_dir: Path) -> _Run:
     return _Run(run.get("config_hash", ""), run["identity"], data, ckpt.round, metrics, consortium, summaries, failures, warnings)
 
 
+def _outcomes(counts: dict) -> str:
+    """A hospital's samples per outcome: positives of a binary task (runs made before tasks say
+    only those), each class's count, or nothing for a numeric target."""
+    targets = counts.get("targets", {"1": counts.get("positives")})
+    if set(targets) <= {"0", "1"}:
+        return f"{targets['1']} positive"
+    return ", ".join(f"{value} {n}" for value, n in targets.items()) or "—"
+
+
 def _sites(run: _Run, names: Sequence[str]) -> Html:
     rows = []
     for name in names:
@@ -552,8 +561,8 @@ def _sites(run: _Run, names: Sequence[str]) -> Html:
         skipped = sum(c["skipped"].values())
         detail = f" ({_setting(c['skipped'])})" if skipped else ""
         rows.append((name, c["train_examples"], c["holdout_examples"], c["train_patients"] + c["holdout_patients"],
-                     c["positives"], f"{skipped}{detail}", explained))
-    parts = [_table(("hospital", "training samples", "held-out samples", "patients", "positives", "skipped inputs",
+                     _outcomes(c), f"{skipped}{detail}", explained))
+    parts = [_table(("hospital", "training samples", "held-out samples", "patients", "outcomes", "skipped inputs",
                      "explained (SHAP)"), rows)]
     parts += [_p(f"{name} did not join: {why}", "note") for name, why in run.data.get("refused", {}).items()]
     return Html("".join(parts))

@@ -30,16 +30,23 @@ def _need(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+ALL_OTHERS = "all others"  # label.negative_values: every value that is not a positive one
+
+
 @dataclass(frozen=True, kw_only=True)
 class LabelRule:
-    """How a label column becomes the binary outcome.
+    """How a label column becomes the task's target.
 
-    Give `positive_values` (values meaning 1, e.g. ["died", "icu"]) or `threshold` (numeric values
-    at or above it mean 1), or neither when the column already holds 0/1 or true/false.
+    Binary tasks: give `positive_values` (values meaning 1, e.g. ["died", "icu"]) together with
+    `negative_values` (the values meaning 0, or the text "all others"), or `threshold` (numeric
+    values at or above it, inclusive, mean 1), or neither when the column already holds 0/1,
+    true/false or yes/no. A value listed nowhere costs its row, never silently becomes a 0.
+    Multiclass tasks map the column's values through `task.classes`; regression reads numbers.
     """
 
     column: str
     positive_values: tuple[str, ...] | None = None
+    negative_values: Any = None  # a list of values, or "all others"
     threshold: float | None = None
 
     def __post_init__(self):
@@ -51,12 +58,36 @@ class LabelRule:
         if self.positive_values is not None:
             object.__setattr__(self, "positive_values", tuple(str(v) for v in self.positive_values))
             _need(len(self.positive_values) > 0, "label.positive_values: list at least one value")
+            _need(
+                self.negative_values is not None,
+                f"label.negative_values ({self.column}): say which values are negative, as a list or as {ALL_OTHERS!r}; "
+                f"a value in neither list is then skipped with its value named, never counted as negative",
+            )
+        if self.negative_values is not None and self.negative_values != ALL_OTHERS:
+            _need(
+                isinstance(self.negative_values, (list, tuple)) and len(self.negative_values) > 0,
+                f"label.negative_values ({self.column}): expected a list of values or {ALL_OTHERS!r}, got {self.negative_values!r}",
+            )
+            negatives = tuple(str(v) for v in self.negative_values)
+            object.__setattr__(self, "negative_values", negatives)
+            both = sorted(set(negatives) & set(self.positive_values or ()))
+            _need(not both, f"label ({self.column}): {both} are listed as both positive and negative values")
+        _need(
+            self.negative_values is None or self.positive_values is not None,
+            f"label.negative_values ({self.column}): only with positive_values",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class FeatureSpec:
     name: str
     type: FeatureType
+    # Codes that mean "not measured" in this column (0, -9, "unknown"): read as missing before
+    # anything else sees the value, harmonization included.
+    missing_values: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "missing_values", tuple(str(v) for v in self.missing_values))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,9 +147,36 @@ class DataConfig:
         _need(self.min_samples >= 2, "data.min_samples: must be at least 2")
 
 
+TaskKind = Literal["binary", "multiclass", "regression"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """What the study predicts (fedward/tasks): binary when absent."""
+
+    kind: TaskKind = "binary"
+    classes: tuple[str, ...] | None = None  # multiclass: the label values, in the order of the model's outputs
+    target: str | None = None  # "package.module:name" of a task of the study's own, built with `args`
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.classes is not None:
+            _need(self.kind == "multiclass", f"task.classes: only a multiclass task has classes, task.kind is {self.kind!r}")
+            _need(len(self.classes) >= 2, f"task.classes: a multiclass task needs at least two classes, got {list(self.classes)}")
+            _need(len(set(self.classes)) == len(self.classes), f"task.classes: duplicate values in {list(self.classes)}")
+        _need(self.kind != "multiclass" or self.classes is not None or self.target is not None,
+              "task.classes: list the multiclass label values, in the order of the model's outputs")
+        _need(self.target is None or ":" in self.target, f"task.target: expected 'package.module:name', got {self.target!r}")
+        _need(not self.args or self.target is not None, "task.args: arguments for task.target; name the target too")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    kind: Literal["mlp", "cnn"]
+    # A built-in network (mlp for tables, cnn for images) or `target`, a "package.module:factory"
+    # returning any torch.nn.Module, called with input_shape, output_size and `args`.
+    kind: Literal["mlp", "cnn"] | None = None
+    target: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
     norm: NormKind = "none"  # FedBN needs "batch", DP-SGD needs "group"
     hidden: tuple[int, ...] = (64, 32)  # MLP layer widths
     channels: tuple[int, ...] = (16, 32, 32)  # CNN: one conv block per entry
@@ -127,7 +185,12 @@ class ModelConfig:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        return self.hidden if self.kind == "mlp" else self.channels
+        return self.hidden if self.kind != "cnn" else self.channels
+
+    @property
+    def name(self) -> str:
+        """How messages name the model."""
+        return f"model.target {self.target}" if self.target else f"model.kind {self.kind}"
 
     def narrowed(self, width: float) -> ModelConfig:
         """The nested sub-model keeping the leading `width` share of every layer's units (HeteroFL)."""
@@ -135,6 +198,9 @@ class ModelConfig:
         return dataclasses.replace(self, **{"hidden" if self.kind == "mlp" else "channels": kept})
 
     def __post_init__(self):
+        _need((self.kind is None) != (self.target is None), "model: give either kind (mlp or cnn) or target ('package.module:factory'), one of them")
+        _need(self.target is None or ":" in self.target, f"model.target: expected 'package.module:factory', got {self.target!r}")
+        _need(not self.args or self.target is not None, "model.args: arguments for model.target's factory; name the target too")
         widths = self.widths
         _need(len(widths) > 0 and all(w > 0 for w in widths), f"model: layer widths must be positive, got {widths}")
         _need(0.0 <= self.dropout < 1.0, "model.dropout: expected a number in [0, 1)")
@@ -148,7 +214,7 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
 
@@ -479,6 +545,9 @@ class RunConfig:
     hosting: Literal["auto", "pool", "per_hospital"] = "auto"
     workers: int | None = None  # the pool's worker processes; default one per CPU
     resident_hospitals: int = 64  # hospitals a pool worker keeps in memory; the others wait on disk
+    # Where a study's own components (model.target, task.target) are imported from besides installed
+    # packages: the folder the run was started in, unless given.
+    study_dir: str | None = None
 
     def __post_init__(self):
         _need(
@@ -505,6 +574,7 @@ class FedwardConfig:
     data: DataConfig
     model: ModelConfig
     hospitals: tuple[HospitalConfig, ...]
+    task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -524,9 +594,10 @@ class FedwardConfig:
         )
         expected = {"table": "mlp", "dicom": "cnn"}[self.data.kind]
         _need(
-            self.model.kind == expected,
+            self.model.kind in (None, expected),
             f"model.kind: {self.model.kind!r} cannot read data.kind {self.data.kind!r}; use {expected!r}",
         )
+        self._check_task()
         for h in self.hospitals:
             self.model_for(h.name)  # validates each hospital's overrides now, not mid-run
         unknown = sorted(set(self.attack.hospitals) - set(names))
@@ -622,6 +693,22 @@ class FedwardConfig:
                 f"so no clipped update needs clipping again",
             )
 
+    def _check_task(self) -> None:
+        task, rule = self.task, self.label
+        if task.target is None and task.kind != "binary":
+            _need(
+                rule.positive_values is None and rule.threshold is None,
+                f"data.{self.data.kind}.label: positive_values and threshold make a binary outcome, but task.kind is {task.kind}; "
+                f"{'its classes come from task.classes' if task.kind == 'multiclass' else 'its target is the column read as a number'}",
+            )
+            # Figures per group and SHAP explanations are written for one probability per patient so far.
+            _need(not self.subgroups.attributes, f"subgroups: figures per patient group are defined for binary tasks; task.kind is {task.kind}")
+            _need(not self.explain.enabled, f"explain.enabled: explanations are defined for binary tasks; task.kind is {task.kind}, so set explain.enabled: false")
+
+    @property
+    def label(self) -> LabelRule:
+        return self.data.table.label if self.data.kind == "table" else self.data.dicom.label
+
     def _check_robust(self, narrow: list[str]) -> None:
         rule, robust = self.robust.rule, self.robust
         _need(
@@ -690,14 +777,23 @@ class FedwardConfig:
             return None if path is None else str((base / Path(path).expanduser()).absolute())
 
         hospitals = tuple(dataclasses.replace(h, data=absolute(h.data), work_dir=absolute(h.work_dir)) for h in self.hospitals)
-        return dataclasses.replace(self, hospitals=hospitals)
+        run = dataclasses.replace(self.run, study_dir=absolute(self.run.study_dir or "."))
+        return dataclasses.replace(self, hospitals=hospitals, run=run)
 
     def model_for(self, hospital: str) -> ModelConfig:
         overrides = dict(self.hospital(hospital).model)
+        _need(
+            not overrides or self.model.target is None,
+            f"hospitals.{hospital}.model: {sorted(overrides)} are options of the built-in networks; {self.model.name} takes its own model.args",
+        )
         width = overrides.pop("width", 1.0)
         _need(
             isinstance(width, (int, float)) and not isinstance(width, bool) and 0 < width <= 1,
             f"hospitals.{hospital}.model.width: expected a share of the global model's width in (0, 1], got {width!r}",
+        )
+        _need(
+            width == 1 or self.model.target is None,
+            f"hospitals.{hospital}.model.width: a narrower model is defined for the built-in networks; {self.model.name} has its own layers",
         )
         _need(
             width == 1 or self.model.norm != "group",
@@ -735,7 +831,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return hint(**_parse_fields(hint, value, where))
     if origin is tuple:
         _need(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        # An entry with a name (a feature, a hospital) is named by it in messages, never by its position.
+        return tuple(_coerce(v, args[0], f"{where}.{v['name']}" if isinstance(v, dict) and isinstance(v.get("name"), str) else f"{where}[{i}]")
+                     for i, v in enumerate(value))
     if origin is dict:
         _need(isinstance(value, dict), f"{where}: expected a mapping, got {value!r}")
         return dict(value)
@@ -772,9 +870,10 @@ def _parse_fields(cls: type, raw: dict, where: str, partial: bool = False) -> di
 
 
 def _features(raw: Any) -> list[dict]:
-    # A mapping `name: type` reads better in YAML than a list of records; accept both.
+    # A mapping `name: type` (or `name: {type: ..., missing_values: [...]}`) reads better in YAML
+    # than a list of records; accept both.
     if isinstance(raw, dict):
-        return [{"name": k, "type": v} for k, v in raw.items()]
+        return [{"name": k, **v} if isinstance(v, dict) else {"name": k, "type": v} for k, v in raw.items()]
     return raw
 
 
@@ -831,7 +930,7 @@ def config_to_dict(config: FedwardConfig) -> dict:
 # content is checked by fingerprint instead).
 OPERATIONAL = {
     "run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s", "min_free_mb",
-            "hosting", "workers", "resident_hospitals"),
+            "hosting", "workers", "resident_hospitals", "study_dir"),
     "hospitals": ("data", "work_dir", "cpus"),
 }
 
@@ -841,8 +940,21 @@ def config_identity(config: FedwardConfig) -> dict:
     model without changing it, so it can be added to a finished run."""
     body = config_to_dict(config)
     body.pop("subgroups")
-    if config.compression == CompressionConfig():  # added later: runs made before it keep their identity
+    # Settings added later stay out at their defaults, so runs made before them keep their identity.
+    if config.compression == CompressionConfig():
         body.pop("compression")
+    if config.task == TaskConfig():
+        body.pop("task")
+    for key in ("target", "args"):
+        if not body["model"][key]:
+            body["model"].pop(key)
+    data = body["data"]
+    label = (data["table"] or data["dicom"])["label"]
+    if label["negative_values"] in (None, ALL_OTHERS):  # what every positive_values rule meant before it could be said
+        label.pop("negative_values")
+    for feature in (data["table"] or {}).get("features", ()):
+        if not feature["missing_values"]:
+            feature.pop("missing_values")
     for key in OPERATIONAL["run"]:
         body["run"].pop(key)
     for hospital in body["hospitals"]:

@@ -108,21 +108,20 @@ class SealedUpdate:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A hospital's evaluation of a model on its held-out split.
+    """A hospital's evaluation of a model on its held-out split, as its task computes it.
 
-    Per-patient scores stay at the hospital: pooled AUROC and AUPRC are computed at the driver
-    from the per-class score histograms (`bins` equal-width bins over [0, 1]).
+    Per-patient outputs stay at the hospital. `figures` are the hospital's own metrics, named by
+    the task (auroc, macro_auroc, accuracy, r2, ...; NaN where undefined, such as a class it lacks);
+    `statistics` are what the driver pools into the consortium's figures: counts of patients per
+    score bin or class, or sums over patients, never one patient's value.
     """
 
     round: int
     hospital: str
     num_examples: int
-    loss: float  # mean binary cross-entropy
-    accuracy: float
-    auroc: float
-    auprc: float
-    positive_hist: np.ndarray  # int64 counts of positive samples' scores per bin
-    negative_hist: np.ndarray
+    loss: float  # the task's mean loss
+    figures: dict[str, Any]
+    statistics: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ class DataCounts:
     holdout_examples: int
     train_patients: int
     holdout_patients: int
-    positives: int
+    targets: dict[str, int]  # samples per class value (binary: "0" and "1"); empty for a numeric target
     skipped: dict[str, int]  # reason -> count
     fingerprint: str  # hash of the content hashes of the usable inputs, for the audit manifest
     split_fingerprint: str  # hash of the held-out sample ids: shows the split, reveals no sample

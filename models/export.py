@@ -7,8 +7,9 @@
   code when it is read;
 - `model.json`: what it takes to rebuild and feed the model: the format version, the model
   config, one sample's input shape, the preprocessing (tables: the harmonized spec; images: the
-  DICOM settings), the feature list and label rule for reference, where it comes from (run,
-  round, global or a hospital's own) and the sha256 of `model.safetensors`.
+  DICOM settings), the feature list and label rule for reference, the task (its kind, classes and
+  the targets' agreed scale), the study code a `model.target` came from (its file's sha256), where
+  it comes from (run, round, global or a hospital's own) and the sha256 of `model.safetensors`.
 
 `model.json` is written last, so its presence says the export is whole; `load_exported` refuses a
 folder whose weights do not match the hash it records or whose format it does not read. Nothing
@@ -30,14 +31,18 @@ import safetensors.torch
 from safetensors import SafetensorError
 from torch import nn
 
-from fedward.config import DataConfig, DicomSpec, FeatureSpec, LabelRule, ModelConfig, TableSpec
+from fedward.components import load_component, source_file
+from fedward.config import ALL_OTHERS, DataConfig, DicomSpec, FeatureSpec, LabelRule, ModelConfig, TableSpec, TaskConfig
 from fedward.errors import CheckpointError, ConfigError
+from fedward.tasks import Task, build_task
 from fedward.files import atomic_write, atomic_write_json
 from fedward.types import Layout
 from models.flat import load_flat
 from models.networks import build_model
 
-FORMAT_VERSION = 1  # bump when the files' layout or meaning changes; older readers then refuse
+FORMAT_VERSION = 2  # bump when the files' layout or meaning changes; older readers then refuse
+# What version 2 added, as a version 1 card (binary tasks, built-in models only) meant it.
+ADDED_IN_2 = {"task": dataclasses.asdict(TaskConfig()), "scale": None, "study_code": None}
 WEIGHTS, CARD = "model.safetensors", "model.json"
 
 
@@ -60,10 +65,17 @@ class ExportedModel:
     preprocessing: dict | None  # tables: the PreprocessingSpec every hospital applied
     images: dict | None  # images: image_size, frames and window, as the DICOM adapter applied them
     sha256: str  # of model.safetensors
+    task: dict  # the TaskConfig
+    scale: dict | None  # the targets' scale the hospitals agreed (regression: mean and sd)
+    study_code: dict | None  # model.target: its source file's name and sha256, when the model is the study's own
 
     def model_config(self) -> ModelConfig:
         widths = {k: tuple(v) for k, v in self.model.items() if k in ("hidden", "channels")}  # JSON has lists
         return ModelConfig(**{**self.model, **widths})
+
+    def task_config(self) -> TaskConfig:
+        classes = self.task["classes"]
+        return TaskConfig(**{**self.task, "classes": None if classes is None else tuple(classes)})
 
     def table_spec(self, file: str) -> TableSpec:
         """The table adapter's settings for reading `file` as the model's training data was read."""
@@ -79,9 +91,9 @@ class ExportedModel:
         return DicomSpec(images=images, label=LabelRule(**self.label), **self.images)
 
 
-def from_weights(config: ModelConfig, input_shape: tuple[int, ...], weights: np.ndarray, layout: Layout) -> nn.Module:
+def from_weights(config: ModelConfig, input_shape: tuple[int, ...], weights: np.ndarray, layout: Layout, output_size: int = 1, study_dir: str | None = None) -> nn.Module:
     """The model of `config` holding flat `weights` that cover its whole floating-point state."""
-    model = build_model(config, input_shape)
+    model = build_model(config, input_shape, output_size, study_dir)
     load_flat(model, weights, layout)
     return model
 
@@ -98,6 +110,9 @@ def export_model(
     hospital: str | None,
     run_id: str,
     round: int,
+    task: TaskConfig = TaskConfig(),
+    scale: dict | None = None,
+    study_dir: str | None = None,
 ) -> Path:
     """Write `model` (all of its state, personal layers included) and its card into `out_dir`.
 
@@ -129,14 +144,29 @@ def export_model(
         preprocessing=preprocessing,
         images={"image_size": dicom.image_size, "frames": dicom.frames, "window": dicom.window} if dicom is not None else None,
         sha256=hashlib.sha256(weights).hexdigest(),
+        task=dataclasses.asdict(task),
+        scale=scale,
+        study_code=_study_code(model_config, study_dir),
     )
     atomic_write(out_dir / WEIGHTS, weights)
     atomic_write_json(out_dir / CARD, dataclasses.asdict(card))  # last: its presence says the export is whole
     return out_dir
 
 
-def load_exported(model_dir: Path) -> tuple[nn.Module, ExportedModel]:
-    """The exported model in eval mode and its card; refuses a folder it cannot vouch for."""
+def _study_code(config: ModelConfig, study_dir: str | None) -> dict | None:
+    """The file a model.target factory is defined in and its sha256: `predict` refuses to rebuild
+    the model from code that changed since."""
+    if config.target is None:
+        return None
+    file = source_file(load_component(config.target, "model.target", study_dir))
+    if file is None:
+        return {"target": config.target, "file": None, "sha256": None}
+    return {"target": config.target, "file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+
+
+def load_exported(model_dir: Path, study_dir: str | None = None) -> tuple[nn.Module, ExportedModel, Task]:
+    """The exported model in eval mode, its card and its task; refuses a folder it cannot vouch
+    for, and a model whose study code (model.target) changed since it was exported."""
     model_dir = Path(model_dir)
     card_path, weights_path = model_dir / CARD, model_dir / WEIGHTS
     card = _read_card(card_path)
@@ -150,12 +180,19 @@ def load_exported(model_dir: Path) -> tuple[nn.Module, ExportedModel]:
             f"{weights_path}: sha256 {digest[:12]}... does not match the {card.sha256[:12]}... recorded in {card_path}; "
             f"the weights were changed or damaged after export: export the model again"
         )
+    task = build_task(card.task_config(), study_dir)
+    config = card.model_config()
+    if card.study_code is not None and (now := _study_code(config, study_dir)) != card.study_code:
+        raise CheckpointError(
+            f"{card_path}: the model's code {config.target} changed since it was exported (sha256 of {card.study_code['file']} "
+            f"{str(card.study_code['sha256'])[:12]}..., now {str(now and now['sha256'])[:12]}...); use the study code the run trained with"
+        )
     try:
-        model = build_model(card.model_config(), card.input_shape)
+        model = build_model(config, card.input_shape, task.output_size, study_dir)
         model.load_state_dict(safetensors.torch.load(weights), strict=True)
-    except (ConfigError, TypeError, RuntimeError, SafetensorError) as e:
+    except (TypeError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"{weights_path}: does not fit the model described in {card_path}: {' '.join(str(e).split())[:300]}") from None
-    return model.eval(), card
+    return model.eval(), card, task
 
 
 def _read_card(path: Path) -> ExportedModel:
@@ -166,6 +203,11 @@ def _read_card(path: Path) -> ExportedModel:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from None
     version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version == 1:  # a binary model of a built-in network, as version 2 writes one
+        label = raw.get("label") or {}
+        negatives = ALL_OTHERS if label.get("positive_values") else None  # what a positive_values rule meant then
+        raw = {**ADDED_IN_2, **raw, "format_version": FORMAT_VERSION, "label": {"negative_values": negatives, **label}}
+        version = FORMAT_VERSION
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version is {version!r}, this fedward reads format {FORMAT_VERSION}; use the fedward version that wrote it ({raw.get('fedward_version') if isinstance(raw, dict) else 'unknown'})")
     names = {f.name for f in dataclasses.fields(ExportedModel)}

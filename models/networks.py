@@ -1,14 +1,16 @@
-"""The two model families: an MLP for tables and a small CNN for images.
+"""The models a config can name: the two built-in families (an MLP for tables, a small CNN for
+images) or a study's own factory (`model.target`).
 
 The normalization layer is a config option because later strategies need specific ones: FedBN
 keeps BatchNorm statistics local, DP-SGD (Opacus) cannot use BatchNorm and wants GroupNorm.
-Both models output one logit per sample.
+Every model outputs the task's `output_size` values per sample (one logit for a binary task).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from fedward.components import load_component
 from fedward.config import ModelConfig
 from fedward.errors import ConfigError
 
@@ -21,7 +23,7 @@ def _norm(kind: str, width: int, groups: int, dims: int) -> nn.Module:
     return nn.Identity()
 
 
-def mlp(config: ModelConfig, in_features: int) -> nn.Module:
+def mlp(config: ModelConfig, in_features: int, output_size: int) -> nn.Module:
     layers: list[nn.Module] = []
     width_in = in_features
     for width in config.hidden:
@@ -29,11 +31,11 @@ def mlp(config: ModelConfig, in_features: int) -> nn.Module:
         if config.dropout:
             layers.append(nn.Dropout(config.dropout))
         width_in = width
-    layers.append(nn.Linear(width_in, 1))
+    layers.append(nn.Linear(width_in, output_size))
     return nn.Sequential(*layers)
 
 
-def cnn(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
+def cnn(config: ModelConfig, input_shape: tuple[int, ...], output_size: int) -> nn.Module:
     in_channels, height, width = input_shape
     layers: list[nn.Module] = []
     width_in = in_channels
@@ -53,12 +55,23 @@ def cnn(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
     layers += [nn.MaxPool2d(final), nn.Flatten()]
     if config.dropout:
         layers.append(nn.Dropout(config.dropout))
-    layers.append(nn.Linear(width_in, 1))
+    layers.append(nn.Linear(width_in, output_size))
     return nn.Sequential(*layers)
 
 
-def build_model(config: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
-    """`input_shape` is one sample's shape: (features,) for tables, (channels, H, W) for images."""
+def build_model(config: ModelConfig, input_shape: tuple[int, ...], output_size: int = 1, study_dir: str | None = None) -> nn.Module:
+    """`input_shape` is one sample's shape: (features,) for tables, (channels, H, W) for images;
+    `output_size` the task's. A `model.target` factory is called as
+    `factory(input_shape=..., output_size=..., **model.args)` and must return a torch.nn.Module."""
     if config.kind == "mlp":
-        return mlp(config, input_shape[0])
-    return cnn(config, input_shape)
+        return mlp(config, input_shape[0], output_size)
+    if config.kind == "cnn":
+        return cnn(config, input_shape, output_size)
+    factory = load_component(config.target, "model.target", study_dir)
+    try:
+        model = factory(input_shape=tuple(input_shape), output_size=output_size, **config.args)
+    except TypeError as e:  # its arguments do not fit the factory's signature
+        raise ConfigError(f"model.target: {config.target}(input_shape=..., output_size=..., **model.args) failed: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.target: {config.target} returned a {type(model).__name__}, expected a torch.nn.Module")
+    return model

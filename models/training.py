@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from fedward.config import TrainConfig
-from fedward import metrics
+from fedward.errors import HospitalError
+from fedward.tasks import Task, binary_task
+from fedward.tasks.base import batch_outputs
 from fedward.types import Evaluation
 
 
@@ -23,6 +25,8 @@ def make_optimizer(model: nn.Module, lr: float, config: TrainConfig, only: froze
     params = [p for n, p in model.named_parameters() if only is None or n in only]
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
@@ -44,6 +48,7 @@ def train(
     anchor: Sequence[torch.Tensor] | None = None,
     correction: Mapping[str, torch.Tensor] | None = None,
     only: frozenset[str] | None = None,
+    task: Task | None = None,
 ) -> float:
     """Minibatch training with a fresh optimizer; returns the mean training loss (without the
     proximal term).
@@ -54,14 +59,15 @@ def train(
     the global weights (Ditto) it keeps a personal model near the global one. `correction` (SCAFFOLD) is
     added to each named parameter's gradient before every step. `only` trains just the named
     parameters (FedRep alternates between the head and the body); the others stay as they are.
+    The loss is the task's (binary cross-entropy when None); a non-finite loss stops training.
     """
+    task = task or binary_task()
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, lr, config, only)
     if proximal_mu > 0 and anchor is None:
         anchor = [p.detach().clone() for p in model.parameters()]
     anchor = list(anchor) if proximal_mu > 0 else []
-    loss_fn = nn.BCEWithLogitsLoss()
     model.train()
     losses = []
     for _ in range(epochs):
@@ -71,7 +77,7 @@ def train(
             if len(batch) < 2:  # BatchNorm cannot normalise a batch of one
                 continue
             opt.zero_grad()
-            loss = loss_fn(model(x[batch]).squeeze(1), y[batch])
+            loss = task.loss(model(x[batch]), y[batch])
             objective = loss
             if anchor:
                 objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
@@ -82,36 +88,21 @@ def train(
                         p.grad.add_(correction[name])
             opt.step()
             losses.append(loss.item())
+            if not np.isfinite(losses[-1]):
+                raise HospitalError(f"training: the model's loss is {losses[-1]} at step {len(losses)}; check the model's outputs, train.lr and the inputs")
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def probabilities(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """The model's probability of the positive outcome for each input, float64 (N,)."""
-    return torch.sigmoid(_logits(model, x)).numpy().astype(np.float64)
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs for `x`, checked: a model that gives NaN or infinity is refused here,
+    where it shows, not as a meaningless figure later."""
+    out = batch_outputs(model, x)
+    if not torch.isfinite(out).all():
+        bad = int((~torch.isfinite(out)).any(dim=1).sum()) if out.dim() > 1 else int((~torch.isfinite(out)).sum())
+        raise HospitalError(f"the model gives non-finite outputs (NaN or infinity) for {bad} of {len(x)} samples")
+    return out
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + 256]).squeeze(1) for i in range(0, len(x), 256)])
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, round: int, hospital: str) -> Evaluation:
-    """Scores stay here; what returns is aggregate metrics and per-class score histograms."""
-    logits = _logits(model, x)
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
-    scores = torch.sigmoid(logits).numpy().astype(np.float64)
-    labels = y.numpy().astype(np.int64)
-    both = len(np.unique(labels)) == 2
-    pos, neg = metrics.score_histograms(scores, labels)
-    return Evaluation(
-        round=round,
-        hospital=hospital,
-        num_examples=len(labels),
-        loss=loss,
-        accuracy=float(((scores >= 0.5) == labels).mean()),
-        auroc=metrics.auroc(labels, scores) if both else float("nan"),
-        auprc=metrics.average_precision(labels, scores) if both else float("nan"),
-        positive_hist=pos,
-        negative_hist=neg,
-    )
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, round: int, hospital: str, task: Task | None = None, scale: dict | None = None) -> Evaluation:
+    """Outputs stay here; what returns is the task's figures and poolable statistics."""
+    return (task or binary_task()).evaluate(outputs(model, x), y, scale, round=round, hospital=hospital)

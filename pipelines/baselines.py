@@ -18,13 +18,15 @@ from data_adapters.harmonize import merge_summaries
 from fedward.config import FedwardConfig, config_hash
 from fedward.errors import DataError
 from fedward.seeds import derived_seed
+from fedward.tasks import build_task
 from models import training
 from models.networks import build_model
 from pipelines.checkpoint import read_metrics
-from pipelines.run import pooled_metrics
 
 
 def compare(config: FedwardConfig) -> dict:
+    """Federated, central and local-only figures on the hospitals' held-out splits, by the task's
+    headline figure (AUROC, macro AUROC, R²)."""
     metrics = config.run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise DataError(f"no federated run at {config.run_dir} to compare with; run `fedward simulate` first")
@@ -32,6 +34,8 @@ def compare(config: FedwardConfig) -> dict:
     if last["round"] < config.run.rounds:
         raise DataError(f"the federated run at {config.run_dir} stopped after round {last['round']}; finish it first")
     run_id = f"{config.run.name}-{config_hash(config)[:12]}-baselines"
+    study_dir = config.with_paths_from(Path.cwd()).run.study_dir
+    task = build_task(config.task, study_dir)
     hospitals = []
     for own in config.hospitals:
         hospital = Hospital(own.name, config, run_id)
@@ -43,22 +47,25 @@ def compare(config: FedwardConfig) -> dict:
     preprocessing = None
     if config.data.kind == "table":
         preprocessing = merge_summaries([h.summarize() for h in hospitals], config.data.table).to_dict()
-    shapes = {h.prepare(preprocessing, frozenset()) for h in hospitals}
+    summaries = [h.summarize_targets() for h in hospitals]
+    scale = None if summaries[0] is None else task.scale(summaries)
+    shapes = {h.prepare(preprocessing, frozenset(), scale) for h in hospitals}
     if len(shapes) != 1:
         raise DataError(f"hospitals prepared inputs of different shapes: {sorted(shapes)}")
     shape = shapes.pop()
     epochs = config.run.rounds * config.train.local_epochs
+    figure = task.headline()
 
     def fresh_model() -> torch.nn.Module:
         torch.manual_seed(config.run.seed)
-        return build_model(config.model, shape)
+        return build_model(config.model, shape, task.output_size, study_dir)
 
     def fit(model, x, y, name):
-        training.train(model, x, y, epochs=epochs, lr=config.train.lr, seed=derived_seed(config.run.seed, 0, name), config=config.train)
+        training.train(model, x, y, epochs=epochs, lr=config.train.lr, seed=derived_seed(config.run.seed, 0, name), config=config.train, task=task)
         return model
 
     def held_out(h: Hospital, model):
-        return training.evaluate(model, h.x[h.holdout_idx], h.y[h.holdout_idx], round=0, hospital=h.name)
+        return training.evaluate(model, h.x[h.holdout_idx], h.y[h.holdout_idx], round=0, hospital=h.name, task=task, scale=scale)
 
     central = fit(
         fresh_model(),
@@ -70,16 +77,13 @@ def compare(config: FedwardConfig) -> dict:
     local_evals = [held_out(h, fit(fresh_model(), h.x[h.train_idx], h.y[h.train_idx], h.name)) for h in hospitals]
 
     return {
-        "federated": {
-            "round": last["round"],
-            "pooled_auroc": last["pooled"]["auroc"],
-            "per_hospital": {h: m["auroc"] for h, m in last["hospitals"].items()},
-        },
-        "central": {"pooled_auroc": pooled_metrics(central_evals)["auroc"], "per_hospital": {e.hospital: e.auroc for e in central_evals}},
+        "figure": figure,
+        "federated": {"round": last["round"], "pooled": last["pooled"][figure], "per_hospital": {h: m[figure] for h, m in last["hospitals"].items()}},
+        "central": {"pooled": task.pool(central_evals)[figure], "per_hospital": {e.hospital: e.figures[figure] for e in central_evals}},
         "local_only": {
-            "pooled_auroc": pooled_metrics(local_evals)["auroc"],
-            "mean_auroc": sum(e.auroc for e in local_evals) / len(local_evals),
-            "per_hospital": {e.hospital: e.auroc for e in local_evals},
+            "pooled": task.pool(local_evals)[figure],
+            "mean": sum(e.figures[figure] for e in local_evals) / len(local_evals),
+            "per_hospital": {e.hospital: e.figures[figure] for e in local_evals},
         },
     }
 
@@ -87,19 +91,23 @@ def compare(config: FedwardConfig) -> dict:
 def format_comparison(config: FedwardConfig, result: dict) -> str:
     """The demo's table: federated beside central and local-only, per hospital and pooled."""
     names = sorted(result["federated"]["per_hospital"])
+    figure = result["figure"]
     data = config.hospitals[0].data
     truth = Path(data).expanduser().parent / "truth.json" if data else None
     best = ""
-    if truth is not None and truth.is_file():
+    if truth is not None and truth.is_file() and figure == "auroc":
         task = "ehr" if config.data.kind == "table" else "images"
         best = f" (best achievable on all data: {json.loads(truth.read_text())[task]['best_auroc']['pooled']:.3f})"
     rows = [
         (f"federated ({config.strategy.name}, {result['federated']['round']} rounds)", result["federated"]),
         ("central (rows pooled: demo only)", result["central"]),
-        ("local-only (mean of sites)", {**result["local_only"], "pooled_auroc": result["local_only"]["mean_auroc"]}),
+        ("local-only (mean of sites)", {**result["local_only"], "pooled": result["local_only"]["mean"]}),
     ]
-    lines = [f"{config.run.name}: AUROC on the hospitals' held-out splits{best}",
+    lines = [f"{config.run.name}: {FIGURE_NAMES.get(figure, figure)} on the hospitals' held-out splits{best}",
              f"  {'model':<40}{'pooled':>8}" + "".join(f"{n:>12}" for n in names)]
     for label, r in rows:
-        lines.append(f"  {label:<40}{r['pooled_auroc']:>8.3f}" + "".join(f"{r['per_hospital'][n]:>12.3f}" for n in names))
+        lines.append(f"  {label:<40}{r['pooled']:>8.3f}" + "".join(f"{r['per_hospital'][n]:>12.3f}" for n in names))
     return "\n".join(lines)
+
+
+FIGURE_NAMES = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "r2": "R²"}

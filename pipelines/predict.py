@@ -4,9 +4,10 @@ New data goes through the very adapters and preprocessing the model was trained 
 through the table adapter and the exported harmonization spec, a folder of DICOM files through the
 DICOM adapter with the exported image settings. A row or file that cannot be used is skipped and
 counted by reason, as in training; input that does not fit the model at all (a missing feature
-column, images for a table model) is refused naming the file and the field. The output holds one
-probability per row or image, next to its sample id and patient id: it identifies patients, so it
-belongs in the hospital's own area, like its data.
+column, images for a table model) is refused naming the file and the field. The output holds the
+task's columns per row or image (a binary probability; one probability per class, named by its
+value, and the predicted class; a regression prediction in the target's units), next to its sample
+id and patient id: it identifies patients, so it belongs in the hospital's own area, like its data.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
     (`.csv` or `.parquet`)."""
     model_dir, data, out = Path(model_dir), Path(data), Path(out)
     writer = _writer(out)  # a wrong extension is refused before any reading
-    model, card = load_exported(model_dir)
+    model, card, task = load_exported(model_dir, str(Path.cwd()))
     report = DataReport(card.hospital or "new patients")
     samples, x = _read(card, model_dir, data, report)
     if len(samples) == 0:
@@ -57,7 +58,8 @@ def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
     columns = {"sample_id": pa.array(samples.sample_ids, pa.string())}
     if card.data_kind == "dicom" or card.patient_id is not None:  # tables without the column have none
         columns["patient_id"] = pa.array(samples.patient_ids.tolist(), pa.string())
-    columns["probability"] = pa.array(training.probabilities(model, torch.from_numpy(np.ascontiguousarray(x, np.float32))))
+    outputs = training.outputs(model, torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    columns.update({name: pa.array(values) for name, values in task.predictions(outputs, card.scale).items()})
     writer(pa.table(columns), out)
     return Prediction(out, len(samples), report.counts())
 

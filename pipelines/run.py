@@ -35,8 +35,8 @@ from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_ha
 from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, FedwardError, HospitalError, QuorumError
 from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
-from fedward.metrics import auprc_from_histograms, auroc_error_bound, auroc_from_histograms
 from fedward.seeds import derived_seed
+from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from models.export import export_model, from_weights
 from models.flat import flatten
@@ -114,25 +114,20 @@ TRUSTED = "trusted_root"  # FLTrust's trusted data, at the driver
 READY_TIMEOUT_S = 5.0  # how long the check for restarted hospitals waits for a busy one
 RESTART_WAIT_S = 60.0  # and for one Ray is restarting
 MAX_ROUNDS_LATE = 3  # a straggler's update older than this is dropped, and the hospital asked again
-FIGURES = ("n", "auroc", "auprc", "accuracy", "loss")  # what a record holds of each evaluation
+def _figures(e: Evaluation) -> dict[str, Any]:
+    """What a record holds of an evaluation's own figures, named by its task."""
+    return {"n": e.num_examples, **e.figures, "loss": e.loss}
 
 
-def _figures(e: Evaluation) -> dict[str, float]:
-    return dict(zip(FIGURES, (e.num_examples, e.auroc, e.auprc, e.accuracy, e.loss)))
+def _evaluation_record(e: Evaluation, train_loss: float | None) -> dict[str, Any]:
+    """A hospital's entry in a round's record: its figures, then the statistics the pooled ones
+    come from (the report's calibration and confidence intervals read these, never patients' scores)."""
+    return {**_figures(e), "train_loss": train_loss, **{k: v.tolist() for k, v in e.statistics.items()}}
 
 
-def pooled_metrics(evaluations: list[Evaluation]) -> dict[str, float]:
-    pos = sum(e.positive_hist for e in evaluations)
-    neg = sum(e.negative_hist for e in evaluations)
-    n = sum(e.num_examples for e in evaluations)
-    return {
-        "n": n,
-        "auroc": auroc_from_histograms(pos, neg),
-        "auroc_error_bound": auroc_error_bound(pos, neg),
-        "auprc": auprc_from_histograms(pos, neg),
-        "accuracy": sum(e.accuracy * e.num_examples for e in evaluations) / n,
-        "loss": sum(e.loss * e.num_examples for e in evaluations) / n,
-    }
+def figures_of_record(entry: dict) -> dict[str, Any]:
+    """A hospital's figures from its entry in a round's record: all but its statistics."""
+    return {k: v for k, v in entry.items() if k != "train_loss" and not isinstance(v, list)}
 
 
 def pooled(config: FedwardConfig, address: str | None) -> bool:
@@ -190,6 +185,9 @@ class Pipeline:
         self.digest = config_hash(config)
         self.run_id = f"{config.run.name}-{self.digest[:12]}"
         self.strategy = STRATEGIES[config.strategy.name](config)
+        self.study_dir = config.with_paths_from(self.started_in).run.study_dir
+        self.task = build_task(config.task, self.study_dir)
+        self.scale: dict[str, float] | None = None  # the targets' scale the hospitals agreed on (regression)
         self.hook = build_hook(config, None, self.run_id)
         self.wire_form = "compressed" if config.compression.kind != "none" else self.hook.form  # how updates arrive
         self.hospitals: dict[str, ray.actor.ActorHandle | HostedHospital] = {}
@@ -233,8 +231,9 @@ class Pipeline:
             unplaced = self._check_deployment()
             counts = self._validate(resuming=ckpt is not None, unplaced=unplaced)
             self.preprocessing = self._harmonize(sorted(counts))
+            self.scale = self._agree_scale(sorted(counts))
             shapes, failures = gather(
-                {h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys()) for h in counts},
+                {h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys(), self.scale) for h in counts},
                 self.config.run.round_timeout_s,
             )
             self._require_quorum(0, shapes, failures)
@@ -345,10 +344,27 @@ class Pipeline:
         atomic_write_json(saved, spec)
         return spec
 
+    def _agree_scale(self, hospitals: list[str]) -> dict[str, float] | None:
+        """The targets' scale every hospital trains with (regression: the consortium's mean and
+        standard deviation), from each hospital's sums over its training targets; agreed once per run."""
+        saved = self.run_dir / "target_scale.json"
+        if saved.is_file():
+            return json.loads(saved.read_text())
+        summaries, failures = gather({h: self.hospitals[h].summarize_targets.remote() for h in hospitals}, self.config.run.round_timeout_s)
+        self._require_quorum(0, summaries, failures)
+        if all(s is None for s in summaries.values()):
+            return None
+        scale = self.task.scale([summaries[h] for h in sorted(summaries)])
+        atomic_write_json(saved, scale)
+        return scale
+
+    def _build_model(self, shape: tuple[int, ...]) -> torch.nn.Module:
+        return build_model(self.config.model, shape, self.task.output_size, self.study_dir)
+
     def _check_model(self, shape: tuple[int, ...], hospitals: list[str]) -> None:
         """Refuse before training, not in its middle, what the model or the privacy settings forbid."""
         cfg = self.config
-        model = build_model(cfg.model, shape)
+        model = self._build_model(shape)
         unsupported = []
         if cfg.explain.enabled:
             from explain.attribution import unsupported_layers  # shap: only in a driver that explains
@@ -368,10 +384,29 @@ class Pipeline:
                     raise ConfigError(f"hospital {h}: {e}") from None
         if cfg.privacy.dp_fedavg.enabled:
             dp_fedavg.noise_multiplier(cfg)  # calibrated now: an unreachable budget fails before round 1
+        self._check_output(model, shape)
         names = flatten(model, self.strategy.personal_keys())[1].names
         unknown = sorted(set(cfg.privacy.encryption.layers or ()) - set(names)) if cfg.privacy.encryption.enabled else []
         if unknown:
             raise ConfigError(f"privacy.encryption.layers: {unknown} are not in the model; its entries are {list(names)}")
+
+    def _check_output(self, model: torch.nn.Module, shape: tuple[int, ...]) -> None:
+        """The model must give the task's output size per sample, and finite values, on inputs of
+        the hospitals' shape."""
+        try:
+            with torch.no_grad():
+                out = model.eval()(torch.zeros((2, *shape)))
+        except Exception as e:  # the study's model cannot take the inputs: its own error, named
+            raise ConfigError(f"{self.config.model.name}: fails on inputs of shape {shape}: {type(e).__name__}: {e}") from None
+        task = self.config.task.target or f"task.kind {self.config.task.kind}"
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.task.output_size):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"{self.config.model.name}: gives outputs of shape {got[1:] if isinstance(got, tuple) else got} per batch of 2 samples, "
+                f"but {task} needs ({self.task.output_size},) per sample"
+            )
+        if not torch.isfinite(out).all():
+            raise ConfigError(f"{self.config.model.name}: gives non-finite outputs (NaN or infinity) for its initial weights on zero inputs")
 
     def _dp_units(self, hospital: str) -> int:
         c = self.counts[hospital]
@@ -379,7 +414,7 @@ class Pipeline:
 
     def _initial_weights(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Layout]:
         torch.manual_seed(self.config.run.seed)
-        return flatten(build_model(self.config.model, shape), self.strategy.personal_keys())
+        return flatten(self._build_model(shape), self.strategy.personal_keys())
 
     def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> tuple[np.ndarray, Layout, int]:
         """Rounds from the checkpoint on; returns the weights, their layout and the last round done."""
@@ -397,7 +432,7 @@ class Pipeline:
             self._restore_hospitals(sorted(shapes), ckpt.round)
             if self.trusted is not None:  # its own layers (FedBN, FedPer) as they were
                 self.trusted.restore(ckpt.round)
-        self.strategy.start(build_model(cfg.model, next(iter(shapes.values()))), layout)
+        self.strategy.start(self._build_model(next(iter(shapes.values()))), layout)
         self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout)
         self.layout_size = layout.size
         self._truncate_metrics(start - 1)
@@ -423,7 +458,8 @@ class Pipeline:
             )
             self._write_ledger()
             last = round
-            bar.set_postfix(auroc=f"{record['pooled'].get('auroc', float('nan')):.3f}", s=f"{round_seconds:.1f}")
+            headline = self.task.headline()
+            bar.set_postfix({headline: f"{record['pooled'].get(headline, float('nan')):.3f}", "s": f"{round_seconds:.1f}"})
         return weights, layout, last
 
     def _weighed(self, updates: Mapping[str, Any], rounds_late: Mapping[str, int]) -> dict[str, Any]:
@@ -491,7 +527,7 @@ class Pipeline:
             counts = trusted.load()
         except DataError as e:
             raise DataError(f"robust.trusted_data: {e}") from None
-        shape = trusted.prepare(self.preprocessing, self.strategy.personal_keys())
+        shape = trusted.prepare(self.preprocessing, self.strategy.personal_keys(), self.scale)
         if shape != self.input_shape:
             raise DataError(f"robust.trusted_data: its inputs have shape {shape}, the hospitals' {self.input_shape}")
         saved, now = self.run_dir / "trusted.json", counts.fingerprints
@@ -517,7 +553,7 @@ class Pipeline:
         counts, failures = gather({h: self.hospitals[h].load.remote(False) for h in fresh}, cfg.run.data_timeout_s)
         same = [h for h, c in counts.items() if c.fingerprints == self.counts[h].fingerprints]
         failures.update({h: "its data changed since the run began" for h in counts if h not in same})
-        prepared, more = gather({h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys()) for h in same}, timeout)
+        prepared, more = gather({h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys(), self.scale) for h in same}, timeout)
         failures.update(more)
         restored, more = gather({h: self.hospitals[h].restore.remote(last) for h in prepared}, timeout)
         failures.update(more)
@@ -645,7 +681,7 @@ class Pipeline:
         if cfg.strategy.local_only:
             wanted["local_only"] = (self._initial_weights(shape)[0], cfg.run.rounds * cfg.train.local_epochs)
         last = read_metrics(self.run_dir / "metrics.jsonl")[-1]
-        result = {"round": round, "models": {"global": {"hospitals": {h: {k: m[k] for k in FIGURES} for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
+        result = {"round": round, "models": {"global": {"hospitals": {h: figures_of_record(m) for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
         if "personal" in last:
             result["models"]["personal"] = {k: last["personal"][k] for k in ("hospitals", "pooled")}
         for purpose, (start, epochs) in wanted.items():
@@ -658,7 +694,7 @@ class Pipeline:
             result["models"][purpose] = {
                 "epochs": epochs,
                 "hospitals": {h: _figures(e) for h, e in sorted(answers.items())},
-                "pooled": pooled_metrics(list(answers.values())) if answers else {},
+                "pooled": self.task.pool(list(answers.values())) if answers else {},
                 "failures": failures,
             }
         return result
@@ -688,9 +724,9 @@ class Pipeline:
             self.log(f"no global model written: {self.config.strategy.name} keeps {sorted(personal)} at each hospital; use a hospital's own model")
         else:
             export_model(
-                self.run_dir / "model", from_weights(self.config.model, shape, weights, layout),
+                self.run_dir / "model", from_weights(self.config.model, shape, weights, layout, self.task.output_size, self.study_dir),
                 model_config=self.config.model, input_shape=shape, preprocessing=preprocessing, data_config=self.config.data,
-                kind="global", hospital=None, run_id=self.run_id, round=round,
+                kind="global", hospital=None, run_id=self.run_id, round=round, task=self.config.task, scale=self.scale, study_dir=self.study_dir,
             )
         weights_ref = ray.put(weights)
         paths, failures = gather(
@@ -820,19 +856,9 @@ class Pipeline:
             "round": round,
             "participants": sorted(updates),
             "failures": failures,
-            "hospitals": {
-                h: {
-                    **_figures(e),
-                    "train_loss": updates[h].metrics.get("train_loss") if h in updates else None,
-                    # Per-class score histograms (BINS bins over [0, 1]): calibration and confidence
-                    # intervals in the report come from these, not from per-patient scores.
-                    "positive_hist": e.positive_hist.tolist(),
-                    "negative_hist": e.negative_hist.tolist(),
-                }
-                for h, e in sorted(evaluations.items())
-            },
+            "hospitals": {h: _evaluation_record(e, updates[h].metrics.get("train_loss") if h in updates else None) for h, e in sorted(evaluations.items())},
             # A round whose evaluations all failed still trained; it just has no figures.
-            "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
+            "pooled": self.task.pool(list(evaluations.values())) if evaluations else {},
             "evaluation_failures": eval_failures,
             "privacy": self._privacy_record(updates, sent, len(plans)),
             # How far each change lies from the others, for spotting a faulty or hostile hospital
@@ -855,7 +881,7 @@ class Pipeline:
         evaluations = {h: e for h, e in sorted(answers.items()) if e is not None}
         return {
             "hospitals": {h: _figures(e) for h, e in evaluations.items()},
-            "pooled": pooled_metrics(list(evaluations.values())) if evaluations else {},
+            "pooled": self.task.pool(list(evaluations.values())) if evaluations else {},
             "failures": failures,
         }
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from fedward.config import FedwardConfig, TrainConfig
 from fedward.errors import ConfigError
+from fedward.tasks import Task, binary_task
 from models.training import make_optimizer
 from privacy.accounting import GaussianSteps, calibrate_noise_multiplier
 
@@ -92,11 +93,13 @@ def train_private(
     lr: float,
     config: TrainConfig,
     max_grad_norm: float,
+    task: Task | None = None,
 ) -> PrivateTraining:
-    """`plan.steps` DP-SGD steps; `units[i]` names the unit (patient) row i belongs to."""
+    """`plan.steps` DP-SGD steps on the task's loss; `units[i]` names the unit (patient) row i belongs to."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    task = task or binary_task()
     if not (len(x) == len(y) == len(units) > 0):
         raise ConfigError(f"privacy.dp_sgd: expected as many inputs ({len(x)}), labels ({len(y)}) and unit ids ({len(units)}), at least one")
     model.train()
@@ -123,7 +126,7 @@ def train_private(
     try:
         for _ in range(plan.steps):
             chosen = torch.nonzero(torch.rand(len(rows_of), generator=generator) < plan.sample_rate).squeeze(1)
-            loss = _step(sampled, optimizer, x, y, [rows_of[u] for u in chosen.tolist()])
+            loss = _step(sampled, optimizer, task, x, y, [rows_of[u] for u in chosen.tolist()])
             if loss is not None:
                 losses.append(loss)
     finally:
@@ -139,7 +142,7 @@ def train_private(
     )
 
 
-def _step(sampled: GradSampleModule, optimizer: DPOptimizer, x: torch.Tensor, y: torch.Tensor, units: list[torch.Tensor]) -> float | None:
+def _step(sampled: GradSampleModule, optimizer: DPOptimizer, task: Task, x: torch.Tensor, y: torch.Tensor, units: list[torch.Tensor]) -> float | None:
     """One DP-SGD step on the rows of the sampled units; their mean loss, None if none was sampled."""
     optimizer.zero_grad(set_to_none=True)
     if not units:  # Poisson sampling may pick no one; the step still adds noise, as Opacus does
@@ -149,7 +152,7 @@ def _step(sampled: GradSampleModule, optimizer: DPOptimizer, x: torch.Tensor, y:
         return None
     rows = torch.cat(units)
     # Summed, so each row's gradient arrives unscaled by the batch size.
-    loss = nn.functional.binary_cross_entropy_with_logits(sampled(x[rows]).squeeze(1), y[rows], reduction="sum")
+    loss = task.loss(sampled(x[rows]), y[rows], reduction="sum")
     with warnings.catch_warnings():
         # The first layer's backward hook sees no input gradient, as the data needs none.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

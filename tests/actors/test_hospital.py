@@ -38,8 +38,8 @@ def test_a_table_hospital_trains_and_returns_only_weights_counts_and_aggregates(
     assert np.array_equal(again.delta, update.delta)  # same plan, same weights: reproducible
 
     evaluation = hospital.evaluate(1, weights + update.delta, layout)
-    assert evaluation.positive_hist.sum() + evaluation.negative_hist.sum() == counts.holdout_examples
-    assert 0.0 <= evaluation.auroc <= 1.0 and math.isfinite(evaluation.loss)
+    assert evaluation.statistics["positive_hist"].sum() + evaluation.statistics["negative_hist"].sum() == counts.holdout_examples
+    assert 0.0 <= evaluation.figures["auroc"] <= 1.0 and math.isfinite(evaluation.loss)
     assert hospital.restore(1) == 1  # its own state for round 1 was saved in its own area
     assert hospital.restore(3) == 1  # a hospital not asked in rounds 2 and 3 resumes from round 1
     assert hospital.restore(0) is None
@@ -201,7 +201,7 @@ def test_ditto_keeps_a_personal_model_at_the_hospital_pulled_toward_the_global_o
     personal = flatten(hospital.personal_model)[0]
     assert not np.allclose(personal, weights + update.delta)  # a model of its own
     evaluation = hospital.evaluate_personal(1)
-    assert evaluation.num_examples == len(hospital.holdout_idx) and 0.5 < evaluation.auroc <= 1.0
+    assert evaluation.num_examples == len(hospital.holdout_idx) and 0.5 < evaluation.figures["auroc"] <= 1.0
 
     hospital.personal_model = None  # a strong pull keeps the personal model at the global weights
     hospital.fit(RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05, personal_lambda=5.0), weights, layout)

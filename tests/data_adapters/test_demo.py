@@ -127,10 +127,14 @@ def test_truth_matches_the_files(small):
             ("images", "labels.csv", "finding", ["nodule", "mass"]),
             ("ehr", "ehr.csv", "discharge_status", ["icu", "died"]),
         ]:
-            labels = [r[column] in positive for r in read_rows(out / name / table)]
+            values = [r[column] for r in read_rows(out / name / table)]
+            labels = [v in positive for v in values]
             assert truth[part]["n"][name] == len(labels)
             assert truth[part]["prevalence"][name] == pytest.approx(np.mean(labels), abs=1e-4)
-            assert truth[part]["label"] == {"column": column, "positive_values": positive}
+            rule = truth[part]["label"]
+            assert rule["column"] == column and rule["positive_values"] == positive
+            # The rule says which values are negative, and every value written is one or the other.
+            assert set(values) <= set(positive) | set(rule["negative_values"]) and not set(positive) & set(rule["negative_values"])
     assert truth["images"]["n"]["pooled"] == 120 and truth["ehr"]["n"]["pooled"] == 240
     assert set(truth["ehr"]["driving_features"]) <= set(EHR_COLUMNS)
     assert set(truth["ehr"]["noise_features"]) <= set(EHR_COLUMNS)

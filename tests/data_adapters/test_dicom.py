@@ -208,7 +208,7 @@ def test_labels_join_by_each_key_kind(tmp_path, key, suffix):
 @pytest.mark.parametrize(
     "rule, values, expected",
     [
-        (LabelRule(column="y", positive_values=("died", "icu")), ["died", "home", "icu"], [1, 0, 1]),
+        (LabelRule(column="y", positive_values=("died", "icu"), negative_values=("home",)), ["died", "home", "icu"], [1, 0, 1]),
         (LabelRule(column="y", threshold=0.5), ["0.7", "0.2", "0.5"], [1, 0, 1]),
         (LabelRule(column="y"), ["TRUE", "no", "yes"], [1, 0, 1]),
     ],
@@ -263,7 +263,8 @@ def test_every_skip_reason_is_recorded_and_the_rest_is_used(tmp_path):
     rows += [("gone.dcm", "1"), ("maybe.dcm", "maybe")]
     write_labels(tmp_path / "labels.csv", rows)
 
-    got, report = load(tmp_path)
+    # With the rule said in full, "maybe" is a value of neither list: it costs its row, named.
+    got, report = load(tmp_path, label=LabelRule(column="y", positive_values=("1",), negative_values=("0",)))
 
     assert got.sample_ids == ["images/good.dcm"] and report.used == 1
     assert skipped(report) == {
@@ -280,9 +281,10 @@ def test_every_skip_reason_is_recorded_and_the_rest_is_used(tmp_path):
         "labels.csv row 9": "conflicting_label",
         "labels.csv row 10": "conflicting_label",
         "labels.csv row 11": "label_without_image",
-        "images/maybe.dcm": "bad_label",
-        "labels.csv row 12": "bad_label",
+        "images/maybe.dcm": "unlisted_label",
+        "labels.csv row 12": "unlisted_label",
     }
+    assert "'maybe'" in next(s.detail for s in report.skipped if s.source == "labels.csv row 12")
     no_decoder = next(s for s in report.skipped if s.reason == "no_decoder")
     assert MPEG2MPML in no_decoder.detail and no_decoder.field == "TransferSyntaxUID"
     assert all(good.PatientID not in s.detail for s in report.skipped)

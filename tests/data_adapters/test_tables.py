@@ -225,21 +225,42 @@ def test_label_threshold(tmp_path):
     assert [(s.source, s.reason) for s in report.skipped] == [("export.csv row 4", "bad_label")]
 
 
-def test_label_positive_values(tmp_path):
+def test_label_positive_values_with_all_others_negative(tmp_path):
     file = label_csv(tmp_path, ["died", "icu", "home", "Died", ""])
-    samples, report = load(tmp_path, file, label=LabelRule(column="outcome", positive_values=("died", "icu")))
+    samples, report = load(tmp_path, file, label=LabelRule(column="outcome", positive_values=("died", "icu"), negative_values="all others"))
     assert samples.labels.tolist() == [1, 1, 0, 0]  # values compare exactly
     assert report.counts() == {"missing_label": 1}
 
 
+def test_a_label_value_in_neither_list_costs_its_row_and_is_named(tmp_path):
+    file = label_csv(tmp_path, ["died", "icu", "home", "Died", "transferred", "transferred", ""])
+    rule = LabelRule(column="outcome", positive_values=("died", "icu"), negative_values=("home",))
+    samples, report = load(tmp_path, file, label=rule)
+    assert samples.labels.tolist() == [1, 1, 0]
+    assert report.counts() == {"unlisted_label": 3, "missing_label": 1}
+    details = {s.source: s.detail for s in report.skipped}
+    assert "'Died'" in details["export.csv row 4"] and "'transferred'" in details["export.csv row 6"]
+    assert "positive_values nor label.negative_values" in details["export.csv row 5"]
+
+
+def test_a_threshold_is_inclusive(tmp_path):
+    file = label_csv(tmp_path, ["3.999", "4", "4.0", "4.001"])
+    samples, _ = load(tmp_path, file, label=LabelRule(column="outcome", threshold=4.0))
+    assert samples.labels.tolist() == [0, 1, 1, 1]
+
+
 def test_plain_boolean_label(tmp_path):
-    file = label_csv(tmp_path, ["1", "0", "TRUE", "false", "Yes", "no", "2", "nan"])
+    file = label_csv(tmp_path, ["1", "0", "TRUE", "false", "Yes", "no", "nan"])
     samples, report = load(tmp_path, file, label=LabelRule(column="outcome"))
     assert samples.labels.tolist() == [1, 0, 1, 0, 1, 0]
-    assert [(s.source, s.reason) for s in report.skipped] == [
-        ("export.csv row 7", "bad_label"),
-        ("export.csv row 8", "missing_label"),
-    ]
+    assert [(s.source, s.reason) for s in report.skipped] == [("export.csv row 7", "missing_label")]
+
+
+def test_a_binary_task_on_a_column_of_five_values_without_a_rule_is_refused_listing_them(tmp_path):
+    # Five grades read as 0/1 would silently drop the rows of grades 2 to 4 and train another task.
+    file = label_csv(tmp_path, ["0", "1", "2", "3", "4", "1", "TRUE"])
+    with pytest.raises(DataError, match=r"export.csv: label column 'outcome' holds 5 different values \['0', '1', '2', '3', '4', 'TRUE'\].*positive_values.*multiclass"):
+        load(tmp_path, file, label=LabelRule(column="outcome"))
 
 
 def test_label_column_with_no_usable_value(tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import tarfile
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from pipelines.status import run_status
 from explain.report import write_consortium_report
 from pipelines.patient import explain_patient_at_hospital
 from tests.conftest import copy_hospitals, ehr_config, image_config
+from tests.e2e.pins import assert_pinned
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]
@@ -62,6 +64,7 @@ def test_ehr_federation_learns_everywhere_and_a_hospital_without_data_stays_out(
 
     records = metrics(config.run_dir)
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert_pinned(config.run_dir, "ehr")
     last = records[-1]
     assert sorted(last["hospitals"]) == ["hospital_a", "hospital_b", "hospital_c"]
     assert all(m["auroc"] >= 0.75 for m in last["hospitals"].values()), last["hospitals"]
@@ -126,6 +129,7 @@ def test_shuffled_labels_stay_at_chance(ray_session, demo_data, tmp_path, make_c
 def test_image_federation_learns_at_every_hospital(ray_session, demo_data, tmp_path):
     config = parse_config(image_config(demo_data, tmp_path))
     Pipeline(config, progress=False).run()
+    assert_pinned(config.run_dir, "images")
     last = metrics(config.run_dir)[-1]
     assert all(m["auroc"] >= 0.75 for m in last["hospitals"].values()), last["hospitals"]
     assert last["pooled"]["auroc"] >= 0.8
@@ -175,3 +179,20 @@ def test_driver_killed_mid_round_resumes_to_identical_weights(ray_session, demo_
     assert torch.equal(torch.from_numpy(resumed), torch.from_numpy(expected))
     assert torch.equal(torch.from_numpy(load_checkpoint(killed.run_dir).weights), torch.from_numpy(expected))
     assert [r["round"] for r in metrics(killed.run_dir)] == list(range(1, rounds + 1))
+
+
+def test_a_run_that_commit_0d6210f_stopped_after_round_2_resumes_on_this_code_to_the_same_weights(ray_session, demo_data, tmp_path):
+    # Packed at 0d6210f: the run directory and the hospitals' own areas of a 3-round EHR run
+    # stopped after round 2, with this test's demo data and paths (tests/e2e/data).
+    with tarfile.open(ROOT / "tests" / "e2e" / "data" / "resume_0d6210f.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    raw = ehr_config(demo_data, tmp_path, name="resume", rounds=3)
+    raw["explain"] = {"enabled": False}
+    # What 0d6210f's positive_values meant, now said: the run keeps its identity.
+    raw["data"]["table"]["label"]["negative_values"] = "all others"
+    config = parse_config(raw)
+    logged = []
+    Pipeline(config, progress=False, log=logged.append).run()
+    assert any("resuming resume after round 2" in line for line in logged), logged
+    assert [r["round"] for r in metrics(config.run_dir)] == [1, 2, 3]
+    assert_pinned(config.run_dir, "resumed_from_0d6210f")

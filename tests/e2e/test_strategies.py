@@ -11,6 +11,7 @@ from pipelines.checkpoint import load_checkpoint
 from pipelines.run import Pipeline
 from pipelines.strategies import STRATEGIES
 from tests.conftest import ehr_config
+from tests.e2e.pins import assert_pinned
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +25,7 @@ def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session,
         raw["train"]["momentum"] = 0.0  # its control update assumes plain SGD steps
     config = parse_config(raw)
     Pipeline(config, progress=False).run()
+    assert_pinned(config.run_dir, strategy["name"])
     last = json.loads((config.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["pooled"]["auroc"] >= 0.75, last["pooled"]
     ckpt = load_checkpoint(config.run_dir)

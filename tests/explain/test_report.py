@@ -267,7 +267,7 @@ def test_a_failed_check_a_failed_hospital_and_a_stopped_run_are_flagged_at_the_t
     assert 'role="alert">This run stopped after round 2 of 5' in text
     assert 'role="alert">Explanation checks failed (driving_above_noise at consortium)' in text
     assert 'role="alert">Explanations failed at hospital_c, which the explanation sections leave out: HospitalError' in text
-    assert "<td>hospital_c</td><td>900</td><td>300</td><td>1200</td><td>263</td><td>0</td><td>failed</td>" in text
+    assert "<td>hospital_c</td><td>900</td><td>300</td><td>1200</td><td>263 positive</td><td>0</td><td>failed</td>" in text
     assert text.count('<span class="fail">FAIL</span>') == 1
 
 

@@ -12,7 +12,7 @@ def raw_config(**overrides):
             "table": {
                 "file": "ehr.csv",
                 "features": {"age": "numeric", "sex": "categorical"},
-                "label": {"column": "outcome", "positive_values": ["died"]},
+                "label": {"column": "outcome", "positive_values": ["died"], "negative_values": "all others"},
             },
         },
         "model": {"kind": "mlp", "dropout": 0.2},
@@ -94,7 +94,7 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 def test_numbers_written_as_yaml_text_and_numeric_label_values_are_read():
     raw = raw_config(train={"lr": "1e-3"})
-    raw["data"]["table"]["label"] = {"column": "y", "positive_values": [2, 3]}
+    raw["data"]["table"]["label"] = {"column": "y", "positive_values": [2, 3], "negative_values": [0, 1]}
     config = parse_config(raw)
     assert config.train.lr == 0.001 and config.data.table.label.positive_values == ("2", "3")
 
@@ -169,3 +169,74 @@ def test_a_dropout_layer_at_only_some_hospitals_is_refused():
 def test_strategy_settings_that_would_be_silently_wrong_are_refused(strategy, extra, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_config(raw_config(strategy=strategy, **extra))
+
+
+def test_a_config_written_before_tasks_keeps_its_identity_so_its_runs_resume():
+    # The hash commit 0d6210f gave this config, whose positive_values then meant "all others negative".
+    assert config_hash(parse_config(raw_config())) == "49c518b666e3b3b05891ee1eaf97a1ff573ba4c6ec5259dc2010e34ec605bb4b"
+    listed = raw_config()
+    listed["data"]["table"]["label"]["negative_values"] = ["home"]
+    assert config_hash(parse_config(listed)) != config_hash(parse_config(raw_config()))
+
+
+def test_positive_values_need_the_negative_ones_said():
+    raw = raw_config()
+    raw["data"]["table"]["label"].pop("negative_values")
+    with pytest.raises(ConfigError, match=r"label.negative_values \(outcome\): say which values are negative, as a list or as 'all others'"):
+        parse_config(raw)
+    raw["data"]["table"]["label"]["negative_values"] = ["died", "home"]
+    with pytest.raises(ConfigError, match=r"\['died'\] are listed as both positive and negative"):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    "task, label, fragment",
+    [
+        ({"kind": "multiclass"}, {"column": "grade"}, "task.classes: list the multiclass label values"),
+        ({"kind": "multiclass", "classes": ["a"]}, {"column": "grade"}, "needs at least two classes"),
+        ({"kind": "regression", "classes": ["a", "b"]}, {"column": "los"}, "only a multiclass task has classes"),
+        ({"kind": "regression"}, {"column": "los", "threshold": 3}, "positive_values and threshold make a binary outcome, but task.kind is regression"),
+        ({"kind": "ordinal"}, {"column": "grade"}, "task.kind: expected one of ['binary', 'multiclass', 'regression']"),
+        ({"target": "no_colon"}, {"column": "grade"}, "task.target: expected 'package.module:name'"),
+    ],
+)
+def test_task_settings_are_checked_at_load(task, label, fragment):
+    raw = raw_config(task=task, explain={"enabled": False})
+    raw["data"]["table"]["label"] = label
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        parse_config(raw)
+
+
+def test_settings_a_task_cannot_have_name_both_settings():
+    raw = raw_config(task={"kind": "regression"})
+    raw["data"]["table"]["label"] = {"column": "los"}
+    with pytest.raises(ConfigError, match="explain.enabled: explanations are defined for binary tasks; task.kind is regression"):
+        parse_config(raw)
+    raw["explain"], raw["subgroups"] = {"enabled": False}, {"sex": "sex"}
+    with pytest.raises(ConfigError, match="subgroups: figures per patient group are defined for binary tasks"):
+        parse_config(raw)
+
+
+def test_a_model_is_a_built_in_kind_or_a_target_never_both_and_errors_name_features_by_name():
+    with pytest.raises(ConfigError, match="model: give either kind"):
+        parse_config(raw_config(model={"kind": "mlp", "target": "study.nets:make"}))
+    with pytest.raises(ConfigError, match="model.args: arguments for model.target"):
+        parse_config(raw_config(model={"kind": "mlp", "args": {"depth": 3}}))
+    with pytest.raises(ConfigError, match=r"hospitals.b.model: \['dropout'\] are options of the built-in networks; model.target study.nets:make"):
+        parse_config(raw_config(model={"target": "study.nets:make"}))
+    config = parse_config(raw_config(model={"target": "study.nets:make", "args": {"depth": 3}}, hospitals=[{"name": "a"}, {"name": "b"}]))
+    assert config.model.name == "model.target study.nets:make" and config.model.args == {"depth": 3}
+    raw = raw_config()
+    raw["data"]["table"]["features"] = [{"name": "age", "type": "numeric"}, {"name": "sex", "type": "nominal"}]
+    with pytest.raises(ConfigError, match=r"data.table.features.sex.type: expected one of"):
+        parse_config(raw)
+    with pytest.raises(ConfigError, match=r"hospitals.b.cpus: expected a number"):
+        parse_config(raw_config(hospitals=[{"name": "a", "data": "x"}, {"name": "b", "data": "y", "cpus": "two"}]))
+
+
+def test_missing_value_codes_are_given_per_feature():
+    raw = raw_config()
+    raw["data"]["table"]["features"] = {"age": {"type": "numeric", "missing_values": [-9, 0]}, "sex": "categorical"}
+    config = parse_config(raw)
+    assert config.data.table.features[0].missing_values == ("-9", "0") and config.data.table.features[1].missing_values == ()
+    assert "missing_values" in config_identity(config)["data"]["table"]["features"][0]

@@ -134,7 +134,7 @@ def test_a_narrow_hospital_trains_its_slice_and_returns_a_change_in_its_own_shap
     assert update.layout == sub and sub.shapes[0] == (16, shape[0]) and update.delta.size == sub.size < layout.size
     assert np.array_equal(update.delta, flatten(hospital.model)[0] - width.take(weights, layout, sub))
     evaluation = hospital.evaluate(1, weights, layout)  # the global weights, at this hospital's width
-    assert evaluation.num_examples == len(hospital.holdout_idx) and 0 <= evaluation.auroc <= 1
+    assert evaluation.num_examples == len(hospital.holdout_idx) and 0 <= evaluation.figures["auroc"] <= 1
 
 
 def test_a_server_optimizer_leaves_entries_no_hospital_sent_and_their_moments_alone(tmp_path):

@@ -10,6 +10,7 @@ from scipy.stats import trim_mean
 from actors import attacks
 from fedward.config import AttackConfig, RobustConfig, parse_config
 from fedward.errors import ConfigError
+from fedward.tasks import binary_task
 from fedward.types import Layout, Update
 from pipelines import aggregation
 from pipelines.strategies import STRATEGIES
@@ -124,8 +125,8 @@ def test_simulated_attackers_tamper_only_with_their_own_updates():
         assert check(attacks.tampered(attack, update, seed=3).delta), kind
         assert attacks.tampered(AttackConfig(hospitals=("h1",), kind=kind), update, seed=3) is update
     y = torch.tensor([0.0, 1.0, 1.0])
-    assert torch.equal(attacks.training_labels(AttackConfig(hospitals=("h0",), kind="label_flip"), "h0", y), 1 - y)
-    assert attacks.training_labels(AttackConfig(hospitals=("h0",), kind="label_flip"), "h1", y) is y
+    assert torch.equal(attacks.training_targets(AttackConfig(hospitals=("h0",), kind="label_flip"), "h0", y, binary_task()), 1 - y)
+    assert attacks.training_targets(AttackConfig(hospitals=("h0",), kind="label_flip"), "h1", y, binary_task()) is y
 
 
 def test_a_change_far_beyond_the_typical_distance_is_flagged():

@@ -34,7 +34,7 @@ def patients(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]
 
 
 def model() -> nn.Module:
-    return mlp(ModelConfig(kind="mlp", hidden=(8,), norm="none"), FEATURES)
+    return mlp(ModelConfig(kind="mlp", hidden=(8,), norm="none"), FEATURES, 1)
 
 
 class OptimizerSpy:
@@ -119,7 +119,7 @@ def test_plan_calibrates_the_run_to_the_budget():
 
 
 def test_batchnorm_is_refused():
-    net = mlp(ModelConfig(kind="mlp", hidden=(8,), norm="batch"), FEATURES)
+    net = mlp(ModelConfig(kind="mlp", hidden=(8,), norm="batch"), FEATURES, 1)
     x, y, unit = patients(20, seed=2)
     with pytest.raises(ConfigError, match="BatchNorm.*model.norm"):
         train_private(net, x, y, unit, GaussianSteps(1.0, 0.5, 2), lr=0.05, config=PLAIN_SGD, max_grad_norm=1.0)

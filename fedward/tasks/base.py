@@ -1,0 +1,115 @@
+"""The `Task` interface: what a study predicts, decided in one place.
+
+A task turns a label column into targets (with a reason for every row it cannot use), sizes the
+model's output, gives the loss, stratifies the split, computes what a hospital releases about its
+held-out patients (statistics that count patients, never one patient's value), pools those into the
+consortium's figures at the driver, and writes what `fedward predict` shows. The hospital, the
+driver, the demo's baselines and `predict` call only this interface, so a new task (one of
+fedward's or a study's own, named by `task.target`) changes no other file.
+
+Targets are numpy arrays with one entry per sample (a later task may give each sample a vector or
+a mask: nothing outside the task looks inside a target).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from fedward.config import LabelRule, TaskConfig
+from fedward.types import Evaluation
+
+# field, reason, detail, mask of the rows affected: a label cell the task cannot use costs its row.
+Problem = tuple[str, str, str, np.ndarray]
+
+
+class Task(ABC):
+    kind: ClassVar[str]
+    # What the driver learns of a hospital's data besides its counts (DataCounts.targets).
+    output_size: int = 1
+
+    def __init__(self, config: TaskConfig):
+        self.config = config
+
+    # -- labels -----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def targets(self, text: pa.ChunkedArray, column_type: pa.DataType, rule: LabelRule, file: str) -> tuple[np.ndarray, list[Problem]]:
+        """The target of every row of a label column given as trimmed text (null where empty), and
+        the problems of the rows that have none (their target entries are then meaningless)."""
+
+    @abstractmethod
+    def target_counts(self, targets: np.ndarray) -> dict[str, int]:
+        """Samples per class value (empty for a numeric target): released with a hospital's counts."""
+
+    def unusable(self, targets: np.ndarray) -> str | None:
+        """Why a hospital's targets cannot train this task (None: they can)."""
+        return None
+
+    def strata(self, targets: np.ndarray) -> np.ndarray:
+        """An integer stratum per sample for the held-out split: a patient takes their largest."""
+        return np.asarray(targets, np.int64)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def scale(self, summaries: Sequence[dict[str, float]]) -> dict[str, float] | None:
+        """What the hospitals agree on before training from their `summary`s (None: nothing)."""
+        return None
+
+    def summary(self, targets: np.ndarray) -> dict[str, float] | None:
+        """Sums over a hospital's training targets for `scale` (None: the task needs none)."""
+        return None
+
+    @abstractmethod
+    def tensor(self, targets: np.ndarray, scale: dict[str, float] | None) -> torch.Tensor:
+        """The targets as the loss reads them."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The training loss of the model's outputs (N, output_size) against `tensor`'s targets."""
+
+    @abstractmethod
+    def flipped(self, y: torch.Tensor) -> torch.Tensor:
+        """The targets as a simulated label-flipping attacker trains on them (config `attack`)."""
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def evaluate(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, round: int, hospital: str) -> Evaluation:
+        """A hospital's evaluation on its held-out patients: its own figures and the statistics the
+        driver pools; outputs and targets stay at the hospital."""
+
+    @abstractmethod
+    def pool(self, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
+        """The consortium's figures from the hospitals' statistics, exactly as if pooled."""
+
+    # -- scoring new patients ---------------------------------------------------------------------
+
+    @abstractmethod
+    def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
+        """The columns `fedward predict` writes for each sample, named for the reader."""
+
+    def headline(self) -> str:
+        """The pooled figure a progress bar shows."""
+        return "auroc"
+
+
+def null_mask(values: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def weighted_mean(evaluations: Sequence[Evaluation], figure: str) -> float:
+    n = sum(e.num_examples for e in evaluations)
+    return sum(e.figures[figure] * e.num_examples for e in evaluations) / n
+
+
+def batch_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs (N, output_size) in evaluation mode, 256 samples at a time."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])

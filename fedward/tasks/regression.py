@@ -1,0 +1,108 @@
+"""Regression: one output per patient, a numeric target in its own units.
+
+The model learns the target standardized with the consortium's mean and standard deviation, agreed
+before round 1 from each hospital's sums over its training targets (count, sum, sum of squares),
+so one scale fits every hospital; predictions and figures are back in the target's units. Pooled
+MSE, MAE and R² are exact: each hospital releases sums over its held-out patients (count, sum and
+sum of squares of the targets, of the squared and of the absolute errors), and R² is one minus the
+pooled squared error over the pooled total sum of squares. The report's predicted-against-observed
+plot comes from a 2-D histogram of (predicted, observed) over bins set by the agreed scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from fedward.cells import parse_cells, parse_numeric
+from fedward.config import LabelRule
+from fedward.errors import DataError
+from fedward.tasks.base import Problem, Task
+from fedward.types import Evaluation
+
+# The calibration plot's bins: standardized units from -EDGE to EDGE, the outermost catching the tails.
+EDGE, PLOT_BINS = 3.0, 12
+
+
+class Regression(Task):
+    kind = "regression"
+
+    def targets(self, text: pa.ChunkedArray, column_type: pa.DataType, rule: LabelRule, file: str) -> tuple[np.ndarray, list[Problem]]:
+        numbers, bad = parse_cells(text, parse_numeric, rule.column, "numeric", column_type, file)
+        values = np.asarray(numbers.to_numpy(zero_copy_only=False), np.float64)
+        return np.nan_to_num(values), [(rule.column, "bad_label", f"expected a numeric target, found a {column_type} cell that is not a number", bad)]
+
+    def target_counts(self, targets: np.ndarray) -> dict[str, int]:
+        return {}
+
+    def unusable(self, targets: np.ndarray) -> str | None:
+        return None if len(np.unique(targets)) >= 2 else "at least two different target values"
+
+    def strata(self, targets: np.ndarray) -> np.ndarray:
+        # Quartiles of the hospital's own targets: each side of the split spans the range.
+        edges = np.quantile(targets, [0.25, 0.5, 0.75]) if len(targets) else []
+        return np.searchsorted(edges, targets, side="right").astype(np.int64)
+
+    def summary(self, targets: np.ndarray) -> dict[str, float]:
+        t = np.asarray(targets, np.float64)
+        return {"n": float(len(t)), "sum": float(t.sum()), "sum_squares": float((t * t).sum())}
+
+    def scale(self, summaries: Sequence[dict[str, float]]) -> dict[str, float]:
+        n = sum(s["n"] for s in summaries)
+        mean = sum(s["sum"] for s in summaries) / n
+        variance = max(sum(s["sum_squares"] for s in summaries) / n - mean * mean, 0.0)
+        if not variance > 0:
+            raise DataError("task: every hospital's training targets hold the same value; there is nothing to regress")
+        return {"mean": mean, "sd": math.sqrt(variance)}
+
+    def tensor(self, targets: np.ndarray, scale: dict[str, float] | None) -> torch.Tensor:
+        return torch.from_numpy(((np.asarray(targets, np.float64) - scale["mean"]) / scale["sd"]).astype(np.float32))
+
+    def loss(self, outputs: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return nn.functional.mse_loss(outputs.squeeze(1), y, reduction=reduction)
+
+    def flipped(self, y: torch.Tensor) -> torch.Tensor:
+        return -y  # mirrored about the consortium's mean
+
+    def evaluate(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, round: int, hospital: str) -> Evaluation:
+        loss = nn.functional.mse_loss(outputs.squeeze(1), y).item()
+        predicted = self._units(outputs, scale)
+        observed = y.numpy().astype(np.float64) * scale["sd"] + scale["mean"]
+        error = predicted - observed
+        sums = np.array([len(observed), observed.sum(), (observed**2).sum(), (error**2).sum(), np.abs(error).sum()])
+        statistics = {"sums": sums, "calibration": _calibration(predicted, observed, scale)}
+        return Evaluation(round, hospital, len(observed), loss, _figures(sums), statistics)
+
+    def pool(self, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
+        sums = sum(e.statistics["sums"] for e in evaluations)
+        return {"n": int(sums[0]), **_figures(sums), "loss": sum(e.loss * e.num_examples for e in evaluations) / sums[0]}
+
+    def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
+        return {"prediction": self._units(outputs, scale)}
+
+    def headline(self) -> str:
+        return "r2"
+
+    @staticmethod
+    def _units(outputs: torch.Tensor, scale: dict[str, float]) -> np.ndarray:
+        return outputs.squeeze(1).numpy().astype(np.float64) * scale["sd"] + scale["mean"]
+
+
+def _figures(sums: np.ndarray) -> dict[str, float]:
+    n, total, squares, squared_error, absolute_error = (float(v) for v in sums)
+    spread = squares - total * total / n
+    return {"mse": squared_error / n, "mae": absolute_error / n, "r2": 1 - squared_error / spread if spread > 0 else float("nan")}
+
+
+def _calibration(predicted: np.ndarray, observed: np.ndarray, scale: dict[str, float]) -> np.ndarray:
+    """Patients per (predicted bin, observed bin): what the report's binned plot shows."""
+    edges = scale["mean"] + scale["sd"] * np.linspace(-EDGE, EDGE, PLOT_BINS + 1)[1:-1]
+    counts = np.zeros((PLOT_BINS, PLOT_BINS), np.int64)
+    np.add.at(counts, (np.searchsorted(edges, predicted), np.searchsorted(edges, observed)), 1)
+    return counts

@@ -32,7 +32,7 @@ from fedward.errors import DataError
 
 SKIP_REASONS = {
     "unreadable_dicom", "not_dicom", "no_pixel_data", "no_decoder", "image_without_label",
-    "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label", "image_too_large",
+    "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label", "unlisted_label", "image_too_large",
 }
 
 

@@ -1,0 +1,1 @@
+"""Components a study brings, named by `model.target` in the tests' configs."""

@@ -33,10 +33,11 @@ from fedward import subgroups
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, RoundPlan, SealedUpdate, Update
-from models.flat import flatten, layout_of, load_flat
+from models.flat import flatten, layout_digest, layout_of, load_flat
 from models import export, training, width
 from models.networks import build_model
 from pipelines import aggregation, compression, scaffold
+from pipelines.manifest import build_versions
 from privacy import dp_fedavg, dp_sgd, ledger
 from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
@@ -181,6 +182,12 @@ class Hospital:
         self.personal = frozenset(personal)
         self._fresh_state()  # personal layers start the same on every resume
         return tuple(self.x.shape[1:])
+
+    def model_report(self) -> dict[str, object]:
+        """What this hospital built its model with (versions, the study code's provenance), from
+        its own installation: the driver stops a run whose hospitals disagree."""
+        layout = layout_of(self.model, self.personal)
+        return {**build_versions(self.config, self.config.run.study_dir), "layout": layout_digest(layout)}
 
     def _loaded(self) -> Samples:
         if self.samples is None:

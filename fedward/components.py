@@ -7,8 +7,10 @@ or from the study folder: the folder `fedward simulate` started in, which the dr
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,19 @@ def load_component(target: str, setting: str, study_dir: str | None = None) -> A
     return obj
 
 
-def source_file(obj: Any) -> Path | None:
-    """The file a component was defined in, for the model card's record of the study code."""
-    module = sys.modules.get(getattr(obj, "__module__", ""), None)
-    file = getattr(module, "__file__", None)
-    return Path(file) if file else None
+def provenance(target: str, obj: Any, study_dir: str | None) -> dict[str, Any]:
+    """Where a component's code comes from, as a hospital or `predict` can check it without
+    trusting anyone's word: the study's own file and its sha256, or an installed package's name and
+    version. Two processes that built a model from the same provenance ran the same code."""
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    file = Path(module.__file__).resolve() if module is not None and getattr(module, "__file__", None) else None
+    study = Path(study_dir).resolve() if study_dir else None
+    if file is not None and study is not None and file.is_relative_to(study):
+        return {"target": target, "file": file.relative_to(study).as_posix(), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    top = (getattr(obj, "__module__", "") or target).split(".")[0]
+    packages = metadata.packages_distributions().get(top, [])
+    if packages:
+        return {"target": target, "package": packages[0], "version": metadata.version(packages[0])}
+    if file is not None:  # on sys.path but neither in the study folder nor installed: its file, by content
+        return {"target": target, "file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    return {"target": target}

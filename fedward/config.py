@@ -147,6 +147,20 @@ class DataConfig:
         _need(self.min_samples >= 2, "data.min_samples: must be at least 2")
 
 
+@dataclass(frozen=True, kw_only=True)
+class InitWeights:
+    """Start the global model from a local safetensors file (nothing is downloaded): every entry of
+    the model's state is loaded by name and must match in shape, except those in `keep_initial`
+    (a new head, say), which keep the factory's initialization. An entry the file lacks or holds
+    beyond the model stops the run before round 1, named."""
+
+    file: str  # relative to the folder the run starts in
+    keep_initial: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _need(self.file.endswith(".safetensors"), f"model.init_weights.file: expected a .safetensors file, got {self.file!r}")
+
+
 TaskKind = Literal["binary", "multiclass", "regression"]
 
 
@@ -177,6 +191,7 @@ class ModelConfig:
     kind: Literal["mlp", "cnn"] | None = None
     target: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    init_weights: InitWeights | None = None
     norm: NormKind = "none"  # FedBN needs "batch", DP-SGD needs "group"
     hidden: tuple[int, ...] = (64, 32)  # MLP layer widths
     channels: tuple[int, ...] = (16, 32, 32)  # CNN: one conv block per entry
@@ -217,11 +232,29 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    # The learning rate over rounds: constant; cosine from lr in round 1 down to lr_min in the last;
+    # or step, times lr_gamma every lr_step_rounds rounds.
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    lr_min: float = 0.0
+    lr_step_rounds: int = 1
+    lr_gamma: float = 0.5
 
     def __post_init__(self):
         _need(self.local_epochs >= 1, "train.local_epochs: must be at least 1")
         _need(self.batch_size >= 1, "train.batch_size: must be at least 1")
         _need(self.lr > 0, "train.lr: must be positive")
+        _need(0 <= self.lr_min < self.lr, f"train.lr_min: expected a number in [0, train.lr={self.lr:g}), got {self.lr_min:g}")
+        _need(self.lr_step_rounds >= 1, f"train.lr_step_rounds: expected a whole number >= 1, got {self.lr_step_rounds}")
+        _need(0 < self.lr_gamma <= 1, f"train.lr_gamma: expected a number in (0, 1], got {self.lr_gamma:g}")
+
+    def lr_at(self, round: int, rounds: int) -> float:
+        """The learning rate of `round` (1-based) in a run of `rounds` rounds."""
+        if self.lr_schedule == "cosine":
+            done = (round - 1) / max(rounds - 1, 1)
+            return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * done)) / 2
+        if self.lr_schedule == "step":
+            return self.lr * self.lr_gamma ** ((round - 1) // self.lr_step_rounds)
+        return self.lr
 
 
 StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "fedbn", "fedper", "fedrep", "ditto"]
@@ -783,6 +816,10 @@ class FedwardConfig:
     def model_for(self, hospital: str) -> ModelConfig:
         overrides = dict(self.hospital(hospital).model)
         _need(
+            "init_weights" not in overrides,
+            f"hospitals.{hospital}.model.init_weights: the global model starts from one file for every hospital; set model.init_weights",
+        )
+        _need(
             not overrides or self.model.target is None,
             f"hospitals.{hospital}.model: {sorted(overrides)} are options of the built-in networks; {self.model.name} takes its own model.args",
         )
@@ -945,9 +982,12 @@ def config_identity(config: FedwardConfig) -> dict:
         body.pop("compression")
     if config.task == TaskConfig():
         body.pop("task")
-    for key in ("target", "args"):
+    for key in ("target", "args", "init_weights"):
         if not body["model"][key]:
             body["model"].pop(key)
+    if config.train.lr_schedule == "constant":
+        for key in ("lr_schedule", "lr_min", "lr_step_rounds", "lr_gamma"):
+            body["train"].pop(key)
     data = body["data"]
     label = (data["table"] or data["dicom"])["label"]
     if label["negative_values"] in (None, ALL_OTHERS):  # what every positive_values rule meant before it could be said

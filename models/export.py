@@ -31,7 +31,7 @@ import safetensors.torch
 from safetensors import SafetensorError
 from torch import nn
 
-from fedward.components import load_component, source_file
+from fedward.components import load_component, provenance
 from fedward.config import ALL_OTHERS, DataConfig, DicomSpec, FeatureSpec, LabelRule, ModelConfig, TableSpec, TaskConfig
 from fedward.errors import CheckpointError, ConfigError
 from fedward.tasks import Task, build_task
@@ -154,19 +154,23 @@ def export_model(
 
 
 def _study_code(config: ModelConfig, study_dir: str | None) -> dict | None:
-    """The file a model.target factory is defined in and its sha256: `predict` refuses to rebuild
-    the model from code that changed since."""
+    """Where a model.target factory's code comes from (components.provenance)."""
     if config.target is None:
         return None
-    file = source_file(load_component(config.target, "model.target", study_dir))
-    if file is None:
-        return {"target": config.target, "file": None, "sha256": None}
-    return {"target": config.target, "file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    return provenance(config.target, load_component(config.target, "model.target", study_dir), study_dir)
 
 
-def load_exported(model_dir: Path, study_dir: str | None = None) -> tuple[nn.Module, ExportedModel, Task]:
-    """The exported model in eval mode, its card and its task; refuses a folder it cannot vouch
-    for, and a model whose study code (model.target) changed since it was exported."""
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # in eval mode
+    card: ExportedModel
+    task: Task
+    warnings: tuple[str, ...]  # what changed since the export without changing the model's code (a package's version)
+
+
+def load_exported(model_dir: Path, study_dir: str | None = None) -> LoadedModel:
+    """The exported model, its card and its task; refuses a folder it cannot vouch for, and a model
+    whose study code (model.target's file) changed since it was exported."""
     model_dir = Path(model_dir)
     card_path, weights_path = model_dir / CARD, model_dir / WEIGHTS
     card = _read_card(card_path)
@@ -182,17 +186,34 @@ def load_exported(model_dir: Path, study_dir: str | None = None) -> tuple[nn.Mod
         )
     task = build_task(card.task_config(), study_dir)
     config = card.model_config()
-    if card.study_code is not None and (now := _study_code(config, study_dir)) != card.study_code:
-        raise CheckpointError(
-            f"{card_path}: the model's code {config.target} changed since it was exported (sha256 of {card.study_code['file']} "
-            f"{str(card.study_code['sha256'])[:12]}..., now {str(now and now['sha256'])[:12]}...); use the study code the run trained with"
-        )
+    warnings = _code_changes(card, card_path, _study_code(config, study_dir))
     try:
         model = build_model(config, card.input_shape, task.output_size, study_dir)
         model.load_state_dict(safetensors.torch.load(weights), strict=True)
     except (TypeError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"{weights_path}: does not fit the model described in {card_path}: {' '.join(str(e).split())[:300]}") from None
-    return model.eval(), card, task
+    return LoadedModel(model.eval(), card, task, warnings)
+
+
+def _code_changes(card: ExportedModel, card_path: Path, now: dict | None) -> tuple[str, ...]:
+    """Refuses study code that changed since the export; a package's new version is only said."""
+    then = card.study_code
+    if then is None or then == now:
+        return ()
+    if "sha256" in then or now is None or "sha256" in now:
+        raise CheckpointError(
+            f"{card_path}: the model's code {then['target']} changed since it was exported (then {_described(then)}, now "
+            f"{_described(now)}); use the study code the run trained with"
+        )
+    return (f"{then['target']}: exported with {then['package']} {then['version']}, rebuilt with {now['package']} {now['version']}",)
+
+
+def _described(code: dict | None) -> str:
+    if not code:
+        return "not importable"
+    if "sha256" in code:
+        return f"{code['file']} sha256 {code['sha256'][:12]}..."
+    return f"{code.get('package', '?')} {code.get('version', '?')}"
 
 
 def _read_card(path: Path) -> ExportedModel:

@@ -6,6 +6,8 @@ as BatchNorm's `num_batches_tracked` stay with the model, as averaging a counter
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -20,6 +22,12 @@ def layout_of(model: nn.Module, personal: frozenset[str] = frozenset()) -> Layou
         (k, tuple(v.shape)) for k, v in model.state_dict().items() if v.is_floating_point() and k not in personal
     ]
     return Layout(tuple(k for k, _ in items), tuple(s for _, s in items))
+
+
+def layout_digest(layout: Layout) -> str:
+    """A short fingerprint of a layout's names and shapes, for comparing models across processes."""
+    text = ";".join(f"{n}:{'x'.join(map(str, s))}" for n, s in zip(layout.names, layout.shapes))
+    return f"{len(layout.names)} entries, {layout.size} values, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def flatten(model: nn.Module, personal: frozenset[str] = frozenset()) -> tuple[np.ndarray, Layout]:

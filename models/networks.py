@@ -8,6 +8,8 @@ Every model outputs the task's `output_size` values per sample (one logit for a 
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from fedward.components import load_component
@@ -61,17 +63,42 @@ def cnn(config: ModelConfig, input_shape: tuple[int, ...], output_size: int) -> 
 
 def build_model(config: ModelConfig, input_shape: tuple[int, ...], output_size: int = 1, study_dir: str | None = None) -> nn.Module:
     """`input_shape` is one sample's shape: (features,) for tables, (channels, H, W) for images;
-    `output_size` the task's. A `model.target` factory is called as
-    `factory(input_shape=..., output_size=..., **model.args)` and must return a torch.nn.Module."""
+    `output_size` the task's. A `model.target` factory is given them with `model.args` (see
+    `factory_arguments`) and must return a torch.nn.Module."""
     if config.kind == "mlp":
         return mlp(config, input_shape[0], output_size)
     if config.kind == "cnn":
         return cnn(config, input_shape, output_size)
     factory = load_component(config.target, "model.target", study_dir)
+    given = factory_arguments(factory, config.target, tuple(input_shape), output_size)
+    clash = sorted(set(given) & set(config.args))
+    if clash:
+        raise ConfigError(f"model.args: {clash} come from the data and the task ({given}); leave them out")
     try:
-        model = factory(input_shape=tuple(input_shape), output_size=output_size, **config.args)
+        model = factory(**given, **config.args)
     except TypeError as e:  # its arguments do not fit the factory's signature
-        raise ConfigError(f"model.target: {config.target}(input_shape=..., output_size=..., **model.args) failed: {e}") from None
+        raise ConfigError(f"model.target: {config.target}({', '.join(given)}, **model.args) failed: {e}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.target: {config.target} returned a {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def factory_arguments(factory, target: str, input_shape: tuple[int, ...], output_size: int) -> dict[str, object]:
+    """What fedward passes a factory, by the names its signature uses: `input_shape` and
+    `output_size`, or MONAI's `in_channels` and `out_channels` (with `spatial_dims` from the
+    input's shape when it takes one), so `monai.networks.nets:DenseNet121` is a target as it is."""
+    try:
+        names = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        names = {}
+    if "input_shape" in names or "output_size" in names:
+        return {"input_shape": input_shape, "output_size": output_size}
+    if "in_channels" in names and "out_channels" in names:
+        given: dict[str, object] = {"in_channels": input_shape[0], "out_channels": output_size}
+        if "spatial_dims" in names:
+            given["spatial_dims"] = len(input_shape) - 1
+        return given
+    raise ConfigError(
+        f"model.target: {target} takes neither input_shape and output_size nor in_channels and out_channels; "
+        f"fedward passes one of these pairs from the data and the task"
+    )

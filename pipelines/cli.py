@@ -91,6 +91,8 @@ def _predict(args) -> None:
     from pipelines.predict import predict
 
     done = predict(Path(args.model_dir), Path(args.data), Path(args.out))
+    for warning in done.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"scored {done.scored} samples; skipped per reason: {done.skipped or 'none'}")
     print(f"wrote {done.out}")
 

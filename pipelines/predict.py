@@ -40,6 +40,7 @@ class Prediction:
     out: Path
     scored: int
     skipped: dict[str, int]  # reason -> count
+    warnings: tuple[str, ...] = ()  # what changed since the model was exported without changing its code
 
 
 def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
@@ -47,7 +48,8 @@ def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
     (`.csv` or `.parquet`)."""
     model_dir, data, out = Path(model_dir), Path(data), Path(out)
     writer = _writer(out)  # a wrong extension is refused before any reading
-    model, card, task = load_exported(model_dir, str(Path.cwd()))
+    loaded = load_exported(model_dir, str(Path.cwd()))
+    model, card, task = loaded.model, loaded.card, loaded.task
     report = DataReport(card.hospital or "new patients")
     samples, x = _read(card, model_dir, data, report)
     if len(samples) == 0:
@@ -61,7 +63,7 @@ def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
     outputs = training.outputs(model, torch.from_numpy(np.ascontiguousarray(x, np.float32)))
     columns.update({name: pa.array(values) for name, values in task.predictions(outputs, card.scale).items()})
     writer(pa.table(columns), out)
-    return Prediction(out, len(samples), report.counts())
+    return Prediction(out, len(samples), report.counts(), loaded.warnings)
 
 
 def _read(card: ExportedModel, model_dir: Path, data: Path, report: DataReport) -> tuple[Samples, np.ndarray]:

@@ -39,11 +39,12 @@ from fedward.seeds import derived_seed
 from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from models.export import export_model, from_weights
-from models.flat import flatten
+from models.flat import flatten, layout_digest, layout_of
 from models.networks import build_model
 from pipelines import admission, aggregation
 from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
-from pipelines.manifest import record_data, record_invocation
+from models.initial import load_initial_weights
+from pipelines.manifest import build_versions, record_builds, record_data, record_initial_weights, record_invocation
 from pipelines.strategies import STRATEGIES
 from privacy import dp_fedavg
 from privacy.hooks import Ask, build_hook
@@ -239,6 +240,7 @@ class Pipeline:
             self._require_quorum(0, shapes, failures)
             self._check_model(next(iter(shapes.values())), sorted(shapes))
             self.input_shape = next(iter(shapes.values()))
+            self._check_builds(sorted(shapes))
             self.trusted = self._trusted_root() if self.config.robust.rule == "fltrust" else None
             # Key set-up bytes count toward the first round run in this invocation.
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
@@ -385,10 +387,41 @@ class Pipeline:
         if cfg.privacy.dp_fedavg.enabled:
             dp_fedavg.noise_multiplier(cfg)  # calibrated now: an unreachable budget fails before round 1
         self._check_output(model, shape)
+        if cfg.model.init_weights is not None:
+            self._check_initial_weights(model)
         names = flatten(model, self.strategy.personal_keys())[1].names
         unknown = sorted(set(cfg.privacy.encryption.layers or ()) - set(names)) if cfg.privacy.encryption.enabled else []
         if unknown:
             raise ConfigError(f"privacy.encryption.layers: {unknown} are not in the model; its entries are {list(names)}")
+
+    def _check_initial_weights(self, model: torch.nn.Module) -> None:
+        """The file fits the model, and no entry loaded from it stays at the hospitals, which build
+        their own layers fresh; its sha256 goes into the manifest."""
+        spec = self.config.model.init_weights
+        digest = load_initial_weights(model, spec, self.started_in)
+        lost = sorted(self.strategy.personal_keys() - set(spec.keep_initial))
+        if lost:
+            raise ConfigError(
+                f"model.init_weights: {lost} stay at each hospital under strategy.name {self.config.strategy.name}, which builds them "
+                f"afresh there, so the file's values would not reach them; list them in model.init_weights.keep_initial"
+            )
+        record_initial_weights(self.run_dir, spec.file, digest)
+
+    def _check_builds(self, hospitals: list[str]) -> None:
+        """Every hospital built the model the driver did, with the same code: one whose versions
+        differ would train another model under the same name."""
+        reports, failures = gather({h: self.hospitals[h].model_report.remote() for h in hospitals}, self.config.run.round_timeout_s)
+        self._require_quorum(0, reports, failures)
+        own = build_versions(self.config, self.study_dir)
+        shape, personal = self.input_shape, self.strategy.personal_keys()
+        expected = {h: {**own, "layout": layout_digest(layout_of(build_model(self.config.model_for(h), shape, self.task.output_size, self.study_dir), personal))}
+                    for h in reports}
+        differ = {h: {k: (v, expected[h].get(k)) for k, v in r.items() if expected[h].get(k) != v} for h, r in sorted(reports.items())}
+        differ = {h: d for h, d in differ.items() if d}
+        if differ:
+            lines = "\n".join(f"  - {h}: " + "; ".join(f"{k} {theirs} (driver: {mine})" for k, (theirs, mine) in d.items()) for h, d in differ.items())
+            raise DeploymentError(f"hospitals built the model with other code than the driver:\n{lines}\nInstall the same versions everywhere")
+        record_builds(self.run_dir, own)
 
     def _check_output(self, model: torch.nn.Module, shape: tuple[int, ...]) -> None:
         """The model must give the task's output size per sample, and finite values, on inputs of
@@ -413,8 +446,12 @@ class Pipeline:
         return c.train_patients if self.config.privacy.dp_sgd.unit == "patient" else c.train_examples
 
     def _initial_weights(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Layout]:
+        """The global model's first weights: the factory's, seeded by the run, or model.init_weights'."""
         torch.manual_seed(self.config.run.seed)
-        return flatten(self._build_model(shape), self.strategy.personal_keys())
+        model = self._build_model(shape)
+        if self.config.model.init_weights is not None:
+            load_initial_weights(model, self.config.model.init_weights, self.started_in)
+        return flatten(model, self.strategy.personal_keys())
 
     def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> tuple[np.ndarray, Layout, int]:
         """Rounds from the checkpoint on; returns the weights, their layout and the last round done."""
@@ -433,7 +470,7 @@ class Pipeline:
             if self.trusted is not None:  # its own layers (FedBN, FedPer) as they were
                 self.trusted.restore(ckpt.round)
         self.strategy.start(self._build_model(next(iter(shapes.values()))), layout)
-        self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout)
+        self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout, self.task.output_size)
         self.layout_size = layout.size
         self._truncate_metrics(start - 1)
         self._write_ledger()
@@ -538,7 +575,7 @@ class Pipeline:
 
     def _trusted_change(self, round: int, weights: np.ndarray, layout: Layout) -> np.ndarray:
         cfg = self.config
-        plan = RoundPlan(round, TRUSTED, derived_seed(cfg.run.seed, round, TRUSTED), cfg.train.local_epochs, cfg.train.lr, self.strategy.proximal_mu)
+        plan = RoundPlan(round, TRUSTED, derived_seed(cfg.run.seed, round, TRUSTED), cfg.train.local_epochs, cfg.train.lr_at(round, cfg.run.rounds), self.strategy.proximal_mu)
         return self.trusted.fit(plan, weights, layout).delta
 
     def _rejoin(self, hospitals: list[str], last: int) -> list[str]:

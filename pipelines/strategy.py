@@ -39,7 +39,7 @@ class Strategy(ABC):
                 hospital=h,
                 seed=derived_seed(cfg.run.seed, round, h),
                 local_epochs=cfg.train.local_epochs,
-                lr=cfg.train.lr,
+                lr=cfg.train.lr_at(round, cfg.run.rounds),
                 proximal_mu=self.proximal_mu,
                 personal_lambda=self.personal_lambda,
                 personal_epochs=self.personal_epochs,

@@ -247,5 +247,5 @@ def test_a_hospital_export_records_the_task_and_where_the_model_code_came_from(r
     card = json.loads((config.run_dir / "model" / "model.json").read_text())
     source = Path(__file__).parents[1] / "study" / "linear.py"
     assert card["task"]["kind"] == "regression" and set(card["scale"]) == {"mean", "sd"}
-    assert card["study_code"] == {"target": "tests.study.linear:linear", "file": "linear.py", "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    assert card["study_code"] == {"target": "tests.study.linear:linear", "file": "tests/study/linear.py", "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
     assert card["model"]["target"] == "tests.study.linear:linear"

@@ -57,7 +57,8 @@ def export(out: Path, case: str, model: torch.nn.Module | None = None, **where) 
 @pytest.mark.parametrize("case", CASES)
 def test_an_exported_model_reloads_whole_and_scores_exactly_as_the_original(tmp_path, case):
     original = export(tmp_path / "model", case, kind="personalized", hospital="hospital_a")
-    loaded, card, _ = load_exported(tmp_path / "model")
+    exported = load_exported(tmp_path / "model")
+    loaded, card = exported.model, exported.card
 
     assert not loaded.training
     saved, kept = original.state_dict(), loaded.state_dict()
@@ -84,7 +85,8 @@ def test_flat_global_weights_export_to_the_same_weights_and_the_same_bytes_twice
     weights, layout = flatten(trained_model(config, shape))
     for out in (tmp_path / "a", tmp_path / "b"):
         export(out, "table", from_weights(config, shape, weights, layout))
-    loaded, card, _ = load_exported(tmp_path / "a")
+    exported = load_exported(tmp_path / "a")
+    loaded, card = exported.model, exported.card
     assert np.array_equal(flatten(loaded)[0], weights) and card.kind == "global" and card.hospital is None
     for name in ("model.safetensors", "model.json"):  # a resumed run may export again: same files
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

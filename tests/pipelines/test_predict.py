@@ -74,7 +74,8 @@ def held_out_rows(site: SimpleNamespace, dest: Path) -> Path:
 def test_a_hospitals_exported_model_keeps_its_own_layers_in_its_own_area(table_site):
     hospital = table_site.hospital
     assert table_site.model_dir == hospital.work_dir / "runs" / "run-1" / "model"
-    model, card, _ = load_exported(table_site.model_dir)
+    loaded = load_exported(table_site.model_dir)
+    model, card = loaded.model, loaded.card
     assert (card.kind, card.hospital, card.run_id, card.round) == ("personalized", "hospital_a", "run-1", 1)
     own, exported = hospital.model.state_dict(), model.state_dict()
     assert list(exported) == list(own) and all(torch.equal(v, own[k]) for k, v in exported.items())

@@ -10,11 +10,17 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fedward.errors import ConfigError
+
+
+# What each component this process imported came from, taken when it was imported: the code that
+# runs here, even if its file is edited afterwards.
+_IMPORTED: dict[str, dict[str, Any]] = {}
 
 
 def load_component(target: str, setting: str, study_dir: str | None = None) -> Any:
@@ -37,21 +43,31 @@ def load_component(target: str, setting: str, study_dir: str | None = None) -> A
             obj = getattr(obj, part)
     except AttributeError:
         raise ConfigError(f"{setting}: {module_name!r} ({getattr(module, '__file__', '?')}) has no {attribute!r}") from None
+    _IMPORTED.setdefault(target, _provenance(target, obj, study_dir))
     return obj
 
 
-def provenance(target: str, obj: Any, study_dir: str | None) -> dict[str, Any]:
+def provenance(target: str, setting: str, study_dir: str | None = None) -> dict[str, Any]:
+    """Where the code `target` names comes from, as this process imported it (`_provenance`)."""
+    load_component(target, setting, study_dir)
+    return _IMPORTED[target]
+
+
+def _provenance(target: str, obj: Any, study_dir: str | None) -> dict[str, Any]:
     """Where a component's code comes from, as a hospital or `predict` can check it without
     trusting anyone's word: the study's own file and its sha256, or an installed package's name and
     version. Two processes that built a model from the same provenance ran the same code."""
     module = sys.modules.get(getattr(obj, "__module__", "") or "")
     file = Path(module.__file__).resolve() if module is not None and getattr(module, "__file__", None) else None
     study = Path(study_dir).resolve() if study_dir else None
-    if file is not None and study is not None and file.is_relative_to(study):
-        return {"target": target, "file": file.relative_to(study).as_posix(), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
     top = (getattr(obj, "__module__", "") or target).split(".")[0]
     packages = metadata.packages_distributions().get(top, [])
-    if packages:
+    installed = file is None or any(file.is_relative_to(Path(p).resolve()) for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    if packages and installed:
+        return {"target": target, "package": packages[0], "version": metadata.version(packages[0])}
+    if file is not None and study is not None and file.is_relative_to(study):
+        return {"target": target, "file": file.relative_to(study).as_posix(), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    if packages:  # installed in development mode, outside the study folder
         return {"target": target, "package": packages[0], "version": metadata.version(packages[0])}
     if file is not None:  # on sys.path but neither in the study folder nor installed: its file, by content
         return {"target": target, "file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}

@@ -31,7 +31,7 @@ import safetensors.torch
 from safetensors import SafetensorError
 from torch import nn
 
-from fedward.components import load_component, provenance
+from fedward.components import provenance
 from fedward.config import ALL_OTHERS, DataConfig, DicomSpec, FeatureSpec, LabelRule, ModelConfig, TableSpec, TaskConfig
 from fedward.errors import CheckpointError, ConfigError
 from fedward.tasks import Task, build_task
@@ -157,7 +157,7 @@ def _study_code(config: ModelConfig, study_dir: str | None) -> dict | None:
     """Where a model.target factory's code comes from (components.provenance)."""
     if config.target is None:
         return None
-    return provenance(config.target, load_component(config.target, "model.target", study_dir), study_dir)
+    return provenance(config.target, "model.target", study_dir)
 
 
 @dataclass(frozen=True)

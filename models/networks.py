@@ -84,20 +84,27 @@ def build_model(config: ModelConfig, input_shape: tuple[int, ...], output_size: 
 
 
 def factory_arguments(factory, target: str, input_shape: tuple[int, ...], output_size: int) -> dict[str, object]:
-    """What fedward passes a factory, by the names its signature uses: `input_shape` and
-    `output_size`, or MONAI's `in_channels` and `out_channels` (with `spatial_dims` from the
-    input's shape when it takes one), so `monai.networks.nets:DenseNet121` is a target as it is."""
+    """What fedward passes a factory, by the names its signature uses (see `check_factory`)."""
+    if check_factory(factory, target) == "shape":
+        return {"input_shape": input_shape, "output_size": output_size}
+    given: dict[str, object] = {"in_channels": input_shape[0], "out_channels": output_size}
+    if "spatial_dims" in inspect.signature(factory).parameters:
+        given["spatial_dims"] = len(input_shape) - 1
+    return given
+
+
+def check_factory(factory, target: str) -> str:
+    """How a factory takes what fedward gives it: `input_shape` and `output_size` ("shape"), or
+    MONAI's `in_channels` and `out_channels` ("channels", with `spatial_dims` from the input's shape
+    when it takes one), so `monai.networks.nets:DenseNet121` is a target as it is."""
     try:
         names = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         names = {}
     if "input_shape" in names or "output_size" in names:
-        return {"input_shape": input_shape, "output_size": output_size}
+        return "shape"
     if "in_channels" in names and "out_channels" in names:
-        given: dict[str, object] = {"in_channels": input_shape[0], "out_channels": output_size}
-        if "spatial_dims" in names:
-            given["spatial_dims"] = len(input_shape) - 1
-        return given
+        return "channels"
     raise ConfigError(
         f"model.target: {target} takes neither input_shape and output_size nor in_channels and out_channels; "
         f"fedward passes one of these pairs from the data and the task"

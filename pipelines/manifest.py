@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from fedward.components import load_component, provenance
+from fedward.components import provenance
 from fedward.config import FedwardConfig
 from fedward.errors import CheckpointError
 from fedward.files import atomic_write_json
@@ -95,7 +95,7 @@ def build_versions(config: FedwardConfig, study_dir: str | None) -> dict[str, ob
     versions: dict[str, object] = {name: package_versions()[name] for name in ("fedward", "torch")}
     for setting, target in (("model.target", config.model.target), ("task.target", config.task.target)):
         if target is not None:
-            versions[setting] = provenance(target, load_component(target, setting, study_dir), study_dir)
+            versions[setting] = provenance(target, setting, study_dir)
     return versions
 
 

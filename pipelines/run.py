@@ -31,6 +31,7 @@ from actors.pool import HostedHospital, start_pool
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
 from explain.summary import to_jsonable
+from fedward.components import load_component
 from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
 from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, FedwardError, HospitalError, QuorumError
 from fedward import subgroups
@@ -40,7 +41,7 @@ from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from models.export import export_model, from_weights
 from models.flat import flatten, layout_digest, layout_of
-from models.networks import build_model
+from models.networks import build_model, check_factory
 from pipelines import admission, aggregation
 from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from models.initial import load_initial_weights
@@ -219,6 +220,9 @@ class Pipeline:
         if done and not self._subgroups_due(ckpt.round) and not self._explanation_due(ckpt.round):
             self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
             return ckpt.weights
+        if self.config.model.target is not None:  # a study model that cannot be built stops the run before Ray starts
+            target = self.config.model.target
+            check_factory(load_component(target, "model.target", self.study_dir), target)
         pool = pooled(self.config, self.address)  # a refused hosting stops the run before Ray starts
         started = start_ray(self.config, self.address, pool)
         try:

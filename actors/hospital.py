@@ -26,6 +26,7 @@ from data_adapters.samples import Samples
 from data_adapters.splits import split_by_patient
 from data_adapters.tables import load_table
 from explain.summary import ConsortiumExplanation, ExplanationSummary
+from fedward.components import build_versions
 from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
 from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
@@ -34,10 +35,12 @@ from fedward.seeds import derived_seed
 from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, RoundPlan, SealedUpdate, Update
 from models.flat import flatten, layout_digest, layout_of, load_flat
-from models import export, training, width
+from fedward import width
+from models import export, training
 from models.networks import build_model
-from pipelines import aggregation, compression, scaffold
-from pipelines.manifest import build_versions
+from fedward import aggregation, compression
+from fedward.strategies import build_strategy
+from fedward.strategies.base import LocalRound
 from privacy import dp_fedavg, dp_sgd, ledger
 from privacy.accounting import GaussianSteps
 from privacy.hooks import build_hook
@@ -71,6 +74,8 @@ class Hospital:
         self.run_id = run_id
         self.hook = build_hook(config, name, run_id)
         self.task = build_task(config.task, config.run.study_dir)
+        self.strategy = build_strategy(config, config.run.study_dir)
+        self.local = self.strategy.local()  # the strategy's hospital half, with what it keeps here
         self.scale: dict[str, float] | None = None  # the targets' scale the consortium agreed (regression)
         self.samples: Samples | None = None
         self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
@@ -78,9 +83,8 @@ class Hospital:
         self.personal: frozenset[str] = frozenset()
         self.preprocessing: PreprocessingSpec | None = None
         self.explanation: LocalExplanation | None = None
-        self.control: np.ndarray | None = None  # SCAFFOLD: this hospital's control variate c_i
         self.residual: np.ndarray | None = None  # top-k compression: what its updates have not sent yet
-        self.personal_model: nn.Module | None = None  # Ditto: this hospital's own model
+        self._private_steps: dict[str, float] = {}  # what DP-SGD did in the current round, for the ledger
         self.fine_tuned: nn.Module | None = None  # the global model fine-tuned here after the last round
         self._fitted: int | None = None  # the last round this hospital trained in
         self.notes: dict[str, str] = {}  # the data report's problems that cost no sample
@@ -170,17 +174,17 @@ class Hospital:
         (regression: count, sum, sum of squares); None when the task needs none."""
         return self.task.summary(self._loaded().labels[self.train_idx])
 
-    def prepare(self, preprocessing: dict | None, personal: frozenset[str], scale: dict[str, float] | None = None) -> tuple[int, ...]:
-        """Apply the agreed preprocessing and target scale and build the local model; returns one
-        sample's shape."""
+    def prepare(self, preprocessing: dict | None, scale: dict[str, float] | None = None) -> tuple[int, ...]:
+        """Apply the agreed preprocessing and target scale and build the local model, whose
+        personal layers its own strategy names; returns one sample's shape."""
         samples = self._loaded()
         self.preprocessing = PreprocessingSpec.from_dict(preprocessing) if preprocessing is not None else None
         x = self.preprocessing.apply(samples.features) if self.preprocessing else samples.features
         self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         self.scale = scale
         self.y = self.task.tensor(samples.labels, scale)
-        self.personal = frozenset(personal)
         self._fresh_state()  # personal layers start the same on every resume
+        self.personal = self.strategy.personal_keys(self.model)
         return tuple(self.x.shape[1:])
 
     def model_report(self) -> dict[str, object]:
@@ -196,23 +200,18 @@ class Hospital:
 
     # -- training and evaluation ------------------------------------------------------------------
 
-    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None, server_control: np.ndarray | None = None) -> Update | SealedUpdate:
-        """Train on the global weights and return the change, protected as the run's privacy asks.
-
-        `server_control` (SCAFFOLD) is the driver's control variate; the change then carries this
-        hospital's control change too, and its own control variate stays here."""
+    def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None, broadcast: Any = None) -> Update | SealedUpdate:
+        """Train on the global weights as the strategy's hospital half does and return the change,
+        protected as the run's privacy asks. `broadcast` is what the strategy's driver half sends
+        every hospital (SCAFFOLD's control variate)."""
         if self._fitted is not None and plan.round <= self._fitted:
             self._rewind(plan.round)
         self._fitted = plan.round
         weights, layout = self._own(weights, layout)  # a narrower hospital trains its slice of the global model
         model = self._model_with(weights, layout)
-        if plan.personal_lambda is not None and self.personal_model is None:
-            self.personal_model = copy.deepcopy(model)  # Ditto's starts from the global model of its first round
-        controls = scaffold.control_layout(model, layout) if server_control is not None else None
-        if controls is not None and (self.control is None or self.control.size != controls.size):
-            self.control = np.zeros(controls.size, np.float32)
-        correction = scaffold.correction(controls, server_control, self.control) if controls is not None else None
-        metrics = self._train(model, plan, correction)
+        self._private_steps = {}
+        round = LocalRound(plan, weights, layout, model, _TrainingSplit(self), broadcast)
+        metrics = {**self.local.train(round), **self._private_steps}
         flat, shared = flatten(model, self.personal)
         n = len(self.train_idx)
         update = Update(
@@ -224,13 +223,7 @@ class Hospital:
             weight=dp_fedavg.aggregation_weight(self.config, n),
             metrics=metrics,
         )
-        if controls is not None:
-            steps = training.local_steps(n, plan.local_epochs, self.config.train.batch_size)
-            own = scaffold.next_control(controls, layout, self.control, server_control, weights, flat, steps, plan.lr)
-            update = scaffold.with_control_change(update, controls, own - self.control)
-            self.control = own
-        if plan.personal_lambda is not None:
-            self._train_personal(plan, weights, layout)
+        update = self.local.finish(round, update, flat)
         bound = self.config.robust.norm_bound
         if bound is not None and not self.hook.reveals_individual_updates:  # the driver cannot bound what it cannot see
             update = aggregation.bounded(update, bound, layout.size)
@@ -248,32 +241,30 @@ class Hospital:
         self._save_state(plan.round)
         return sent
 
-    def _train(self, model: nn.Module, plan: RoundPlan, correction: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    def _train(self, model: nn.Module, plan: RoundPlan, *, epochs: int | None = None, seed: int | None = None, **options: Any) -> float:
+        """Local training on the training split (its targets flipped by a simulated attacker), or
+        DP-SGD's accounted steps; the strategy's `options` go to `models.training.train`."""
         x, y = self.x[self.train_idx], attacks.training_targets(self.config.attack, self.name, self.y[self.train_idx], self.task)
         dp = self.config.privacy.dp_sgd
         if not dp.enabled:
-            shared = None
-            if plan.personal_epochs:  # FedRep: the head adapts to the body as it came, then the body trains
-                head = frozenset(n for n, _ in model.named_parameters() if n in self.personal)
-                shared = frozenset(n for n, _ in model.named_parameters()) - head
-                training.train(model, x, y, epochs=plan.personal_epochs, lr=plan.lr, seed=plan.seed + 1, config=self.config.train, only=head, task=self.task)
-            loss = training.train(
-                model, x, y, epochs=plan.local_epochs, lr=plan.lr, seed=plan.seed, config=self.config.train,
-                proximal_mu=plan.proximal_mu, correction=correction, only=shared, task=self.task,
+            return training.train(
+                model, x, y, epochs=epochs or plan.local_epochs, lr=plan.lr, seed=plan.seed if seed is None else seed,
+                config=self.config.train, task=self.task, **options,
             )
-            return {"train_loss": loss}
+        if epochs is not None or seed is not None or options:
+            raise HospitalError(f"{self.name}: DP-SGD accounts for plain local epochs, not {self.config.strategy.name}'s extra training")
         units = self.dp_units()
         planned = dp_sgd.plan_round(self.config, int(units.max()) + 1)
         self._charge_own_budget(plan.round, planned)
         done = dp_sgd.train_private(model, x, y, units, planned, lr=plan.lr, config=self.config.train, max_grad_norm=dp.max_grad_norm, task=self.task)
         # What the optimizer did, for the ledger's accountant: these leave the hospital.
-        return {
-            "train_loss": done.loss,
+        self._private_steps = {
             "dp_sgd_steps": float(done.steps),
             "dp_sgd_sample_rate": done.sample_rate,
             "dp_sgd_noise_multiplier": done.noise_multiplier,
             "dp_sgd_units": float(done.units),
         }
+        return done.loss
 
     def _charge_own_budget(self, round: int, planned: GaussianSteps) -> None:
         """The hospital keeps its own account and refuses to train past its budget, whatever the
@@ -318,18 +309,8 @@ class Hospital:
     def _fresh_state(self) -> None:
         torch.manual_seed(self.config.run.seed)  # as prepare() built it: personal layers start the same
         self.model = self._build()
-        self.control = None
         self.residual = None
-        self.personal_model = None
-
-    def _train_personal(self, plan: RoundPlan, weights: np.ndarray, layout: Layout) -> None:
-        """Ditto: the personal model trains on the same data, pulled toward the global weights."""
-        at = layout.slices()
-        anchor = [torch.from_numpy(weights[at[name]].copy()).reshape(p.shape) for name, p in self.personal_model.named_parameters()]
-        training.train(
-            self.personal_model, self.x[self.train_idx], self.y[self.train_idx], epochs=plan.local_epochs, lr=plan.lr,
-            seed=plan.seed + 1, config=self.config.train, proximal_mu=plan.personal_lambda, anchor=anchor, task=self.task,
-        )
+        self.local.reset()
 
     def train_own_copy(self, round: int, weights: np.ndarray, layout: Layout, epochs: int, purpose: str) -> Evaluation:
         """A copy of the model from `weights`, trained on this hospital's data alone and evaluated
@@ -348,10 +329,9 @@ class Hospital:
         return self._evaluate(model, round)
 
     def evaluate_personal(self, round: int) -> Evaluation | None:
-        """The hospital's personal model (Ditto) on its held-out split; None when it keeps none."""
-        if self.personal_model is None:
-            return None
-        return self._evaluate(self.personal_model, round)
+        """The hospital's own model (Ditto's personal one) on its held-out split; None when it keeps none."""
+        own = self.local.own_model()
+        return None if own is None else self._evaluate(own, round)
 
     # -- explanations -----------------------------------------------------------------------------
 
@@ -384,7 +364,7 @@ class Hospital:
         """This hospital's own model written into its own area, beside the data it scores: its
         personal model (Ditto), the global model fine-tuned here, or the global weights with its
         personal layers. Only the folder's path returns to the driver."""
-        own = [m for m in (self.personal_model, self.fine_tuned) if m is not None]
+        own = [m for m in (self.local.own_model(), self.fine_tuned) if m is not None]
         model = own[0] if own else self._model_with(weights, layout)
         folder = export.export_model(
             self.run_dir / "model",
@@ -427,11 +407,8 @@ class Hospital:
 
     def _save_state(self, round: int) -> None:
         # Personal layers and counters (e.g. BatchNorm's) live only here; the driver never sees them.
-        state = {"round": round, "model": self.model.state_dict()}
-        if self.personal_model is not None:
-            state["personal_model"] = self.personal_model.state_dict()
-        if self.control is not None:  # SCAFFOLD's control variate is the hospital's own, like its layers
-            state["control"] = torch.from_numpy(self.control)
+        # The strategy's own state here (a control variate, a personal model) is the hospital's, like its layers.
+        state = {"round": round, "model": self.model.state_dict(), **self.local.state_dict()}
         if self.residual is not None:
             state["residual"] = torch.from_numpy(self.residual)
         atomic_torch_save(state, self._state_path(round))
@@ -447,13 +424,23 @@ class Hospital:
             return None
         state = torch.load(usable[-1], weights_only=True)
         self.model.load_state_dict(state["model"])
-        self.control = state["control"].numpy().copy() if "control" in state else None
         self.residual = state["residual"].numpy().copy() if "residual" in state else None
-        if "personal_model" in state:
-            self.personal_model = copy.deepcopy(self.model)
-            self.personal_model.load_state_dict(state["personal_model"])
+        self.local.load_state_dict(state, self.model)
         return state["round"]
 
     def hook_respond(self, round: int, request: Any) -> Any:
         """The hospital's part in finishing an aggregation protocol (unmasking, decryption)."""
         return self.hook.respond(round, request)
+
+
+class _TrainingSplit:
+    """A hospital's training split as its strategy's hospital half trains on it (`Trainer`)."""
+
+    def __init__(self, hospital: Hospital):
+        self.hospital = hospital
+
+    def train(self, model: nn.Module, plan: RoundPlan, **options: Any) -> float:
+        return self.hospital._train(model, plan, **options)
+
+    def steps(self, epochs: int) -> int:
+        return training.local_steps(len(self.hospital.train_idx), epochs, self.hospital.config.train.batch_size)

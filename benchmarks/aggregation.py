@@ -2,7 +2,7 @@
 
 Prints, for each model size and number of hospitals, GB/s of float32 updates taken in (hospitals x
 parameters x 4 bytes per second) by
-- `mean`: the weighted mean alone (pipelines/aggregation.weighted_mean);
+- `mean`: the weighted mean alone (fedward/aggregation.weighted_mean);
 - `round`: what the driver does to a plaintext FedAvg round's updates: the admission checks
   (pipelines/admission.py: layout, counts, finite values) and the strategy's aggregate;
 and, as the yardstick, `memcpy`: numpy copying one large float32 buffer into another (bytes copied
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedward.types import Layout, Update  # noqa: E402
 from pipelines import admission  # noqa: E402
-from pipelines.aggregation import weighted_mean  # noqa: E402
-from pipelines.fedavg import FedAvg  # noqa: E402
+from fedward.aggregation import weighted_mean  # noqa: E402
+from fedward.strategies.fedavg import FedAvg  # noqa: E402
 from tests.conftest import ehr_config  # noqa: E402
 from fedward.config import parse_config  # noqa: E402
 

@@ -227,7 +227,7 @@ def export_tensors(data: Path, hospitals: list[str], runs: Path, out: Path) -> i
     for name in hospitals:
         hospital = Hospital(name, config, "tensors")
         hospital.load()
-        hospital.prepare(None, frozenset())
+        hospital.prepare(None)
         x, y = hospital.x[hospital.train_idx].clone(), hospital.y[hospital.train_idx].clone()
         torch.save({"x": x, "y": y}, out / f"{name}.pt")
         steps += training.local_steps(len(y), config.train.local_epochs, config.train.batch_size)

@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.checkpoint import load_checkpoint  # noqa: E402
+from fedward.checkpoint import load_checkpoint  # noqa: E402
 
 
 def config_file(source: Path, root: Path, name: str, settings: dict) -> Path:

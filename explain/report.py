@@ -27,7 +27,7 @@ from explain import plots
 from explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, consortium_from_json, summary_from_json
 from fedward.errors import CheckpointError, DataError, FedwardError
 from fedward.files import atomic_write
-from pipelines.checkpoint import load_checkpoint, read_metrics
+from fedward.checkpoint import load_checkpoint, read_metrics
 
 CALIBRATION_BINS = 10
 DEPENDENCE_FEATURES = 6  # dependence plots for the most important features

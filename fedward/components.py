@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedward.config import FedwardConfig
 from fedward.errors import ConfigError
 
 
@@ -45,6 +46,24 @@ def load_component(target: str, setting: str, study_dir: str | None = None) -> A
         raise ConfigError(f"{setting}: {module_name!r} ({getattr(module, '__file__', '?')}) has no {attribute!r}") from None
     _IMPORTED.setdefault(target, _provenance(target, obj, study_dir))
     return obj
+
+
+def build_versions(config: FedwardConfig, study_dir: str | None) -> dict[str, Any]:
+    """What a model is built with: fedward's and torch's versions, and where the study's own
+    components come from (a file's sha256 or a package's version). Hospitals report theirs before
+    round 1 and the driver compares them with its own."""
+    versions: dict[str, Any] = {name: _version(name) for name in ("fedward", "torch")}
+    for setting, target in (("model.target", config.model.target), ("task.target", config.task.target), ("strategy.target", config.strategy.target)):
+        if target is not None:
+            versions[setting] = provenance(target, setting, study_dir)
+    return versions
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def provenance(target: str, setting: str, study_dir: str | None = None) -> dict[str, Any]:

@@ -262,9 +262,13 @@ StrategyName = Literal["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox", 
 
 @dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
-    """How the round's updates become the next global model; see pipelines/strategies.py."""
+    """How the round's updates become the next global model; see fedward/strategies."""
 
     name: StrategyName = "fedavg"
+    # A strategy of the study's own, "package.module:Name" (a fedward.strategies.Strategy subclass
+    # taking the config), with its settings in `args`; `name` then only says which family it extends.
+    target: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
     fraction: float = 1.0  # share of available hospitals asked each round
     # FedAdam, FedYogi, FedAdagrad (Reddi et al. 2021): a server optimizer on the mean change.
     server_lr: float = 0.1
@@ -283,6 +287,8 @@ class StrategyConfig:
 
     def __post_init__(self):
         _need(0.0 < self.fraction <= 1.0, "strategy.fraction: expected a number in (0, 1]")
+        _need(self.target is None or ":" in self.target, f"strategy.target: expected 'package.module:Name', got {self.target!r}")
+        _need(not self.args or self.target is not None, "strategy.args: settings for strategy.target; name the target too")
         _need(self.server_lr > 0, "strategy.server_lr: must be positive")
         _need(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "strategy.beta1, beta2: expected numbers in [0, 1)")
         _need(self.tau > 0, "strategy.tau: must be positive")
@@ -458,7 +464,7 @@ class ExplainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RobustConfig:
-    """How the hospitals' changes combine when some may be faulty or hostile (pipelines/aggregation.py)."""
+    """How the hospitals' changes combine when some may be faulty or hostile (fedward/aggregation.py)."""
 
     rule: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "fltrust"] = "mean"
     trim: float = 0.2  # trimmed_mean: the share of values cut at each end of every coordinate
@@ -982,6 +988,9 @@ def config_identity(config: FedwardConfig) -> dict:
         body.pop("compression")
     if config.task == TaskConfig():
         body.pop("task")
+    for key in ("target", "args"):
+        if not body["strategy"][key]:
+            body["strategy"].pop(key)
     for key in ("target", "args", "init_weights"):
         if not body["model"][key]:
             body["model"].pop(key)

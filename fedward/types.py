@@ -41,9 +41,6 @@ class RoundPlan:
     seed: int  # the hospital's training randomness for this round, derived from the run seed
     local_epochs: int
     lr: float
-    proximal_mu: float = 0.0  # FedProx: pull toward the global weights in the local loss (0: none)
-    personal_lambda: float | None = None  # Ditto: train the hospital's personal model with this pull toward the global one
-    personal_epochs: int = 0  # FedRep: epochs on the personal layers alone before the shared ones train alone
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,7 @@ class Update:
 
 @dataclass(frozen=True)
 class CompressedDelta:
-    """A change compressed for the wire (see pipelines/compression.py): `size` float32 values as
+    """A change compressed for the wire (see fedward/compression.py): `size` float32 values as
     int8 `codes` times one float32 scale per `block` entries (int8) or zeros (top_k), with the
     `values` at ascending `indices` sent exactly (top_k's chosen entries, running statistics)."""
 

@@ -20,13 +20,12 @@ from fedward.config import FedwardConfig
 from fedward.types import CompressedUpdate, Layout, SealedUpdate, Update
 from models.flat import layout_of
 from models.networks import build_model
-from pipelines import compression
-from pipelines.strategy import Strategy
+from fedward import compression
+from fedward.strategies.base import Strategy
 
 
-def expected_layouts(config: FedwardConfig, strategy: Strategy, shape: tuple[int, ...], layout: Layout, output_size: int) -> dict[str, Layout]:
+def expected_layouts(config: FedwardConfig, strategy: Strategy, shape: tuple[int, ...], layout: Layout, output_size: int, personal: frozenset[str]) -> dict[str, Layout]:
     """The layout each hospital's update must have: the global one, or its narrower model's."""
-    personal = strategy.personal_keys()
     own = {h.name: layout if h.model.get("width", 1.0) == 1 else layout_of(build_model(config.model_for(h.name), shape, output_size), personal)
            for h in config.hospitals}
     return {h: strategy.update_layout(sub) for h, sub in own.items()}

@@ -21,7 +21,7 @@ from fedward.seeds import derived_seed
 from fedward.tasks import build_task
 from models import training
 from models.networks import build_model
-from pipelines.checkpoint import read_metrics
+from fedward.checkpoint import read_metrics
 
 
 def compare(config: FedwardConfig) -> dict:
@@ -49,7 +49,7 @@ def compare(config: FedwardConfig) -> dict:
         preprocessing = merge_summaries([h.summarize() for h in hospitals], config.data.table).to_dict()
     summaries = [h.summarize_targets() for h in hospitals]
     scale = None if summaries[0] is None else task.scale(summaries)
-    shapes = {h.prepare(preprocessing, frozenset(), scale) for h in hospitals}
+    shapes = {h.prepare(preprocessing, scale) for h in hospitals}
     if len(shapes) != 1:
         raise DataError(f"hospitals prepared inputs of different shapes: {sorted(shapes)}")
     shape = shapes.pop()

@@ -14,8 +14,6 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from fedward.components import provenance
-from fedward.config import FedwardConfig
 from fedward.errors import CheckpointError
 from fedward.files import atomic_write_json
 from fedward.types import DataCounts
@@ -86,17 +84,6 @@ def record_data(run_dir: Path, counts: dict[str, DataCounts]) -> None:
             },
         )
     atomic_write_json(Path(run_dir) / "manifest.json", manifest)
-
-
-def build_versions(config: FedwardConfig, study_dir: str | None) -> dict[str, object]:
-    """What a model is built with: fedward's and torch's versions, and where the study's own model
-    and task code comes from (a file's sha256 or a package's version). Hospitals report theirs
-    before round 1 and the driver compares them with its own."""
-    versions: dict[str, object] = {name: package_versions()[name] for name in ("fedward", "torch")}
-    for setting, target in (("model.target", config.model.target), ("task.target", config.task.target)):
-        if target is not None:
-            versions[setting] = provenance(target, setting, study_dir)
-    return versions
 
 
 def record_builds(run_dir: Path, versions: dict) -> None:

@@ -15,8 +15,7 @@ from explain.report import write_patient_explanation
 from fedward.config import config_hash, parse_config
 from fedward.errors import CheckpointError
 from fedward.seeds import derived_seed
-from pipelines.checkpoint import load_checkpoint
-from pipelines.strategies import STRATEGIES
+from fedward.checkpoint import load_checkpoint
 
 
 def explain_patient_at_hospital(run_dir: Path, hospital: str, patient_id: str) -> list[Path]:
@@ -35,7 +34,7 @@ def explain_patient_at_hospital(run_dir: Path, hospital: str, patient_id: str) -
     if (joined["fingerprint"], joined["split_fingerprint"]) != (counts.fingerprint, counts.split_fingerprint):
         raise CheckpointError(f"{hospital}: its data changed since the run at {run_dir}; the model cannot be explained on it")
     spec = run_dir / "preprocessing.json"
-    own.prepare(json.loads(spec.read_text()) if config.data.kind == "table" else None, STRATEGIES[config.strategy.name](config).personal_keys())
+    own.prepare(json.loads(spec.read_text()) if config.data.kind == "table" else None)
     own.restore(ckpt.round)  # the layers the strategy keeps at the hospital, as they were after that round
     model = own._model_with(ckpt.weights, ckpt.layout)
     explained = explain_patient(own, model, patient_id, derived_seed(config.run.seed, ckpt.round, hospital))

@@ -31,7 +31,7 @@ from actors.pool import HostedHospital, start_pool
 from actors.remote import check_placement, start_hospital
 from data_adapters.harmonize import merge_summaries
 from explain.summary import to_jsonable
-from fedward.components import load_component
+from fedward.components import build_versions, load_component
 from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
 from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, FedwardError, HospitalError, QuorumError
 from fedward import subgroups
@@ -42,11 +42,12 @@ from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdat
 from models.export import export_model, from_weights
 from models.flat import flatten, layout_digest, layout_of
 from models.networks import build_model, check_factory
-from pipelines import admission, aggregation
-from pipelines.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
+from fedward import aggregation
+from pipelines import admission
+from fedward.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from models.initial import load_initial_weights
-from pipelines.manifest import build_versions, record_builds, record_data, record_initial_weights, record_invocation
-from pipelines.strategies import STRATEGIES
+from pipelines.manifest import record_builds, record_data, record_initial_weights, record_invocation
+from fedward.strategies import build_strategy
 from privacy import dp_fedavg
 from privacy.hooks import Ask, build_hook
 from privacy import dp_sgd
@@ -186,8 +187,8 @@ class Pipeline:
         self.run_dir = config.run_dir
         self.digest = config_hash(config)
         self.run_id = f"{config.run.name}-{self.digest[:12]}"
-        self.strategy = STRATEGIES[config.strategy.name](config)
         self.study_dir = config.with_paths_from(self.started_in).run.study_dir
+        self.strategy = build_strategy(config, self.study_dir)
         self.task = build_task(config.task, self.study_dir)
         self.scale: dict[str, float] | None = None  # the targets' scale the hospitals agreed on (regression)
         self.hook = build_hook(config, None, self.run_id)
@@ -201,6 +202,7 @@ class Pipeline:
         self.trusted: Hospital | None = None  # FLTrust: the driver's trusted data
         self.layout_size = 0  # the global model's shared values, once training starts
         self.input_shape: tuple[int, ...] = ()  # one sample's shape, once hospitals prepared
+        self.personal: frozenset[str] = frozenset()  # the model's entries that stay at each hospital, once prepared
         self.pending: dict[str, tuple[int, ray.ObjectRef]] = {}
         self.quarantine_logged: list[str] = []  # hospital -> (round, its update still on the way)
 
@@ -238,12 +240,13 @@ class Pipeline:
             self.preprocessing = self._harmonize(sorted(counts))
             self.scale = self._agree_scale(sorted(counts))
             shapes, failures = gather(
-                {h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys(), self.scale) for h in counts},
+                {h: self.hospitals[h].prepare.remote(self.preprocessing, self.scale) for h in counts},
                 self.config.run.round_timeout_s,
             )
             self._require_quorum(0, shapes, failures)
-            self._check_model(next(iter(shapes.values())), sorted(shapes))
             self.input_shape = next(iter(shapes.values()))
+            self.personal = self.strategy.personal_keys(self._build_model(self.input_shape))
+            self._check_model(self.input_shape, sorted(shapes))
             self._check_builds(sorted(shapes))
             self.trusted = self._trusted_root() if self.config.robust.rule == "fltrust" else None
             # Key set-up bytes count toward the first round run in this invocation.
@@ -393,7 +396,7 @@ class Pipeline:
         self._check_output(model, shape)
         if cfg.model.init_weights is not None:
             self._check_initial_weights(model)
-        names = flatten(model, self.strategy.personal_keys())[1].names
+        names = flatten(model, self.personal)[1].names
         unknown = sorted(set(cfg.privacy.encryption.layers or ()) - set(names)) if cfg.privacy.encryption.enabled else []
         if unknown:
             raise ConfigError(f"privacy.encryption.layers: {unknown} are not in the model; its entries are {list(names)}")
@@ -403,7 +406,7 @@ class Pipeline:
         their own layers fresh; its sha256 goes into the manifest."""
         spec = self.config.model.init_weights
         digest = load_initial_weights(model, spec, self.started_in)
-        lost = sorted(self.strategy.personal_keys() - set(spec.keep_initial))
+        lost = sorted(self.personal - set(spec.keep_initial))
         if lost:
             raise ConfigError(
                 f"model.init_weights: {lost} stay at each hospital under strategy.name {self.config.strategy.name}, which builds them "
@@ -417,7 +420,7 @@ class Pipeline:
         reports, failures = gather({h: self.hospitals[h].model_report.remote() for h in hospitals}, self.config.run.round_timeout_s)
         self._require_quorum(0, reports, failures)
         own = build_versions(self.config, self.study_dir)
-        shape, personal = self.input_shape, self.strategy.personal_keys()
+        shape, personal = self.input_shape, self.personal
         expected = {h: {**own, "layout": layout_digest(layout_of(build_model(self.config.model_for(h), shape, self.task.output_size, self.study_dir), personal))}
                     for h in reports}
         differ = {h: {k: (v, expected[h].get(k)) for k, v in r.items() if expected[h].get(k) != v} for h, r in sorted(reports.items())}
@@ -455,7 +458,7 @@ class Pipeline:
         model = self._build_model(shape)
         if self.config.model.init_weights is not None:
             load_initial_weights(model, self.config.model.init_weights, self.started_in)
-        return flatten(model, self.strategy.personal_keys())
+        return flatten(model, self.personal)
 
     def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> tuple[np.ndarray, Layout, int]:
         """Rounds from the checkpoint on; returns the weights, their layout and the last round done."""
@@ -474,7 +477,7 @@ class Pipeline:
             if self.trusted is not None:  # its own layers (FedBN, FedPer) as they were
                 self.trusted.restore(ckpt.round)
         self.strategy.start(self._build_model(next(iter(shapes.values()))), layout)
-        self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout, self.task.output_size)
+        self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout, self.task.output_size, self.personal)
         self.layout_size = layout.size
         self._truncate_metrics(start - 1)
         self._write_ledger()
@@ -568,7 +571,7 @@ class Pipeline:
             counts = trusted.load()
         except DataError as e:
             raise DataError(f"robust.trusted_data: {e}") from None
-        shape = trusted.prepare(self.preprocessing, self.strategy.personal_keys(), self.scale)
+        shape = trusted.prepare(self.preprocessing, self.scale)
         if shape != self.input_shape:
             raise DataError(f"robust.trusted_data: its inputs have shape {shape}, the hospitals' {self.input_shape}")
         saved, now = self.run_dir / "trusted.json", counts.fingerprints
@@ -579,7 +582,7 @@ class Pipeline:
 
     def _trusted_change(self, round: int, weights: np.ndarray, layout: Layout) -> np.ndarray:
         cfg = self.config
-        plan = RoundPlan(round, TRUSTED, derived_seed(cfg.run.seed, round, TRUSTED), cfg.train.local_epochs, cfg.train.lr_at(round, cfg.run.rounds), self.strategy.proximal_mu)
+        plan = RoundPlan(round, TRUSTED, derived_seed(cfg.run.seed, round, TRUSTED), cfg.train.local_epochs, cfg.train.lr_at(round, cfg.run.rounds))
         return self.trusted.fit(plan, weights, layout).delta
 
     def _rejoin(self, hospitals: list[str], last: int) -> list[str]:
@@ -594,7 +597,7 @@ class Pipeline:
         counts, failures = gather({h: self.hospitals[h].load.remote(False) for h in fresh}, cfg.run.data_timeout_s)
         same = [h for h, c in counts.items() if c.fingerprints == self.counts[h].fingerprints]
         failures.update({h: "its data changed since the run began" for h in counts if h not in same})
-        prepared, more = gather({h: self.hospitals[h].prepare.remote(self.preprocessing, self.strategy.personal_keys(), self.scale) for h in same}, timeout)
+        prepared, more = gather({h: self.hospitals[h].prepare.remote(self.preprocessing, self.scale) for h in same}, timeout)
         failures.update(more)
         restored, more = gather({h: self.hospitals[h].restore.remote(last) for h in prepared}, timeout)
         failures.update(more)
@@ -748,7 +751,7 @@ class Pipeline:
         released, failures = gather({h: self.hospitals[h].evaluate_subgroups.remote(weights_ref, layout) for h in hospitals}, cfg.run.round_timeout_s)
         for name, why in sorted(failures.items()):
             self.log(f"{name}: its evaluation per patient group failed: {why}")
-        personal = self.strategy.personal_keys()
+        personal = self.personal
         models = {
             h: "global model" + (f" at width {cfg.hospital(h).model['width']:g}" if cfg.hospital(h).model.get("width", 1.0) < 1 else "")
             + (f" with the layers {cfg.strategy.name} keeps at the hospital" if personal else "")
@@ -760,7 +763,7 @@ class Pipeline:
     def _export(self, shapes: dict[str, tuple[int, ...]], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:
         """The final model, for scoring new patients: the global one here, and each hospital's own
         (personal layers included) in that hospital's area, never sent here. Same files on a re-run."""
-        shape, personal = next(iter(shapes.values())), self.strategy.personal_keys()
+        shape, personal = next(iter(shapes.values())), self.personal
         if personal:  # their values exist only at the hospitals: a global model would hold untrained ones
             self.log(f"no global model written: {self.config.strategy.name} keeps {sorted(personal)} at each hospital; use a hospital's own model")
         else:
@@ -912,7 +915,7 @@ class Pipeline:
             # arrived while the round was retried is no late one).
             "late": {h: r for h, (_, r) in arrived.items() if r < round},
         }
-        if self.strategy.personal_lambda is not None:
+        if self.strategy.keeps_own_models:
             record["personal"] = self._personal_record(round, available)
         return weights, record
 

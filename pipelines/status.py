@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from fedward.errors import CheckpointError
-from pipelines.checkpoint import load_checkpoint, read_metrics
+from fedward.checkpoint import load_checkpoint, read_metrics
 
 
 def _figure(value) -> str:

@@ -12,7 +12,7 @@ import pytest
 from actors.hospital import Hospital
 from data_adapters.harmonize import merge_summaries
 from fedward.config import parse_config
-from fedward.errors import DataError, DeploymentError
+from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.types import RoundPlan
 from models.flat import flatten
 from models.networks import build_model
@@ -26,7 +26,7 @@ def test_a_table_hospital_trains_and_returns_only_weights_counts_and_aggregates(
     assert counts.train_examples + counts.holdout_examples == 900
     assert counts.skipped == {}
     spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
-    shape = hospital.prepare(spec, frozenset())
+    shape = hospital.prepare(spec)
     weights, layout = flatten(build_model(config.model, shape))
 
     update = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.01), weights, layout)
@@ -55,7 +55,7 @@ def test_an_image_hospital_splits_by_patient(demo_data, tmp_path):
     patients = hospital.samples.patient_ids
     assert not set(patients[hospital.train_idx]) & set(patients[hospital.holdout_idx])
     assert counts.train_patients + counts.holdout_patients == len(set(patients))
-    assert hospital.prepare(None, frozenset()) == (1, 64, 64)
+    assert hospital.prepare(None) == (1, 64, 64)
 
 
 def test_missing_folder_and_too_few_samples_are_refused_with_the_reason(demo_data, tmp_path):
@@ -104,7 +104,7 @@ def test_a_hospital_under_dp_sgd_reports_its_steps_and_refuses_to_train_past_its
     hospital = Hospital("hospital_a", config, "dp-1")
     counts = hospital.load()
     spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
-    weights, layout = flatten(build_model(config.model, hospital.prepare(spec, frozenset())))
+    weights, layout = flatten(build_model(config.model, hospital.prepare(spec)))
 
     update = hospital.fit(RoundPlan(1, "hospital_a", seed=5, local_epochs=2, lr=0.05), weights, layout)
     planned = dp_sgd.plan_round(config, counts.train_patients)
@@ -121,17 +121,18 @@ def test_a_hospital_under_dp_sgd_reports_its_steps_and_refuses_to_train_past_its
 def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(demo_data, tmp_path, name):
     import torch
 
-    from pipelines.strategies import STRATEGIES
+    from fedward.strategies import STRATEGIES
 
     raw = ehr_config(demo_data, tmp_path)
     raw["strategy"] = {"name": name}
     config = parse_config(raw)
     strategy = STRATEGIES[name](config)
-    personal = strategy.personal_keys()
     hospital = Hospital("hospital_a", config, "fedper-1")
     hospital.load()
     spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
-    shape = hospital.prepare(spec, personal)
+    shape = hospital.prepare(spec)
+    personal = hospital.personal  # its own strategy's head, named by the hospital itself
+    assert personal == strategy.personal_keys(build_model(config.model, shape))
     weights, layout = flatten(build_model(config.model, shape), personal)
     assert not set(layout.names) & personal
 
@@ -144,7 +145,7 @@ def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(
     assert not all(torch.equal(initial[k], v) for k, v in head.items())
     restarted = Hospital("hospital_a", config, "fedper-1")  # a new actor: fresh model, own state on disk
     restarted.load()
-    restarted.prepare(spec, personal)
+    restarted.prepare(spec)
     assert not all(torch.equal(restarted.model.state_dict()[k], v) for k, v in head.items())
     assert restarted.restore(1) == 1
     assert all(torch.equal(restarted.model.state_dict()[k], v) for k, v in head.items())
@@ -152,7 +153,7 @@ def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(
 
 def test_scaffold_at_a_hospital_starts_as_fedavg_then_corrects_its_drift(demo_data, tmp_path):
     from models.training import local_steps
-    from pipelines.scaffold import CONTROL
+    from fedward.strategies.scaffold import CONTROL
 
     raw = ehr_config(demo_data, tmp_path)
     raw["strategy"] = {"name": "scaffold"}
@@ -161,27 +162,32 @@ def test_scaffold_at_a_hospital_starts_as_fedavg_then_corrects_its_drift(demo_da
     hospital = Hospital("hospital_a", config, "scaffold-1")
     counts = hospital.load()
     spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
-    weights, layout = flatten(build_model(config.model, hospital.prepare(spec, frozenset())))
+    weights, layout = flatten(build_model(config.model, hospital.prepare(spec)))
     plan = RoundPlan(1, "hospital_a", seed=5, local_epochs=1, lr=0.05)
 
-    plain = hospital.fit(plan, weights, layout)  # FedAvg's round
+    fedavg = Hospital("hospital_a", parse_config({**raw, "strategy": {"name": "fedavg"}}), "fedavg-1")
+    fedavg.load()
+    fedavg.prepare(spec)
+    plain = fedavg.fit(plan, weights, layout)  # FedAvg's round
+    with pytest.raises(HospitalError, match="SCAFFOLD: the driver's control variate must be 1473 finite values, got NoneType"):
+        hospital.fit(plan, weights, layout)
     zero = np.zeros(layout.size, np.float32)  # the MLP's layout holds parameters only
-    first = hospital.fit(plan, weights, layout, server_control=zero)
+    first = hospital.fit(plan, weights, layout, broadcast=zero)
     assert first.layout.names[: len(layout.names)] == layout.names and first.layout.names[len(layout.names)] == CONTROL + layout.names[0]
     assert np.array_equal(first.delta[: layout.size], plain.delta)  # zero controls: exactly FedAvg
     steps = local_steps(counts.train_examples, 1, config.train.batch_size)
     np.testing.assert_allclose(first.delta[layout.size :], -plain.delta / (steps * 0.05), rtol=1e-5, atol=1e-7)
-    assert np.array_equal(hospital.control, first.delta[layout.size :])  # c_i = 0 + its change
+    assert np.array_equal(hospital.local.control, first.delta[layout.size :])  # c_i = 0 + its change
 
-    after_first = hospital.control.copy()
-    again = hospital.fit(plan, weights, layout, server_control=zero)  # round 1 retried: from the state before it
+    after_first = hospital.local.control.copy()
+    again = hospital.fit(plan, weights, layout, broadcast=zero)  # round 1 retried: from the state before it
     assert np.array_equal(again.delta, first.delta)
-    second = hospital.fit(RoundPlan(2, "hospital_a", seed=5, local_epochs=1, lr=0.05), weights, layout, server_control=zero)
+    second = hospital.fit(RoundPlan(2, "hospital_a", seed=5, local_epochs=1, lr=0.05), weights, layout, broadcast=zero)
     assert not np.allclose(second.delta[: layout.size], plain.delta)  # now c - c_i != 0 corrects the steps
     restarted = Hospital("hospital_a", config, "scaffold-1")
     restarted.load()
-    restarted.prepare(spec, frozenset())
-    assert restarted.restore(1) == 1 and np.array_equal(restarted.control, after_first)
+    restarted.prepare(spec)
+    assert restarted.restore(1) == 1 and np.array_equal(restarted.local.control, after_first)
 
 
 def test_ditto_keeps_a_personal_model_at_the_hospital_pulled_toward_the_global_one(demo_data, tmp_path):
@@ -191,25 +197,30 @@ def test_ditto_keeps_a_personal_model_at_the_hospital_pulled_toward_the_global_o
     hospital = Hospital("hospital_b", config, "ditto-1")
     hospital.load()
     spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
-    weights, layout = flatten(build_model(config.model, hospital.prepare(spec, frozenset())))
+    weights, layout = flatten(build_model(config.model, hospital.prepare(spec)))
     assert hospital.evaluate_personal(0) is None
 
-    plain = hospital.fit(RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05), weights, layout)
-    hospital.personal_model = None
-    update = hospital.fit(RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05, personal_lambda=0.1), weights, layout)
-    assert np.array_equal(update.delta, plain.delta) and update.layout == layout  # what leaves is FedAvg's, nothing personal
-    personal = flatten(hospital.personal_model)[0]
+    plan = RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05)
+    plain = Hospital("hospital_b", parse_config({**raw, "strategy": {"name": "fedavg"}}), "fedavg-1")
+    plain.load()
+    plain.prepare(spec)
+    update = hospital.fit(plan, weights, layout)
+    assert np.array_equal(update.delta, plain.fit(plan, weights, layout).delta) and update.layout == layout  # what leaves is FedAvg's, nothing personal
+    personal = flatten(hospital.local.own_model())[0]
     assert not np.allclose(personal, weights + update.delta)  # a model of its own
     evaluation = hospital.evaluate_personal(1)
     assert evaluation.num_examples == len(hospital.holdout_idx) and 0.5 < evaluation.figures["auroc"] <= 1.0
 
-    hospital.personal_model = None  # a strong pull keeps the personal model at the global weights
-    hospital.fit(RoundPlan(1, "hospital_b", seed=5, local_epochs=2, lr=0.05, personal_lambda=5.0), weights, layout)
-    pulled = np.abs(flatten(hospital.personal_model)[0] - weights).max()
+    # A strong pull, from the hospital's own config, keeps the personal model at the global weights.
+    strong = Hospital("hospital_b", parse_config({**raw, "strategy": {"name": "ditto", "ditto_lambda": 5.0}}), "ditto-5")
+    strong.load()
+    strong.prepare(spec)
+    strong.fit(plan, weights, layout)
+    pulled = np.abs(flatten(strong.local.own_model())[0] - weights).max()
     assert pulled < 0.5 * np.abs(personal - weights).max()
 
     restarted = Hospital("hospital_b", config, "ditto-1")
     restarted.load()
-    restarted.prepare(spec, frozenset())
+    restarted.prepare(spec)
     assert restarted.restore(1) == 1
-    assert np.array_equal(flatten(restarted.personal_model)[0], flatten(hospital.personal_model)[0])
+    assert np.array_equal(flatten(restarted.local.own_model())[0], personal)

@@ -12,7 +12,7 @@ from fedward.config import parse_config
 from fedward.types import RoundPlan
 from models.flat import flatten
 from models.networks import build_model
-from pipelines.strategies import STRATEGIES
+from fedward.strategies import STRATEGIES
 from tests.conftest import ehr_config
 
 
@@ -28,10 +28,11 @@ def test_a_sleeping_hospital_wakes_with_its_data_model_and_hook_and_trains_as_on
     assert asleep.is_file()
     assert alone.load().fingerprint == counts["hospital_a"].fingerprint
 
-    personal = STRATEGIES["fedper"](config).personal_keys()  # its head stays at each hospital
     spec = merge_summaries([worker.call(h, "summarize") for h in names], config.data.table).to_dict()
-    shapes = {h: worker.call(h, "prepare", spec, personal) for h in names}
-    alone.prepare(spec, personal)
+    shapes = {h: worker.call(h, "prepare", spec) for h in names}
+    alone.prepare(spec)
+    personal = alone.personal  # its head stays at each hospital
+    assert personal == STRATEGIES["fedper"](config).personal_keys(alone.model)
     weights, layout = flatten(build_model(config.model, shapes["hospital_a"]), personal)
     hook = worker.hooks["hospital_a"]
     for round in (1, 2):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipelines.checkpoint import load_checkpoint
+from fedward.checkpoint import load_checkpoint
 
 PINNED = {
     # A 3-round EHR run of 0d6210f, uninterrupted; test_simulation resumes one that 0d6210f stopped after round 2.

@@ -60,7 +60,7 @@ def test_a_killed_hospital_is_restarted_reloads_its_state_and_rejoins(ray_sessio
 
 def test_a_round_short_of_its_quorum_is_retried_then_stops_resumably(ray_session, demo_data, tmp_path):
     from fedward.errors import QuorumError
-    from pipelines.checkpoint import load_checkpoint
+    from fedward.checkpoint import load_checkpoint
 
     raw = {**ehr_config(demo_data, tmp_path, name="quorum", rounds=3, min_hospitals=3, hospital_restarts=0, quorum_wait_s=0.2, round_retries=1),
            "explain": {"enabled": False}}

@@ -20,7 +20,7 @@ from fedward.errors import ConfigError, DeploymentError
 from models.export import load_exported
 from models.flat import flatten
 from models.networks import build_model
-from pipelines.checkpoint import load_checkpoint, read_metrics
+from fedward.checkpoint import load_checkpoint, read_metrics
 from pipelines.predict import predict
 from pipelines.run import Pipeline
 from tests.conftest import HOSPITALS, ehr_config

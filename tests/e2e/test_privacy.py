@@ -9,7 +9,7 @@ import pytest
 
 from explain.report import write_consortium_report
 from fedward.config import parse_config
-from pipelines.checkpoint import load_checkpoint
+from fedward.checkpoint import load_checkpoint
 from pipelines.run import Pipeline
 from pipelines.status import run_status
 from privacy.accounting import GaussianSteps, epsilon

@@ -21,7 +21,7 @@ import yaml
 
 from fedward.config import parse_config
 from fedward.errors import CheckpointError, ConfigError, DataError
-from pipelines.checkpoint import load_checkpoint
+from fedward.checkpoint import load_checkpoint
 from pipelines.run import Pipeline
 from pipelines.status import run_status
 from explain.report import write_consortium_report

@@ -29,7 +29,7 @@ from fedward.config import parse_config
 from fedward.tasks import build_task
 from models.flat import flatten
 from models.networks import build_model
-from pipelines.checkpoint import load_checkpoint
+from fedward.checkpoint import load_checkpoint
 from pipelines.predict import predict
 from pipelines.run import Pipeline
 from tests.data_adapters.test_dicom import write_dicom
@@ -140,7 +140,7 @@ def split_as_the_federation(config) -> tuple[list[Hospital], dict | None]:
     task = build_task(config.task)
     scale = task.scale([h.summarize_targets() for h in hospitals]) if config.task.kind == "regression" else None
     for h in hospitals:
-        h.prepare(spec, frozenset(), scale)
+        h.prepare(spec, scale)
     return hospitals, scale
 
 

@@ -350,7 +350,7 @@ def test_on_demo_data_driving_features_outrank_noise(tmp_path_factory):
         h.load()
     preprocessing = merge_summaries([h.summarize() for h in hospitals], config.data.table)
     for h in hospitals:
-        h.prepare(preprocessing.to_dict(), frozenset())
+        h.prepare(preprocessing.to_dict())
     model = hospitals[0].model
     x = torch.cat([h.x[h.train_idx] for h in hospitals])
     y = torch.cat([h.y[h.train_idx] for h in hospitals])

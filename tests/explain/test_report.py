@@ -35,7 +35,7 @@ from explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBi
 from fedward.config import parse_config
 from fedward.errors import CheckpointError, DataError
 from fedward.metrics import score_histograms
-from pipelines.checkpoint import read_metrics
+from fedward.checkpoint import read_metrics
 from pipelines.run import Pipeline
 from tests.conftest import HOSPITALS, ehr_config
 

@@ -86,7 +86,7 @@ def test_each_round_plan_carries_the_scheduled_learning_rate(tmp_path):
     import numpy as np
 
     from fedward.config import parse_config
-    from pipelines.strategies import STRATEGIES
+    from fedward.strategies import STRATEGIES
     from tests.conftest import ehr_config
 
     raw = ehr_config(tmp_path, tmp_path, rounds=4)

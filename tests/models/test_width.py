@@ -11,11 +11,11 @@ from data_adapters.harmonize import merge_summaries
 from fedward.config import ModelConfig, parse_config
 from fedward.errors import AggregationError, ConfigError
 from fedward.types import RoundPlan, Update
-from models import width
+from fedward import width
 from models.flat import flatten, load_flat
 from models.networks import build_model
-from pipelines.aggregation import weighted_mean
-from pipelines.fedavg import FedAvg
+from fedward.aggregation import weighted_mean
+from fedward.strategies.fedavg import FedAvg
 from tests.conftest import ehr_config
 
 MODELS = {
@@ -138,7 +138,7 @@ def test_a_narrow_hospital_trains_its_slice_and_returns_a_change_in_its_own_shap
 
 
 def test_a_server_optimizer_leaves_entries_no_hospital_sent_and_their_moments_alone(tmp_path):
-    from pipelines.fedopt import FedYogi
+    from fedward.strategies.fedopt import FedYogi
 
     full, narrow = _full_and_narrow("mlp", 0.5)
     layout, sub = flatten(full)[1], flatten(narrow)[1]

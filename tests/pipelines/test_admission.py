@@ -13,7 +13,7 @@ from fedward.types import Layout, SealedUpdate, Update
 from models.flat import flatten
 from models.networks import build_model
 from pipelines import admission
-from pipelines.strategies import STRATEGIES
+from fedward.strategies import STRATEGIES
 from tests.conftest import ehr_config
 
 LAYOUT = Layout(("w", "b"), ((3, 2), (3,)))
@@ -69,7 +69,7 @@ def test_each_hospital_is_held_to_its_own_models_layout(tmp_path):
     strategy = STRATEGIES["fedavg"](config)
     torch.manual_seed(0)
     layout = flatten(build_model(config.model, (13,)))[1]
-    layouts = admission.expected_layouts(config, strategy, (13,), layout, 1)
+    layouts = admission.expected_layouts(config, strategy, (13,), layout, 1, frozenset())
     assert layouts["hospital_a"] == layouts["hospital_b"] == layout
     assert layouts["hospital_c"].shapes[0] == (16, 13) and layouts["hospital_c"].names == layout.names
 
@@ -78,7 +78,7 @@ def test_each_hospital_is_held_to_its_own_models_layout(tmp_path):
     scaffold = STRATEGIES["scaffold"](parse_config(raw))
     model = build_model(parse_config(raw).model, (13,))
     scaffold.start(model, layout)
-    extended = admission.expected_layouts(parse_config(raw), scaffold, (13,), layout, 1)["hospital_a"]
+    extended = admission.expected_layouts(parse_config(raw), scaffold, (13,), layout, 1, frozenset())["hospital_a"]
     assert extended.names[: len(layout.names)] == layout.names and extended.size == 2 * layout.size  # the MLP has no buffers
 
 

@@ -12,8 +12,8 @@ from fedward.config import AttackConfig, RobustConfig, parse_config
 from fedward.errors import ConfigError
 from fedward.tasks import binary_task
 from fedward.types import Layout, Update
-from pipelines import aggregation
-from pipelines.strategies import STRATEGIES
+from fedward import aggregation
+from fedward.strategies import STRATEGIES
 from tests.conftest import ehr_config
 
 SIZE = 50

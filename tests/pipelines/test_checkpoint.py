@@ -6,7 +6,7 @@ import pytest
 from fedward.errors import CheckpointError
 from fedward.types import Layout
 from fedward.files import atomic_write
-from pipelines.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
+from fedward.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 
 
 def checkpoint(round, value):

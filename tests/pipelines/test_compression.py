@@ -15,7 +15,8 @@ from fedward.errors import ConfigError
 from fedward.types import CompressedDelta, CompressedUpdate, Layout, RoundPlan, Update
 from models.flat import flatten
 from models.networks import build_model
-from pipelines import admission, compression
+from fedward import compression
+from pipelines import admission
 from tests.conftest import ehr_config
 
 SIZE = 10_000

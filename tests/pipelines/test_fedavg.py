@@ -5,7 +5,7 @@ from fedward.config import TrainConfig, parse_config
 from fedward.types import Layout, Update
 from models import training
 from models.flat import flatten
-from pipelines.fedavg import FedAvg
+from fedward.strategies.fedavg import FedAvg
 from tests.fedward.test_config import raw_config
 
 

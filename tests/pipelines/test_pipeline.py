@@ -7,7 +7,7 @@ import pytest
 from fedward.config import parse_config
 from fedward.errors import CheckpointError, ConfigError
 from fedward.types import DataCounts
-from pipelines.checkpoint import read_metrics
+from fedward.checkpoint import read_metrics
 from pipelines.run import Pipeline, _own_view
 from tests.fedward.test_config import raw_config
 

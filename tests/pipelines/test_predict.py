@@ -24,15 +24,15 @@ from models.flat import flatten
 from models.networks import build_model
 from pipelines.cli import main
 from pipelines.predict import predict
-from pipelines.strategies import STRATEGIES
 from tests.conftest import ehr_config, image_config
 
 
-def trained_site(hospital: Hospital, preprocessing: dict | None, personal: frozenset[str]) -> SimpleNamespace:
+def trained_site(hospital: Hospital, preprocessing: dict | None) -> SimpleNamespace:
     """One round of training at `hospital`, its model exported, and what evaluation scores on its
     held-out samples with the new weights."""
     torch.manual_seed(0)
-    weights, layout = flatten(build_model(hospital.config.model, hospital.prepare(preprocessing, personal)), personal)
+    shape = hospital.prepare(preprocessing)
+    weights, layout = flatten(build_model(hospital.config.model, shape), hospital.personal)
     update = hospital.fit(RoundPlan(1, hospital.name, seed=5, local_epochs=1, lr=hospital.config.train.lr), weights, layout)
     weights = weights + update.delta
     model_dir = Path(hospital.export_model(1, weights, layout, "run-1"))
@@ -52,7 +52,7 @@ def table_site(demo_data, tmp_path_factory):
     hospital = Hospital("hospital_a", config, "run-1")
     hospital.load(record=False)
     spec = merge_summaries([hospital.summarize()], config.data.table).to_dict()
-    return trained_site(hospital, spec, STRATEGIES["fedper"](config).personal_keys())
+    return trained_site(hospital, spec)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def image_site(demo_data, tmp_path_factory):
     raw = image_config(demo_data, tmp_path_factory.mktemp("predict-images"))
     hospital = Hospital("hospital_b", parse_config(raw), "run-1")
     hospital.load(record=False)
-    return trained_site(hospital, None, frozenset())
+    return trained_site(hospital, None)
 
 
 def held_out_rows(site: SimpleNamespace, dest: Path) -> Path:

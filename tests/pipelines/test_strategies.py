@@ -11,8 +11,10 @@ from fedward.errors import ConfigError
 from fedward.types import Layout, Update
 from models import training
 from models.flat import flatten
-from pipelines.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
-from pipelines.strategies import STRATEGIES
+from fedward.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
+from fedward.strategies import STRATEGIES
+from fedward.strategies.base import LocalRound
+from models.networks import build_model
 from tests.fedward.test_config import raw_config
 
 LAYOUT = Layout(("w",), ((4,),))
@@ -84,10 +86,32 @@ def _local(mu: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return start, flatten(model)[0]
 
 
-def test_fedprox_asks_hospitals_for_its_pull_and_the_pull_keeps_them_closer():
-    plans = strategy("fedprox", proximal_mu=0.3).configure_round(1, ["a", "b"], np.random.default_rng(0))
-    assert [p.proximal_mu for p in plans] == [0.3, 0.3]
-    assert [p.proximal_mu for p in strategy("fedavg").configure_round(1, ["a", "b"], np.random.default_rng(0))] == [0.0, 0.0]
+class Recording:
+    """A hospital's training split as a strategy's hospital half sees it (`Trainer`), recording each call's options."""
+
+    def __init__(self):
+        self.calls = []
+
+    def train(self, model, plan, **options):
+        self.calls.append(options)
+        return 0.5
+
+    def steps(self, epochs):
+        return epochs
+
+
+def hospital_half_calls(s, model) -> list[dict]:
+    trainer = Recording()
+    weights, layout = flatten(model)
+    plan = s.configure_round(1, ["a"], np.random.default_rng(0))[0]
+    assert s.local().train(LocalRound(plan, weights, layout, model, trainer)) == {"train_loss": 0.5}
+    return trainer.calls
+
+
+def test_fedprox_hospitals_train_with_the_pull_of_their_own_config_and_it_keeps_them_closer():
+    model = torch.nn.Linear(3, 1)
+    assert hospital_half_calls(strategy("fedprox", proximal_mu=0.3), model) == [{"proximal_mu": 0.3}]
+    assert hospital_half_calls(strategy("fedavg"), model) == [{}]
     start, plain = _local(0.0)
     _, prox = _local(1.0)
     assert np.linalg.norm(prox - start) < 0.9 * np.linalg.norm(plain - start)
@@ -107,11 +131,12 @@ IMAGES = {"kind": "dicom", "dicom": {"label": {"column": "finding"}, "image_size
 
 def test_fedbn_keeps_every_batchnorm_entry_and_fedper_the_output_layer():
     bn = strategy("fedbn", model={"kind": "cnn", "norm": "batch", "channels": [4, 8]}, data=IMAGES)
-    assert bn.personal_keys() == {f"{i}.{k}" for i in (1, 5) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    batch_norm = build_model(bn.config.model, (1, 32, 32))
+    assert bn.personal_keys(batch_norm) == {f"{i}.{k}" for i in (1, 5) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
     per = strategy("fedper", model={"kind": "mlp", "hidden": [6, 4]})
-    assert per.personal_keys() == {"6.weight", "6.bias"}  # Linear, norm, ReLU per hidden layer, then the head
+    assert per.personal_keys(build_model(per.config.model, (3,))) == {"6.weight", "6.bias"}  # Linear, norm, ReLU per hidden layer, then the head
     cnn = strategy("fedper", model={"kind": "cnn", "channels": [4, 8]}, data=IMAGES)
-    assert cnn.personal_keys() == {"10.weight", "10.bias"}
+    assert cnn.personal_keys(build_model(cnn.config.model, (1, 32, 32))) == {"10.weight", "10.bias"}
 
 
 def test_strategy_contradictions_fail_at_load():
@@ -125,7 +150,7 @@ def test_strategy_contradictions_fail_at_load():
 
 
 def test_scaffold_moves_weights_by_the_mean_change_and_its_control_by_the_asked_share(tmp_path):
-    from pipelines.scaffold import CONTROL
+    from fedward.strategies.scaffold import CONTROL
 
     s = strategy("scaffold", fraction=0.5)
     model = torch.nn.Linear(3, 1)
@@ -158,11 +183,16 @@ def test_training_only_named_parameters_leaves_the_others_exactly_as_they_were()
     assert not torch.equal(after["2.weight"], before["2.weight"])
 
 
-def test_fedrep_keeps_fedpers_head_and_asks_for_head_epochs_first():
+def test_fedrep_keeps_fedpers_head_and_trains_it_alone_first():
     s = strategy("fedrep", head_epochs=2)
-    assert s.personal_keys() == strategy("fedper").personal_keys()
-    assert [p.personal_epochs for p in s.configure_round(1, ["a"], np.random.default_rng(0))] == [2]
-    assert [p.personal_epochs for p in strategy("fedper").configure_round(1, ["a"], np.random.default_rng(0))] == [0]
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    assert s.personal_keys(model) == strategy("fedper").personal_keys(model) == {"2.weight", "2.bias"}
+    seed = s.configure_round(1, ["a"], np.random.default_rng(0))[0].seed
+    assert hospital_half_calls(s, model) == [
+        {"epochs": 2, "seed": seed + 1, "only": frozenset({"2.weight", "2.bias"})},
+        {"only": frozenset({"0.weight", "0.bias"})},
+    ]
+    assert hospital_half_calls(strategy("fedper"), model) == [{}]
 
 
 def test_server_optimizers_step_parameters_and_average_buffers():

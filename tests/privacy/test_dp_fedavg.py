@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import aggregation
+from fedward import aggregation
 from privacy import dp_fedavg
 from privacy.hooks import AGGREGATE
 from tests.privacy.federation import config_with, random_updates

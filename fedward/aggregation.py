@@ -29,7 +29,7 @@ from scipy.linalg.blas import saxpy
 from fedward.config import RobustConfig
 from fedward.errors import AggregationError
 from fedward.types import Layout, Update
-from models import width
+from fedward import width
 
 
 # Entries summed at once over all updates: the accumulator block stays in the CPU cache while each

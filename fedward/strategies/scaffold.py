@@ -15,14 +15,15 @@ With c = c_i = 0, as in the first round, a hospital trains exactly as under FedA
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedward.errors import AggregationError
+from fedward.errors import AggregationError, HospitalError
+from fedward.strategies.base import LocalRound, LocalTraining, Strategy
 from fedward.types import Layout, Update
-from pipelines.strategy import Strategy
 
 CONTROL = "control:"  # prefix of the control-change entries appended to an update's layout
 
@@ -62,6 +63,43 @@ def with_control_change(update: Update, controls: Layout, change: np.ndarray) ->
                   with_controls(update.layout, controls), update.num_examples, update.weight, update.metrics)
 
 
+class ControlledTraining(LocalTraining):
+    """SCAFFOLD's hospital half: every gradient corrected by c - c_i, then c_i moved and its change
+    appended to the update. c_i is this hospital's own: saved with its state, never sent."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.control: np.ndarray | None = None  # c_i
+        self.controls: Layout | None = None  # the controlled parameters of the current round
+
+    def train(self, round: LocalRound) -> dict[str, float]:
+        self.controls = control_layout(round.model, round.layout)
+        server = round.broadcast
+        if not isinstance(server, np.ndarray) or server.shape != (self.controls.size,) or not np.isfinite(server).all():
+            got = getattr(server, "shape", type(server).__name__)
+            raise HospitalError(f"SCAFFOLD: the driver's control variate must be {self.controls.size} finite values, got {got}")
+        if self.control is None or self.control.size != self.controls.size:
+            self.control = np.zeros(self.controls.size, np.float32)
+        fix = correction(self.controls, server, self.control)
+        return {"train_loss": round.trainer.train(round.model, round.plan, correction=fix)}
+
+    def finish(self, round: LocalRound, update: Update, trained: np.ndarray) -> Update:
+        steps = round.trainer.steps(round.plan.local_epochs)
+        own = next_control(self.controls, round.layout, self.control, round.broadcast, round.weights, trained, steps, round.plan.lr)
+        update = with_control_change(update, self.controls, own - self.control)
+        self.control = own
+        return update
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.control is None else {"control": torch.from_numpy(self.control)}
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module) -> None:
+        self.control = state["control"].numpy().copy() if "control" in state else None
+
+    def reset(self) -> None:
+        self.control = None
+
+
 class Scaffold(Strategy):
     def __init__(self, config):
         super().__init__(config)
@@ -80,6 +118,9 @@ class Scaffold(Strategy):
 
     def broadcast(self) -> np.ndarray:
         return self.control
+
+    def local(self) -> LocalTraining:
+        return ControlledTraining(self.config)
 
     def update_layout(self, layout: Layout) -> Layout:
         return with_controls(layout, self.controls)

@@ -1,6 +1,6 @@
 """FedAvg (McMahan et al. 2017): the global weights move by the weighted mean of the hospitals'
 changes. Weights are example counts, or 1 per hospital under hospital-level DP. With `robust`
-settings the mean gives way to a robust rule (`pipelines/aggregation.py`)."""
+settings the mean gives way to a robust rule (`fedward/aggregation.py`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedward.types import Update
-from pipelines.strategy import Strategy
+from fedward.strategies.base import Strategy
 
 
 class FedAvg(Strategy):

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from fedward.types import Layout, Update
-from models import width
-from pipelines.strategy import Strategy
+from fedward import width
+from fedward.strategies.base import Strategy
 
 
 class FedOpt(Strategy):

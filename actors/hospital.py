@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors import attacks
-from data_adapters.dicom import load_dicom
-from data_adapters.harmonize import PreprocessingSpec, TableSummary, summarize
-from data_adapters.report import DataReport
-from data_adapters.samples import Samples
-from data_adapters.splits import split_by_patient
-from data_adapters.tables import load_table
-from explain.summary import ConsortiumExplanation, ExplanationSummary
+from fedward.actors import attacks
+from fedward.data_adapters.dicom import load_dicom
+from fedward.data_adapters.harmonize import PreprocessingSpec, TableSummary, summarize
+from fedward.data_adapters.report import DataReport
+from fedward.data_adapters.samples import Samples
+from fedward.data_adapters.splits import split_by_patient
+from fedward.data_adapters.tables import load_table
+from fedward.explain.summary import ConsortiumExplanation, ExplanationSummary
 from fedward.components import build_versions
 from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
 from fedward.errors import DataError, DeploymentError, HospitalError
@@ -34,19 +34,19 @@ from fedward import subgroups
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, RoundPlan, SealedUpdate, Update
-from models.flat import flatten, layout_digest, layout_of, load_flat
+from fedward.models.flat import flatten, layout_digest, layout_of, load_flat
 from fedward import width
-from models import export, training
-from models.networks import build_model
+from fedward.models import export, training
+from fedward.models.networks import build_model
 from fedward import aggregation, compression
 from fedward.strategies import build_strategy
 from fedward.strategies.base import LocalRound
-from privacy import dp_fedavg, dp_sgd, ledger
-from privacy.accounting import GaussianSteps
-from privacy.hooks import build_hook
+from fedward.privacy import dp_fedavg, dp_sgd, ledger
+from fedward.privacy.accounting import GaussianSteps
+from fedward.privacy.hooks import build_hook
 
 if TYPE_CHECKING:
-    from explain.local import LocalExplanation
+    from fedward.explain.local import LocalExplanation
 
 
 def data_folder(own: HospitalConfig) -> Path:
@@ -338,7 +338,7 @@ class Hospital:
     def explain(self, round: int, weights: np.ndarray, layout: Layout) -> ExplanationSummary:
         """SHAP of the global model on this hospital's held-out patients; only aggregates return."""
         model = self._model_with(weights, layout)
-        from explain.local import explain_at_hospital  # shap: loaded by the hospitals that explain, when they do
+        from fedward.explain.local import explain_at_hospital  # shap: loaded by the hospitals that explain, when they do
 
         self.explanation = explain_at_hospital(self, model, round, derived_seed(self.config.run.seed, round, self.name))
         return self.explanation.summary
@@ -347,7 +347,7 @@ class Hospital:
         """The hospital's own report with its patients' explanations, written in its own area."""
         if self.explanation is None:
             raise HospitalError(f"{self.name}: nothing explained yet; the pipeline calls explain() first")
-        from explain.report import write_hospital_report  # matplotlib: once, at the end of the run
+        from fedward.explain.report import write_hospital_report  # matplotlib: once, at the end of the run
 
         path = write_hospital_report(
             self.run_dir / "report",

@@ -20,9 +20,9 @@ from typing import Any
 import ray
 import torch
 
-from actors.remote import HospitalActor
+from fedward.actors.remote import HospitalActor
 from fedward.config import FedwardConfig
-from privacy.hooks import AggregationHook
+from fedward.privacy.hooks import AggregationHook
 
 
 class HospitalWorker:

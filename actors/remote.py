@@ -12,7 +12,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.hospital import Hospital
+from fedward.actors.hospital import Hospital
 from fedward.config import FedwardConfig
 from fedward.errors import DeploymentError
 from fedward.types import Placement

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedward.types import Layout, Update  # noqa: E402
-from pipelines import admission  # noqa: E402
+from fedward.pipelines import admission  # noqa: E402
 from fedward.aggregation import weighted_mean  # noqa: E402
 from fedward.strategies.fedavg import FedAvg  # noqa: E402
 from tests.conftest import ehr_config  # noqa: E402

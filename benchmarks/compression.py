@@ -29,7 +29,7 @@ KINDS = {"none": {"kind": "none"}, "int8": {"kind": "int8"}, "top 10%": {"kind":
 
 def run(config_path: Path, data: Path, runs: Path, name: str, seed: int, compression: dict) -> tuple[float, float]:
     from fedward.config import load_config
-    from pipelines.run import Pipeline
+    from fedward.pipelines.run import Pipeline
 
     hospitals = ", ".join(f"{{name: {h}, data: {data / h}, work_dir: {runs / 'sites' / h}}}" for h in ("hospital_a", "hospital_b", "hospital_c"))
     settings = [f"hospitals=[{hospitals}]", f"run.root={runs}", f"run.name={name}", f"run.seed={seed}", "explain.enabled=false",
@@ -48,7 +48,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    from data_adapters.demo import write_demo_data
+    from fedward.data_adapters.demo import write_demo_data
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     print(f"the demos' three hospitals, FedAvg, seeds {args.seeds}")

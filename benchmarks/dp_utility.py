@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedward.config import load_config  # noqa: E402
-from pipelines.run import Pipeline  # noqa: E402
+from fedward.pipelines.run import Pipeline  # noqa: E402
 
 
 def main() -> None:

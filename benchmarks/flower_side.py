@@ -41,8 +41,8 @@ def project(root: str):
     if root not in sys.path:
         sys.path.insert(0, root)
     from fedward.config import load_config
-    from models import training
-    from models.networks import build_model
+    from fedward.models import training
+    from fedward.models.networks import build_model
 
     return load_config(Path(root) / CONFIG), training, build_model
 

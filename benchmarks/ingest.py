@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from data_adapters.demo import write_demo_data  # noqa: E402
-from data_adapters.dicom import load_dicom  # noqa: E402
-from data_adapters.report import DataReport  # noqa: E402
+from fedward.data_adapters.demo import write_demo_data  # noqa: E402
+from fedward.data_adapters.dicom import load_dicom  # noqa: E402
+from fedward.data_adapters.report import DataReport  # noqa: E402
 from fedward.config import load_config  # noqa: E402
 
 SCANNERS = {"hospital_a": "CT 128x128", "hospital_b": "CT 96x96", "hospital_c": "CR 64x64 MONOCHROME1"}

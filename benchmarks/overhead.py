@@ -91,7 +91,7 @@ def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float
 
 
 def fedward_side(data: Path, hospitals: list[str], runs: Path, name: str, rounds: int) -> dict:
-    command = [sys.executable, "-m", "pipelines", "simulate", str(CONFIG), "--no-progress"]
+    command = [sys.executable, "-m", "fedward.pipelines", "simulate", str(CONFIG), "--no-progress"]
     for setting in settings(data, hospitals, runs, name, rounds):
         command += ["--set", setting]
     started_at, whole, peak, _ = timed_process(command, {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")})
@@ -159,7 +159,7 @@ def _train_share(job: tuple) -> tuple[list, int]:
     """Train each of a share of hospitals from the global weights; their new weights and steps."""
     import torch
 
-    from models import training
+    from fedward.models import training
 
     state, shares, config, round_seed = job
     torch.set_num_threads(1)
@@ -177,7 +177,7 @@ def _train_share(job: tuple) -> tuple[list, int]:
 
 
 def _model(config, shape):
-    from models.networks import build_model
+    from fedward.models.networks import build_model
 
     return build_model(config.model, shape)
 
@@ -217,9 +217,9 @@ def export_tensors(data: Path, hospitals: list[str], runs: Path, out: Path) -> i
     """Each hospital's training tensors exactly as fedward's Hospital prepares them; their steps per round."""
     import torch
 
-    from actors.hospital import Hospital
+    from fedward.actors.hospital import Hospital
     from fedward.config import load_config
-    from models import training
+    from fedward.models import training
 
     config = load_config(CONFIG, settings(data, hospitals, runs, "tensors", 1))
     out.mkdir(parents=True)
@@ -248,7 +248,7 @@ def main() -> None:
         plain_run(args.plain, args.processes, args.rounds)
         return
 
-    from data_adapters.demo import write_demo_data
+    from fedward.data_adapters.demo import write_demo_data
 
     flower = None if args.no_flower else flower_python(args.flower_cache)
 

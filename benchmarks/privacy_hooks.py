@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedward.config import load_config  # noqa: E402
 from fedward.checkpoint import load_checkpoint  # noqa: E402
-from pipelines.run import Pipeline, _wire_bytes  # noqa: E402
+from fedward.pipelines.run import Pipeline, _wire_bytes  # noqa: E402
 from tests.privacy.federation import Federation, config_with, random_updates, weighted_mean  # noqa: E402
 
 HOOKS = {

@@ -51,7 +51,7 @@ def config_file(source: Path, root: Path, name: str, settings: dict) -> Path:
 def simulate(path: Path) -> float:
     """Run `fedward simulate` to the end; returns its seconds."""
     began = time.monotonic()
-    subprocess.run([sys.executable, "-m", "pipelines", "simulate", str(path), "--no-progress"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "fedward.pipelines", "simulate", str(path), "--no-progress"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.monotonic() - began
 
@@ -59,7 +59,7 @@ def simulate(path: Path) -> float:
 def kill_after(path: Path, run_dir: Path, rounds: int, wait: float) -> tuple[int, bool]:
     """Start `fedward simulate`, and SIGKILL its process group `wait` seconds after `rounds`
     rounds are checkpointed. Returns the rounds checkpointed at the kill and whether it ran to the end first."""
-    driver = subprocess.Popen([sys.executable, "-m", "pipelines", "simulate", str(path), "--no-progress"], cwd=ROOT,
+    driver = subprocess.Popen([sys.executable, "-m", "fedward.pipelines", "simulate", str(path), "--no-progress"], cwd=ROOT,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while driver.poll() is None and checkpointed(run_dir) < rounds:
         time.sleep(0.02)

@@ -38,7 +38,7 @@ def run(data: Path, names: list[str], runs: Path, rounds: int, resident: int) ->
     runs.mkdir(parents=True, exist_ok=True)
     path = runs / "scale.yaml"
     path.write_text(yaml.safe_dump(config))
-    started_at, whole, peak, _ = timed_process([sys.executable, "-m", "pipelines", "simulate", str(path), "--no-progress"],
+    started_at, whole, peak, _ = timed_process([sys.executable, "-m", "fedward.pipelines", "simulate", str(path), "--no-progress"],
                                                {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")})
     records = [json.loads(line) for line in (runs / "scale" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == rounds and all(len(r["participants"]) == len(names) for r in records), "hospitals were left out"
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--resident", type=int, default=64, help="run.resident_hospitals: hospitals a worker keeps in memory")
     args = parser.parse_args()
 
-    from data_adapters.demo import write_demo_data
+    from fedward.data_adapters.demo import write_demo_data
 
     print(f"{args.images} images of 64x64 per hospital, the imaging demo's CNN, {args.rounds} rounds, {os.cpu_count()} cores, "
           f"{args.resident} hospitals in memory per worker")

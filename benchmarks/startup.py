@@ -38,7 +38,7 @@ def timed_run(config: Path, settings: list[str]) -> None:
     mark("torch imported")
     sys.path.insert(0, str(ROOT))
     from fedward.config import load_config
-    from pipelines import run
+    from fedward.pipelines import run
 
     mark("pipeline imported")
 
@@ -71,7 +71,7 @@ def main() -> None:
         timed_run(config, args.child)
         return
     sys.path.insert(0, str(ROOT))
-    from data_adapters.demo import write_demo_data
+    from fedward.data_adapters.demo import write_demo_data
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"

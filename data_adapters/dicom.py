@@ -40,9 +40,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from data_adapters.cells import NO_LABEL, find_column, label_targets, read_table
-from data_adapters.report import DataReport
-from data_adapters.samples import Samples
+from fedward.data_adapters.cells import NO_LABEL, find_column, label_targets, read_table
+from fedward.data_adapters.report import DataReport
+from fedward.data_adapters.samples import Samples
 from fedward.config import DicomSpec
 from fedward.errors import DataError
 from fedward.files import atomic_write

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_adapters.cells import NO_LABEL, PARSERS, as_text, find_column, label_targets, read_table
-from data_adapters.report import DataReport
-from data_adapters.samples import Samples
+from fedward.data_adapters.cells import NO_LABEL, PARSERS, as_text, find_column, label_targets, read_table
+from fedward.data_adapters.report import DataReport
+from fedward.data_adapters.samples import Samples
 from fedward.cells import parse_cells, parse_numeric, row_mask
 from fedward.config import FeatureSpec, TableSpec
 from fedward.errors import DataError

@@ -22,9 +22,9 @@ import pyarrow as pa
 import torch
 from scipy.special import ndtri
 
-from data_adapters.harmonize import OTHER, PreprocessingSpec
-from explain.attribution import Attributions
-from explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, FeatureExplanation
+from fedward.data_adapters.harmonize import OTHER, PreprocessingSpec
+from fedward.explain.attribution import Attributions
+from fedward.explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, FeatureExplanation
 from fedward.config import ExplainConfig, FeatureSpec, TableSpec
 from fedward.errors import AggregationError, ConfigError, HospitalError
 

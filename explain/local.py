@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from explain.aggregate import explain_images, explain_table, grouped_by_feature, patient_contributions
-from explain.attribution import Attributions, deep_shap
-from explain.report import PatientExplanation
-from explain.summary import ExplanationSummary
+from fedward.explain.aggregate import explain_images, explain_table, grouped_by_feature, patient_contributions
+from fedward.explain.attribution import Attributions, deep_shap
+from fedward.explain.report import PatientExplanation
+from fedward.explain.summary import ExplanationSummary
 from fedward.errors import DataError
 
 

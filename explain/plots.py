@@ -22,8 +22,8 @@ import shap  # noqa: E402
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from explain.aggregate import MISSING  # noqa: E402
-from explain.summary import FeatureBin  # noqa: E402
+from fedward.explain.aggregate import MISSING  # noqa: E402
+from fedward.explain.summary import FeatureBin  # noqa: E402
 
 DPI = 100
 # shap's own palette, so the consortium's figures read like the waterfalls clinicians know.

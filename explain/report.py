@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest, norm
 
-from explain import plots
-from explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, consortium_from_json, summary_from_json
+from fedward.explain import plots
+from fedward.explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, consortium_from_json, summary_from_json
 from fedward.errors import CheckpointError, DataError, FedwardError
 from fedward.files import atomic_write
 from fedward.checkpoint import load_checkpoint, read_metrics

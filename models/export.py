@@ -37,8 +37,8 @@ from fedward.errors import CheckpointError, ConfigError
 from fedward.tasks import Task, build_task
 from fedward.files import atomic_write, atomic_write_json
 from fedward.types import Layout
-from models.flat import load_flat
-from models.networks import build_model
+from fedward.models.flat import load_flat
+from fedward.models.networks import build_model
 
 FORMAT_VERSION = 2  # bump when the files' layout or meaning changes; older readers then refuse
 # What version 2 added, as a version 1 card (binary tasks, built-in models only) meant it.

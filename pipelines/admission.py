@@ -18,8 +18,8 @@ import numpy as np
 
 from fedward.config import FedwardConfig
 from fedward.types import CompressedUpdate, Layout, SealedUpdate, Update
-from models.flat import layout_of
-from models.networks import build_model
+from fedward.models.flat import layout_of
+from fedward.models.networks import build_model
 from fedward import compression
 from fedward.strategies.base import Strategy
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from actors.hospital import Hospital
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import FedwardConfig, config_hash
 from fedward.errors import DataError
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
-from models import training
-from models.networks import build_model
+from fedward.models import training
+from fedward.models.networks import build_model
 from fedward.checkpoint import read_metrics
 
 

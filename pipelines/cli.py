@@ -1,4 +1,4 @@
-"""The `fedward` command (also `python -m pipelines`, which a Ray job runs from its working dir)."""
+"""The `fedward` command (also `python -m fedward.pipelines`, which a Ray job runs from its working dir)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fedward.errors import FedwardError
 
 
 def _demo_data(args) -> None:
-    from data_adapters.demo import write_demo_data
+    from fedward.data_adapters.demo import write_demo_data
 
     truth = write_demo_data(Path(args.out), hospitals=args.hospitals, seed=args.seed, renal_units=args.renal_unit)
     print(f"wrote {len(truth['hospitals'])} demo hospitals to {args.out}")
@@ -26,7 +26,7 @@ def _simulate(args) -> None:
 
 def _run(args) -> None:
     from fedward.config import load_config
-    from pipelines.submit import require_cluster_paths
+    from fedward.pipelines.submit import require_cluster_paths
 
     config = load_config(args.config, args.set)
     require_cluster_paths(config)
@@ -34,27 +34,27 @@ def _run(args) -> None:
 
 
 def _start(config, args, address: str | None) -> None:
-    from pipelines.run import Pipeline
+    from fedward.pipelines.run import Pipeline
 
     Pipeline(config, address=address, progress=not args.no_progress).run()
     _print_status(config.run_dir)
 
 
 def _submit(args) -> None:
-    from pipelines.submit import submit
+    from fedward.pipelines.submit import submit
 
     print(f"job {submit(Path(args.config), args.address, args.set, follow=not args.no_follow)}")
 
 
 def _print_status(run_dir: Path) -> None:
-    from pipelines.status import run_status
+    from fedward.pipelines.status import run_status
 
     print(run_status(Path(run_dir)))
 
 
 def _compare(args) -> None:
     from fedward.config import load_config
-    from pipelines.baselines import compare, format_comparison
+    from fedward.pipelines.baselines import compare, format_comparison
     from fedward.files import atomic_write_json
 
     config = load_config(args.config, args.set)
@@ -75,20 +75,20 @@ def _certs(args) -> None:
 
 
 def _report(args) -> None:
-    from explain.report import write_consortium_report
+    from fedward.explain.report import write_consortium_report
 
     print(f"wrote {write_consortium_report(Path(args.run_dir))}")
 
 
 def _explain_patient(args) -> None:
-    from pipelines.patient import explain_patient_at_hospital
+    from fedward.pipelines.patient import explain_patient_at_hospital
 
     for path in explain_patient_at_hospital(Path(args.run_dir), args.hospital, args.patient):
         print(f"wrote {path}")
 
 
 def _predict(args) -> None:
-    from pipelines.predict import predict
+    from fedward.pipelines.predict import predict
 
     done = predict(Path(args.model_dir), Path(args.data), Path(args.out))
     for warning in done.warnings:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from actors.hospital import Hospital
-from explain.local import explain_patient
-from explain.report import write_patient_explanation
+from fedward.actors.hospital import Hospital
+from fedward.explain.local import explain_patient
+from fedward.explain.report import write_patient_explanation
 from fedward.config import config_hash, parse_config
 from fedward.errors import CheckpointError
 from fedward.seeds import derived_seed

@@ -22,15 +22,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from data_adapters.dicom import load_dicom
-from data_adapters.harmonize import PreprocessingSpec
-from data_adapters.report import DataReport
-from data_adapters.samples import Samples
-from data_adapters.tables import load_table
+from fedward.data_adapters.dicom import load_dicom
+from fedward.data_adapters.harmonize import PreprocessingSpec
+from fedward.data_adapters.report import DataReport
+from fedward.data_adapters.samples import Samples
+from fedward.data_adapters.tables import load_table
 from fedward.errors import CheckpointError, ConfigError, DataError
 from fedward.files import atomic_write
-from models import training
-from models.export import CARD, ExportedModel, load_exported
+from fedward.models import training
+from fedward.models.export import CARD, ExportedModel, load_exported
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ import ray
 import torch
 from tqdm import tqdm
 
-from actors.hospital import Hospital
-from actors.pool import HostedHospital, start_pool
-from actors.remote import check_placement, start_hospital
-from data_adapters.harmonize import merge_summaries
-from explain.summary import to_jsonable
+from fedward.actors.hospital import Hospital
+from fedward.actors.pool import HostedHospital, start_pool
+from fedward.actors.remote import check_placement, start_hospital
+from fedward.data_adapters.harmonize import merge_summaries
+from fedward.explain.summary import to_jsonable
 from fedward.components import build_versions, load_component
 from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
 from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, FedwardError, HospitalError, QuorumError
@@ -39,19 +39,19 @@ from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
-from models.export import export_model, from_weights
-from models.flat import flatten, layout_digest, layout_of
-from models.networks import build_model, check_factory
+from fedward.models.export import export_model, from_weights
+from fedward.models.flat import flatten, layout_digest, layout_of
+from fedward.models.networks import build_model, check_factory
 from fedward import aggregation
-from pipelines import admission
+from fedward.pipelines import admission
 from fedward.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
-from models.initial import load_initial_weights
-from pipelines.manifest import record_builds, record_data, record_initial_weights, record_invocation
+from fedward.models.initial import load_initial_weights
+from fedward.pipelines.manifest import record_builds, record_data, record_initial_weights, record_invocation
 from fedward.strategies import build_strategy
-from privacy import dp_fedavg
-from privacy.hooks import Ask, build_hook
-from privacy import dp_sgd
-from privacy.ledger import SPEND_LOG, build_ledger, dp_sgd_steps, over_budget, read_spend, record_spend, spend_entries, spent
+from fedward.privacy import dp_fedavg
+from fedward.privacy.hooks import Ask, build_hook
+from fedward.privacy import dp_sgd
+from fedward.privacy.ledger import SPEND_LOG, build_ledger, dp_sgd_steps, over_budget, read_spend, record_spend, spend_entries, spent
 
 
 
@@ -376,7 +376,7 @@ class Pipeline:
         model = self._build_model(shape)
         unsupported = []
         if cfg.explain.enabled:
-            from explain.attribution import unsupported_layers  # shap: only in a driver that explains
+            from fedward.explain.attribution import unsupported_layers  # shap: only in a driver that explains
 
             unsupported = unsupported_layers(model)
         if unsupported:
@@ -784,7 +784,7 @@ class Pipeline:
 
     def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> None:
         """SHAP inside each hospital, merged here; each hospital then writes its own report."""
-        from explain.aggregate import merge  # shap, via the explanation's types: only in a driver that explains
+        from fedward.explain.aggregate import merge  # shap, via the explanation's types: only in a driver that explains
 
         timeout = self.config.run.round_timeout_s
         weights_ref = ray.put(weights)

@@ -1,4 +1,4 @@
-"""A run as a Ray job on a cluster: what `ray job submit --working-dir . -- python -m pipelines run
+"""A run as a Ray job on a cluster: what `ray job submit --working-dir . -- python -m fedward.pipelines run
 CONFIG` does, through Ray's Jobs API, following the job's logs to its end.
 
 The job runs in a temporary copy of this project on the head node, so everything that must outlive
@@ -50,7 +50,7 @@ def entrypoint(config_path: Path, settings: list[str]) -> str:
         inside = config_path.resolve().relative_to(PROJECT)
     except ValueError:
         raise ConfigError(f"{config_path}: the config must lie inside the project folder {PROJECT}, which is what the job ships") from None
-    words = ["python", "-m", "pipelines", "run", str(inside), "--no-progress"]
+    words = ["python", "-m", "fedward.pipelines", "run", str(inside), "--no-progress"]
     for setting in settings:
         words += ["--set", setting]
     return shlex.join(words)

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedward.config import FedwardConfig
 from fedward.errors import AggregationError, ConfigError
 from fedward.types import Layout, SealedUpdate, Update
-from privacy.hooks import AGGREGATE, AggregationHook, Ask
-from privacy.keys import agree, new_private_key, open_sealed, public_bytes, seal
+from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
+from fedward.privacy.keys import agree, new_private_key, open_sealed, public_bytes, seal
 
 KEY_PURPOSE = "ckks-key"
 

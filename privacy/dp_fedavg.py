@@ -22,8 +22,8 @@ import numpy as np
 
 from fedward.config import FedwardConfig
 from fedward.types import Update
-from privacy.accounting import GaussianSteps, calibrate_noise_multiplier
-from privacy.hooks import AGGREGATE
+from fedward.privacy.accounting import GaussianSteps, calibrate_noise_multiplier
+from fedward.privacy.hooks import AGGREGATE
 
 
 def aggregation_weight(config: FedwardConfig, num_examples: int) -> float:

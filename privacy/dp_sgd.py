@@ -24,8 +24,8 @@ from torch import nn
 from fedward.config import FedwardConfig, TrainConfig
 from fedward.errors import ConfigError
 from fedward.tasks import Task, binary_task
-from models.training import make_optimizer
-from privacy.accounting import GaussianSteps, calibrate_noise_multiplier
+from fedward.models.training import make_optimizer
+from fedward.privacy.accounting import GaussianSteps, calibrate_noise_multiplier
 
 # opacus loads where private training happens: every hospital process imports this module, and
 # opacus costs each of them about a second and its memory even when no one trains privately.

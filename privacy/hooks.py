@@ -100,11 +100,11 @@ def build_hook(config: FedwardConfig, hospital: str | None, run_id: str) -> Aggr
     """The hook the config asks for, at the driver (`hospital` None) or at a hospital."""
     # Imported here: each pulls in its crypto library, needed only when configured.
     if config.privacy.masking.enabled:
-        from privacy.masking import MaskingHook
+        from fedward.privacy.masking import MaskingHook
 
         return MaskingHook(config, hospital, run_id)
     if config.privacy.encryption.enabled:
-        from privacy.ckks import CkksHook
+        from fedward.privacy.ckks import CkksHook
 
         return CkksHook(config, hospital, run_id)
     return PlaintextHook(config, hospital, run_id)

@@ -17,8 +17,8 @@ from typing import Any
 
 from fedward.config import FedwardConfig
 from fedward.errors import CheckpointError
-from privacy import dp_fedavg, dp_sgd
-from privacy.accounting import ACCOUNTANT, GaussianSteps, epsilon
+from fedward.privacy import dp_fedavg, dp_sgd
+from fedward.privacy.accounting import ACCOUNTANT, GaussianSteps, epsilon
 
 # What leaves a hospital besides its update, in every run: none of it is covered by DP.
 ALWAYS_PLAIN = (

@@ -34,8 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedward.config import FedwardConfig
 from fedward.errors import AggregationError
 from fedward.types import Layout, SealedUpdate, Update
-from privacy.hooks import AGGREGATE, AggregationHook, Ask
-from privacy.keys import agree, derive_key, keystream, new_private_key, open_sealed, private_bytes, private_key_from, public_bytes, seal
+from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
+from fedward.privacy.keys import agree, derive_key, keystream, new_private_key, open_sealed, private_bytes, private_key_from, public_bytes, seal
 
 SECRET_BYTES = 32  # the self-mask seed b and an X25519 private key
 SHAMIR_BLOCK = 16  # pycryptodome's Shamir shares 16-byte secrets (elements of GF(2^128))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_adapters.demo import write_demo_data
+from fedward.data_adapters.demo import write_demo_data
 
 # Ray 2.60 turns token authentication on for local clusters; every test process agrees on it.
 os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -9,12 +9,26 @@ ROOT = Path(__file__).parents[1]
 PACKAGES = ("fedward", "data_adapters", "models", "privacy", "explain", "actors", "pipelines")
 
 
+def package_of(module: str) -> str | None:
+    """Which of fedward's packages a module name belongs to (`fedward.pipelines.run`: pipelines)."""
+    parts = module.split(".")
+    if parts[0] != "fedward":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in PACKAGES else "fedward"
+
+
 def imported_packages(path: Path) -> set[str]:
-    """The top-level packages of fedward that a module imports anywhere in its body."""
+    """fedward's packages that a module imports anywhere in its body, functions included."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
-        found.update(name.split(".")[0] for name in names if name.split(".")[0] in PACKAGES)
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            # `from fedward import width` imports a module of the shared package; `from fedward.pipelines import run`, pipelines.
+            names = [f"{node.module}.{a.name}" if node.module == "fedward" else node.module or "" for a in node.names]
+        else:
+            names = []
+        found.update(p for p in map(package_of, names) if p)
     return found
 
 
@@ -47,5 +61,5 @@ def test_the_packages_import_each_other_without_a_cycle():
 def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path):
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from pipelines.run import Pipeline\n    import models.flat\n")
-    assert imported_packages(module) == {"pipelines", "models"}
+    module.write_text("from fedward import width\ndef f():\n    from fedward.pipelines.run import Pipeline\n    import fedward.models.flat\n")
+    assert imported_packages(module) == {"fedward", "pipelines", "models"}

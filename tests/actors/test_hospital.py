@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
-from actors.hospital import Hospital
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import parse_config
 from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.types import RoundPlan
-from models.flat import flatten
-from models.networks import build_model
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
 from tests.conftest import ehr_config, image_config
 
 
@@ -96,7 +96,7 @@ def test_without_a_configured_path_a_hospital_reads_its_folder_under_its_nodes_d
 
 def test_a_hospital_under_dp_sgd_reports_its_steps_and_refuses_to_train_past_its_own_budget(demo_data, tmp_path):
     from fedward.errors import HospitalError
-    from privacy import dp_sgd
+    from fedward.privacy import dp_sgd
 
     raw = ehr_config(demo_data, tmp_path)
     raw["privacy"] = {"dp_sgd": {"enabled": True, "noise_multiplier": 2.0, "epsilon": 0.8}}
@@ -152,7 +152,7 @@ def test_personal_layers_never_leave_the_hospital_and_come_back_after_a_restart(
 
 
 def test_scaffold_at_a_hospital_starts_as_fedavg_then_corrects_its_drift(demo_data, tmp_path):
-    from models.training import local_steps
+    from fedward.models.training import local_steps
     from fedward.strategies.scaffold import CONTROL
 
     raw = ehr_config(demo_data, tmp_path)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.hospital import Hospital
-from actors.pool import HospitalWorker
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.actors.pool import HospitalWorker
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import parse_config
 from fedward.types import RoundPlan
-from models.flat import flatten
-from models.networks import build_model
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
 from fedward.strategies import STRATEGIES
 from tests.conftest import ehr_config
 
@@ -50,7 +50,7 @@ def test_a_sleeping_hospital_wakes_with_its_data_model_and_hook_and_trains_as_on
 
 def test_the_simulation_pools_its_hospitals_and_a_cluster_never_does(demo_data, tmp_path):
     from fedward.errors import DeploymentError
-    from pipelines.run import pooled
+    from fedward.pipelines.run import pooled
 
     def config(hosting: str):
         return parse_config(ehr_config(demo_data, tmp_path, hosting=hosting))

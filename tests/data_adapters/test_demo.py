@@ -16,7 +16,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from sklearn.linear_model import LogisticRegression
 
-from data_adapters.demo import write_demo_data
+from fedward.data_adapters.demo import write_demo_data
 from fedward.errors import ConfigError
 
 SMALL = dict(hospitals=3, seed=7, images_per_hospital=(40, 40, 40), rows_per_hospital=(80, 80, 80))

@@ -23,10 +23,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, MPEG2MPML, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from data_adapters import dicom
-from data_adapters.dicom import load_dicom
-from data_adapters.report import DataReport
-from data_adapters.tables import load_table
+from fedward.data_adapters import dicom
+from fedward.data_adapters.dicom import load_dicom
+from fedward.data_adapters.report import DataReport
+from fedward.data_adapters.tables import load_table
 from fedward.config import DicomSpec, FeatureSpec, LabelRule, TableSpec
 from fedward.errors import DataError
 

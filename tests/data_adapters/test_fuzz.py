@@ -28,11 +28,11 @@ import pydicom.data
 import pytest
 import yaml
 
-from data_adapters.demo import write_demo_data
-from data_adapters.dicom import load_dicom
-from data_adapters.report import DataReport
-from data_adapters.samples import Samples
-from data_adapters.tables import load_table
+from fedward.data_adapters.demo import write_demo_data
+from fedward.data_adapters.dicom import load_dicom
+from fedward.data_adapters.report import DataReport
+from fedward.data_adapters.samples import Samples
+from fedward.data_adapters.tables import load_table
 from fedward.config import DicomSpec, FeatureSpec, LabelRule, TableSpec
 from fedward.errors import DataError
 from tests.data_adapters.mutations import CSV_MUTATIONS, DICOM_MUTATIONS, PARQUET_MUTATIONS, Mutation

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_adapters.harmonize import (
+from fedward.data_adapters.harmonize import (
     CategorySummary,
     PreprocessingSpec,
     merge_summaries,

@@ -1,6 +1,6 @@
 import numpy as np
 
-from data_adapters.splits import split_by_patient
+from fedward.data_adapters.splits import split_by_patient
 
 
 def test_no_patient_on_both_sides_and_both_classes_on_each_side():

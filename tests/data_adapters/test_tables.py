@@ -11,8 +11,8 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from data_adapters.report import DataReport
-from data_adapters.tables import load_table
+from fedward.data_adapters.report import DataReport
+from fedward.data_adapters.tables import load_table
 from fedward.config import FeatureSpec, LabelRule, TableSpec
 from fedward.errors import DataError
 

@@ -205,7 +205,7 @@ def test_a_submitted_run_places_each_hospital_on_its_own_node_with_its_own_data(
     # in its temporary working copy.
     again = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--",
-         "python", "-m", "pipelines", "run", "configs/demo_ehr.yaml", *RUN, "--set", f"run.root={tmp_path / 'runs'}"],
+         "python", "-m", "fedward.pipelines", "run", "configs/demo_ehr.yaml", *RUN, "--set", f"run.root={tmp_path / 'runs'}"],
         cwd=ROOT, env=cluster.client_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

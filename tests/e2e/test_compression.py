@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fedward.config import parse_config
-from pipelines.run import Pipeline
+from fedward.pipelines.run import Pipeline
 from tests.conftest import ehr_config
 
 pytestmark = pytest.mark.e2e

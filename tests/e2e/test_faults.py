@@ -11,10 +11,10 @@ import time
 import pytest
 import ray
 
-from actors.pool import HostedHospital
+from fedward.actors.pool import HostedHospital
 from fedward.config import parse_config
 from fedward.errors import DeploymentError
-from pipelines.run import Pipeline
+from fedward.pipelines.run import Pipeline
 from tests.conftest import ehr_config
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +53,7 @@ def test_a_killed_hospital_is_restarted_reloads_its_state_and_rejoins(ray_sessio
     for r in records[back[0] - 1 :]:
         assert "hospital_a" in r["participants"] and "hospital_a" in r["hospitals"]
     assert records[-1]["pooled"]["auroc"] >= 0.75 and records[-1]["hospitals"]["hospital_a"]["auroc"] >= 0.7
-    from explain.report import write_consortium_report
+    from fedward.explain.report import write_consortium_report
 
     assert "restarted, it reloaded its data and state and rejoined" in write_consortium_report(pipeline.run_dir).read_text()
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 import yaml
 
-from data_adapters.demo import write_demo_data
+from fedward.data_adapters.demo import write_demo_data
 from fedward import metrics
 from fedward.config import parse_config
 from fedward.errors import ConfigError, DeploymentError
-from models.export import load_exported
-from models.flat import flatten
-from models.networks import build_model
+from fedward.models.export import load_exported
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
 from fedward.checkpoint import load_checkpoint, read_metrics
-from pipelines.predict import predict
-from pipelines.run import Pipeline
+from fedward.pipelines.predict import predict
+from fedward.pipelines.run import Pipeline
 from tests.conftest import HOSPITALS, ehr_config
 
 pytestmark = pytest.mark.e2e

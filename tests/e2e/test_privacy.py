@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from explain.report import write_consortium_report
+from fedward.explain.report import write_consortium_report
 from fedward.config import parse_config
 from fedward.checkpoint import load_checkpoint
-from pipelines.run import Pipeline
-from pipelines.status import run_status
-from privacy.accounting import GaussianSteps, epsilon
+from fedward.pipelines.run import Pipeline
+from fedward.pipelines.status import run_status
+from fedward.privacy.accounting import GaussianSteps, epsilon
 from tests.conftest import ehr_config
 
 pytestmark = pytest.mark.e2e

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from explain.report import write_consortium_report
+from fedward.explain.report import write_consortium_report
 from fedward.config import parse_config
-from pipelines.run import Pipeline
+from fedward.pipelines.run import Pipeline
 from tests.conftest import ehr_config
 
 pytestmark = pytest.mark.e2e

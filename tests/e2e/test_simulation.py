@@ -22,10 +22,10 @@ import yaml
 from fedward.config import parse_config
 from fedward.errors import CheckpointError, ConfigError, DataError
 from fedward.checkpoint import load_checkpoint
-from pipelines.run import Pipeline
-from pipelines.status import run_status
-from explain.report import write_consortium_report
-from pipelines.patient import explain_patient_at_hospital
+from fedward.pipelines.run import Pipeline
+from fedward.pipelines.status import run_status
+from fedward.explain.report import write_consortium_report
+from fedward.pipelines.patient import explain_patient_at_hospital
 from tests.conftest import copy_hospitals, ehr_config, image_config
 from tests.e2e.pins import assert_pinned
 
@@ -153,7 +153,7 @@ def test_driver_killed_mid_round_resumes_to_identical_weights(ray_session, demo_
     config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     killed = parse_config(raw)
     driver = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "simulate", str(config_file), "--no-progress"],
+        [sys.executable, "-m", "fedward.pipelines", "simulate", str(config_file), "--no-progress"],
         cwd=ROOT,
         start_new_session=True,  # its own process group: the kill takes its embedded Ray down too
         stdout=subprocess.DEVNULL,

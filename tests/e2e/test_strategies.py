@@ -8,9 +8,9 @@ import pytest
 
 from fedward.config import parse_config
 from fedward.checkpoint import load_checkpoint
-from pipelines.run import Pipeline
+from fedward.pipelines.run import Pipeline
 from fedward.strategies import STRATEGIES
-from models.networks import build_model
+from fedward.models.networks import build_model
 from tests.conftest import ehr_config
 from tests.e2e.pins import assert_pinned
 
@@ -42,7 +42,7 @@ def test_strategy_learns_on_the_demo_and_keeps_personal_layers_home(ray_session,
 
 
 def test_every_hospital_sees_its_gain_from_federating(ray_session, demo_data, tmp_path):
-    from explain.report import write_consortium_report
+    from fedward.explain.report import write_consortium_report
 
     raw = ehr_config(demo_data, tmp_path, name="gains", rounds=2)
     raw["explain"] = {"enabled": False}

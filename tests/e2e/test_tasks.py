@@ -23,15 +23,15 @@ from sklearn.datasets import load_diabetes, load_digits
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import r2_score, roc_auc_score
 
-from actors.hospital import Hospital
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import parse_config
 from fedward.tasks import build_task
-from models.flat import flatten
-from models.networks import build_model
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
 from fedward.checkpoint import load_checkpoint
-from pipelines.predict import predict
-from pipelines.run import Pipeline
+from fedward.pipelines.predict import predict
+from fedward.pipelines.run import Pipeline
 from tests.data_adapters.test_dicom import write_dicom
 
 pytestmark = pytest.mark.e2e

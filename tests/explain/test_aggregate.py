@@ -11,16 +11,16 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from actors.hospital import Hospital
-from data_adapters.demo import write_demo_data
-from data_adapters.harmonize import PreprocessingSpec, merge_summaries, summarize
-from explain.aggregate import bin_edges, explain_images, explain_table, grouped_by_feature, merge, patient_contributions
-from explain.attribution import Attributions, deep_shap
-from explain.summary import consortium_from_json, summary_from_json, to_jsonable
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.demo import write_demo_data
+from fedward.data_adapters.harmonize import PreprocessingSpec, merge_summaries, summarize
+from fedward.explain.aggregate import bin_edges, explain_images, explain_table, grouped_by_feature, merge, patient_contributions
+from fedward.explain.attribution import Attributions, deep_shap
+from fedward.explain.summary import consortium_from_json, summary_from_json, to_jsonable
 from fedward.config import ExplainConfig, FeatureSpec, LabelRule, ModelConfig, TableSpec, TrainConfig, parse_config
 from fedward.errors import AggregationError, ConfigError
-from models.networks import build_model
-from models.training import train
+from fedward.models.networks import build_model
+from fedward.models.training import train
 from tests.conftest import HOSPITALS, ehr_config
 
 SPEC = TableSpec(

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from explain.attribution import deep_shap, unsupported_layers
+from fedward.explain.attribution import deep_shap, unsupported_layers
 from fedward.config import ModelConfig, TrainConfig
 from fedward.errors import HospitalError
-from models.networks import build_model
-from models.training import train
+from fedward.models.networks import build_model
+from fedward.models.training import train
 
 
 def trained(config: ModelConfig, x: torch.Tensor) -> nn.Module:

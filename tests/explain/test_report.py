@@ -22,21 +22,21 @@ import pyarrow.csv as pa_csv
 import pytest
 from PIL import Image
 
-from data_adapters.demo import write_demo_data
-from explain.aggregate import merge
-from explain.report import (
+from fedward.data_adapters.demo import write_demo_data
+from fedward.explain.aggregate import merge
+from fedward.explain.report import (
     PatientExplanation,
     reliability,
     write_consortium_report,
     write_hospital_report,
     write_patient_explanation,
 )
-from explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, FeatureExplanation, to_jsonable
+from fedward.explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, FeatureExplanation, to_jsonable
 from fedward.config import parse_config
 from fedward.errors import CheckpointError, DataError
 from fedward.metrics import score_histograms
 from fedward.checkpoint import read_metrics
-from pipelines.run import Pipeline
+from fedward.pipelines.run import Pipeline
 from tests.conftest import HOSPITALS, ehr_config
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ from ray.util import get_node_ip_address
 
 from fedward.certificates import write_certificates
 from fedward.errors import ConfigError
-from pipelines.cli import main
+from fedward.pipelines.cli import main
 
 
 def load(path) -> x509.Certificate:

@@ -10,13 +10,13 @@ import pyarrow.csv as pacsv
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from actors.hospital import Hospital
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward import subgroups
 from fedward.config import SubgroupConfig, parse_config
 from fedward.errors import ConfigError, DataError
-from models.flat import flatten
-from models.networks import build_model
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
 from tests.conftest import ehr_config, image_config
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
 
-from data_adapters.cells import label_targets
+from fedward.data_adapters.cells import label_targets
 from fedward.config import LabelRule, TaskConfig
 from fedward.errors import DataError
 from fedward.tasks import build_task
@@ -103,7 +103,7 @@ def test_a_regression_target_that_is_not_a_number_costs_its_row_and_a_column_of_
 
 
 def test_strata_keep_every_class_and_the_range_of_a_number_on_both_sides_of_the_split():
-    from data_adapters.splits import split_by_patient
+    from fedward.data_adapters.splits import split_by_patient
 
     regression = Regression(TaskConfig(kind="regression"))
     y = np.random.default_rng(3).normal(size=400)

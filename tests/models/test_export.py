@@ -11,12 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from data_adapters.harmonize import PreprocessingSpec
+from fedward.data_adapters.harmonize import PreprocessingSpec
 from fedward.config import DataConfig, DicomSpec, FeatureSpec, LabelRule, ModelConfig, TableSpec
 from fedward.errors import CheckpointError
-from models.export import FORMAT_VERSION, export_model, from_weights, load_exported
-from models.flat import flatten
-from models.networks import build_model
+from fedward.models.export import FORMAT_VERSION, export_model, from_weights, load_exported
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
 
 TABLE = DataConfig(
     kind="table",

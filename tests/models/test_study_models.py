@@ -11,8 +11,8 @@ from torch import nn
 
 from fedward.config import InitWeights, ModelConfig, TrainConfig
 from fedward.errors import ConfigError
-from models.initial import load_initial_weights
-from models.networks import build_model, factory_arguments
+from fedward.models.initial import load_initial_weights
+from fedward.models.networks import build_model, factory_arguments
 
 
 def monai_like(spatial_dims: int, in_channels: int, out_channels: int, width: int = 4) -> nn.Module:

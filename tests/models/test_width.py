@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from actors.hospital import Hospital
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import ModelConfig, parse_config
 from fedward.errors import AggregationError, ConfigError
 from fedward.types import RoundPlan, Update
 from fedward import width
-from models.flat import flatten, load_flat
-from models.networks import build_model
+from fedward.models.flat import flatten, load_flat
+from fedward.models.networks import build_model
 from fedward.aggregation import weighted_mean
 from fedward.strategies.fedavg import FedAvg
 from tests.conftest import ehr_config

@@ -10,9 +10,9 @@ import torch
 
 from fedward.config import parse_config
 from fedward.types import Layout, SealedUpdate, Update
-from models.flat import flatten
-from models.networks import build_model
-from pipelines import admission
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
+from fedward.pipelines import admission
 from fedward.strategies import STRATEGIES
 from tests.conftest import ehr_config
 

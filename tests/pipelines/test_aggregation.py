@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import trim_mean
 
-from actors import attacks
+from fedward.actors import attacks
 from fedward.config import AttackConfig, RobustConfig, parse_config
 from fedward.errors import ConfigError
 from fedward.tasks import binary_task

@@ -1,4 +1,4 @@
-from pipelines.cli import main
+from fedward.pipelines.cli import main
 
 
 def test_a_bad_config_exits_2_with_the_field_named(tmp_path, capsys):

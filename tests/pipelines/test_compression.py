@@ -8,15 +8,15 @@ import pickle
 import numpy as np
 import pytest
 
-from actors.hospital import Hospital
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import CompressionConfig, parse_config
 from fedward.errors import ConfigError
 from fedward.types import CompressedDelta, CompressedUpdate, Layout, RoundPlan, Update
-from models.flat import flatten
-from models.networks import build_model
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
 from fedward import compression
-from pipelines import admission
+from fedward.pipelines import admission
 from tests.conftest import ehr_config
 
 SIZE = 10_000

@@ -3,8 +3,8 @@ import torch
 
 from fedward.config import TrainConfig, parse_config
 from fedward.types import Layout, Update
-from models import training
-from models.flat import flatten
+from fedward.models import training
+from fedward.models.flat import flatten
 from fedward.strategies.fedavg import FedAvg
 from tests.fedward.test_config import raw_config
 

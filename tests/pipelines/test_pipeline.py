@@ -8,7 +8,7 @@ from fedward.config import parse_config
 from fedward.errors import CheckpointError, ConfigError
 from fedward.types import DataCounts
 from fedward.checkpoint import read_metrics
-from pipelines.run import Pipeline, _own_view
+from fedward.pipelines.run import Pipeline, _own_view
 from tests.fedward.test_config import raw_config
 
 

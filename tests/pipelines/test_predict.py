@@ -14,16 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from actors.hospital import Hospital
-from data_adapters.harmonize import merge_summaries
+from fedward.actors.hospital import Hospital
+from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import parse_config
 from fedward.errors import ConfigError, DataError
 from fedward.types import RoundPlan
-from models.export import load_exported
-from models.flat import flatten
-from models.networks import build_model
-from pipelines.cli import main
-from pipelines.predict import predict
+from fedward.models.export import load_exported
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
+from fedward.pipelines.cli import main
+from fedward.pipelines.predict import predict
 from tests.conftest import ehr_config, image_config
 
 

@@ -9,12 +9,12 @@ import torch
 from fedward.config import TrainConfig, parse_config
 from fedward.errors import ConfigError
 from fedward.types import Layout, Update
-from models import training
-from models.flat import flatten
+from fedward.models import training
+from fedward.models.flat import flatten
 from fedward.checkpoint import RunCheckpoint, load_checkpoint, save_checkpoint
 from fedward.strategies import STRATEGIES
 from fedward.strategies.base import LocalRound
-from models.networks import build_model
+from fedward.models.networks import build_model
 from tests.fedward.test_config import raw_config
 
 LAYOUT = Layout(("w",), ((4,),))

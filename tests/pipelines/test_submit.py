@@ -10,8 +10,8 @@ import yaml
 
 from fedward.config import load_config
 from fedward.errors import ConfigError
-from pipelines.cli import main
-from pipelines.submit import PROJECT, entrypoint, require_cluster_paths
+from fedward.pipelines.cli import main
+from fedward.pipelines.submit import PROJECT, entrypoint, require_cluster_paths
 
 DEMO = PROJECT / "configs" / "demo_ehr.yaml"
 
@@ -19,7 +19,7 @@ DEMO = PROJECT / "configs" / "demo_ehr.yaml"
 def test_the_job_runs_the_shipped_config_with_the_given_settings():
     command = entrypoint(DEMO, ["hospitals=[{name: hospital_a}]", "run.root=/srv/runs"])
     assert shlex.split(command) == [
-        "python", "-m", "pipelines", "run", "configs/demo_ehr.yaml", "--no-progress",
+        "python", "-m", "fedward.pipelines", "run", "configs/demo_ehr.yaml", "--no-progress",
         "--set", "hospitals=[{name: hospital_a}]", "--set", "run.root=/srv/runs",
     ]
 

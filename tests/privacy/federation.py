@@ -11,7 +11,7 @@ import numpy as np
 
 from fedward.config import FedwardConfig, parse_config
 from fedward.types import Layout, Update
-from privacy.hooks import AggregationHook, build_hook
+from fedward.privacy.hooks import AggregationHook, build_hook
 
 
 def config_with(privacy: dict, hospitals: int, min_hospitals: int = 2) -> FedwardConfig:

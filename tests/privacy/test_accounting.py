@@ -7,7 +7,7 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 
 from fedward.errors import ConfigError
-from privacy.accounting import (
+from fedward.privacy.accounting import (
     ACCOUNTANT,
     VALUE_DISCRETIZATION_INTERVAL,
     GaussianSteps,

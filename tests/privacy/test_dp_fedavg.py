@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedward import aggregation
-from privacy import dp_fedavg
-from privacy.hooks import AGGREGATE
+from fedward.privacy import dp_fedavg
+from fedward.privacy.hooks import AGGREGATE
 from tests.privacy.federation import config_with, random_updates
 
 
@@ -42,7 +42,7 @@ def test_noise_shares_and_the_central_noise_have_the_configured_size():
 
 
 def test_a_budget_without_a_noise_multiplier_is_calibrated_to_the_planned_rounds():
-    from privacy.accounting import epsilon
+    from fedward.privacy.accounting import epsilon
 
     config = config_with({"dp_fedavg": {"enabled": True, "epsilon": 4.0}}, 3)
     steps = dp_fedavg.round_steps(config)

@@ -13,10 +13,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedward.config import ModelConfig, TrainConfig
 from fedward.errors import ConfigError
-from models.flat import flatten
-from models.networks import mlp
-from privacy.accounting import GaussianSteps, epsilon
-from privacy.dp_sgd import plan_round, train_private
+from fedward.models.flat import flatten
+from fedward.models.networks import mlp
+from fedward.privacy.accounting import GaussianSteps, epsilon
+from fedward.privacy.dp_sgd import plan_round, train_private
 from tests.privacy.federation import config_with
 
 FEATURES = 5

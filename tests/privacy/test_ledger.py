@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedward.errors import CheckpointError
-from privacy.accounting import GaussianSteps, epsilon
-from privacy.ledger import over_budget, read_spend, record_spend, spend_entries, spent
+from fedward.privacy.accounting import GaussianSteps, epsilon
+from fedward.privacy.ledger import over_budget, read_spend, record_spend, spend_entries, spent
 from tests.privacy.federation import config_with
 
 DP = {"dp_sgd": {"enabled": True, "noise_multiplier": 2.0, "epsilon": 1.0}, "dp_fedavg": {"enabled": True, "noise_multiplier": 4.0}}

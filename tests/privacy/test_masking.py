@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 from fedward.errors import AggregationError
-from privacy.hooks import AGGREGATE
-from privacy.masking import MaskingHook, Unmask, UnmaskShares
+from fedward.privacy.hooks import AGGREGATE
+from fedward.privacy.masking import MaskingHook, Unmask, UnmaskShares
 from tests.privacy.federation import Federation, config_with, leaves, random_updates, weighted_mean
 
 SIZE = 20_000

@@ -3,8 +3,9 @@
 `write_demo_data(out)` lays out one folder per hospital the way sites hand data over::
 
     out/hospital_a/images/<nested folders>/<arbitrary names>.dcm
-    out/hospital_a/labels.csv    SOPInstanceUID, PatientID, finding
+    out/hospital_a/labels.csv    SOPInstanceUID, PatientID, finding, grade
     out/hospital_a/ehr.csv       one row per patient; outcome column discharge_status
+    out/hospital_a/stay.csv      the same patients and columns; outcome column length_of_stay (days)
     out/truth.json               what a perfect model could achieve, per hospital and pooled
 
 Both outcomes are *drawn*, never thresholded: ``label ~ Bernoulli(sigmoid(logit))``. The signal is
@@ -21,6 +22,13 @@ every site's outcome follows the same model, so one well-fitted global model ran
 patients best. `renal_units` names sites where it does not (concept shift): a renal unit's patients
 are on dialysis, their creatinine chronically high, and there the lower it is the worse, so a
 personalized model should beat the global one.
+
+Two more outcomes come with every demo, for the other tasks, each from a stream of its own so the
+files above stay as they were: a graded finding (`grade`: none, mild or severe; multiclass) drawn
+from an ordinal model of the same latent severity, and a length of stay (`length_of_stay`, days;
+regression) from the same EHR columns plus noise. `truth.json` records the best macro AUROC (the
+true class probabilities) and the best R² (the true expected stay), kept at most
+MAX_BEST_AUROC and MAX_BEST_R2.
 
 Everything derives from `seed`: numpy generators are seeded by (seed, hospital, stream) and DICOM UIDs
 are hashed from the same values, dates are fixed, so one seed gives byte-identical files (for given
@@ -52,6 +60,7 @@ POSITIVE_FINDINGS = ("nodule", "mass")  # labels.csv `finding` values that mean 
 NEGATIVE_FINDINGS = ("benign", "normal")  # and those that mean 0
 POSITIVE_STATUSES = ("icu", "died")  # ehr.csv `discharge_status` values that mean label 1
 NEGATIVE_STATUSES = ("home", "transferred")
+GRADES = ("none", "mild", "severe")  # labels.csv `grade`, in order
 DRIVING_FEATURES = ("age", "creatinine", "systolic_bp", "heart_rate", "diabetes", "smoker")
 NOISE_FEATURES = ("height_cm", "sodium", "admission_weekday")
 EHR_COLUMNS = (
@@ -61,6 +70,7 @@ EHR_COLUMNS = (
 MIN_COUNT = 20  # fewer samples than this would not survive a train/holdout split
 MAX_HOSPITALS = len(string.ascii_lowercase)
 MAX_BEST_AUROC = 0.92  # a task a perfect model solves better than this is too easy to show anything
+MAX_BEST_R2 = 0.8
 MAX_REDRAWS = 50
 
 # A small community hospital beside two larger ones, as in real consortia: the small site is the
@@ -81,7 +91,13 @@ _RENAL_CREATININE_RISK = -1.2
 _STUDY_EPOCH = dt.date(2023, 1, 2)
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _SMOKER_RISK = {"never": 0.0, "former": 0.35, "current": 0.9}
-_STREAMS = {"images": 0, "ehr": 1, "ids": 2}
+_STREAMS = {"images": 0, "ehr": 1, "ids": 2, "grades": 3, "stay": 4}
+# Graded finding: P(grade >= mild) = sigmoid(k * severity + c_mild), P(grade = severe) = sigmoid(k * severity + c_severe).
+_GRADE_SLOPE = 2.4
+_GRADE_CUTS = (0.4, -1.6)
+# Length of stay: days = base + scale * (the EHR signal, standardized) + noise, at least half a day.
+_STAY_BASE, _STAY_SCALE, _STAY_NOISE = 5.0, 2.0, 1.5
+_STAY_CENTER, _STAY_SPREAD = 1.3, 2.3  # the EHR logit's mean and SD over the default sites
 
 
 @dataclass(frozen=True)
@@ -179,10 +195,12 @@ def write_demo_data(
         for site, (name, n) in enumerate(zip(names, row_counts))
     ]
     image_labels, ehr_labels = _draw_labels(image_cohorts), _draw_labels(ehr_cohorts)
+    grades = [_draw_grades(_rng(seed, site, "grades"), c) for site, c in enumerate(image_cohorts)]
+    stays = [_draw_stays(_rng(seed, site, "stay"), c) for site, c in enumerate(ehr_cohorts)]
     for site, name in enumerate(names):
         ids = _patient_ids(_rng(seed, site, "ids"), site, image_counts[site] + row_counts[site])
-        _write_images(out / name, image_cohorts[site], image_labels[site], seed, site, ids)
-        _write_ehr(out / name / "ehr.csv", ehr_cohorts[site], ehr_labels[site], site, ids[image_counts[site]:])
+        _write_images(out / name, image_cohorts[site], image_labels[site], seed, site, ids, grades[site][0])
+        _write_ehr(out / name, ehr_cohorts[site], ehr_labels[site], site, ids[image_counts[site]:], stays[site][0])
 
     truth = {
         "seed": seed,
@@ -190,6 +208,8 @@ def write_demo_data(
         "images": {
             **_summary(names, image_cohorts, image_labels),
             "label": {"column": "finding", "positive_values": list(POSITIVE_FINDINGS), "negative_values": list(NEGATIVE_FINDINGS)},
+            "grade": {"column": "grade", "classes": list(GRADES), "best_macro_auroc": _best_macro_auroc(names, grades),
+                      "shares": {g: round(float(np.mean(np.concatenate([y for y, _ in grades]) == i)), 4) for i, g in enumerate(GRADES)}},
         },
         "ehr": {
             **_summary(names, ehr_cohorts, ehr_labels),
@@ -197,6 +217,7 @@ def write_demo_data(
             "driving_features": list(DRIVING_FEATURES),
             "noise_features": list(NOISE_FEATURES),
             "renal_units": sorted(renal_units),
+            "stay": {"column": "length_of_stay", "file": "stay.csv", "best_r2": _best_r2(names, stays)},
         },
     }
     (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
@@ -244,6 +265,7 @@ class _Cohort:
     rng: np.random.Generator  # the site's stream; writing its files continues it
     p: np.ndarray  # the true probability of the outcome, per sample
     latent: dict[str, np.ndarray]  # what the files are made from
+    latent_logit: np.ndarray | None = None  # EHR: the outcome's logit before the site's offset, which the stay also follows
 
 
 def _draw_labels(cohorts: Sequence[_Cohort]) -> list[np.ndarray]:
@@ -275,6 +297,38 @@ def _summary(names: Sequence, cohorts: Sequence[_Cohort], labels: Sequence[np.nd
     }
 
 
+def _draw_grades(rng: np.random.Generator, cohort: _Cohort) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's grade (0 none, 1 mild, 2 severe) and the true probability of each grade."""
+    at_least = expit(_GRADE_SLOPE * cohort.latent["severity"][:, None] + np.array(_GRADE_CUTS))
+    p = np.stack([1 - at_least[:, 0], at_least[:, 0] - at_least[:, 1], at_least[:, 1]], axis=1)
+    return (rng.random(len(p))[:, None] > np.cumsum(p, axis=1)).sum(axis=1), p
+
+
+def _best_macro_auroc(names: Sequence[str], grades: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, float | None]:
+    """One-vs-rest AUROC of the true grade probabilities, averaged over the grades a group has both sides of."""
+    groups = {name: g for name, g in zip(names, grades)}
+    groups["pooled"] = (np.concatenate([y for y, _ in grades]), np.concatenate([p for _, p in grades]))
+    out = {}
+    for name, (y, p) in groups.items():
+        each = [roc_auc_score(y == k, p[:, k]) for k in range(len(GRADES)) if 0 < (y == k).sum() < len(y)]
+        out[name] = round(float(np.mean(each)), 4) if each else None
+    return out
+
+
+def _draw_stays(rng: np.random.Generator, cohort: _Cohort) -> tuple[np.ndarray, np.ndarray]:
+    """Each patient's length of stay in days, and its true expectation: the same EHR signal that
+    drives the binary outcome, on a fixed scale, plus noise."""
+    signal = cohort.latent_logit
+    expected = _STAY_BASE + _STAY_SCALE * (signal - _STAY_CENTER) / _STAY_SPREAD
+    return np.maximum(expected + rng.normal(0, _STAY_NOISE, len(signal)), 0.5).round(1), expected
+
+
+def _best_r2(names: Sequence[str], stays: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    groups = {name: s for name, s in zip(names, stays)}
+    groups["pooled"] = (np.concatenate([y for y, _ in stays]), np.concatenate([e for _, e in stays]))
+    return {name: round(float(1 - ((y - e) ** 2).sum() / ((y - y.mean()) ** 2).sum()), 4) for name, (y, e) in groups.items()}
+
+
 # --- images -------------------------------------------------------------------------------------
 
 
@@ -288,7 +342,7 @@ def _image_cohort(rng: np.random.Generator, site: int, n: int) -> _Cohort:
     return _Cohort(rng, p, {"per_patient": per_patient, "severity": severity})
 
 
-def _write_images(folder: Path, cohort: _Cohort, labels: np.ndarray, seed: int, site: int, ids: list[str]) -> None:
+def _write_images(folder: Path, cohort: _Cohort, labels: np.ndarray, seed: int, site: int, ids: list[str], grades: np.ndarray) -> None:
     """Write the site's DICOM files, one visit per patient, and labels.csv."""
     rng, severity = cohort.rng, cohort.latent["severity"]
     scanner = _SCANNERS[site % len(_SCANNERS)]
@@ -306,9 +360,9 @@ def _write_images(folder: Path, cohort: _Cohort, labels: np.ndarray, seed: int, 
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = _stored(scanner, _phantom(rng, scanner, visit.anatomy, severity[i]))
             _dataset(scanner, pixels, visit, sop_uid, instance).save_as(path, enforce_file_format=True)
-            rows.append((sop_uid, visit.patient_id, _finding(rng, labels[i], severity[i])))
+            rows.append((sop_uid, visit.patient_id, _finding(rng, labels[i], severity[i]), GRADES[grades[i]]))
         first += count
-    _write_csv(folder / "labels.csv", ("SOPInstanceUID", "PatientID", "finding"), rows)
+    _write_csv(folder / "labels.csv", ("SOPInstanceUID", "PatientID", "finding", "grade"), rows)
 
 
 def _images_per_patient(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -495,22 +549,25 @@ def _ehr_cohort(rng: np.random.Generator, site: int, n: int, renal: bool) -> _Co
         "hypertension": np.where(hypertension, "TRUE", "FALSE"),
         "smoker": smoker,
     }
-    return _Cohort(rng, p, {name: np.array([str(v) for v in values]) for name, values in columns.items()})
+    return _Cohort(rng, p, {name: np.array([str(v) for v in values]) for name, values in columns.items()}, logits)
 
 
-def _write_ehr(path: Path, cohort: _Cohort, labels: np.ndarray, site: int, ids: list[str]) -> None:
-    """Write the site's ehr.csv: the cohort's columns, its drawn outcome and the site's missing cells."""
+def _write_ehr(folder: Path, cohort: _Cohort, labels: np.ndarray, site: int, ids: list[str], stays: np.ndarray) -> None:
+    """Write the site's ehr.csv (the cohort's columns, its drawn outcome and the site's missing
+    cells) and stay.csv (the same, with the length of stay as its outcome)."""
     rng, n = cohort.rng, labels.size
     status = np.where(
         labels == 1,
         np.where(rng.random(n) < 0.35, "died", "icu"),
         np.where(rng.random(n) < 0.15, NEGATIVE_STATUSES[1], NEGATIVE_STATUSES[0]),
     )
-    columns = {"patient_id": np.array(ids), **cohort.latent, "discharge_status": status}
+    columns = {"patient_id": np.array(ids), **cohort.latent, "discharge_status": status, "length_of_stay": stays.astype(str)}
     for column, share in _POPULATIONS[site % len(_POPULATIONS)].missing:
         columns[column] = np.where(rng.random(n) < share, "", columns[column])
     order = np.argsort(columns["patient_id"])  # exports come sorted by patient id
-    _write_csv(path, EHR_COLUMNS, zip(*(columns[c][order] for c in EHR_COLUMNS)))
+    _write_csv(folder / "ehr.csv", EHR_COLUMNS, zip(*(columns[c][order] for c in EHR_COLUMNS)))
+    stay_columns = (*EHR_COLUMNS[:-1], "length_of_stay")
+    _write_csv(folder / "stay.csv", stay_columns, zip(*(columns[c][order] for c in stay_columns)))
 
 
 def _write_csv(path: Path, header: Sequence[str], rows) -> None:

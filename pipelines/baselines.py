@@ -95,9 +95,11 @@ def format_comparison(config: FedwardConfig, result: dict) -> str:
     data = config.hospitals[0].data
     truth = Path(data).expanduser().parent / "truth.json" if data else None
     best = ""
-    if truth is not None and truth.is_file() and figure == "auroc":
-        task = "ehr" if config.data.kind == "table" else "images"
-        best = f" (best achievable on all data: {json.loads(truth.read_text())[task]['best_auroc']['pooled']:.3f})"
+    if truth is not None and truth.is_file():
+        known = json.loads(truth.read_text())["ehr" if config.data.kind == "table" else "images"]
+        ceiling = {"auroc": known["best_auroc"], "macro_auroc": known.get("grade", {}).get("best_macro_auroc"),
+                   "r2": known.get("stay", {}).get("best_r2")}.get(figure)
+        best = f" (best achievable on all data: {ceiling['pooled']:.3f})" if ceiling else ""
     rows = [
         (f"federated ({config.strategy.name}, {result['federated']['round']} rounds)", result["federated"]),
         ("central (rows pooled: demo only)", result["central"]),

@@ -16,6 +16,8 @@ def _demo_data(args) -> None:
     print(f"wrote {len(truth['hospitals'])} demo hospitals to {args.out}")
     for task in ("images", "ehr"):
         print(f"  {task}: best achievable AUROC (pooled) {truth[task]['best_auroc']['pooled']:.3f}")
+    print(f"  images, graded finding: best achievable macro AUROC (pooled) {truth['images']['grade']['best_macro_auroc']['pooled']:.3f}")
+    print(f"  ehr, length of stay: best achievable R² (pooled) {truth['ehr']['stay']['best_r2']['pooled']:.3f}")
 
 
 def _simulate(args) -> None:

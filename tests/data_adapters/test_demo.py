@@ -16,7 +16,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from sklearn.linear_model import LogisticRegression
 
-from fedward.data_adapters.demo import write_demo_data
+from fedward.data_adapters.demo import MAX_BEST_AUROC, MAX_BEST_R2, write_demo_data
 from fedward.errors import ConfigError
 
 SMALL = dict(hospitals=3, seed=7, images_per_hospital=(40, 40, 40), rows_per_hospital=(80, 80, 80))
@@ -103,7 +103,7 @@ def test_labels_name_every_file_and_patients_have_one_to_three_images(small):
     out, truth = small
     for name in truth["hospitals"]:
         rows = read_rows(out / name / "labels.csv")
-        assert list(rows[0]) == ["SOPInstanceUID", "PatientID", "finding"]
+        assert list(rows[0]) == ["SOPInstanceUID", "PatientID", "finding", "grade"]
         by_uid = {r["SOPInstanceUID"]: r for r in rows}
         files = {}
         for path in dicoms(out / name):
@@ -112,6 +112,7 @@ def test_labels_name_every_file_and_patients_have_one_to_three_images(small):
         assert set(by_uid) == set(files) and len(rows) == len(files) == 40
         assert all(by_uid[uid]["PatientID"] == patient for uid, patient in files.items())
         assert {r["finding"] for r in rows} <= {"normal", "benign", "nodule", "mass"}
+        assert {r["grade"] for r in rows} <= {"none", "mild", "severe"}
 
         images_per_patient = Counter(files.values())
         assert set(images_per_patient.values()) <= {1, 2, 3}
@@ -267,3 +268,20 @@ def test_refuses_to_write_into_a_folder_that_holds_files(tmp_path):
     with pytest.raises(ConfigError, match="^out:"):
         write_demo_data(tmp_path, hospitals=1, images_per_hospital=[20], rows_per_hospital=[20])
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_the_graded_finding_and_the_length_of_stay_are_learnable_but_not_trivial(default):
+    out, truth = default
+    grade, stay = truth["images"]["grade"], truth["ehr"]["stay"]
+    assert all(0.75 <= v <= MAX_BEST_AUROC for v in grade["best_macro_auroc"].values()), grade
+    assert all(0.5 <= v <= MAX_BEST_R2 for v in stay["best_r2"].values()), stay
+    assert all(0.15 <= share <= 0.6 for share in grade["shares"].values())
+    # The stay's export holds the EHR export's patients and columns, only its outcome differs.
+    ehr, days = read_rows(out / "hospital_a" / "ehr.csv"), read_rows(out / "hospital_a" / "stay.csv")
+    assert [r["patient_id"] for r in ehr] == [r["patient_id"] for r in days]
+    assert all({k: v for k, v in a.items() if k != "discharge_status"} == {k: v for k, v in b.items() if k != "length_of_stay"} for a, b in zip(ehr, days))
+    values = np.array([float(r["length_of_stay"]) for r in days])
+    assert values.min() >= 0.5 and 3 < np.median(values) < 8
+    # Sicker patients stay longer: the stay follows the same signal as the binary outcome.
+    died = np.array([r["discharge_status"] in ("icu", "died") for r in ehr])
+    assert values[died].mean() > values[~died].mean() + 1

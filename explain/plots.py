@@ -93,8 +93,10 @@ def training_curve(
     pooled: Sequence[float],
     pooled_ci: Sequence[tuple[float, float] | None],
     by_hospital: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    figure: str = "AUROC",
 ) -> bytes:
-    """Pooled AUROC per round with its confidence band; each hospital's AUROC faint behind it."""
+    """The pooled figure (AUROC, macro AUROC, R²) per round with its confidence band where there
+    is one; each hospital's faint behind it."""
     fig = _figure(8, 3.8)
     ax = fig.subplots()
     for k, (hospital, (hr, auroc)) in enumerate(by_hospital.items()):
@@ -104,7 +106,8 @@ def training_curve(
         ax.fill_between([r for r, _ in with_ci], [c[0] for _, c in with_ci], [c[1] for _, c in with_ci],
                         color="#222", alpha=0.12, lw=0, label="pooled, 95% CI")
     ax.plot(rounds, pooled, marker="o", color="#222", lw=2, label="pooled")
-    ax.set(xlabel="round", ylabel="AUROC on held-out samples", ylim=(0.4, 1.0))
+    low = 0.4 if "AUROC" in figure else min(0.0, np.nanmin([*pooled, *(v for _, values in by_hospital.values() for v in values)], initial=0.0))
+    ax.set(xlabel="round", ylabel=f"{figure} on held-out samples", ylim=(low, 1.0))
     ax.set_xticks(list(rounds))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="lower right")
@@ -112,6 +115,22 @@ def training_curve(
 
 
 # -- explanations ---------------------------------------------------------------------------------
+
+
+def binned_prediction(counts: np.ndarray, edges: np.ndarray) -> bytes:
+    """Patients per (predicted, observed) bin as a heatmap, the diagonal where predictions are right."""
+    fig = _figure(5.2, 4.6)
+    ax = fig.subplots()
+    shown = np.ma.masked_equal(counts.T, 0)  # rows: observed
+    image = ax.imshow(shown, origin="lower", cmap="Blues", aspect="auto")
+    ax.plot([-0.5, len(counts) - 0.5], [-0.5, len(counts) - 0.5], ls="--", color="#999", lw=1)
+    ticks = np.arange(len(counts) + 1) - 0.5
+    labels = [f"{e:.3g}" for e in edges]
+    ax.set_xticks(ticks[::2], labels[::2], fontsize=7)
+    ax.set_yticks(ticks[::2], labels[::2], fontsize=7)
+    ax.set(xlabel="predicted", ylabel="observed")
+    fig.colorbar(image, ax=ax, label="held-out patients")
+    return to_png(fig)
 
 
 def importance_bars(label: str, importance: Mapping[str, float], by_hospital: Mapping[str, Mapping[str, float]]) -> bytes:

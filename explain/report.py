@@ -28,6 +28,7 @@ from fedward.explain.summary import ConsortiumExplanation, ExplanationSummary, F
 from fedward.errors import CheckpointError, DataError, FedwardError
 from fedward.files import atomic_write
 from fedward.checkpoint import load_checkpoint, read_metrics
+from fedward.tasks import TASKS
 
 CALIBRATION_BINS = 10
 DEPENDENCE_FEATURES = 6  # dependence plots for the most important features
@@ -200,13 +201,20 @@ def _setting(value: object) -> str:
     return str(value)
 
 
-def _data_rows(data: dict) -> list[tuple[str, str, str]]:
+def _data_rows(data: dict, task: dict | None = None) -> list[tuple[str, str, str]]:
     rows = [("data", "kind", data["kind"])]
     spec = data.get(data["kind"]) or {}
     label = spec.get("label") or {}
-    if label:
+    kind = (task or {}).get("kind") or "binary"
+    if label and kind == "multiclass":
+        rows.append(("data", "outcome", f"{label['column']}, one of {_setting(task['classes'])} (multiclass)"))
+    elif label and kind == "regression":
+        rows.append(("data", "outcome", f"{label['column']}, a number in its own units (regression)"))
+    elif label:
+        negatives = label.get("negative_values")
         rule = (
-            f"in {_setting(label['positive_values'])}" if label.get("positive_values")
+            f"in {_setting(label['positive_values'])}" + (f", negative {_setting(negatives)}" if isinstance(negatives, list) else ", all other values negative")
+            if label.get("positive_values")
             else f"at or above {label['threshold']}" if label.get("threshold") is not None else "is 1 / true"
         )
         rows.append(("data", "outcome", f"{label['column']} {rule}"))
@@ -239,7 +247,7 @@ def _settings_rows(identity: dict, finished: int, config_hash: str | None):
     ]
     if config_hash:
         rows.append(("run", "config hash", config_hash[:16]))
-    rows += _data_rows(identity["data"]) + _model_rows(identity)
+    rows += _data_rows(identity["data"], identity.get("task")) + _model_rows(identity)
     rows += [(section, k, _setting(v)) for section in ("train", "strategy", "privacy") for k, v in (identity.get(section) or {}).items()]
     rows += [("explanations", k, _setting(v)) for k, v in (identity.get("explain") or {}).items()]
     return rows
@@ -278,7 +286,14 @@ def _pooled_hists(record: dict) -> tuple[np.ndarray, np.ndarray] | None:
     return sum(np.asarray(m["positive_hist"]) for m in hospitals), sum(np.asarray(m["negative_hist"]) for m in hospitals)
 
 
-def _performance(record: dict, hospitals: Sequence[str]) -> _Section:
+def _task(identity: dict) -> str:
+    """The run's task kind: binary when the config names none (runs made before tasks, too)."""
+    return (identity.get("task") or {}).get("kind") or "binary"
+
+
+def _performance(record: dict, hospitals: Sequence[str], kind: str = "binary") -> _Section:
+    if kind != "binary":
+        return _task_performance(record, hospitals, kind)
     rows = [_metrics_row(h, record["hospitals"][h], _class_counts(record["hospitals"][h])) for h in hospitals if h in record["hospitals"]]
     missing = [h for h in hospitals if h not in record["hospitals"]]
     pooled, hists = record.get("pooled") or {}, _pooled_hists(record)
@@ -298,6 +313,37 @@ def _performance(record: dict, hospitals: Sequence[str]) -> _Section:
     return _section("performance", "Performance per hospital", *parts)
 
 
+def _task_performance(record: dict, hospitals: Sequence[str], kind: str) -> _Section:
+    """Multiclass and regression figures per hospital and pooled, as the task pooled them."""
+    names = [h for h in hospitals if h in record["hospitals"]]
+    entries = [(h, record["hospitals"][h]) for h in names]
+    if record.get("pooled"):
+        entries.append(("pooled (all hospitals)", record["pooled"]))
+    reasons = {**record.get("failures", {}), **record.get("evaluation_failures", {})}
+    notes = [_p(f"{h} was not evaluated in this round: {reasons.get(h, 'no answer')}", "note") for h in hospitals if h not in record["hospitals"]]
+    if kind == "regression":
+        rows = [(name, m["n"], _figure(m.get("r2")), _figure(m.get("mse")), _figure(m.get("mae")), _figure(m.get("loss"))) for name, m in entries]
+        return _section("performance", "Performance per hospital",
+                        _p(f"Held-out samples after round {record['round']}. MSE and MAE in the target's units; R² against each "
+                           f"group's own mean. The pooled figures are exact: each hospital releases sums over its patients."),
+                        _table(("hospital", "held-out", "R²", "MSE", "MAE", "loss (standardized)"), rows), *notes)
+    rows = [(name, m["n"], _figure(m.get("macro_auroc")), _figure(m.get("accuracy")), _figure(m.get("balanced_accuracy")), _figure(m.get("loss")))
+            for name, m in entries]
+    classes = list((record.get("pooled") or {}).get("class_auroc") or next(iter(record["hospitals"].values()), {}).get("class_auroc") or {})
+    per_class = [(name, *(_figure((m.get("class_auroc") or {}).get(c)) for c in classes)) for name, m in entries]
+    parts = [
+        _p(f"Held-out samples after round {record['round']}. Macro AUROC: the mean over classes of each class's one-vs-rest "
+           f"AUROC; a hospital without a class has no AUROC for it (—). Balanced accuracy: the mean recall over classes."),
+        _table(("hospital", "held-out", "macro AUROC", "accuracy", "balanced accuracy", "loss"), rows),
+        _table(("AUROC of each class against the rest", *classes), per_class),
+    ]
+    confusion = (record.get("pooled") or {}).get("confusion")
+    if confusion:
+        parts += [_p("Pooled confusion matrix: held-out samples by true class (rows) and predicted class (columns)."),
+                  _table(("true \\ predicted", *classes), [(c, *row) for c, row in zip(classes, confusion)])]
+    return _section("performance", "Performance per hospital", *parts, *notes)
+
+
 def _calibration_panel(name: str, positive_hist: Sequence[int], negative_hist: Sequence[int], minimum: int) -> Html:
     mean_predicted, observed, counts = reliability(positive_hist, negative_hist)
     filled = counts > 0
@@ -309,7 +355,11 @@ def _calibration_panel(name: str, positive_hist: Sequence[int], negative_hist: S
     return _img(plots.reliability_plot(f"{name} (ECE {ece:.3f})", mean_predicted, observed, counts), f"calibration at {name}")
 
 
-def _calibration(record: dict, hospitals: Sequence[str], minimum: int) -> _Section:
+def _calibration(record: dict, hospitals: Sequence[str], minimum: int, kind: str = "binary", scale: dict | None = None) -> _Section | None:
+    if kind == "regression":
+        return _predicted_against_observed(record, minimum, scale)
+    if kind != "binary":
+        return None
     panels = {h: (record["hospitals"][h].get("positive_hist"), record["hospitals"][h].get("negative_hist"))
               for h in hospitals if h in record["hospitals"]}
     if (hists := _pooled_hists(record)) is not None:
@@ -323,25 +373,44 @@ def _calibration(record: dict, hospitals: Sequence[str], minimum: int) -> _Secti
     return _section("calibration", "Calibration per hospital", intro, body)
 
 
+def _predicted_against_observed(record: dict, minimum: int, scale: dict | None) -> _Section | None:
+    """The pooled (predicted, observed) histogram as a binned plot; cells of too few patients blank."""
+    counts = [np.asarray(m["calibration"]) for m in record["hospitals"].values() if "calibration" in m]
+    if not counts or scale is None:
+        return None
+    from fedward.tasks.regression import EDGE, PLOT_BINS
+
+    pooled = sum(counts)
+    shown = np.where(pooled >= minimum, pooled, 0)
+    edges = scale["mean"] + scale["sd"] * np.linspace(-EDGE, EDGE, PLOT_BINS + 1)
+    png = plots.binned_prediction(shown, edges)
+    return _section("calibration", "Predicted against observed",
+                    _p(f"Held-out patients of every hospital by predicted and observed value, in the target's units, in bins of "
+                       f"{scale['sd'] / (PLOT_BINS / (2 * EDGE)):.3g} around the consortium's mean (the outermost bins hold the tails). "
+                       f"Each hospital releases only these counts; cells with fewer than {minimum} patients are left blank."),
+                    _img(png, "predicted against observed, pooled"))
+
+
 def _pooled_auroc_ci(record: dict) -> tuple[float, float] | None:
     hists = _pooled_hists(record)
     auroc = (record.get("pooled") or {}).get("auroc")
     return None if hists is None else auroc_ci(auroc, int(hists[0].sum()), int(hists[1].sum()))
 
 
-def _training(metrics: Sequence[dict], hospitals: Sequence[str]) -> _Section:
-    def auroc(m: dict) -> float:
-        return np.nan if m.get("auroc") is None else m["auroc"]  # a round without both classes has none
+def _training(metrics: Sequence[dict], hospitals: Sequence[str], kind: str = "binary") -> _Section:
+    figure, label = TASKS[kind].figures[0]
+
+    def value(m: dict) -> float:
+        return np.nan if m.get(figure) is None else m[figure]  # a round without both classes has none
 
     by_hospital = {
-        h: ([r["round"] for r in metrics if h in r["hospitals"]], [auroc(r["hospitals"][h]) for r in metrics if h in r["hospitals"]])
+        h: ([r["round"] for r in metrics if h in r["hospitals"]], [value(r["hospitals"][h]) for r in metrics if h in r["hospitals"]])
         for h in hospitals
     }
-    png = plots.training_curve(
-        [r["round"] for r in metrics], [auroc(r.get("pooled") or {}) for r in metrics], [_pooled_auroc_ci(r) for r in metrics], by_hospital
-    )
-    return _section("training", "Training curve", _p("AUROC on held-out samples after each round."),
-                    _img(png, "pooled AUROC per round"))
+    bands = [_pooled_auroc_ci(r) if kind == "binary" else None for r in metrics]
+    png = plots.training_curve([r["round"] for r in metrics], [value(r.get("pooled") or {}) for r in metrics], bands, by_hospital, label)
+    return _section("training", "Training curve", _p(f"{label} on held-out samples after each round."),
+                    _img(png, f"pooled {label} per round"))
 
 
 # -- explanations ----------------------------------------------------------------------------------
@@ -545,7 +614,7 @@ def _outcomes(counts: dict) -> str:
     """A hospital's samples per outcome: positives of a binary task (runs made before tasks say
     only those), each class's count, or nothing for a numeric target."""
     targets = counts.get("targets", {"1": counts.get("positives")})
-    if set(targets) <= {"0", "1"}:
+    if targets and set(targets) <= {"0", "1"}:
         return f"{targets['1']} positive"
     return ", ".join(f"{value} {n}" for value, n in targets.items()) or "—"
 
@@ -596,16 +665,17 @@ MODEL_NAMES = {
 }
 
 
-def _gains(personalization: dict, hospitals: Sequence[str]) -> _Section:
+def _gains(personalization: dict, hospitals: Sequence[str], kind: str = "binary") -> _Section:
     models = {m: personalization["models"][m] for m in MODEL_NAMES if m in personalization["models"]}
-    auroc = {MODEL_NAMES[m]: {h: v["auroc"] for h, v in models[m]["hospitals"].items()} for m in models}
+    figure, label = TASKS[kind].figures[0]
+    auroc = {MODEL_NAMES[m]: {h: v.get(figure) for h, v in models[m]["hospitals"].items()} for m in models}
     rows = [(h, *(_figure(auroc[name].get(h)) for name in auroc)) for h in hospitals]
-    rows.append(("pooled (all hospitals)", *(_figure(models[m]["pooled"].get("auroc")) for m in models)))
+    rows.append(("pooled (all hospitals)", *(_figure(models[m]["pooled"].get(figure)) for m in models)))
     parts = [
-        _p(f"AUROC of each model on each hospital's own held-out patients after round {personalization['round']}; "
+        _p(f"{label} of each model on each hospital's own held-out patients after round {personalization['round']}; "
            f"every model was trained and evaluated at the hospital."),
         _table(("hospital", *auroc), rows),
-        _img(plots.model_comparison(auroc), "AUROC per hospital and model"),
+        _img(plots.model_comparison(auroc, f"{label} on its held-out patients"), f"{label} per hospital and model"),
     ]
     for m in ("fine_tuned", "local_only"):
         if m in models:
@@ -739,15 +809,18 @@ def write_consortium_report(run_dir: Path) -> Path:
         raise
     hospitals = [h["name"] for h in run.identity["hospitals"]]
     record = run.metrics[-1]
+    kind = _task(run.identity)
+    scale = _read_json(run_dir / "target_scale.json") if (run_dir / "target_scale.json").is_file() else None
     sections = [
         _model_card(run.identity, run.finished, _sites(run, hospitals), run.config_hash),
-        _performance(record, hospitals),
-        _calibration(record, hospitals, run.identity.get("explain", {}).get("min_bin_count", 10)),
-        _training(run.metrics, hospitals),
+        _performance(record, hospitals, kind),
+        _calibration(record, hospitals, run.identity.get("explain", {}).get("min_bin_count", 10), kind, scale),
+        _training(run.metrics, hospitals, kind),
     ]
+    sections = [s for s in sections if s is not None]
     personalization = run_dir / "personalization.json"
     if personalization.is_file() and len(_read_json(personalization)["models"]) > 1:
-        sections.append(_gains(_read_json(personalization), hospitals))
+        sections.append(_gains(_read_json(personalization), hospitals, kind))
     if (run_dir / "subgroups.json").is_file():
         sections.append(_by_group(_read_json(run_dir / "subgroups.json"), hospitals))
     notices = _consortium_notices(run)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedward.errors import CheckpointError
 from fedward.checkpoint import load_checkpoint, read_metrics
+from fedward.tasks import TASKS
 
 
 def _figure(value) -> str:
@@ -44,12 +45,14 @@ def run_status(run_dir: Path) -> str:
         state = "finished" if ckpt.round >= total else "stopped; run it again to resume"
     record = next((r for r in read_metrics(run_dir / "metrics.jsonl") if r["round"] == ckpt.round), None)
     pooled = record["pooled"] if record else {}
-    lines.append(
-        f"  round {ckpt.round} of {total} ({state}): pooled AUROC {_figure(pooled.get('auroc'))}, "
-        f"AUPRC {_figure(pooled.get('auprc'))}, accuracy {_figure(pooled.get('accuracy'))}, loss {_figure(pooled.get('loss'))}"
-    )
+    shown = TASKS[(config.get("task") or {}).get("kind") or "binary"].figures
+
+    def figures(m: dict) -> str:
+        return ", ".join(f"{name} {_figure(m.get(key))}" for key, name in shown)
+
+    lines.append(f"  round {ckpt.round} of {total} ({state}): pooled {figures(pooled)}, loss {_figure(pooled.get('loss'))}")
     for name, m in (record or {}).get("hospitals", {}).items():
-        lines.append(f"    {name}: AUROC {_figure(m['auroc'])}, AUPRC {_figure(m['auprc'])}, accuracy {_figure(m['accuracy'])}")
+        lines.append(f"    {name}: {figures(m)}")
     if ledger:
         lines.append(f"  privacy: updates travelled {ledger['transport']['form']}")
         for level, dp in ledger["differential_privacy"].items():

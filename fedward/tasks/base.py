@@ -30,6 +30,9 @@ Problem = tuple[str, str, str, np.ndarray]
 
 class Task(ABC):
     kind: ClassVar[str]
+    # The figures a reader is shown first (status, reports, progress), as (record key, name); the
+    # first is the task's headline figure.
+    figures: ClassVar[tuple[tuple[str, str], ...]] = (("auroc", "AUROC"),)
     # What the driver learns of a hospital's data besides its counts (DataCounts.targets).
     output_size: int = 1
 
@@ -96,7 +99,7 @@ class Task(ABC):
 
     def headline(self) -> str:
         """The pooled figure a progress bar shows."""
-        return "auroc"
+        return self.figures[0][0]
 
 
 def null_mask(values: pa.ChunkedArray) -> np.ndarray:

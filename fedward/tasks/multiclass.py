@@ -26,6 +26,7 @@ from fedward.types import Evaluation
 
 class Multiclass(Task):
     kind = "multiclass"
+    figures = (("macro_auroc", "macro AUROC"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
@@ -89,9 +90,6 @@ class Multiclass(Task):
         probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
         columns = {f"probability_{name}": probabilities[:, c] for c, name in enumerate(self.classes)}
         return {**columns, "predicted_class": np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)]}
-
-    def headline(self) -> str:
-        return "macro_auroc"
 
 
 def _from_confusion(confusion: np.ndarray) -> dict[str, float]:

@@ -32,6 +32,7 @@ EDGE, PLOT_BINS = 3.0, 12
 
 class Regression(Task):
     kind = "regression"
+    figures = (("r2", "R²"), ("mse", "MSE"), ("mae", "MAE"))
 
     def targets(self, text: pa.ChunkedArray, column_type: pa.DataType, rule: LabelRule, file: str) -> tuple[np.ndarray, list[Problem]]:
         numbers, bad = parse_cells(text, parse_numeric, rule.column, "numeric", column_type, file)
@@ -85,9 +86,6 @@ class Regression(Task):
 
     def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         return {"prediction": self._units(outputs, scale)}
-
-    def headline(self) -> str:
-        return "r2"
 
     @staticmethod
     def _units(outputs: torch.Tensor, scale: dict[str, float]) -> np.ndarray:

@@ -25,6 +25,7 @@ from sklearn.metrics import r2_score, roc_auc_score
 
 from fedward.actors.hospital import Hospital
 from fedward.data_adapters.harmonize import merge_summaries
+from fedward.explain.report import write_consortium_report
 from fedward.config import parse_config
 from fedward.tasks import build_task
 from fedward.models.flat import flatten
@@ -170,6 +171,10 @@ def test_digits_as_dicom_multiclass_matches_logistic_regression_and_a_hospital_w
     assert pooled["n"] == len(held_y) and sum(map(sum, pooled["confusion"])) == len(held_y)
     assert 0.85 <= pooled["accuracy"] <= 1 and 0.85 <= pooled["balanced_accuracy"] <= 1
 
+    page = write_consortium_report(config.run_dir).read_text()
+    assert "AUROC of each class against the rest" in page and "Pooled confusion matrix" in page and "macro AUROC on held-out samples" in page
+    assert "digit, one of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (multiclass)" in page
+
     # The exported model scores new images with one probability column per class, named by its value.
     out = tmp_path / "scores.csv"
     predict(config.run_dir / "model", digit_sites / "hospital_a" / "images", out)
@@ -204,6 +209,10 @@ def test_diabetes_regression_matches_ridge_pooled_exactly_and_predicts_in_the_ta
     sums = sum(np.array(last["hospitals"][h]["sums"]) for h in HOSPITALS)
     assert sums[0] == len(held_y) and sums[1] == pytest.approx(held_y.sum(), rel=1e-6)
     assert pooled["mse"] == pytest.approx(sums[3] / sums[0]) and pooled["mae"] == pytest.approx(sums[4] / sums[0])
+
+    page = write_consortium_report(config.run_dir).read_text()
+    assert "Predicted against observed" in page and "progression, a number in its own units (regression)" in page
+    assert "MSE and MAE in the target" in page and "R² on held-out samples after each round" in page
 
     out = tmp_path / "predicted.csv"
     predict(config.run_dir / "model", diabetes_sites / "hospital_b" / "ehr.csv", out)

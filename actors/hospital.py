@@ -78,7 +78,7 @@ class Hospital:
         self.local = self.strategy.local()  # the strategy's hospital half, with what it keeps here
         self.scale: dict[str, float] | None = None  # the targets' scale the consortium agreed (regression)
         self.samples: Samples | None = None
-        self.train_idx = self.holdout_idx = np.zeros(0, np.int64)
+        self.train_idx = self.holdout_idx = self.validation_idx = np.zeros(0, np.int64)
         self.model: nn.Module | None = None
         self.personal: frozenset[str] = frozenset()
         self.preprocessing: PreprocessingSpec | None = None
@@ -143,8 +143,17 @@ class Hospital:
         self.train_idx, self.holdout_idx = split_by_patient(
             samples.patient_ids, self.task.strata(samples.labels), data.holdout_fraction, self.config.run.seed
         )
+        self.validation_idx = np.zeros(0, np.int64)
+        if self.config.train.validation_fraction > 0:  # model selection's part of the training patients, by patient too
+            fit, check = split_by_patient(
+                samples.patient_ids[self.train_idx], self.task.strata(samples.labels[self.train_idx]), self.config.train.validation_fraction,
+                derived_seed(self.config.run.seed, 0, f"{self.name}/validation"),
+            )
+            self.train_idx, self.validation_idx = self.train_idx[fit], self.train_idx[check]
         ids = np.asarray(samples.sample_ids)
         split = {"train": ids[self.train_idx].tolist(), "holdout": ids[self.holdout_idx].tolist()}
+        if len(self.validation_idx):
+            split["validation"] = ids[self.validation_idx].tolist()
         if record:
             atomic_write_json(self.run_dir / "split.json", split)
         return DataCounts(
@@ -157,6 +166,7 @@ class Hospital:
             skipped=report.counts(),
             fingerprint=samples.fingerprint,
             split_fingerprint=hashlib.sha256("\n".join(sorted(split["holdout"])).encode()).hexdigest(),
+            validation_examples=len(self.validation_idx),
         )
 
     def ready(self) -> bool:
@@ -285,9 +295,15 @@ class Hospital:
     def evaluate(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
         return self._evaluate(self._model_with(weights, layout), round)
 
-    def _evaluate(self, model: nn.Module, round: int) -> Evaluation:
-        held_out = self.holdout_idx
-        return training.evaluate(model, self.x[held_out], self.y[held_out], round=round, hospital=self.name, task=self.task, scale=self.scale)
+    def evaluate_validation(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
+        """The model on the validation part of the training split, which model selection reads."""
+        if not len(self.validation_idx):
+            raise HospitalError(f"{self.name}: no validation part; train.validation_fraction is 0")
+        return self._evaluate(self._model_with(weights, layout), round, self.validation_idx)
+
+    def _evaluate(self, model: nn.Module, round: int, rows: np.ndarray | None = None) -> Evaluation:
+        rows = self.holdout_idx if rows is None else rows
+        return training.evaluate(model, self.x[rows], self.y[rows], round=round, hospital=self.name, task=self.task, scale=self.scale)
 
     def evaluate_subgroups(self, weights: np.ndarray, layout: Layout) -> GroupHistograms:
         """The model's score histograms per patient group of the held-out split; groups too small

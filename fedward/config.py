@@ -238,6 +238,13 @@ class TrainConfig:
     lr_min: float = 0.0
     lr_step_rounds: int = 1
     lr_gamma: float = 0.5
+    # Model selection on a validation part of each hospital's training split (its share of the
+    # training patients; 0: none), never on the held-out one: the global model of the best round
+    # ("best") or of the last ("last"), and training stops after `patience` rounds without a better
+    # pooled validation figure (0: never).
+    validation_fraction: float = 0.0
+    select: Literal["last", "best"] = "last"
+    patience: int = 0
 
     def __post_init__(self):
         _need(self.local_epochs >= 1, "train.local_epochs: must be at least 1")
@@ -246,6 +253,13 @@ class TrainConfig:
         _need(0 <= self.lr_min < self.lr, f"train.lr_min: expected a number in [0, train.lr={self.lr:g}), got {self.lr_min:g}")
         _need(self.lr_step_rounds >= 1, f"train.lr_step_rounds: expected a whole number >= 1, got {self.lr_step_rounds}")
         _need(0 < self.lr_gamma <= 1, f"train.lr_gamma: expected a number in (0, 1], got {self.lr_gamma:g}")
+        _need(0 <= self.validation_fraction < 0.5, f"train.validation_fraction: expected a share in [0, 0.5), got {self.validation_fraction:g}")
+        _need(self.patience >= 0, f"train.patience: expected a whole number >= 0, got {self.patience}")
+        _need(
+            self.validation_fraction > 0 or (self.select == "last" and self.patience == 0),
+            "train.select and train.patience choose by validation figures: set train.validation_fraction to keep a validation part "
+            "of each training split (the held-out split is never used to choose)",
+        )
 
     def lr_at(self, round: int, rounds: int) -> float:
         """The learning rate of `round` (1-based) in a run of `rounds` rounds."""
@@ -994,8 +1008,9 @@ def config_identity(config: FedwardConfig) -> dict:
     for key in ("target", "args", "init_weights"):
         if not body["model"][key]:
             body["model"].pop(key)
-    if config.train.lr_schedule == "constant":
-        for key in ("lr_schedule", "lr_min", "lr_step_rounds", "lr_gamma"):
+    defaults = config_to_dict(dataclasses.replace(config, train=TrainConfig()))["train"]
+    for key in ("lr_schedule", "lr_min", "lr_step_rounds", "lr_gamma", "validation_fraction", "select", "patience"):
+        if body["train"][key] == defaults[key]:
             body["train"].pop(key)
     data = body["data"]
     label = (data["table"] or data["dicom"])["label"]

@@ -143,6 +143,7 @@ class DataCounts:
     skipped: dict[str, int]  # reason -> count
     fingerprint: str  # hash of the content hashes of the usable inputs, for the audit manifest
     split_fingerprint: str  # hash of the held-out sample ids: shows the split, reveals no sample
+    validation_examples: int = 0  # the training split's part kept for model selection (train.validation_fraction)
 
     @property
     def fingerprints(self) -> dict[str, str]:

@@ -47,8 +47,7 @@ def compare(config: FedwardConfig) -> dict:
     preprocessing = None
     if config.data.kind == "table":
         preprocessing = merge_summaries([h.summarize() for h in hospitals], config.data.table).to_dict()
-    summaries = [h.summarize_targets() for h in hospitals]
-    scale = None if summaries[0] is None else task.scale(summaries)
+    scale = task.scale([h.summarize_targets() for h in hospitals]) if task.agrees_scale else None
     shapes = {h.prepare(preprocessing, scale) for h in hospitals}
     if len(shapes) != 1:
         raise DataError(f"hospitals prepared inputs of different shapes: {sorted(shapes)}")

@@ -46,6 +46,7 @@ from fedward import aggregation
 from fedward.pipelines import admission
 from fedward.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from fedward.models.initial import load_initial_weights
+from fedward.pipelines.selection import Selection
 from fedward.pipelines.manifest import record_builds, record_data, record_initial_weights, record_invocation
 from fedward.strategies import build_strategy
 from fedward.privacy import dp_fedavg
@@ -218,10 +219,13 @@ class Pipeline:
         if self.config.attack.hospitals:
             self.log(f"SIMULATED ATTACK: {', '.join(self.config.attack.hospitals)} {self.config.attack.kind} (config attack); a test of defences, not a model for patients")
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
-        done = ckpt is not None and ckpt.round >= self.config.run.rounds and self._models_out(ckpt.round)
+        self.selection = Selection.resumed(self.run_dir, self.task.headline(), ckpt.round if ckpt else 0)
+        trained = ckpt is not None and (ckpt.round >= self.config.run.rounds or self.selection.stopped_after is not None)
+        done = trained and self._models_out(ckpt.round)
         if done and not self._subgroups_due(ckpt.round) and not self._explanation_due(ckpt.round):
-            self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already")
-            return ckpt.weights
+            early = "" if self.selection.stopped_after is None else f", stopped early by train.patience after round {ckpt.round}"
+            self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already{early}")
+            return self.selection.chosen(self.run_dir, self.config.train, ckpt.weights, ckpt.round)[0]
         if self.config.model.target is not None:  # a study model that cannot be built stops the run before Ray starts
             target = self.config.model.target
             check_factory(load_component(target, "model.target", self.study_dir), target)
@@ -252,10 +256,11 @@ class Pipeline:
             # Key set-up bytes count toward the first round run in this invocation.
             self.hook.start(sorted(shapes), self._asker(0, {}, self.start_sent))
             weights, layout, last = self._train(shapes, ckpt)
+            weights, chosen = self.selection.chosen(self.run_dir, self.config.train, weights, last)  # the model the run hands on
             self._rejoin(sorted(shapes), last)  # a hospital lost after the last round still gets its own model
             if last > 0:
-                gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())))
-                self._export(shapes, self.preprocessing, weights, layout, last)
+                gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())), chosen)
+                self._export(shapes, self.preprocessing, weights, layout, chosen)
                 atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
             if last > 0 and self._subgroups_due(last):
                 atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, last))
@@ -357,12 +362,12 @@ class Pipeline:
         """The targets' scale every hospital trains with (regression: the consortium's mean and
         standard deviation), from each hospital's sums over its training targets; agreed once per run."""
         saved = self.run_dir / "target_scale.json"
+        if not self.task.agrees_scale:
+            return None
         if saved.is_file():
             return json.loads(saved.read_text())
         summaries, failures = gather({h: self.hospitals[h].summarize_targets.remote() for h in hospitals}, self.config.run.round_timeout_s)
         self._require_quorum(0, summaries, failures)
-        if all(s is None for s in summaries.values()):
-            return None
         scale = self.task.scale([summaries[h] for h in sorted(summaries)])
         atomic_write_json(saved, scale)
         return scale
@@ -484,6 +489,8 @@ class Pipeline:
         last = start - 1
         bar = tqdm(range(start, cfg.run.rounds + 1), desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
         for round in bar:
+            if self.selection.stopped_after is not None:
+                break
             self._check_space(f"before round {round}")
             began, began_at = time.monotonic(), time.time()
             quarantined = self._quarantined()
@@ -496,6 +503,9 @@ class Pipeline:
             record["started"] = began_at  # wall clock (Unix time): when, not only how long
             record["seconds"] = round_seconds = time.monotonic() - began
             self._append_metrics(record)
+            if "validation" in record and self.selection.observe(self.run_dir, cfg.train, round, record["validation"]["pooled"], weights):
+                self.log(f"validation {self.task.headline()} has not improved for {cfg.train.patience} rounds since round "
+                         f"{self.selection.best_round}: training stops after round {round}")
             save_checkpoint(
                 self.run_dir,
                 RunCheckpoint(round, weights, layout, self.strategy.state_dict(), rng.bit_generator.state, self.digest),
@@ -714,18 +724,19 @@ class Pipeline:
             return True
         return done["round"] != last or bool(done["failures"]) or bool(done["report_failures"])
 
-    def _own_models(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int, shape: tuple[int, ...]) -> dict:
-        """What each hospital gets from federating: the global model against its own models (the
-        global one fine-tuned on its data, one trained on its data alone), all evaluated there.
-        For personalization.json; the same figures on a re-run (seeds derive from the run's)."""
+    def _own_models(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int, shape: tuple[int, ...], chosen: int) -> dict:
+        """What each hospital gets from federating: the global model (of round `chosen`) against its
+        own models (the global one fine-tuned on its data, one trained on its data alone), all
+        evaluated there. For personalization.json; the same figures on a re-run (seeds derive from
+        the run's)."""
         cfg = self.config
         wanted = {}
         if cfg.strategy.fine_tune_epochs:
             wanted["fine_tuned"] = (weights, cfg.strategy.fine_tune_epochs)
         if cfg.strategy.local_only:
             wanted["local_only"] = (self._initial_weights(shape)[0], cfg.run.rounds * cfg.train.local_epochs)
-        last = read_metrics(self.run_dir / "metrics.jsonl")[-1]
-        result = {"round": round, "models": {"global": {"hospitals": {h: figures_of_record(m) for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
+        last = next(r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["round"] == chosen)
+        result = {"round": round, "chosen_round": chosen, "models": {"global": {"hospitals": {h: figures_of_record(m) for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
         if "personal" in last:
             result["models"]["personal"] = {k: last["personal"][k] for k in ("hospitals", "pooled")}
         for purpose, (start, epochs) in wanted.items():
@@ -894,6 +905,7 @@ class Pipeline:
         weights = weights if new is None else new
         new_ref = ray.put(weights)
         evaluations, eval_failures = gather({h: self.hospitals[h].evaluate.remote(round, new_ref, layout) for h in available}, timeout)
+        validation = self._validation(round, available, new_ref, layout) if cfg.train.validation_fraction > 0 else None
         for name, why in sorted({**failures, **eval_failures}.items()):
             self.log(f"round {round}: hospital {name} failed: {why}")
         record = {
@@ -917,7 +929,19 @@ class Pipeline:
         }
         if self.strategy.keeps_own_models:
             record["personal"] = self._personal_record(round, available)
+        if validation is not None:
+            record["validation"] = validation
         return weights, record
+
+    def _validation(self, round: int, hospitals: list[str], weights_ref: ray.ObjectRef, layout: Layout) -> dict:
+        """The new global model on each hospital's validation part, pooled: what model selection reads."""
+        answers, failures = gather({h: self.hospitals[h].evaluate_validation.remote(round, weights_ref, layout) for h in hospitals},
+                                   self.config.run.round_timeout_s)
+        return {
+            "hospitals": {h: _figures(e) for h, e in sorted(answers.items())},
+            "pooled": self.task.pool(list(answers.values())) if answers else {},
+            "failures": failures,
+        }
 
     def _personal_record(self, round: int, hospitals: list[str]) -> dict:
         """Each hospital's own model (Ditto) on its held-out split, beside the global one's figures."""

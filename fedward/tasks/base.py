@@ -30,6 +30,7 @@ Problem = tuple[str, str, str, np.ndarray]
 
 class Task(ABC):
     kind: ClassVar[str]
+    agrees_scale: ClassVar[bool] = False  # whether hospitals agree on a scale of the targets before round 1 (`scale`)
     # The figures a reader is shown first (status, reports, progress), as (record key, name); the
     # first is the task's headline figure.
     figures: ClassVar[tuple[tuple[str, str], ...]] = (("auroc", "AUROC"),)

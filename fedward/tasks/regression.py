@@ -32,6 +32,7 @@ EDGE, PLOT_BINS = 3.0, 12
 
 class Regression(Task):
     kind = "regression"
+    agrees_scale = True
     figures = (("r2", "R²"), ("mse", "MSE"), ("mae", "MAE"))
 
     def targets(self, text: pa.ChunkedArray, column_type: pa.DataType, rule: LabelRule, file: str) -> tuple[np.ndarray, list[Problem]]:

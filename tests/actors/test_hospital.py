@@ -224,3 +224,18 @@ def test_ditto_keeps_a_personal_model_at_the_hospital_pulled_toward_the_global_o
     restarted.prepare(spec)
     assert restarted.restore(1) == 1
     assert np.array_equal(flatten(restarted.local.own_model())[0], personal)
+
+
+def test_model_selection_keeps_a_validation_part_of_the_training_patients_apart_from_both_splits(demo_data, tmp_path):
+    raw = ehr_config(demo_data, tmp_path)
+    raw["train"]["validation_fraction"] = 0.2
+    hospital = Hospital("hospital_a", parse_config(raw), "validation-1")
+    counts = hospital.load()
+    plain = Hospital("hospital_a", parse_config(ehr_config(demo_data, tmp_path)), "plain-1")
+    plain.load()
+    assert np.array_equal(hospital.holdout_idx, plain.holdout_idx)  # the held-out split is the same patients
+    assert sorted([*hospital.train_idx, *hospital.validation_idx]) == sorted(plain.train_idx)
+    patients = hospital.samples.patient_ids
+    assert not set(patients[hospital.validation_idx]) & (set(patients[hospital.train_idx]) | set(patients[hospital.holdout_idx]))
+    assert counts.validation_examples == len(hospital.validation_idx) and 0.15 < counts.validation_examples / len(plain.train_idx) < 0.25
+    assert counts.train_examples == len(hospital.train_idx)  # what the hospital trains on and is weighed by

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedward.config import parse_config
@@ -85,3 +86,23 @@ def test_a_run_with_two_model_widths_trains_and_evaluates_every_hospital(ray_ses
     assert json.loads((config.run_dir / "model" / "model.json").read_text())["model"]["hidden"] == [32, 16]
     own = {m["hospital"]: m for m in (json.loads(p.read_text()) for p in (tmp_path / "sites").glob("*/runs/*/model/model.json"))}
     assert own["hospital_c"]["model"]["hidden"] == [16, 8] and own["hospital_a"]["model"]["hidden"] == [32, 16]
+
+
+def test_model_selection_hands_on_the_best_validation_round_and_stops_when_it_stops_improving(ray_session, demo_data, tmp_path):
+    raw = ehr_config(demo_data, tmp_path, name="selection", rounds=8)
+    raw["explain"] = {"enabled": False}
+    raw["train"].update(validation_fraction=0.2, select="best", patience=2, lr=0.3)  # a large step: validation soon stops improving
+    config = parse_config(raw)
+    Pipeline(config, progress=False).run()
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    chosen = json.loads((config.run_dir / "selection.json").read_text())
+    figures = [r["validation"]["pooled"]["auroc"] for r in records]
+    assert chosen["best_round"] == records[int(np.argmax(figures))]["round"] and chosen["best_value"] == max(figures)
+    if chosen["stopped_after"] is not None:  # stopped early: exactly patience rounds after the best one
+        assert records[-1]["round"] == chosen["stopped_after"] == chosen["best_round"] + 2
+    # The exported global model is the chosen round's, and its card says so.
+    card = json.loads((config.run_dir / "model" / "model.json").read_text())
+    assert card["round"] == chosen["best_round"]
+    gains = json.loads((config.run_dir / "personalization.json").read_text())
+    assert gains["chosen_round"] == chosen["best_round"]
+    assert gains["models"]["global"]["pooled"] == records[chosen["best_round"] - 1]["pooled"]

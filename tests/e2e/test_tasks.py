@@ -139,7 +139,7 @@ def split_as_the_federation(config) -> tuple[list[Hospital], dict | None]:
         h.load()
     spec = merge_summaries([h.summarize() for h in hospitals], config.data.table).to_dict() if config.data.kind == "table" else None
     task = build_task(config.task)
-    scale = task.scale([h.summarize_targets() for h in hospitals]) if config.task.kind == "regression" else None
+    scale = task.scale([h.summarize_targets() for h in hospitals]) if task.agrees_scale else None
     for h in hospitals:
         h.prepare(spec, scale)
     return hospitals, scale

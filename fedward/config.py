@@ -1008,7 +1008,7 @@ def config_identity(config: FedwardConfig) -> dict:
     for key in ("target", "args", "init_weights"):
         if not body["model"][key]:
             body["model"].pop(key)
-    defaults = config_to_dict(dataclasses.replace(config, train=TrainConfig()))["train"]
+    defaults = dataclasses.asdict(TrainConfig())
     for key in ("lr_schedule", "lr_min", "lr_step_rounds", "lr_gamma", "validation_fraction", "select", "patience"):
         if body["train"][key] == defaults[key]:
             body["train"].pop(key)

@@ -240,3 +240,12 @@ def test_missing_value_codes_are_given_per_feature():
     config = parse_config(raw)
     assert config.data.table.features[0].missing_values == ("-9", "0") and config.data.table.features[1].missing_values == ()
     assert "missing_values" in config_identity(config)["data"]["table"]["features"][0]
+
+
+def test_settings_added_later_at_their_defaults_leave_the_identity_of_any_config():
+    raw = raw_config(strategy={"name": "scaffold"}, train={"momentum": 0.0, "lr": 0.2})
+    identity = config_identity(parse_config(raw))
+    assert "lr_schedule" not in identity["train"] and "validation_fraction" not in identity["train"] and identity["train"]["lr"] == 0.2
+    raw["train"].update(lr_schedule="cosine", validation_fraction=0.2)
+    changed = config_identity(parse_config(raw))["train"]
+    assert changed["lr_schedule"] == "cosine" and changed["validation_fraction"] == 0.2 and "patience" not in changed

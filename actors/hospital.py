@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,7 +217,8 @@ class Hospital:
         every hospital (SCAFFOLD's control variate)."""
         if self._fitted is not None and plan.round <= self._fitted:
             self._rewind(plan.round)
-        self._fitted = plan.round
+        # Until the round's state is saved, a failure leaves the hospital to rewind in whatever round comes next.
+        self._fitted = sys.maxsize
         weights, layout = self._own(weights, layout)  # a narrower hospital trains its slice of the global model
         model = self._model_with(weights, layout)
         self._private_steps = {}
@@ -249,6 +251,7 @@ class Hospital:
             statistics = compression.statistics(sent.layout, {n for n, _ in self.model.named_buffers()})
             sent, self.residual = compression.compress(sent, self.config.compression, seed, self.residual, statistics)
         self._save_state(plan.round)
+        self._fitted = plan.round
         return sent
 
     def _train(self, model: nn.Module, plan: RoundPlan, *, epochs: int | None = None, seed: int | None = None, **options: Any) -> float:
@@ -261,8 +264,8 @@ class Hospital:
                 model, x, y, epochs=epochs or plan.local_epochs, lr=plan.lr, seed=plan.seed if seed is None else seed,
                 config=self.config.train, task=self.task, **options,
             )
-        if epochs is not None or seed is not None or options:
-            raise HospitalError(f"{self.name}: DP-SGD accounts for plain local epochs, not {self.config.strategy.name}'s extra training")
+        if epochs is not None or seed is not None or options or self._private_steps:
+            raise HospitalError(f"{self.name}: DP-SGD accounts for one round of plain local epochs, not {self.config.strategy.name}'s extra training")
         units = self.dp_units()
         planned = dp_sgd.plan_round(self.config, int(units.max()) + 1)
         self._charge_own_budget(plan.round, planned)
@@ -424,7 +427,11 @@ class Hospital:
     def _save_state(self, round: int) -> None:
         # Personal layers and counters (e.g. BatchNorm's) live only here; the driver never sees them.
         # The strategy's own state here (a control variate, a personal model) is the hospital's, like its layers.
-        state = {"round": round, "model": self.model.state_dict(), **self.local.state_dict()}
+        kept = self.local.state_dict()
+        clash = sorted(set(kept) & {"round", "model", "residual"})
+        if clash:
+            raise HospitalError(f"{self.name}: the strategy's hospital half keeps state under {clash}, names the hospital's own state uses")
+        state = {"round": round, "model": self.model.state_dict(), **kept}
         if self.residual is not None:
             state["residual"] = torch.from_numpy(self.residual)
         atomic_torch_save(state, self._state_path(round))

@@ -19,7 +19,8 @@ _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"  # no inf: it would wreck t
 
 
 def parse_numeric(text: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.if_else(pc.match_substring_regex(text, _NUMBER), text, None).cast(pa.float64())
+    numbers = pc.if_else(pc.match_substring_regex(text, _NUMBER), text, None).cast(pa.float64())
+    return pc.if_else(pc.is_finite(numbers), numbers, None)  # 1e400 overflows to infinity: not a number either
 
 
 def parse_boolean(text: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -18,6 +18,7 @@ from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import FedwardConfig, config_hash
 from fedward.errors import DataError
 from fedward.seeds import derived_seed
+from fedward.pipelines.selection import reported
 from fedward.tasks import build_task
 from fedward.models import training
 from fedward.models.networks import build_model
@@ -30,9 +31,13 @@ def compare(config: FedwardConfig) -> dict:
     metrics = config.run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise DataError(f"no federated run at {config.run_dir} to compare with; run `fedward simulate` first")
-    last = read_metrics(metrics)[-1]
-    if last["round"] < config.run.rounds:
+    records = read_metrics(metrics)
+    last = records[-1]
+    selected = reported(config.run_dir)
+    if last["round"] < config.run.rounds and selected.get("stopped_after") != last["round"]:
         raise DataError(f"the federated run at {config.run_dir} stopped after round {last['round']}; finish it first")
+    if config.train.select == "best" and selected.get("best_round"):  # the federated model the run handed on
+        last = next(r for r in records if r["round"] == selected["best_round"])
     run_id = f"{config.run.name}-{config_hash(config)[:12]}-baselines"
     study_dir = config.with_paths_from(Path.cwd()).run.study_dir
     task = build_task(config.task, study_dir)

@@ -87,8 +87,14 @@ def record_data(run_dir: Path, counts: dict[str, DataCounts]) -> None:
 
 
 def record_builds(run_dir: Path, versions: dict) -> None:
-    """What the model of each invocation was built with, every hospital agreeing."""
+    """What the model of each invocation was built with, every hospital agreeing; a resume with
+    other code (an edited study file, another fedward or torch) is refused: its rounds would not
+    be the run's."""
     manifest = _read(run_dir)
+    first = next((i["model_built_with"] for i in manifest["invocations"] if "model_built_with" in i), None)
+    if first is not None and first != versions:
+        changed = "; ".join(f"{k}: {first.get(k)} -> {versions.get(k)}" for k in sorted(set(first) | set(versions)) if first.get(k) != versions.get(k))
+        raise CheckpointError(f"{run_dir}: the run began with other code ({changed}); restore it, or start a new run (another run.name)")
     manifest["invocations"][-1]["model_built_with"] = versions
     atomic_write_json(Path(run_dir) / "manifest.json", manifest)
 

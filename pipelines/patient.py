@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from fedward.actors.hospital import Hospital
 from fedward.explain.local import explain_patient
 from fedward.explain.report import write_patient_explanation
@@ -16,6 +18,7 @@ from fedward.config import config_hash, parse_config
 from fedward.errors import CheckpointError
 from fedward.seeds import derived_seed
 from fedward.checkpoint import load_checkpoint
+from fedward.pipelines.selection import reported, weights_file
 
 
 def explain_patient_at_hospital(run_dir: Path, hospital: str, patient_id: str) -> list[Path]:
@@ -36,6 +39,9 @@ def explain_patient_at_hospital(run_dir: Path, hospital: str, patient_id: str) -
     spec = run_dir / "preprocessing.json"
     own.prepare(json.loads(spec.read_text()) if config.data.kind == "table" else None)
     own.restore(ckpt.round)  # the layers the strategy keeps at the hospital, as they were after that round
-    model = own._model_with(ckpt.weights, ckpt.layout)
+    weights = ckpt.weights
+    if config.train.select == "best" and reported(run_dir).get("best_round"):  # the model the run handed on
+        weights = np.load(weights_file(run_dir, reported(run_dir)["best_round"]), allow_pickle=False)
+    model = own._model_with(weights, ckpt.layout)
     explained = explain_patient(own, model, patient_id, derived_seed(config.run.seed, ckpt.round, hospital))
     return [write_patient_explanation(own.run_dir / "patients", p) for p in explained]

@@ -38,6 +38,7 @@ from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
+from fedward.tasks.binary import Binary
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from fedward.models.export import export_model, from_weights
 from fedward.models.flat import flatten, layout_digest, layout_of
@@ -191,6 +192,10 @@ class Pipeline:
         self.study_dir = config.with_paths_from(self.started_in).run.study_dir
         self.strategy = build_strategy(config, self.study_dir)
         self.task = build_task(config.task, self.study_dir)
+        if (config.explain.enabled or config.subgroups.attributes) and not isinstance(self.task, Binary):
+            setting = "explain.enabled" if config.explain.enabled else "subgroups"
+            raise ConfigError(f"{setting}: explanations and figures per patient group are defined for binary tasks; task.target "
+                              f"{config.task.target} is not one (a fedward.tasks.binary.Binary)")
         self.scale: dict[str, float] | None = None  # the targets' scale the hospitals agreed on (regression)
         self.hook = build_hook(config, None, self.run_id)
         self.wire_form = "compressed" if config.compression.kind != "none" else self.hook.form  # how updates arrive
@@ -219,13 +224,15 @@ class Pipeline:
         if self.config.attack.hospitals:
             self.log(f"SIMULATED ATTACK: {', '.join(self.config.attack.hospitals)} {self.config.attack.kind} (config attack); a test of defences, not a model for patients")
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
-        self.selection = Selection.resumed(self.run_dir, self.task.headline(), ckpt.round if ckpt else 0)
+        self.selection = self._selection_after(ckpt.round if ckpt else 0)
         trained = ckpt is not None and (ckpt.round >= self.config.run.rounds or self.selection.stopped_after is not None)
         done = trained and self._models_out(ckpt.round)
-        if done and not self._subgroups_due(ckpt.round) and not self._explanation_due(ckpt.round):
-            early = "" if self.selection.stopped_after is None else f", stopped early by train.patience after round {ckpt.round}"
-            self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already{early}")
-            return self.selection.chosen(self.run_dir, self.config.train, ckpt.weights, ckpt.round)[0]
+        if done:
+            final, chosen = self.selection.chosen(self.run_dir, self.config.train, ckpt.weights, ckpt.round)
+            if not self._subgroups_due(chosen) and not self._explanation_due(chosen):
+                early = "" if self.selection.stopped_after is None else f", stopped early by train.patience after round {ckpt.round}"
+                self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already{early}")
+                return final
         if self.config.model.target is not None:  # a study model that cannot be built stops the run before Ray starts
             target = self.config.model.target
             check_factory(load_component(target, "model.target", self.study_dir), target)
@@ -262,10 +269,10 @@ class Pipeline:
                 gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())), chosen)
                 self._export(shapes, self.preprocessing, weights, layout, chosen)
                 atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
-            if last > 0 and self._subgroups_due(last):
-                atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, last))
-            if last > 0 and self._explanation_due(last):
-                self._explain(sorted(shapes), weights, layout, last)
+            if last > 0 and self._subgroups_due(chosen):
+                atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, chosen))
+            if last > 0 and self._explanation_due(chosen):
+                self._explain(sorted(shapes), weights, layout, chosen)
             return weights
         finally:
             for actor in self.processes:
@@ -401,6 +408,12 @@ class Pipeline:
         self._check_output(model, shape)
         if cfg.model.init_weights is not None:
             self._check_initial_weights(model)
+        if cfg.train.select == "best" and (self.personal or self.strategy.keeps_own_models):
+            raise ConfigError(
+                f"train.select: best hands on an earlier round's global weights, but strategy.name {cfg.strategy.name} keeps "
+                f"{'a model' if self.strategy.keeps_own_models else 'layers'} at each hospital that went on training after it; "
+                f"use train.select: last (train.patience still stops early)"
+            )
         names = flatten(model, self.personal)[1].names
         unknown = sorted(set(cfg.privacy.encryption.layers or ()) - set(names)) if cfg.privacy.encryption.enabled else []
         if unknown:
@@ -433,7 +446,7 @@ class Pipeline:
         if differ:
             lines = "\n".join(f"  - {h}: " + "; ".join(f"{k} {theirs} (driver: {mine})" for k, (theirs, mine) in d.items()) for h, d in differ.items())
             raise DeploymentError(f"hospitals built the model with other code than the driver:\n{lines}\nInstall the same versions everywhere")
-        record_builds(self.run_dir, own)
+        record_builds(self.run_dir, own)  # refuses code that differs from what the run began with
 
     def _check_output(self, model: torch.nn.Module, shape: tuple[int, ...]) -> None:
         """The model must give the task's output size per sample, and finite values, on inputs of
@@ -485,6 +498,7 @@ class Pipeline:
         self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout, self.task.output_size, self.personal)
         self.layout_size = layout.size
         self._truncate_metrics(start - 1)
+        self.selection = self._selection_after(start - 1)
         self._write_ledger()
         last = start - 1
         bar = tqdm(range(start, cfg.run.rounds + 1), desc=cfg.run.name, unit="round", disable=not self.progress, file=sys.stderr)
@@ -503,7 +517,7 @@ class Pipeline:
             record["started"] = began_at  # wall clock (Unix time): when, not only how long
             record["seconds"] = round_seconds = time.monotonic() - began
             self._append_metrics(record)
-            if "validation" in record and self.selection.observe(self.run_dir, cfg.train, round, record["validation"]["pooled"], weights):
+            if "validation" in record and self.selection.observe(self.run_dir, cfg.train, round, record["validation"], weights):
                 self.log(f"validation {self.task.headline()} has not improved for {cfg.train.patience} rounds since round "
                          f"{self.selection.best_round}: training stops after round {round}")
             save_checkpoint(
@@ -932,6 +946,12 @@ class Pipeline:
         if validation is not None:
             record["validation"] = validation
         return weights, record
+
+    def _selection_after(self, round: int) -> Selection:
+        """Model selection as it stood after `round`, replayed from the checkpointed rounds' records."""
+        path = self.run_dir / "metrics.jsonl"
+        records = [r for r in read_metrics(path) if r["round"] <= round] if round and path.is_file() else []
+        return Selection.replayed(self.task.headline(), self.config.train, records)
 
     def _validation(self, round: int, hospitals: list[str], weights_ref: ray.ObjectRef, layout: Layout) -> dict:
         """The new global model on each hospital's validation part, pooled: what model selection reads."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedward.errors import CheckpointError
 from fedward.checkpoint import load_checkpoint, read_metrics
+from fedward.pipelines.selection import reported
 from fedward.tasks import TASKS
 
 
@@ -39,8 +40,11 @@ def run_status(run_dir: Path) -> str:
         lines.append(f"  no round finished yet (of {total})")
         return "\n".join(lines)
     ledger = json.loads((run_dir / "privacy.json").read_text()) if (run_dir / "privacy.json").is_file() else {}
+    selected = reported(run_dir)
     if ledger.get("stopped"):
         state = f"stopped by the privacy budget {ledger['stopped']}"
+    elif selected.get("stopped_after") == ckpt.round:
+        state = f"finished: stopped early by train.patience; the best validation round was {selected['best_round']}"
     else:
         state = "finished" if ckpt.round >= total else "stopped; run it again to resume"
     record = next((r for r in read_metrics(run_dir / "metrics.jsonl") if r["round"] == ckpt.round), None)

@@ -121,3 +121,9 @@ def test_label_flips_follow_the_task():
     assert build_task(TaskConfig(kind="multiclass", classes=GRADES)).flipped(y).tolist() == [1, 2, 0, 0]
     assert build_task(TaskConfig(kind="regression")).flipped(torch.tensor([0.5, -1.0])).tolist() == [-0.5, 1.0]
     assert build_task(TaskConfig()).flipped(torch.tensor([0.0, 1.0])).tolist() == [1.0, 0.0]
+
+
+def test_a_number_too_large_for_a_float_is_no_number():
+    task = build_task(TaskConfig(kind="regression"))
+    targets, problems = label_targets(column(["3.5", "1e400", "-1e400"]), LabelRule(column="y"), "ehr.csv", task)
+    assert targets[0] == 3.5 and {r: m.nonzero()[0].tolist() for _, r, _, m in problems if m.any()} == {"bad_label": [1, 2]}

@@ -24,11 +24,15 @@ from fedward import compression
 from fedward.strategies.base import Strategy
 
 
+def model_layouts(config: FedwardConfig, shape: tuple[int, ...], layout: Layout, output_size: int, personal: frozenset[str]) -> dict[str, Layout]:
+    """The shared layout each hospital's model holds: the global one, or its narrower model's."""
+    return {h.name: layout if h.model.get("width", 1.0) == 1 else layout_of(build_model(config.model_for(h.name), shape, output_size), personal)
+            for h in config.hospitals}
+
+
 def expected_layouts(config: FedwardConfig, strategy: Strategy, shape: tuple[int, ...], layout: Layout, output_size: int, personal: frozenset[str]) -> dict[str, Layout]:
-    """The layout each hospital's update must have: the global one, or its narrower model's."""
-    own = {h.name: layout if h.model.get("width", 1.0) == 1 else layout_of(build_model(config.model_for(h.name), shape, output_size), personal)
-           for h in config.hospitals}
-    return {h: strategy.update_layout(sub) for h, sub in own.items()}
+    """The layout each hospital's update must have: its model's, plus what the strategy appends."""
+    return {h: strategy.update_layout(sub) for h, sub in model_layouts(config, shape, layout, output_size, personal).items()}
 
 
 def admitted(round: int, hospital: str, answer: Any, layout: Layout, form: str, examples: int) -> Update | SealedUpdate:

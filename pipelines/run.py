@@ -439,8 +439,9 @@ class Pipeline:
         self._require_quorum(0, reports, failures)
         own = build_versions(self.config, self.study_dir)
         shape, personal = self.input_shape, self.personal
-        expected = {h: {**own, "layout": layout_digest(layout_of(build_model(self.config.model_for(h), shape, self.task.output_size, self.study_dir), personal))}
-                    for h in reports}
+        # One build of the global model; only a narrower hospital's (HeteroFL) is built apart.
+        layouts = admission.model_layouts(self.config, shape, layout_of(self._build_model(shape), personal), self.task.output_size, personal)
+        expected = {h: {**own, "layout": layout_digest(layouts[h])} for h in reports}
         differ = {h: {k: (v, expected[h].get(k)) for k, v in r.items() if expected[h].get(k) != v} for h, r in sorted(reports.items())}
         differ = {h: d for h, d in differ.items() if d}
         if differ:

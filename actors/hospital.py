@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedward.actors import attacks
+from fedward.actors import attacks, outbound
 from fedward.data_adapters.dicom import load_dicom
 from fedward.data_adapters.harmonize import PreprocessingSpec, TableSummary, summarize
 from fedward.data_adapters.report import DataReport
@@ -39,7 +39,6 @@ from fedward.models.flat import flatten, layout_digest, layout_of, load_flat
 from fedward import width
 from fedward.models import export, training
 from fedward.models.networks import build_model
-from fedward import aggregation, compression
 from fedward.strategies import build_strategy
 from fedward.strategies.base import LocalRound
 from fedward.privacy import dp_fedavg, dp_sgd, ledger
@@ -236,20 +235,10 @@ class Hospital:
             metrics=metrics,
         )
         update = self.local.finish(round, update, flat)
-        bound = self.config.robust.norm_bound
-        if bound is not None and not self.hook.reveals_individual_updates:  # the driver cannot bound what it cannot see
-            update = aggregation.bounded(update, bound, layout.size)
-        update = attacks.tampered(self.config.attack, update, plan.seed)  # a hostile hospital skips the bound
-        if self.config.privacy.dp_fedavg.enabled:
-            update = aggregation.bounded(update, self.config.privacy.dp_fedavg.clip_norm, layout.size)
-            if not self.hook.reveals_individual_updates:
-                shares = dp_fedavg.noise_shares(self.config, self.hook.contributors_agreed(plan.round))
-                update = dp_fedavg.add_noise_share(update, self.config, shares)
-        sent = self.hook.encode(update, hook_setup)
-        if self.config.compression.kind != "none":
-            seed = derived_seed(self.config.run.seed, plan.round, f"{self.name}/compression")
-            statistics = compression.statistics(sent.layout, {n for n, _ in self.model.named_buffers()})
-            sent, self.residual = compression.compress(sent, self.config.compression, seed, self.residual, statistics)
+        buffers = frozenset(n for n, _ in self.model.named_buffers())
+        sending = outbound.Sending(plan.round, plan.seed, hook_setup, layout.size, buffers, self.residual)
+        sent = outbound.send(update, outbound.steps(self.config, self.hook, self.name), sending)
+        self.residual = sending.residual
         self._save_state(plan.round)
         self._fitted = plan.round
         return sent

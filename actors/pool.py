@@ -6,6 +6,11 @@ start-up of a process per hospital. It keeps the hospitals it called last in mem
 others to sleep on disk, each in its own work area, until it is called again. The driver calls a
 hosted hospital through a `HostedHospital`, as it would call the hospital's own actor.
 
+`run.hosting: in_process` hosts every hospital in the driver's own process instead
+(`start_in_process`): a debugger steps from the driver into a hospital's code, and tests run many
+small federations without starting a process per run. Nothing then isolates a hospital from another
+or from the driver.
+
 On a cluster every hospital keeps its own actor on the node holding its data (`actors/remote.py`).
 """
 
@@ -92,6 +97,42 @@ class _HostedMethod:
 
     def remote(self, *args: Any) -> ray.ObjectRef:
         return self.worker.call.remote(self.hospital, self.method, *args)
+
+
+@dataclass(frozen=True)
+class InProcessHospital:
+    """A hospital in the driver's process, called as its own actor would be: `hospital.fit.remote(...)`
+    runs the call now and returns a reference to its result, or to its error (which `ray.get` raises
+    as an actor's would, so a failing hospital costs its place in the round, not the run)."""
+
+    hospital: HospitalActor
+
+    def __getattr__(self, method: str) -> _InProcessMethod:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return _InProcessMethod(getattr(self.hospital, method))
+
+
+@ray.remote(num_cpus=0)
+def _raise(error: Exception) -> None:
+    raise error
+
+
+@dataclass(frozen=True)
+class _InProcessMethod:
+    call: Any
+
+    def remote(self, *args: Any) -> ray.ObjectRef:
+        args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
+        try:
+            return ray.put(self.call(*args))
+        except Exception as e:  # noqa: BLE001 - handed on as Ray hands on an actor's error
+            return _raise.remote(e)
+
+
+def start_in_process(config: FedwardConfig, run_id: str) -> dict[str, InProcessHospital]:
+    threads = max(1, torch.get_num_threads())
+    return {h.name: InProcessHospital(HospitalActor(h.name, config, run_id, threads=threads)) for h in config.hospitals}
 
 
 def start_pool(config: FedwardConfig, run_id: str) -> tuple[dict[str, HostedHospital], list[ray.actor.ActorHandle]]:

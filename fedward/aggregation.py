@@ -27,6 +27,7 @@ import numpy as np
 from scipy.linalg.blas import saxpy
 
 from fedward.config import RobustConfig
+from fedward.declarations import CLEAR, CONTROL_CHANGES, DRIVER_TRAINS_FREELY, MEAN, SAME_ROUND, WHOLE_SHAPE, Declaration
 from fedward.errors import AggregationError
 from fedward.types import Layout, Update
 from fedward import width
@@ -119,6 +120,25 @@ def combine(updates: Sequence[Update], layout: Layout | None, robust: RobustConf
     keep = 1 if robust.rule == "krum" else max(1, min(robust.keep or len(deltas) - robust.byzantine, len(deltas)))
     chosen = np.argsort(krum_scores(deltas, robust.byzantine), kind="stable")[:keep]
     return weighted_mean([ordered[i] for i in sorted(chosen)], layout)
+
+
+def rule_declaration(robust: RobustConfig) -> Declaration | None:
+    """What a robust rule other than the mean needs of the updates it compares, and takes away."""
+    if robust.rule == "mean":
+        return None
+    needs = {CLEAR: "compares each hospital's change with the others'", WHOLE_SHAPE: "compares whole changes, entry by entry"}
+    breaks = {MEAN: "does not take the weighted mean of the changes"}
+    if robust.rule == "fltrust":
+        needs[DRIVER_TRAINS_FREELY] = "trains a reference change on the driver's trusted data each round"
+        breaks[CONTROL_CHANGES] = "re-weighs each change by the driver's reference change, which carries no control change"
+    return Declaration(f"robust.rule: {robust.rule}", needs, breaks)
+
+
+LATE_UPDATES = Declaration(
+    "run.stale_weight",
+    needs={MEAN: "weighs a late change down by how many rounds late it is"},
+    breaks={SAME_ROUND: "counts a late change in a later round"},
+)
 
 
 def bounded(update: Update, bound: float, size: int) -> Update:

@@ -10,7 +10,7 @@ next change (error feedback; Stich et al. 2018): every entry is sent eventually.
 
 A compressed change is restored at the driver before admission reads it; DP-FedAvg's clipping
 and noise, robust rules and strategies then see a plain `Update`. Masked or encrypted changes are
-not compressed (see CompressionConfig's check).
+not compressed (see `declaration`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,15 @@ import math
 import numpy as np
 
 from fedward.config import CompressionConfig
+from fedward.declarations import CLEAR, Declaration
 from fedward.types import CompressedDelta, CompressedUpdate, Layout, Update
 
 INT8_LEVELS = 127
+
+
+def declaration(config: CompressionConfig) -> Declaration:
+    # Masked ring elements and ciphertexts are the model's size whatever their values: nothing to save.
+    return Declaration(f"compression.kind: {config.kind}", needs={CLEAR: "saves bytes by rounding or dropping the values of a change sent in the clear"})
 
 
 def compress(update: Update, config: CompressionConfig, seed: int, residual: np.ndarray | None, exact: np.ndarray) -> tuple[CompressedUpdate, np.ndarray | None]:

@@ -593,9 +593,10 @@ class RunConfig:
     # in, its weight times stale_weight per round late.
     stale_weight: float = 0.0
     # How the simulation runs its hospitals: on a pool of shared worker processes ("auto" and
-    # "pool"), or each in its own process as on a cluster ("per_hospital"). On a cluster "auto"
-    # means per_hospital: a hospital runs on the node holding its data.
-    hosting: Literal["auto", "pool", "per_hospital"] = "auto"
+    # "pool"), each in its own process as on a cluster ("per_hospital"), or all in the driver's
+    # process ("in_process", for debugging). On a cluster "auto" means per_hospital: a hospital
+    # runs on the node holding its data.
+    hosting: Literal["auto", "pool", "per_hospital", "in_process"] = "auto"
     workers: int | None = None  # the pool's worker processes; default one per CPU
     resident_hospitals: int = 64  # hospitals a pool worker keeps in memory; the others wait on disk
     # Where a study's own components (model.target, task.target) are imported from besides installed
@@ -667,66 +668,12 @@ class FedwardConfig:
                     tag_for_keyword(keyword) is not None,
                     f"subgroups.{name}: {keyword!r} is not a DICOM keyword; expected one such as PatientSex or PatientAge",
                 )
-        hidden = [name for name, on in (("privacy.masking", self.privacy.masking.enabled), ("privacy.encryption", self.privacy.encryption.enabled)) if on]
-        _need(
-            self.compression.kind == "none" or not hidden,
-            f"compression.kind: {self.compression.kind} compresses changes sent in the clear; with {hidden[0] if hidden else ''} a change "
-            f"leaves as masked ring elements or ciphertexts the size of the model whatever its values (32 or 64 bits per entry), "
-            f"so nothing would be saved. Use compression with plaintext updates (DP-FedAvg and DP-SGD compose with it)",
-        )
-        dp = self.privacy.dp_sgd.enabled or self.privacy.dp_fedavg.enabled
-        narrow = sorted(h.name for h in self.hospitals if h.model.get("width", 1.0) < 1)
-        if narrow:
-            # Sub-models are averaged entry by entry over the hospitals that hold each entry, which
-            # needs each hospital's change in the clear and in its own shape.
-            unfit = [name for name, on in (
-                ("privacy.masking", self.privacy.masking.enabled),
-                ("privacy.encryption", self.privacy.encryption.enabled),
-                ("privacy.dp_fedavg", self.privacy.dp_fedavg.enabled),
-                ("strategy.name: scaffold", self.strategy.name == "scaffold"),
-            ) if on]
-            _need(
-                not unfit,
-                f"hospitals {narrow} train narrower sub-models (model.width < 1), whose changes are averaged entry by entry "
-                f"over the hospitals holding each entry; that cannot run with {', '.join(unfit)}. Give every hospital the full width",
-            )
-        if self.strategy.name == "scaffold":
-            _need(not dp, "strategy.name: scaffold's control variates are not covered by differential privacy; use fedavg with dp_sgd or dp_fedavg")
-            _need(
-                self.train.optimizer == "sgd" and self.train.momentum == 0,
-                "strategy.name: scaffold's control update assumes plain SGD steps; set train.optimizer: sgd and train.momentum: 0",
-            )
-            _need(
-                not (self.privacy.encryption.enabled and self.privacy.encryption.layers is not None),
-                "strategy.name: scaffold's control changes reveal the update of every layer; with encryption, encrypt them all "
-                "(leave encryption.layers out)",
-            )
-        _need(
-            not (dp and (self.strategy.fine_tune_epochs or self.strategy.local_only or self.strategy.name == "ditto")),
-            "strategy: fine_tune_epochs, local_only and ditto train models outside the DP mechanism whose figures leave the "
-            "hospital; they cannot run with privacy.dp_sgd or privacy.dp_fedavg",
-        )
-        _need(
-            not (self.strategy.name in ("fedprox", "ditto", "fedrep") and self.privacy.dp_sgd.enabled),
-            f"strategy.name: {self.strategy.name}'s extra local training is not part of DP-SGD's clipped steps, so its privacy "
-            f"would go unaccounted; use fedavg with dp_sgd",
-        )
-        _need(
-            not (self.privacy.dp_sgd.enabled and self.model.norm == "batch"),
-            "privacy.dp_sgd: BatchNorm mixes samples of a batch, so per-patient clipping cannot bound "
-            "a patient's influence; set model.norm to 'group' or 'none'",
-        )
+        # Which settings combine is decided by the components' declarations (pipelines/compatibility.py);
+        # here only each setting's own values are checked.
         privacy = self.privacy
-        late = [name for name, on in (("privacy.masking", privacy.masking.enabled), ("privacy.encryption", privacy.encryption.enabled),
-                                      ("privacy.dp_fedavg", privacy.dp_fedavg.enabled), ("privacy.dp_sgd", privacy.dp_sgd.enabled)) if on]
-        _need(
-            self.run.stale_weight == 0 or not late,
-            f"run.stale_weight: a late update cannot join a later round under {', '.join(late)}, whose protocols and accounting are "
-            f"per round; set run.stale_weight: 0 to drop late updates",
-        )
         # The fewest hospitals a round asks: thresholds must hold for them too.
         asked = min(len(names), max(self.run.min_hospitals, math.ceil(self.strategy.fraction * len(names))))
-        self._check_robust(narrow)
+        self._check_robust()
         if privacy.masking.enabled:
             threshold = asked - privacy.masking.dropout_tolerance
             _need(
@@ -735,11 +682,6 @@ class FedwardConfig:
                 f"the reconstruction threshold would be {threshold}; it must be at least 2 and more than half of them",
             )
         if privacy.dp_fedavg.enabled:
-            _need(
-                not (privacy.encryption.enabled and privacy.encryption.layers is not None),
-                "privacy: with dp_fedavg, encrypt every layer (leave encryption.layers out): a layer sent in the clear "
-                "would carry only one hospital's share of the noise",
-            )
             _need(
                 not privacy.masking.enabled or privacy.dp_fedavg.clip_norm <= privacy.masking.clip,
                 f"privacy: dp_fedavg.clip_norm={privacy.dp_fedavg.clip_norm} must not exceed masking.clip={privacy.masking.clip}, "
@@ -754,15 +696,12 @@ class FedwardConfig:
                 f"data.{self.data.kind}.label: positive_values and threshold make a binary outcome, but task.kind is {task.kind}; "
                 f"{'its classes come from task.classes' if task.kind == 'multiclass' else 'its target is the column read as a number'}",
             )
-            # Figures per group and SHAP explanations are written for one probability per patient so far.
-            _need(not self.subgroups.attributes, f"subgroups: figures per patient group are defined for binary tasks; task.kind is {task.kind}")
-            _need(not self.explain.enabled, f"explain.enabled: explanations are defined for binary tasks; task.kind is {task.kind}, so set explain.enabled: false")
 
     @property
     def label(self) -> LabelRule:
         return self.data.table.label if self.data.kind == "table" else self.data.dicom.label
 
-    def _check_robust(self, narrow: list[str]) -> None:
+    def _check_robust(self) -> None:
         rule, robust = self.robust.rule, self.robust
         _need(
             (rule == "fltrust") == (robust.trusted_data is not None),
@@ -772,36 +711,14 @@ class FedwardConfig:
             robust.norm_bound is None or not self.privacy.dp_fedavg.enabled,
             "robust.norm_bound: privacy.dp_fedavg already bounds each update, by its clip_norm",
         )
-        if rule == "mean":
-            return
         # A round may go ahead with as few as run.min_hospitals changes: the rule must hold for them.
         fewest = self.run.min_hospitals
-        hidden = [name for name, on in (("privacy.masking", self.privacy.masking.enabled), ("privacy.encryption", self.privacy.encryption.enabled)) if on]
-        _need(
-            not hidden,
-            f"robust.rule: {rule} needs each hospital's change in the clear, which {' and '.join(hidden)} hide; "
-            f"with secure aggregation use robust.rule: mean with robust.norm_bound, enforced inside each hospital",
-        )
-        _need(
-            not self.privacy.dp_fedavg.enabled,
-            f"robust.rule: privacy.dp_fedavg calibrates its noise to the mean's sensitivity, not {rule}'s; use robust.norm_bound",
-        )
-        _need(not narrow, f"robust.rule: {rule} compares whole changes, but hospitals {narrow} train narrower models")
         if rule in ("krum", "multi_krum"):
             _need(
                 fewest > 2 * robust.byzantine + 2,
                 f"robust.byzantine={robust.byzantine}: Krum needs more than 2f + 2 = {2 * robust.byzantine + 2} hospitals per round, "
                 f"and a round may go ahead with run.min_hospitals={fewest}",
             )
-        _need(
-            not (rule == "fltrust" and self.strategy.name == "scaffold"),
-            "robust.rule: fltrust compares each change with the driver's own, which carries no SCAFFOLD control change",
-        )
-        _need(
-            not (rule == "fltrust" and self.privacy.dp_sgd.enabled),
-            "robust.rule: fltrust's trusted change would be trained under DP-SGD and spend a budget of its own; use median or krum with dp_sgd",
-        )
-        _need(self.run.stale_weight == 0, f"run.stale_weight: {rule} does not weigh changes, so a late one could not be weighed down; use mean")
         if rule == "trimmed_mean":
             _need(
                 int(robust.trim * fewest) >= 1,

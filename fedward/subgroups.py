@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedward.config import SubgroupConfig
+from fedward.declarations import ONE_SCORE, Declaration
 from fedward.metrics import BINS, auroc_from_histograms, score_histograms
 from fedward.types import GroupHistograms
 
@@ -27,6 +28,7 @@ _SEX = {"F": "female", "FEMALE": "female", "W": "female", "M": "male", "MALE": "
 _AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")
 _YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 METRICS = ("auroc", "sensitivity", "specificity")
+DECLARATION = Declaration("subgroups", needs={ONE_SCORE: "computes AUROC, sensitivity and specificity of one probability per patient in each group"})
 
 
 def _years(text: str) -> float:

@@ -13,8 +13,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedward.declarations import WHOLE_SHAPE, Declaration
 from fedward.errors import AggregationError
 from fedward.types import Layout
+
+
+def declaration(narrow: Sequence[str]) -> Declaration:
+    """Hospitals training narrower sub-models; their changes are averaged entry by entry."""
+    setting = ", ".join(f"hospitals.{h}.model.width" for h in narrow)
+    return Declaration(setting, breaks={WHOLE_SHAPE: "makes those hospitals send changes of narrower sub-models"})
 
 
 def _corners(sub: Layout, layout: Layout) -> list[tuple[slice, tuple[int, ...], tuple[slice, ...]]]:

@@ -14,7 +14,15 @@ from torch import nn
 
 from fedward.components import load_component
 from fedward.config import ModelConfig
+from fedward.declarations import SAMPLES_APART, Declaration
 from fedward.errors import ConfigError
+
+
+def declaration(config: ModelConfig) -> Declaration | None:
+    """What the built-in networks' normalization takes from other settings."""
+    if config.target is None and config.norm == "batch":
+        return Declaration("model.norm: batch", breaks={SAMPLES_APART: "normalizes each sample with its batch's statistics, so samples mix"})
+    return None
 
 
 def _norm(kind: str, width: int, groups: int, dims: int) -> nn.Module:

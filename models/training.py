@@ -13,10 +13,20 @@ import torch
 from torch import nn
 
 from fedward.config import TrainConfig
+from fedward.declarations import PLAIN_SGD, Declaration
 from fedward.errors import HospitalError
 from fedward.tasks import Task, binary_task
 from fedward.tasks.base import batch_outputs
 from fedward.types import Evaluation
+
+
+def optimizer_declaration(config: TrainConfig) -> Declaration | None:
+    """An optimizer whose steps are not plain SGD's."""
+    if config.optimizer != "sgd":
+        return Declaration(f"train.optimizer: {config.optimizer}", breaks={PLAIN_SGD: "adapts each step to the gradients seen before"})
+    if config.momentum:
+        return Declaration(f"train.momentum: {config.momentum:g}", breaks={PLAIN_SGD: "adds the previous steps' momentum to each step"})
+    return None
 
 
 def make_optimizer(model: nn.Module, lr: float, config: TrainConfig, only: frozenset[str] | None = None) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from fedward.actors.hospital import Hospital
-from fedward.actors.pool import HostedHospital, start_pool
+from fedward.actors.pool import HostedHospital, InProcessHospital, start_in_process, start_pool
 from fedward.actors.remote import check_placement, start_hospital
 from fedward.data_adapters.harmonize import merge_summaries
 from fedward.explain.summary import to_jsonable
@@ -38,13 +38,12 @@ from fedward import subgroups
 from fedward.files import atomic_write, atomic_write_json, json_safe
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
-from fedward.tasks.binary import Binary
 from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
 from fedward.models.export import export_model, from_weights
 from fedward.models.flat import flatten, layout_digest, layout_of
 from fedward.models.networks import build_model, check_factory
 from fedward import aggregation
-from fedward.pipelines import admission
+from fedward.pipelines import admission, compatibility
 from fedward.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from fedward.models.initial import load_initial_weights
 from fedward.pipelines.selection import Selection
@@ -137,10 +136,11 @@ def figures_of_record(entry: dict) -> dict[str, Any]:
 
 def pooled(config: FedwardConfig, address: str | None) -> bool:
     """Whether the hospitals share a pool of worker processes: a simulation's way, never a cluster's."""
-    if address and config.run.hosting == "pool":
+    if address and config.run.hosting in ("pool", "in_process"):
+        where = "on shared workers" if config.run.hosting == "pool" else "in the driver's process"
         raise DeploymentError(
-            "run.hosting: pool puts hospitals together on shared workers, which only a simulation does; on a cluster "
-            "each hospital runs on the node holding its data: set run.hosting to auto or per_hospital"
+            f"run.hosting: {config.run.hosting} puts hospitals together {where}, which only a simulation does; on a cluster "
+            f"each hospital runs on the node holding its data: set run.hosting to auto or per_hospital"
         )
     return address is None and config.run.hosting != "per_hospital"
 
@@ -190,16 +190,13 @@ class Pipeline:
         self.digest = config_hash(config)
         self.run_id = f"{config.run.name}-{self.digest[:12]}"
         self.study_dir = config.with_paths_from(self.started_in).run.study_dir
+        compatibility.check(config, self.study_dir)
         self.strategy = build_strategy(config, self.study_dir)
         self.task = build_task(config.task, self.study_dir)
-        if (config.explain.enabled or config.subgroups.attributes) and not isinstance(self.task, Binary):
-            setting = "explain.enabled" if config.explain.enabled else "subgroups"
-            raise ConfigError(f"{setting}: explanations and figures per patient group are defined for binary tasks; task.target "
-                              f"{config.task.target} is not one (a fedward.tasks.binary.Binary)")
         self.scale: dict[str, float] | None = None  # the targets' scale the hospitals agreed on (regression)
         self.hook = build_hook(config, None, self.run_id)
         self.wire_form = "compressed" if config.compression.kind != "none" else self.hook.form  # how updates arrive
-        self.hospitals: dict[str, ray.actor.ActorHandle | HostedHospital] = {}
+        self.hospitals: dict[str, ray.actor.ActorHandle | HostedHospital | InProcessHospital] = {}
         self.processes: list[ray.actor.ActorHandle] = []  # the hospitals' actors, or the pool's workers
         self.counts: dict[str, DataCounts] = {}
         self.start_sent: dict[str, int] = {}
@@ -240,7 +237,9 @@ class Pipeline:
         started = start_ray(self.config, self.address, pool)
         try:
             at_hospitals = self.config.with_paths_from(self.started_in)
-            if pool:
+            if self.config.run.hosting == "in_process":
+                self.hospitals = start_in_process(at_hospitals, self.run_id)
+            elif pool:
                 self.hospitals, self.processes = start_pool(at_hospitals, self.run_id)
             else:
                 check_placement(self.config)

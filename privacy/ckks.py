@@ -26,6 +26,7 @@ import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedward.config import FedwardConfig
+from fedward.declarations import EVERY_LAYER_SUMMED, LAYERS_APART, Declaration
 from fedward.errors import AggregationError, ConfigError
 from fedward.types import Layout, SealedUpdate, Update
 from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
@@ -110,6 +111,16 @@ class CkksHook(AggregationHook):
         self._plan: tuple[int, dict[str, float], dict[str, float]] | None = None  # round, scales, weights
         self._layout: Layout | None = None
         self._decrypter: str | None = None
+
+    def declaration(self) -> Declaration:
+        whole = super().declaration()
+        if self.encryption.layers is None:
+            return whole
+        return Declaration(
+            whole.setting + ".layers",
+            needs={**whole.needs, LAYERS_APART: "hides only the listed layers, which the others must not reveal"},
+            breaks={**whole.breaks, EVERY_LAYER_SUMMED: "sends the layers outside encryption.layers in the clear"},
+        )
 
     # -- driver ---------------------------------------------------------------------------------
 

@@ -21,9 +21,22 @@ from functools import lru_cache
 import numpy as np
 
 from fedward.config import FedwardConfig
+from fedward.declarations import ACCOUNTED, EVERY_LAYER_SUMMED, MEAN, SAME_ROUND, WHOLE_SHAPE, Declaration
 from fedward.types import Update
 from fedward.privacy.accounting import GaussianSteps, calibrate_noise_multiplier
 from fedward.privacy.hooks import AGGREGATE
+
+
+DECLARATION = Declaration(
+    "privacy.dp_fedavg",
+    needs={
+        ACCOUNTED: "bounds only what the global model's changes reveal",
+        MEAN: "calibrates its noise to the sensitivity of the mean of clipped changes",
+        WHOLE_SHAPE: "clips and noises changes of the global model's shape",
+        SAME_ROUND: "accounts each round's changes to that round",
+        EVERY_LAYER_SUMMED: "splits its noise into shares that cover a layer only inside the protected sum",
+    },
+)
 
 
 def aggregation_weight(config: FedwardConfig, num_examples: int) -> float:

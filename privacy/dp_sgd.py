@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fedward.config import FedwardConfig, TrainConfig
+from fedward.declarations import ACCOUNTED, DRIVER_TRAINS_FREELY, PLAIN_EPOCHS, SAME_ROUND, SAMPLES_APART, Declaration
 from fedward.errors import ConfigError
 from fedward.tasks import Task, binary_task
 from fedward.models.training import make_optimizer
@@ -32,6 +33,18 @@ from fedward.privacy.accounting import GaussianSteps, calibrate_noise_multiplier
 if TYPE_CHECKING:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
+
+
+DECLARATION = Declaration(
+    "privacy.dp_sgd",
+    needs={
+        ACCOUNTED: "bounds only what the models trained by its accounted steps reveal",
+        PLAIN_EPOCHS: "accounts for clipped, noised steps of plain local epochs",
+        SAMPLES_APART: "clips each patient's gradient apart from the others'",
+        SAME_ROUND: "charges each round's training to that round",
+    },
+    breaks={DRIVER_TRAINS_FREELY: "would train every model under DP-SGD, charged to a budget"},
+)
 
 
 def check_model(model: nn.Module) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fedward.config import FedwardConfig
+from fedward.declarations import CLEAR, SAME_ROUND, WHOLE_SHAPE, Declaration
 from fedward.types import SealedUpdate, Update
 
 AGGREGATE = "<aggregate>"
@@ -77,6 +78,17 @@ class AggregationHook(ABC):
     def describe(self) -> dict[str, Any]:
         """The protocol's parameters, for the privacy ledger."""
         return {"hook": self.name, "form": self.form}
+
+    def declaration(self) -> Declaration | None:
+        """What the protocol needs of the run and takes from it (None: it changes nothing)."""
+        if self.reveals_individual_updates:
+            return None
+        return Declaration(
+            f"privacy.{self.name}",
+            needs={WHOLE_SHAPE: "sums changes of the global model's shape, entry by entry",
+                   SAME_ROUND: "sets up each round's sum among the hospitals asked in it"},
+            breaks={CLEAR: f"sends each change {self.form}, the model's size whatever its values, and shows the driver only their sum"},
+        )
 
 
 class PlaintextHook(AggregationHook):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedward.config import FedwardConfig
+from fedward.declarations import ACCOUNTED, CONTROL_CHANGES, PLAIN_EPOCHS, PLAIN_SGD, Declaration
 from fedward.seeds import derived_seed
 from fedward.types import Layout, RoundPlan, Update
 from fedward import aggregation
@@ -85,9 +86,17 @@ class LocalTraining:
 class Strategy(ABC):
     keeps_own_models = False  # whether each hospital keeps a model of its own, evaluated beside the global one (Ditto)
     layout: Layout | None = None  # the global model's shared entries, once started
+    # What the strategy needs of the run and takes from it, each fact with the reason (fedward/declarations.py).
+    needs: dict[str, str] = {}
+    breaks: dict[str, str] = {}
 
     def __init__(self, config: FedwardConfig):
         self.config = config
+
+    def declaration(self) -> Declaration:
+        strategy = self.config.strategy
+        setting = f"strategy.target: {strategy.target}" if strategy.target else f"strategy.name: {strategy.name}"
+        return Declaration(setting, self.needs, self.breaks)
 
     def configure_round(self, round: int, hospitals: Sequence[str], rng: np.random.Generator) -> list[RoundPlan]:
         """Plans for the hospitals asked this round: a share `strategy.fraction` of those available."""
@@ -140,3 +149,20 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+
+def own_model_declarations(config: FedwardConfig) -> list[Declaration]:
+    """The models each hospital trains for itself after the rounds, when the config asks for them."""
+    outside = {ACCOUNTED: "trains a model outside the DP mechanism and its figures leave the hospital"}
+    own = []
+    if config.strategy.fine_tune_epochs:
+        own.append(Declaration("strategy.fine_tune_epochs", breaks=outside))
+    if config.strategy.local_only:
+        own.append(Declaration("strategy.local_only", breaks=outside))
+    return own
+
+
+# Shared by the strategies whose hospital half trains more than plain local epochs.
+EXTRA_TRAINING = {PLAIN_EPOCHS: "trains more than the plain local epochs (its own loss or extra passes)"}
+CONTROLLED = {CONTROL_CHANGES: "sends each change with the control change SCAFFOLD's update needs"}
+PLAIN_SGD_STEPS = {PLAIN_SGD: "derives its control update from plain SGD steps"}

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedward.strategies.base import LocalRound, LocalTraining
+from fedward.declarations import ACCOUNTED
+from fedward.strategies.base import EXTRA_TRAINING, LocalRound, LocalTraining
 from fedward.strategies.fedavg import FedAvg
 from fedward.types import Update
 
@@ -56,6 +57,7 @@ class PersonalTraining(LocalTraining):
 
 class Ditto(FedAvg):
     keeps_own_models = True
+    breaks = {**EXTRA_TRAINING, ACCOUNTED: "trains a personal model outside the DP mechanism and its figures leave the hospital"}
 
     def local(self) -> LocalTraining:
         return PersonalTraining(self.config)

@@ -4,7 +4,7 @@ takes mu from its own config."""
 
 from __future__ import annotations
 
-from fedward.strategies.base import LocalRound, LocalTraining
+from fedward.strategies.base import EXTRA_TRAINING, LocalRound, LocalTraining
 from fedward.strategies.fedavg import FedAvg
 
 
@@ -14,5 +14,7 @@ class ProximalTraining(LocalTraining):
 
 
 class FedProx(FedAvg):
+    breaks = EXTRA_TRAINING
+
     def local(self) -> LocalTraining:
         return ProximalTraining(self.config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedward.strategies.base import LocalRound, LocalTraining
+from fedward.strategies.base import EXTRA_TRAINING, LocalRound, LocalTraining
 from fedward.strategies.fedavg import FedAvg
 
 
@@ -46,5 +46,7 @@ class HeadFirstTraining(LocalTraining):
 
 
 class FedRep(FedPer):
+    breaks = EXTRA_TRAINING
+
     def local(self) -> LocalTraining:
         return HeadFirstTraining(self.config)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from fedward.errors import AggregationError, HospitalError
-from fedward.strategies.base import LocalRound, LocalTraining, Strategy
+from fedward.declarations import ACCOUNTED, LAYERS_APART, WHOLE_SHAPE
+from fedward.strategies.base import CONTROLLED, PLAIN_SGD_STEPS, LocalRound, LocalTraining, Strategy
 from fedward.types import Layout, Update
 
 CONTROL = "control:"  # prefix of the control-change entries appended to an update's layout
@@ -101,6 +102,12 @@ class ControlledTraining(LocalTraining):
 
 
 class Scaffold(Strategy):
+    needs = {**CONTROLLED, **PLAIN_SGD_STEPS, WHOLE_SHAPE: "adds control variates over the global model's parameters"}
+    breaks = {
+        ACCOUNTED: "sends control variates that no DP mechanism covers",
+        LAYERS_APART: "sends control changes that reveal the update of every layer",
+    }
+
     def __init__(self, config):
         super().__init__(config)
         self.control: np.ndarray | None = None  # the server's c, over the controlled parameters

@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from fedward.config import LabelRule, TaskConfig
+from fedward.declarations import ONE_SCORE, Declaration
 from fedward.types import Evaluation
 
 # field, reason, detail, mask of the rows affected: a label cell the task cannot use costs its row.
@@ -36,9 +37,16 @@ class Task(ABC):
     figures: ClassVar[tuple[tuple[str, str], ...]] = (("auroc", "AUROC"),)
     # What the driver learns of a hospital's data besides its counts (DataCounts.targets).
     output_size: int = 1
+    # What the task takes from other components (fedward/declarations.py): explanations and
+    # figures per patient group read one probability per patient, which only a binary task gives.
+    breaks: ClassVar[dict[str, str]] = {ONE_SCORE: "gives each patient more than one probability, or a number"}
 
     def __init__(self, config: TaskConfig):
         self.config = config
+
+    def declaration(self) -> Declaration:
+        setting = f"task.target: {self.config.target}" if self.config.target else f"task.kind: {self.kind}"
+        return Declaration(setting, breaks=self.breaks)
 
     # -- labels -----------------------------------------------------------------------------------
 

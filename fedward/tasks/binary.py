@@ -24,6 +24,7 @@ LISTED_VALUES = 20  # unlisted label values named one by one; past that, togethe
 class Binary(Task):
     kind = "binary"
     figures = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("accuracy", "accuracy"))
+    breaks = {}
 
     def targets(self, text: pa.ChunkedArray, column_type: pa.DataType, rule: LabelRule, file: str) -> tuple[np.ndarray, list[Problem]]:
         if rule.positive_values is not None:

@@ -11,7 +11,6 @@ import pytest
 from fedward.actors.hospital import Hospital
 from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import CompressionConfig, parse_config
-from fedward.errors import ConfigError
 from fedward.types import CompressedDelta, CompressedUpdate, Layout, RoundPlan, Update
 from fedward.models.flat import flatten
 from fedward.models.networks import build_model
@@ -102,14 +101,6 @@ def test_a_malformed_compressed_change_is_refused_before_it_is_unpacked(payload,
     admitted, refused = admission.admit(3, {"hospital_a": compressed()}, layouts, "compressed", examples)
     assert type(admitted["hospital_a"]) is Update and np.count_nonzero(admitted["hospital_a"].delta) == 100
     assert "sent a Update, not a compressed update" in admission.admit(3, {"hospital_a": change()}, layouts, "compressed", examples)[1]["hospital_a"]
-
-
-def test_compression_is_refused_where_updates_leave_masked_or_encrypted(demo_data, tmp_path):
-    raw = ehr_config(demo_data, tmp_path)
-    for hook in ("masking", "encryption"):
-        with pytest.raises(ConfigError, match=f"compression.kind: int8 compresses changes sent in the clear; with privacy.{hook} .* nothing would be saved"):
-            parse_config({**raw, "compression": {"kind": "int8"}, "privacy": {hook: {"enabled": True}}})
-    parse_config({**raw, "compression": {"kind": "top_k"}, "privacy": {"dp_fedavg": {"enabled": True, "noise_multiplier": 1.0}}})
 
 
 def test_a_hospital_keeps_its_residual_with_its_state_so_a_retried_round_sends_the_same(demo_data, tmp_path):

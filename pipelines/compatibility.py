@@ -3,7 +3,7 @@
 `declarations` lists every component a config turns on, each declared where it lives: the task and
 the strategy, the models hospitals train for themselves, the model's normalization and the local
 optimizer, the steps of an update's way out of a hospital (actors/outbound.py) and into the
-aggregate (late updates, the robust rule), hospitals training narrower sub-models, explanations and
+aggregate (pipelines/inbound.py), hospitals training narrower sub-models, explanations and
 figures per patient group. `check` refuses a config where one of them breaks what another needs,
 naming both settings (fedward/declarations.py); the pipeline calls it before Ray starts.
 
@@ -14,10 +14,10 @@ every cell it calls runnable and refuses every other.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
-from fedward.aggregation import LATE_UPDATES, rule_declaration
 from fedward.actors import outbound
 from fedward.config import FedwardConfig, parse_config
 from fedward.declarations import Declaration, require_compatible
@@ -25,6 +25,7 @@ from fedward.errors import ConfigError
 from fedward.explain.local import DECLARATION as EXPLANATIONS
 from fedward.models.networks import declaration as norm_declaration
 from fedward.models.training import optimizer_declaration
+from fedward.pipelines import inbound
 from fedward.privacy import dp_sgd
 from fedward.privacy.hooks import build_hook
 from fedward.strategies import build_strategy
@@ -36,7 +37,7 @@ from fedward import width
 
 def declarations(config: FedwardConfig, study_dir: str | None = None) -> list[Declaration]:
     """Every component `config` turns on, declared; the hospital's steps in the order an update takes them."""
-    run = config.run
+    hook = build_hook(config, None, config.run.name)
     found = [
         build_task(config.task, study_dir).declaration(),
         build_strategy(config, study_dir).declaration(),
@@ -44,9 +45,8 @@ def declarations(config: FedwardConfig, study_dir: str | None = None) -> list[De
         norm_declaration(config.model),
         optimizer_declaration(config.train),
         dp_sgd.DECLARATION if config.privacy.dp_sgd.enabled else None,
-        *(step.declaration for step in outbound.steps(config, build_hook(config, None, run.name), hospital="")),
-        LATE_UPDATES if run.stale_weight > 0 else None,
-        rule_declaration(config.robust),
+        *(step.declaration for step in outbound.steps(config, hook, hospital="")),
+        *(step.declaration for step in inbound.steps(config, hook)),
         EXPLANATIONS if config.explain.enabled else None,
         SUBGROUPS if config.subgroups.attributes else None,
     ]
@@ -105,7 +105,7 @@ def _merged(base: dict, extra: dict) -> dict:
 
 def plain_config(task: str, folder: str = "DATA", run_root: str = "runs") -> dict:
     """The config every cell starts from: three hospitals' tables, a tiny network, one round."""
-    return {
+    return copy.deepcopy({
         "run": {"name": "cell", "root": run_root, "rounds": 1, "min_hospitals": 2},
         "task": TASKS[task],
         "data": {"kind": "table", "min_samples": 20, "table": {"file": "records.csv", "patient_id": "patient", "label": LABELS[task],
@@ -114,7 +114,7 @@ def plain_config(task: str, folder: str = "DATA", run_root: str = "runs") -> dic
         "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.05},
         "explain": {"enabled": False},
         "hospitals": [{"name": h, "data": f"{folder}/{h}"} for h in ("hospital_a", "hospital_b", "hospital_c")],
-    }
+    })  # a copy: callers change it
 
 
 def cell(task: str, *settings: str, folder: str = "DATA", run_root: str = "runs") -> dict:

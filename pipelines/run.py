@@ -43,7 +43,7 @@ from fedward.models.export import export_model, from_weights
 from fedward.models.flat import flatten, layout_digest, layout_of
 from fedward.models.networks import build_model, check_factory
 from fedward import aggregation
-from fedward.pipelines import admission, compatibility
+from fedward.pipelines import admission, compatibility, inbound
 from fedward.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from fedward.models.initial import load_initial_weights
 from fedward.pipelines.selection import Selection
@@ -203,7 +203,6 @@ class Pipeline:
         self.expected: dict[str, Layout] = {}  # each hospital's update layout, once training starts
         self.preprocessing: dict | None = None  # the agreed preprocessing spec (tables), once harmonized
         self.trusted: Hospital | None = None  # FLTrust: the driver's trusted data
-        self.layout_size = 0  # the global model's shared values, once training starts
         self.input_shape: tuple[int, ...] = ()  # one sample's shape, once hospitals prepared
         self.personal: frozenset[str] = frozenset()  # the model's entries that stay at each hospital, once prepared
         self.pending: dict[str, tuple[int, ray.ObjectRef]] = {}
@@ -496,7 +495,8 @@ class Pipeline:
                 self.trusted.restore(ckpt.round)
         self.strategy.start(self._build_model(next(iter(shapes.values()))), layout)
         self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout, self.task.output_size, self.personal)
-        self.layout_size = layout.size
+        trusted_change = self._trusted_change if self.trusted is not None else None
+        self.inbound = inbound.steps(cfg, self.hook, layout.size, trusted_change, self.log)
         self._truncate_metrics(start - 1)
         self.selection = self._selection_after(start - 1)
         self._write_ledger()
@@ -529,22 +529,6 @@ class Pipeline:
             headline = self.task.headline()
             bar.set_postfix({headline: f"{record['pooled'].get(headline, float('nan')):.3f}", "s": f"{round_seconds:.1f}"})
         return weights, layout, last
-
-    def _weighed(self, updates: Mapping[str, Any], rounds_late: Mapping[str, int]) -> dict[str, Any]:
-        """Updates as the driver counts them: a plain one weighs what its example count (as the
-        hospital joined with it) gives, never what it claims, times stale_weight per round late;
-        clipped to robust.norm_bound where the driver sees it, or to DP-FedAvg's clip_norm, which its
-        noise is calibrated to whatever a hospital (or compression's rounding) sent."""
-        cfg, out = self.config, {}
-        dp = cfg.privacy.dp_fedavg
-        bound = dp.clip_norm if dp.enabled else cfg.robust.norm_bound
-        for h, u in updates.items():
-            if isinstance(u, Update):
-                u = dataclasses.replace(u, weight=dp_fedavg.aggregation_weight(cfg, u.num_examples) * cfg.run.stale_weight ** rounds_late.get(h, 0))
-                if bound is not None:
-                    u = aggregation.bounded(u, bound, self.layout_size)
-            out[h] = u
-        return out
 
     def _admitted(self, round: int, arriving: Iterator[tuple[str, Any]], sent: dict[str, int], failures: dict[str, str], updates: dict[str, Any]) -> Iterator[Update | SealedUpdate]:
         """Updates as they arrive and pass admission. Each is also kept in `updates`: whole where
@@ -902,19 +886,10 @@ class Pipeline:
             arriving.close()
         arrived = self._late_updates(round, failures)
         self.pending.update({h: (round, ref) for h, ref in (late or {}).items()})
-        if self.hook.reveals_individual_updates:  # changes in the clear are weighed here, late ones joined
-            updates = self._weighed({**updates, **{h: u for h, (u, _) in arrived.items()}}, {h: round - r for h, (_, r) in arrived.items()})
-            combined = [updates[h] for h in sorted(updates)]
-        self._check_reported_steps(round, updates, units)
-        self._require_quorum(round, updates, failures)
-        aggregated = self.hook.finish(round, combined, {h: why for h, why in failures.items() if h in setups}, ask)
-        if cfg.privacy.dp_fedavg.enabled and self.hook.reveals_individual_updates:
-            aggregated = [dp_fedavg.noised_mean(aggregated, cfg)]
-        trust = {}
-        if self.trusted is not None:
-            aggregated, trust = aggregation.trust_weighted(aggregated, self._trusted_change(round, weights, layout))
-            if not aggregated:
-                self.log(f"round {round}: FLTrust: no hospital's change points the way the trusted data's does; the weights stay")
+        state = inbound.Arrived(round, weights, layout, updates, arrived, combined, failures, set(setups), units, ask)
+        for step in self.inbound:
+            step.apply(state)
+        updates, aggregated, trust = state.updates, state.aggregated, state.trust
         new = self.strategy.aggregate(round, weights, aggregated, failures)
         weights = weights if new is None else new
         new_ref = ray.put(weights)
@@ -972,15 +947,6 @@ class Pipeline:
             "pooled": self.task.pool(list(evaluations.values())) if evaluations else {},
             "failures": failures,
         }
-
-    def _check_reported_steps(self, round: int, updates: Mapping[str, Any], units: Mapping[str, int]) -> None:
-        """A hospital's optimizer must have run the mechanism it was charged for."""
-        if not self.config.privacy.dp_sgd.enabled:
-            return
-        for h, u in sorted(updates.items()):
-            planned, reported = dp_sgd.plan_round(self.config, units[h]), dp_sgd_steps(u.metrics)
-            if reported != planned:
-                raise AggregationError(f"round {round}: {h} reports DP-SGD {reported}, but was charged for {planned}")
 
     def _privacy_record(self, updates: Mapping[str, Any], sent: Mapping[str, int], planned: int) -> dict:
         """This round's facts for the privacy ledger, as the optimizers and protocols reported them."""

@@ -30,20 +30,19 @@ from fedward.actors.hospital import Hospital
 from fedward.actors.pool import HostedHospital, InProcessHospital, start_in_process, start_pool
 from fedward.actors.remote import check_placement, start_hospital
 from fedward.data_adapters.harmonize import merge_summaries
-from fedward.explain.summary import to_jsonable
 from fedward.components import build_versions, load_component
 from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
-from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, FedwardError, HospitalError, QuorumError
-from fedward import subgroups
-from fedward.files import atomic_write, atomic_write_json, json_safe
+from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, QuorumError
+from fedward.files import atomic_write_json
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
-from fedward.types import DataCounts, Evaluation, Layout, RoundPlan, SealedUpdate, Update
-from fedward.models.export import export_model, from_weights
+from fedward.types import DataCounts, Layout, RoundPlan, SealedUpdate, Update
 from fedward.models.flat import flatten, layout_digest, layout_of
 from fedward.models.networks import build_model, check_factory
 from fedward import aggregation
-from fedward.pipelines import admission, compatibility, inbound
+from fedward.pipelines import admission, compatibility, inbound, records
+from fedward.pipelines.calls import arrivals, gather
+from fedward.pipelines.handover import Handover, explanation_due, models_out, subgroups_due
 from fedward.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
 from fedward.models.initial import load_initial_weights
 from fedward.pipelines.selection import Selection
@@ -54,55 +53,6 @@ from fedward.privacy.hooks import Ask, build_hook
 from fedward.privacy import dp_sgd
 from fedward.privacy.ledger import SPEND_LOG, build_ledger, dp_sgd_steps, over_budget, read_spend, record_spend, spend_entries, spent
 
-
-
-def _reason(error: Exception) -> str:
-    """What the driver may learn of a hospital's failure.
-
-    fedward's own errors are written to name files and fields, never patients' values; any other
-    exception text (a library's message may quote a row) stays in the hospital's own log.
-    """
-    if isinstance(error, FedwardError):
-        return f"{type(error).__name__}: {error}"
-    return f"{type(error).__name__} (details in the hospital's log)"
-
-
-def gather(futures: Mapping[str, ray.ObjectRef], timeout: float, late: dict[str, ray.ObjectRef] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Results of the hospitals that answered in time, and a reason for each that did not. With
-    `late`, an answer not in time is left to arrive and put there; otherwise it is cancelled."""
-    failures: dict[str, str] = {}
-    return dict(arrivals(futures, timeout, failures, late)), failures
-
-
-def arrivals(futures: Mapping[str, ray.ObjectRef], timeout: float, failures: dict[str, str], late: dict[str, ray.ObjectRef] | None = None) -> Iterator[tuple[str, Any]]:
-    """(hospital, result) in the order they arrive within `timeout`; a reason for each that does
-    not goes into `failures`, as for `gather`. A result is fetched only when it is taken."""
-    deadline = time.monotonic() + timeout
-    waiting = {ref: name for name, ref in futures.items()}
-    try:
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)  # and whatever else is in
-            for ref in ready:
-                name = waiting.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
-                    failures[name] = _reason(e.cause)
-                    continue
-                except ray.exceptions.RayError as e:
-                    failures[name] = f"{type(e).__name__}: the hospital's actor is gone"
-                    continue
-                yield name, result
-    finally:  # also when the taker stops early: what is still out is cancelled or left to arrive late
-        for ref, name in waiting.items():
-            failures[name] = f"no answer within {timeout:.0f} s" + ("; it counts, weighed down, when it arrives" if late is not None else "")
-            if late is None:
-                ray.cancel(ref)
-            else:
-                late[name] = ref
 
 
 class _BudgetSpent(Exception):
@@ -118,22 +68,6 @@ TRUSTED = "trusted_root"  # FLTrust's trusted data, at the driver
 READY_TIMEOUT_S = 5.0  # how long the check for restarted hospitals waits for a busy one
 RESTART_WAIT_S = 60.0  # and for one Ray is restarting
 MAX_ROUNDS_LATE = 3  # a straggler's update older than this is dropped, and the hospital asked again
-def _figures(e: Evaluation) -> dict[str, Any]:
-    """What a record holds of an evaluation's own figures, named by its task."""
-    return {"n": e.num_examples, **e.figures, "loss": e.loss}
-
-
-def _evaluation_record(e: Evaluation, train_loss: float | None) -> dict[str, Any]:
-    """A hospital's entry in a round's record: its figures, then the statistics the pooled ones
-    come from (the report's calibration and confidence intervals read these, never patients' scores)."""
-    return {**_figures(e), "train_loss": train_loss, **{k: v.tolist() for k, v in e.statistics.items()}}
-
-
-def figures_of_record(entry: dict) -> dict[str, Any]:
-    """A hospital's figures from its entry in a round's record: all but its statistics."""
-    return {k: v for k, v in entry.items() if k != "train_loss" and not isinstance(v, list)}
-
-
 def pooled(config: FedwardConfig, address: str | None) -> bool:
     """Whether the hospitals share a pool of worker processes: a simulation's way, never a cluster's."""
     if address and config.run.hosting in ("pool", "in_process"):
@@ -170,11 +104,6 @@ def start_ray(config: FedwardConfig, address: str | None, pool: bool) -> bool:
             log_to_driver=False,
         )
     return True
-
-
-def _own_view(metrics: list[dict], hospital: str) -> list[dict]:
-    """The metric records as one hospital may see them: its own figures and the pooled ones."""
-    return [{**r, "hospitals": {k: v for k, v in r["hospitals"].items() if k == hospital}} for r in metrics]
 
 
 class Pipeline:
@@ -222,10 +151,10 @@ class Pipeline:
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.config))  # as last run, paths included
         self.selection = self._selection_after(ckpt.round if ckpt else 0)
         trained = ckpt is not None and (ckpt.round >= self.config.run.rounds or self.selection.stopped_after is not None)
-        done = trained and self._models_out(ckpt.round)
+        done = trained and models_out(self.run_dir, ckpt.round)
         if done:
             final, chosen = self.selection.chosen(self.run_dir, self.config.train, ckpt.weights, ckpt.round)
-            if not self._subgroups_due(chosen) and not self._explanation_due(chosen):
+            if not subgroups_due(self.config, self.run_dir, chosen) and not explanation_due(self.config, self.run_dir, chosen):
                 early = "" if self.selection.stopped_after is None else f", stopped early by train.patience after round {ckpt.round}"
                 self.log(f"{self.config.run.name} finished all {ckpt.round} rounds already{early}")
                 return final
@@ -264,13 +193,7 @@ class Pipeline:
             weights, chosen = self.selection.chosen(self.run_dir, self.config.train, weights, last)  # the model the run hands on
             self._rejoin(sorted(shapes), last)  # a hospital lost after the last round still gets its own model
             if last > 0:
-                gains = self._own_models(sorted(shapes), weights, layout, last, next(iter(shapes.values())), chosen)
-                self._export(shapes, self.preprocessing, weights, layout, chosen)
-                atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
-            if last > 0 and self._subgroups_due(chosen):
-                atomic_write_json(self.run_dir / "subgroups.json", self._subgroups(sorted(shapes), weights, layout, chosen))
-            if last > 0 and self._explanation_due(chosen):
-                self._explain(sorted(shapes), weights, layout, chosen)
+                self._hand_over(sorted(shapes), weights, layout, last, chosen)
             return weights
         finally:
             for actor in self.processes:
@@ -278,6 +201,19 @@ class Pipeline:
             self.hospitals, self.processes = {}, []
             if started:
                 ray.shutdown()
+
+    def _hand_over(self, hospitals: list[str], weights: np.ndarray, layout: Layout, last: int, chosen: int) -> None:
+        """The final stage (pipelines/handover.py), for the model of round `chosen`."""
+        handover = Handover(self.config, self.run_dir, self.run_id, self.task, self.hospitals,
+                            personal=self.personal, scale=self.scale, study_dir=self.study_dir, log=self.log)
+        initial = self._initial_weights(self.input_shape)[0] if self.config.strategy.local_only else None
+        gains = handover.own_models(hospitals, weights, layout, last, initial, chosen)
+        handover.export(hospitals, self.input_shape, self.preprocessing, weights, layout, chosen)
+        atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
+        if subgroups_due(self.config, self.run_dir, chosen):
+            atomic_write_json(self.run_dir / "subgroups.json", handover.subgroups(hospitals, weights, layout, chosen))
+        if explanation_due(self.config, self.run_dir, chosen):
+            handover.explain(hospitals, weights, layout, chosen)
 
     def _check_space(self, before: str) -> None:
         """Stop before work whose results could not be saved, not after."""
@@ -497,7 +433,7 @@ class Pipeline:
         self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout, self.task.output_size, self.personal)
         trusted_change = self._trusted_change if self.trusted is not None else None
         self.inbound = inbound.steps(cfg, self.hook, layout.size, trusted_change, self.log)
-        self._truncate_metrics(start - 1)
+        records.truncate_metrics(self.run_dir, start - 1)
         self.selection = self._selection_after(start - 1)
         self._write_ledger()
         last = start - 1
@@ -516,7 +452,7 @@ class Pipeline:
             record["quarantined"] = quarantined
             record["started"] = began_at  # wall clock (Unix time): when, not only how long
             record["seconds"] = round_seconds = time.monotonic() - began
-            self._append_metrics(record)
+            records.append_metrics(self.run_dir, record)
             if "validation" in record and self.selection.observe(self.run_dir, cfg.train, round, record["validation"], weights):
                 self.log(f"validation {self.task.headline()} has not improved for {cfg.train.patience} rounds since round "
                          f"{self.selection.best_round}: training stops after round {round}")
@@ -695,144 +631,6 @@ class Pipeline:
         ledger = build_ledger(self.config, self.hook.describe(), records, read_spend(self.run_dir / SPEND_LOG), stopped)
         atomic_write_json(self.run_dir / "privacy.json", ledger)
 
-    def _models_out(self, last: int) -> bool:
-        """Whether the final models and their figures were written for round `last`."""
-        try:
-            return json.loads((self.run_dir / "personalization.json").read_text())["round"] == last
-        except (OSError, ValueError, KeyError):
-            return False
-
-    def _subgroups_due(self, last: int) -> bool:
-        """Evaluate by group unless it was done for round `last` with these settings."""
-        if not self.config.subgroups.attributes:
-            return False
-        try:
-            done = json.loads((self.run_dir / "subgroups.json").read_text())
-        except (OSError, ValueError):
-            return True
-        return done.get("round") != last or done.get("settings") != config_to_dict(self.config)["subgroups"] or bool(done.get("failures"))
-
-    def _explanation_due(self, last: int) -> bool:
-        """Explain unless the last round's explanation finished everywhere, reports included."""
-        if not self.config.explain.enabled:
-            return False
-        try:
-            done = json.loads((self.run_dir / "explanations.json").read_text())
-        except (OSError, ValueError):  # absent, or torn: explaining again gives the same result
-            return True
-        return done["round"] != last or bool(done["failures"]) or bool(done["report_failures"])
-
-    def _own_models(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int, shape: tuple[int, ...], chosen: int) -> dict:
-        """What each hospital gets from federating: the global model (of round `chosen`) against its
-        own models (the global one fine-tuned on its data, one trained on its data alone), all
-        evaluated there. For personalization.json; the same figures on a re-run (seeds derive from
-        the run's)."""
-        cfg = self.config
-        wanted = {}
-        if cfg.strategy.fine_tune_epochs:
-            wanted["fine_tuned"] = (weights, cfg.strategy.fine_tune_epochs)
-        if cfg.strategy.local_only:
-            wanted["local_only"] = (self._initial_weights(shape)[0], cfg.run.rounds * cfg.train.local_epochs)
-        last = next(r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["round"] == chosen)
-        result = {"round": round, "chosen_round": chosen, "models": {"global": {"hospitals": {h: figures_of_record(m) for h, m in last["hospitals"].items()}, "pooled": last["pooled"]}}}
-        if "personal" in last:
-            result["models"]["personal"] = {k: last["personal"][k] for k in ("hospitals", "pooled")}
-        for purpose, (start, epochs) in wanted.items():
-            start_ref = ray.put(start)
-            answers, failures = gather(
-                {h: self.hospitals[h].train_own_copy.remote(round, start_ref, layout, epochs, purpose) for h in hospitals}, cfg.run.round_timeout_s
-            )
-            for name, why in sorted(failures.items()):
-                self.log(f"{name}: its {purpose.replace('_', '-')} model failed: {why}")
-            result["models"][purpose] = {
-                "epochs": epochs,
-                "hospitals": {h: _figures(e) for h, e in sorted(answers.items())},
-                "pooled": self.task.pool(list(answers.values())) if answers else {},
-                "failures": failures,
-            }
-        return result
-
-    def _subgroups(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> dict:
-        """The final global model's performance per patient group, per hospital and pooled, as each
-        hospital runs it: at its own width, with its own layers where the strategy keeps some."""
-        cfg = self.config
-        weights_ref = ray.put(weights)
-        released, failures = gather({h: self.hospitals[h].evaluate_subgroups.remote(weights_ref, layout) for h in hospitals}, cfg.run.round_timeout_s)
-        for name, why in sorted(failures.items()):
-            self.log(f"{name}: its evaluation per patient group failed: {why}")
-        personal = self.personal
-        models = {
-            h: "global model" + (f" at width {cfg.hospital(h).model['width']:g}" if cfg.hospital(h).model.get("width", 1.0) < 1 else "")
-            + (f" with the layers {cfg.strategy.name} keeps at the hospital" if personal else "")
-            for h in hospitals
-        }
-        summary = subgroups.summarize(round, released, failures, models, cfg.subgroups)
-        return {**summary, "kind": cfg.data.kind, "settings": config_to_dict(cfg)["subgroups"]}
-
-    def _export(self, shapes: dict[str, tuple[int, ...]], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:
-        """The final model, for scoring new patients: the global one here, and each hospital's own
-        (personal layers included) in that hospital's area, never sent here. Same files on a re-run."""
-        shape, personal = next(iter(shapes.values())), self.personal
-        if personal:  # their values exist only at the hospitals: a global model would hold untrained ones
-            self.log(f"no global model written: {self.config.strategy.name} keeps {sorted(personal)} at each hospital; use a hospital's own model")
-        else:
-            export_model(
-                self.run_dir / "model", from_weights(self.config.model, shape, weights, layout, self.task.output_size, self.study_dir),
-                model_config=self.config.model, input_shape=shape, preprocessing=preprocessing, data_config=self.config.data,
-                kind="global", hospital=None, run_id=self.run_id, round=round, task=self.config.task, scale=self.scale, study_dir=self.study_dir,
-            )
-        weights_ref = ray.put(weights)
-        paths, failures = gather(
-            {h: self.hospitals[h].export_model.remote(round, weights_ref, layout, self.run_id) for h in sorted(shapes)},
-            self.config.run.round_timeout_s,
-        )
-        for name, path in sorted(paths.items()):
-            self.log(f"{name}: its own model is at {path} on its node")
-        for name, why in sorted(failures.items()):
-            self.log(f"{name}: its own model could not be written: {why}")
-
-    def _explain(self, hospitals: list[str], weights: np.ndarray, layout: Layout, round: int) -> None:
-        """SHAP inside each hospital, merged here; each hospital then writes its own report."""
-        from fedward.explain.aggregate import merge  # shap, via the explanation's types: only in a driver that explains
-
-        timeout = self.config.run.round_timeout_s
-        weights_ref = ray.put(weights)
-        summaries, failures = gather({h: self.hospitals[h].explain.remote(round, weights_ref, layout) for h in hospitals}, timeout)
-        for name, why in sorted(failures.items()):
-            self.log(f"explanation at {name} failed: {why}")
-        if not summaries:
-            raise HospitalError(f"no hospital could explain the model: {failures}")
-        consortium = merge([summaries[h] for h in sorted(summaries)], self._truth())
-        identity = json.loads((self.run_dir / "run.json").read_text())["identity"]
-        metrics = read_metrics(self.run_dir / "metrics.jsonl")
-        reports, report_failures = gather(
-            {h: self.hospitals[h].write_report.remote(identity, _own_view(metrics, h), consortium) for h in sorted(summaries)}, timeout
-        )
-        for name, path in sorted(reports.items()):
-            self.log(f"{name}: its own report is at {path} on its node")
-        for name, why in sorted(report_failures.items()):
-            self.log(f"{name}: its own report failed: {why}")
-        # Written last: its presence says the whole stage is done, reports included.
-        atomic_write_json(
-            self.run_dir / "explanations.json",
-            {
-                "round": round,
-                "hospitals": {h: to_jsonable(summaries[h]) for h in sorted(summaries)},
-                "consortium": to_jsonable(consortium),
-                "failures": failures,
-                "report_failures": report_failures,
-            },
-        )
-
-    def _truth(self) -> dict | None:
-        """The demo's known answer for the check that drivers outrank noise (tables only)."""
-        if self.config.explain.truth is None or self.config.data.kind != "table":
-            return None
-        path = Path(self.config.explain.truth).expanduser()
-        if not path.is_file():
-            raise DataError(f"explain.truth: {path} does not exist")
-        return json.loads(path.read_text())["ehr"]
-
     def _restore_hospitals(self, hospitals: list[str], round: int) -> None:
         restored, failures = gather({h: self.hospitals[h].restore.remote(round) for h in hospitals}, self.config.run.round_timeout_s)
         fresh = sorted(h for h, r in restored.items() if r is None)
@@ -901,7 +699,7 @@ class Pipeline:
             "round": round,
             "participants": sorted(updates),
             "failures": failures,
-            "hospitals": {h: _evaluation_record(e, updates[h].metrics.get("train_loss") if h in updates else None) for h, e in sorted(evaluations.items())},
+            "hospitals": {h: records.evaluation_record(e, updates[h].metrics.get("train_loss") if h in updates else None) for h, e in sorted(evaluations.items())},
             # A round whose evaluations all failed still trained; it just has no figures.
             "pooled": self.task.pool(list(evaluations.values())) if evaluations else {},
             "evaluation_failures": eval_failures,
@@ -933,7 +731,7 @@ class Pipeline:
         answers, failures = gather({h: self.hospitals[h].evaluate_validation.remote(round, weights_ref, layout) for h in hospitals},
                                    self.config.run.round_timeout_s)
         return {
-            "hospitals": {h: _figures(e) for h, e in sorted(answers.items())},
+            "hospitals": {h: records.figures(e) for h, e in sorted(answers.items())},
             "pooled": self.task.pool(list(answers.values())) if answers else {},
             "failures": failures,
         }
@@ -943,7 +741,7 @@ class Pipeline:
         answers, failures = gather({h: self.hospitals[h].evaluate_personal.remote(round) for h in hospitals}, self.config.run.round_timeout_s)
         evaluations = {h: e for h, e in sorted(answers.items()) if e is not None}
         return {
-            "hospitals": {h: _figures(e) for h, e in evaluations.items()},
+            "hospitals": {h: records.figures(e) for h, e in evaluations.items()},
             "pooled": self.task.pool(list(evaluations.values())) if evaluations else {},
             "failures": failures,
         }
@@ -970,21 +768,3 @@ class Pipeline:
     def _require_quorum(self, round: int, answered: Mapping[str, Any], failures: Mapping[str, str]) -> None:
         if len(answered) < self.config.run.min_hospitals:
             raise QuorumError(round, self.config.run.min_hospitals, failures)
-
-    def _append_metrics(self, record: dict) -> None:
-        # Synced before the round's checkpoint, so a checkpointed round always has its line.
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:  # the round is not checkpointed: a resume redoes it
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}; round {record['round']} will be redone when the run is resumed") from e
-
-    def _truncate_metrics(self, last_round: int) -> None:
-        """Drop metric lines of rounds after the checkpoint, which the resumed run will redo."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            kept = [r for r in read_metrics(path) if r["round"] <= last_round]
-            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())

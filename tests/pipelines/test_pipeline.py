@@ -8,7 +8,9 @@ from fedward.config import parse_config
 from fedward.errors import CheckpointError, ConfigError
 from fedward.types import DataCounts
 from fedward.checkpoint import read_metrics
-from fedward.pipelines.run import Pipeline, _own_view
+from fedward.pipelines import records
+from fedward.pipelines.records import own_view
+from fedward.pipelines.run import Pipeline
 from tests.fedward.test_config import raw_config
 
 
@@ -44,12 +46,12 @@ def test_metrics_survive_a_torn_last_line_and_a_resume_drops_rounds_after_the_ch
     p = pipeline(tmp_path)
     p.run_dir.mkdir(parents=True)
     for round in (1, 2, 3):
-        p._append_metrics({"round": round, "pooled": {"auroc": float("nan")}})
+        records.append_metrics(p.run_dir, {"round": round, "pooled": {"auroc": float("nan")}})
     with open(p.run_dir / "metrics.jsonl", "a") as f:
         f.write('{"round": 4, "poo')  # the driver died mid-write
     assert [r["round"] for r in read_metrics(p.run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert read_metrics(p.run_dir / "metrics.jsonl")[0]["pooled"]["auroc"] is None  # strict JSON, no NaN
-    p._truncate_metrics(2)
+    records.truncate_metrics(p.run_dir, 2)
     assert [json.loads(l)["round"] for l in (p.run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -63,7 +65,7 @@ def test_a_model_the_explainer_cannot_handle_is_refused_before_any_round(tmp_pat
 
 def test_a_hospital_sees_only_its_own_and_the_pooled_figures():
     records = [{"round": 1, "hospitals": {"a": {"n": 3}, "b": {"n": 4}}, "pooled": {"n": 7}}]
-    assert _own_view(records, "a") == [{"round": 1, "hospitals": {"a": {"n": 3}}, "pooled": {"n": 7}}]
+    assert own_view(records, "a") == [{"round": 1, "hospitals": {"a": {"n": 3}}, "pooled": {"n": 7}}]
 
 
 def test_a_failed_aggregation_is_retried_with_the_same_selection_then_stops_the_run(tmp_path):
@@ -115,4 +117,4 @@ def test_an_unwritable_or_full_run_directory_stops_the_run_before_any_round(tmp_
     p.run_dir.mkdir(parents=True)
     (p.run_dir / "metrics.jsonl").mkdir()  # where the file should be: its append fails
     with pytest.raises(CheckpointError, match=r"cannot write .*metrics.jsonl.*round 4 will be redone when the run is resumed"):
-        p._append_metrics({"round": 4})
+        records.append_metrics(p.run_dir, {"round": 4})

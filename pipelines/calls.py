@@ -1,0 +1,64 @@
+"""The driver's calls to hospitals: each answer as it arrives, and a reason for each that does not.
+
+A hospital that fails or stays silent costs its own answer, never the call: the caller decides
+whether enough answered (a round's quorum).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ray
+
+from fedward.errors import FedwardError
+
+
+def reason(error: Exception) -> str:
+    """What the driver may learn of a hospital's failure.
+
+    fedward's own errors are written to name files and fields, never patients' values; any other
+    exception text (a library's message may quote a row) stays in the hospital's own log.
+    """
+    if isinstance(error, FedwardError):
+        return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__} (details in the hospital's log)"
+
+
+def gather(futures: Mapping[str, ray.ObjectRef], timeout: float, late: dict[str, ray.ObjectRef] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Results of the hospitals that answered in time, and a reason for each that did not. With
+    `late`, an answer not in time is left to arrive and put there; otherwise it is cancelled."""
+    failures: dict[str, str] = {}
+    return dict(arrivals(futures, timeout, failures, late)), failures
+
+
+def arrivals(futures: Mapping[str, ray.ObjectRef], timeout: float, failures: dict[str, str], late: dict[str, ray.ObjectRef] | None = None) -> Iterator[tuple[str, Any]]:
+    """(hospital, result) in the order they arrive within `timeout`; a reason for each that does
+    not goes into `failures`, as for `gather`. A result is fetched only when it is taken."""
+    deadline = time.monotonic() + timeout
+    waiting = {ref: name for name, ref in futures.items()}
+    try:
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)  # and whatever else is in
+            for ref in ready:
+                name = waiting.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    failures[name] = reason(e.cause)
+                    continue
+                except ray.exceptions.RayError as e:
+                    failures[name] = f"{type(e).__name__}: the hospital's actor is gone"
+                    continue
+                yield name, result
+    finally:  # also when the taker stops early: what is still out is cancelled or left to arrive late
+        for ref, name in waiting.items():
+            failures[name] = f"no answer within {timeout:.0f} s" + ("; it counts, weighed down, when it arrives" if late is not None else "")
+            if late is None:
+                ray.cancel(ref)
+            else:
+                late[name] = ref

@@ -18,10 +18,7 @@ from fedward.explain.aggregate import explain_images, explain_table, grouped_by_
 from fedward.explain.attribution import Attributions, deep_shap
 from fedward.explain.report import PatientExplanation
 from fedward.explain.summary import ExplanationSummary
-from fedward.declarations import ONE_SCORE, Declaration
 from fedward.errors import DataError
-
-DECLARATION = Declaration("explain.enabled", needs={ONE_SCORE: "attributes one probability per patient to the features"})
 
 
 @dataclass

@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedward.declarations import ONE_SCORE, Declaration
+
+# Imported by the compatibility check, which must not pull in SHAP: hence here, not in explain/local.py.
+DECLARATION = Declaration("explain.enabled", needs={ONE_SCORE: "attributes one probability per patient to the features"})
+
 
 @dataclass(frozen=True)
 class FeatureBin:

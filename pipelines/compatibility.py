@@ -22,7 +22,7 @@ from fedward.actors import outbound
 from fedward.config import FedwardConfig, parse_config
 from fedward.declarations import Declaration, require_compatible
 from fedward.errors import ConfigError
-from fedward.explain.local import DECLARATION as EXPLANATIONS
+from fedward.explain.summary import DECLARATION as EXPLANATIONS
 from fedward.models.networks import declaration as norm_declaration
 from fedward.models.training import optimizer_declaration
 from fedward.pipelines import inbound

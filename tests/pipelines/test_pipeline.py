@@ -1,6 +1,8 @@
 """The driver's own decisions, without Ray: identity of a run, its data, its metrics file."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -118,3 +120,10 @@ def test_an_unwritable_or_full_run_directory_stops_the_run_before_any_round(tmp_
     (p.run_dir / "metrics.jsonl").mkdir()  # where the file should be: its append fails
     with pytest.raises(CheckpointError, match=r"cannot write .*metrics.jsonl.*round 4 will be redone when the run is resumed"):
         records.append_metrics(p.run_dir, {"round": 4})
+
+
+def test_the_driver_starts_without_the_libraries_only_some_runs_need():
+    # SHAP, Opacus, TenSEAL and scipy.stats cost a driver seconds at every start; each loads where it is used.
+    code = "import sys, fedward.pipelines.run; print(sorted(m for m in ('shap', 'opacus', 'tenseal', 'scipy.stats') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"importing the driver loads {loaded}"

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from tqdm import tqdm
 
 from fedward.actors.hospital import Hospital
@@ -32,25 +31,24 @@ from fedward.actors.remote import check_placement, start_hospital
 from fedward.data_adapters.harmonize import merge_summaries
 from fedward.components import build_versions, load_component
 from fedward.config import FedwardConfig, HospitalConfig, config_diff, config_hash, config_identity, config_to_dict
-from fedward.errors import AggregationError, CheckpointError, ConfigError, DataError, DeploymentError, QuorumError
+from fedward.errors import AggregationError, CheckpointError, DataError, DeploymentError, QuorumError
 from fedward.files import atomic_write_json
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
 from fedward.types import DataCounts, Layout, RoundPlan, SealedUpdate, Update
-from fedward.models.flat import flatten, layout_digest, layout_of
-from fedward.models.networks import build_model, check_factory
+from fedward.models.flat import layout_digest, layout_of
+from fedward.models.networks import check_factory
 from fedward import aggregation
 from fedward.pipelines import admission, compatibility, inbound, records
 from fedward.pipelines.calls import arrivals, gather
+from fedward.pipelines.global_model import GlobalModel
 from fedward.pipelines.handover import Handover, explanation_due, models_out, subgroups_due
 from fedward.checkpoint import RunCheckpoint, load_checkpoint, read_metrics, save_checkpoint
-from fedward.models.initial import load_initial_weights
 from fedward.pipelines.selection import Selection
-from fedward.pipelines.manifest import record_builds, record_data, record_initial_weights, record_invocation
+from fedward.pipelines.manifest import record_builds, record_data, record_invocation
 from fedward.strategies import build_strategy
 from fedward.privacy import dp_fedavg
 from fedward.privacy.hooks import Ask, build_hook
-from fedward.privacy import dp_sgd
 from fedward.privacy.ledger import SPEND_LOG, build_ledger, dp_sgd_steps, over_budget, read_spend, record_spend, spend_entries, spent
 
 
@@ -122,6 +120,7 @@ class Pipeline:
         compatibility.check(config, self.study_dir)
         self.strategy = build_strategy(config, self.study_dir)
         self.task = build_task(config.task, self.study_dir)
+        self.model = GlobalModel(config, self.task, self.strategy, study_dir=self.study_dir, started_in=self.started_in, run_dir=self.run_dir)
         self.scale: dict[str, float] | None = None  # the targets' scale the hospitals agreed on (regression)
         self.hook = build_hook(config, None, self.run_id)
         self.wire_form = "compressed" if config.compression.kind != "none" else self.hook.form  # how updates arrive
@@ -183,8 +182,9 @@ class Pipeline:
             )
             self._require_quorum(0, shapes, failures)
             self.input_shape = next(iter(shapes.values()))
-            self.personal = self.strategy.personal_keys(self._build_model(self.input_shape))
-            self._check_model(self.input_shape, sorted(shapes))
+            self.personal = self.model.keep_personal(self.input_shape)
+            dp_units = {h: self._dp_units(h) for h in sorted(shapes)} if self.config.privacy.dp_sgd.enabled else {}
+            self.model.check(self.input_shape, dp_units)
             self._check_builds(sorted(shapes))
             self.trusted = self._trusted_root() if self.config.robust.rule == "fltrust" else None
             # Key set-up bytes count toward the first round run in this invocation.
@@ -206,7 +206,7 @@ class Pipeline:
         """The final stage (pipelines/handover.py), for the model of round `chosen`."""
         handover = Handover(self.config, self.run_dir, self.run_id, self.task, self.hospitals,
                             personal=self.personal, scale=self.scale, study_dir=self.study_dir, log=self.log)
-        initial = self._initial_weights(self.input_shape)[0] if self.config.strategy.local_only else None
+        initial = self.model.initial_weights(self.input_shape)[0] if self.config.strategy.local_only else None
         gains = handover.own_models(hospitals, weights, layout, last, initial, chosen)
         handover.export(hospitals, self.input_shape, self.preprocessing, weights, layout, chosen)
         atomic_write_json(self.run_dir / "personalization.json", gains)  # last: its presence says the models are out
@@ -313,59 +313,6 @@ class Pipeline:
         atomic_write_json(saved, scale)
         return scale
 
-    def _build_model(self, shape: tuple[int, ...]) -> torch.nn.Module:
-        return build_model(self.config.model, shape, self.task.output_size, self.study_dir)
-
-    def _check_model(self, shape: tuple[int, ...], hospitals: list[str]) -> None:
-        """Refuse before training, not in its middle, what the model or the privacy settings forbid."""
-        cfg = self.config
-        model = self._build_model(shape)
-        unsupported = []
-        if cfg.explain.enabled:
-            from fedward.explain.attribution import unsupported_layers  # shap: only in a driver that explains
-
-            unsupported = unsupported_layers(model)
-        if unsupported:
-            raise ConfigError(
-                f"model: DeepExplainer cannot explain {', '.join(sorted(set(unsupported)))} layers; "
-                f"choose model.norm 'batch' or 'none', or set explain.enabled: false"
-            )
-        if cfg.privacy.dp_sgd.enabled:
-            dp_sgd.check_model(model)
-            for h in hospitals:
-                try:
-                    dp_sgd.plan_round(cfg, self._dp_units(h))
-                except ConfigError as e:
-                    raise ConfigError(f"hospital {h}: {e}") from None
-        if cfg.privacy.dp_fedavg.enabled:
-            dp_fedavg.noise_multiplier(cfg)  # calibrated now: an unreachable budget fails before round 1
-        self._check_output(model, shape)
-        if cfg.model.init_weights is not None:
-            self._check_initial_weights(model)
-        if cfg.train.select == "best" and (self.personal or self.strategy.keeps_own_models):
-            raise ConfigError(
-                f"train.select: best hands on an earlier round's global weights, but strategy.name {cfg.strategy.name} keeps "
-                f"{'a model' if self.strategy.keeps_own_models else 'layers'} at each hospital that went on training after it; "
-                f"use train.select: last (train.patience still stops early)"
-            )
-        names = flatten(model, self.personal)[1].names
-        unknown = sorted(set(cfg.privacy.encryption.layers or ()) - set(names)) if cfg.privacy.encryption.enabled else []
-        if unknown:
-            raise ConfigError(f"privacy.encryption.layers: {unknown} are not in the model; its entries are {list(names)}")
-
-    def _check_initial_weights(self, model: torch.nn.Module) -> None:
-        """The file fits the model, and no entry loaded from it stays at the hospitals, which build
-        their own layers fresh; its sha256 goes into the manifest."""
-        spec = self.config.model.init_weights
-        digest = load_initial_weights(model, spec, self.started_in)
-        lost = sorted(self.personal - set(spec.keep_initial))
-        if lost:
-            raise ConfigError(
-                f"model.init_weights: {lost} stay at each hospital under strategy.name {self.config.strategy.name}, which builds them "
-                f"afresh there, so the file's values would not reach them; list them in model.init_weights.keep_initial"
-            )
-        record_initial_weights(self.run_dir, spec.file, digest)
-
     def _check_builds(self, hospitals: list[str]) -> None:
         """Every hospital built the model the driver did, with the same code: one whose versions
         differ would train another model under the same name."""
@@ -374,7 +321,7 @@ class Pipeline:
         own = build_versions(self.config, self.study_dir)
         shape, personal = self.input_shape, self.personal
         # One build of the global model; only a narrower hospital's (HeteroFL) is built apart.
-        layouts = admission.model_layouts(self.config, shape, layout_of(self._build_model(shape), personal), self.task.output_size, personal)
+        layouts = admission.model_layouts(self.config, shape, layout_of(self.model.build(shape), personal), self.task.output_size, personal)
         expected = {h: {**own, "layout": layout_digest(layouts[h])} for h in reports}
         differ = {h: {k: (v, expected[h].get(k)) for k, v in r.items() if expected[h].get(k) != v} for h, r in sorted(reports.items())}
         differ = {h: d for h, d in differ.items() if d}
@@ -383,35 +330,9 @@ class Pipeline:
             raise DeploymentError(f"hospitals built the model with other code than the driver:\n{lines}\nInstall the same versions everywhere")
         record_builds(self.run_dir, own)  # refuses code that differs from what the run began with
 
-    def _check_output(self, model: torch.nn.Module, shape: tuple[int, ...]) -> None:
-        """The model must give the task's output size per sample, and finite values, on inputs of
-        the hospitals' shape."""
-        try:
-            with torch.no_grad():
-                out = model.eval()(torch.zeros((2, *shape)))
-        except Exception as e:  # the study's model cannot take the inputs: its own error, named
-            raise ConfigError(f"{self.config.model.name}: fails on inputs of shape {shape}: {type(e).__name__}: {e}") from None
-        task = self.config.task.target or f"task.kind {self.config.task.kind}"
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.task.output_size):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(
-                f"{self.config.model.name}: gives outputs of shape {got[1:] if isinstance(got, tuple) else got} per batch of 2 samples, "
-                f"but {task} needs ({self.task.output_size},) per sample"
-            )
-        if not torch.isfinite(out).all():
-            raise ConfigError(f"{self.config.model.name}: gives non-finite outputs (NaN or infinity) for its initial weights on zero inputs")
-
     def _dp_units(self, hospital: str) -> int:
         c = self.counts[hospital]
         return c.train_patients if self.config.privacy.dp_sgd.unit == "patient" else c.train_examples
-
-    def _initial_weights(self, shape: tuple[int, ...]) -> tuple[np.ndarray, Layout]:
-        """The global model's first weights: the factory's, seeded by the run, or model.init_weights'."""
-        torch.manual_seed(self.config.run.seed)
-        model = self._build_model(shape)
-        if self.config.model.init_weights is not None:
-            load_initial_weights(model, self.config.model.init_weights, self.started_in)
-        return flatten(model, self.personal)
 
     def _train(self, shapes: dict[str, tuple[int, ...]], ckpt: RunCheckpoint | None) -> tuple[np.ndarray, Layout, int]:
         """Rounds from the checkpoint on; returns the weights, their layout and the last round done."""
@@ -420,7 +341,7 @@ class Pipeline:
             raise DataError(f"hospitals prepared inputs of different shapes: {shapes}")
         rng = np.random.default_rng(cfg.run.seed)
         if ckpt is None:
-            weights, layout = self._initial_weights(next(iter(shapes.values())))
+            weights, layout = self.model.initial_weights(next(iter(shapes.values())))
             start = 1
         else:
             weights, layout, start = ckpt.weights, ckpt.layout, ckpt.round + 1
@@ -429,7 +350,7 @@ class Pipeline:
             self._restore_hospitals(sorted(shapes), ckpt.round)
             if self.trusted is not None:  # its own layers (FedBN, FedPer) as they were
                 self.trusted.restore(ckpt.round)
-        self.strategy.start(self._build_model(next(iter(shapes.values()))), layout)
+        self.strategy.start(self.model.build(next(iter(shapes.values()))), layout)
         self.expected = admission.expected_layouts(cfg, self.strategy, next(iter(shapes.values())), layout, self.task.output_size, self.personal)
         trusted_change = self._trusted_change if self.trusted is not None else None
         self.inbound = inbound.steps(cfg, self.hook, layout.size, trusted_change, self.log)

@@ -163,3 +163,21 @@ def subprocess_load(model_dir: Path, study: Path, env: dict) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=study, env=env, capture_output=True, text=True, timeout=120)
     if done.returncode:
         raise CheckpointError(done.stderr.strip().splitlines()[-1])
+
+
+def test_a_study_inside_a_project_whose_top_has_its_own_models_folder_imports_its_own(demo_data, tmp_path):
+    # As in a submitted job: the run starts in the shipped project, whose top holds fedward's
+    # models/ and pipelines/ folders; the study's packages of the same names live in run.study_dir.
+    project = tmp_path / "project"
+    for name in ("models", "pipelines"):
+        (project / name).mkdir(parents=True)
+        (project / name / "__init__.py").write_text(f"raise ImportError('the project top {name}/, not the study')\n")
+    raw = yaml.safe_load(write_study(project / "studies" / "ward", demo_data).read_text())
+    raw["run"].update({"study_dir": "studies/ward", "rounds": 1, "hosting": "in_process"})
+    (project / "study.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "fedward.pipelines", "simulate", "study.yaml", "--no-progress"],
+                          cwd=project, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [sorted(r["participants"]) for r in read_metrics(project / "runs" / "study" / "metrics.jsonl")] == [list(HOSPITALS)]
+    built = json.loads((project / "runs" / "study" / "manifest.json").read_text())["invocations"][-1]["model_built_with"]
+    assert built["model.target"]["file"] == "models/nets.py" and built["task.target"]["file"] == "pipelines/outcome.py"

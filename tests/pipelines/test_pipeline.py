@@ -60,9 +60,9 @@ def test_metrics_survive_a_torn_last_line_and_a_resume_drops_rounds_after_the_ch
 def test_a_model_the_explainer_cannot_handle_is_refused_before_any_round(tmp_path):
     raw = raw_config(run={"name": "t", "root": str(tmp_path)}, model={"kind": "mlp", "norm": "group", "hidden": [8], "groups": 2, "dropout": 0.2})
     with pytest.raises(ConfigError, match="cannot explain GroupNorm"):
-        Pipeline(parse_config(raw), progress=False)._check_model((5,), [])
+        Pipeline(parse_config(raw), progress=False).model.check((5,), {})
     raw["explain"] = {"enabled": False}
-    Pipeline(parse_config(raw), progress=False)._check_model((5,), [])
+    Pipeline(parse_config(raw), progress=False).model.check((5,), {})
 
 
 def test_a_hospital_sees_only_its_own_and_the_pooled_figures():

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedward.config import load_config  # noqa: E402
 from fedward.checkpoint import load_checkpoint  # noqa: E402
-from fedward.pipelines.run import Pipeline, _wire_bytes  # noqa: E402
+from fedward.pipelines.rounds import wire_bytes  # noqa: E402
+from fedward.pipelines.run import Pipeline  # noqa: E402
 from tests.privacy.federation import Federation, config_with, random_updates, weighted_mean  # noqa: E402
 
 HOOKS = {
@@ -58,7 +59,7 @@ class TimedFederation(Federation):
             began = time.perf_counter()
             result = method(*args)
             self.hospital_seconds[name] += time.perf_counter() - began
-            self.sent[name] += _wire_bytes(result)
+            self.sent[name] += wire_bytes(result)
             return result
 
         return call

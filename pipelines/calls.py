@@ -12,7 +12,8 @@ from typing import Any
 
 import ray
 
-from fedward.errors import FedwardError
+from fedward.config import FedwardConfig
+from fedward.errors import FedwardError, QuorumError
 
 
 def reason(error: Exception) -> str:
@@ -62,3 +63,9 @@ def arrivals(futures: Mapping[str, ray.ObjectRef], timeout: float, failures: dic
                 ray.cancel(ref)
             else:
                 late[name] = ref
+
+
+def require_quorum(config: FedwardConfig, round: int, answered: Mapping[str, Any], failures: Mapping[str, str]) -> None:
+    """Stop a stage (round 0) or a round that fewer hospitals than run.min_hospitals answered, saying why each did not."""
+    if len(answered) < config.run.min_hospitals:
+        raise QuorumError(round, config.run.min_hospitals, failures)

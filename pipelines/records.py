@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,13 @@ def truncate_metrics(run_dir: Path, last_round: int) -> None:
     if path.is_file():
         kept = [r for r in read_metrics(path) if r["round"] <= last_round]
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def check_space(run_dir: Path, min_free_mb: float, before: str) -> None:
+    """Stop before work whose results could not be saved, not after."""
+    free = shutil.disk_usage(run_dir).free / 2**20
+    if free < min_free_mb:
+        raise CheckpointError(
+            f"{run_dir}: {free:.0f} MiB free, below run.min_free_mb={min_free_mb:g}; stopped {before}. "
+            f"Checkpointed rounds are kept: free space and run again to resume"
+        )

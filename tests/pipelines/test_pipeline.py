@@ -12,7 +12,12 @@ from fedward.types import DataCounts
 from fedward.checkpoint import read_metrics
 from fedward.pipelines import records
 from fedward.pipelines.records import own_view
+from fedward.pipelines.global_model import GlobalModel
+from fedward.pipelines.rounds import Rounds
 from fedward.pipelines.run import Pipeline
+from fedward.privacy.hooks import build_hook
+from fedward.strategies import build_strategy
+from fedward.tasks import build_task
 from tests.fedward.test_config import raw_config
 
 
@@ -73,16 +78,12 @@ def test_a_hospital_sees_only_its_own_and_the_pooled_figures():
 def test_a_failed_aggregation_is_retried_with_the_same_selection_then_stops_the_run(tmp_path):
     import numpy as np
 
-    from fedward.errors import AggregationError
+    from fedward.errors import AggregationError, QuorumError
 
     attempts = []
 
-    from fedward.errors import QuorumError
-
-    attempts = []
-
-    class Flaky(Pipeline):
-        def _rejoin(self, hospitals, last):
+    class Flaky(Rounds):
+        def rejoin(self, hospitals, last):
             return []  # no hospital process to restart here
 
         def _round(self, round, available, weights, layout, rng, attempt):
@@ -92,7 +93,11 @@ def test_a_failed_aggregation_is_retried_with_the_same_selection_then_stops_the_
             return weights, {"round": round}
 
     failures, error = 2, AggregationError("a share failed its check")
-    p = Flaky(parse_config(raw_config(run={"name": "t", "root": str(tmp_path), "round_retries": 2, "quorum_wait_s": 0})), progress=False, log=lambda m: None)
+    config = parse_config(raw_config(run={"name": "t", "root": str(tmp_path), "round_retries": 2, "quorum_wait_s": 0}))
+    task, strategy = build_task(config.task), build_strategy(config)
+    p = Flaky(config, run_dir=tmp_path, digest="x", hospitals={}, counts={}, hook=build_hook(config, None, "t"), strategy=strategy, task=task,
+              model=GlobalModel(config, task, strategy, study_dir=None, started_in=tmp_path, run_dir=tmp_path), trusted=None,
+              preprocessing=None, scale=None, progress=False, log=lambda m: None)
     rng = np.random.default_rng(0)
     _, record = p._round_with_retries(1, ["a", "b"], np.zeros(1, np.float32), None, rng)
     assert record == {"round": 1, "rejoined": []}

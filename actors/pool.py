@@ -9,7 +9,8 @@ hosted hospital through a `HostedHospital`, as it would call the hospital's own 
 `run.hosting: in_process` hosts every hospital in the driver's own process instead
 (`start_in_process`): a debugger steps from the driver into a hospital's code, and tests run many
 small federations without starting a process per run. Nothing then isolates a hospital from another
-or from the driver.
+or from the driver, calls run one after another, and no deadline applies (`run.round_timeout_s`,
+late updates and the `slow` attack need hospitals of their own).
 
 On a cluster every hospital keeps its own actor on the node holding its data (`actors/remote.py`).
 """
@@ -17,6 +18,7 @@ On a cluster every hospital keeps its own actor on the node holding its data (`a
 from __future__ import annotations
 
 import pickle
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ import torch
 
 from fedward.actors.remote import HospitalActor
 from fedward.config import FedwardConfig
+from fedward.errors import released_reason
+from fedward.types import Failure
 from fedward.privacy.hooks import AggregationHook
 
 
@@ -58,7 +62,7 @@ class HospitalWorker:
             hospital.hook = self.hooks.pop(name)
         else:
             # Created on its first call, and again after Ray restarted this worker: it then answers
-            # ready() with False and the driver has it reload (Pipeline._rejoin). Sleepers written
+            # ready() with False and the driver has it reload (Rounds.rejoin). Sleepers written
             # by the dead process are never read back.
             hospital = HospitalActor(name, self.config, self.run_id, threads=self.threads)
         self.awake[name] = hospital
@@ -102,8 +106,9 @@ class _HostedMethod:
 @dataclass(frozen=True)
 class InProcessHospital:
     """A hospital in the driver's process, called as its own actor would be: `hospital.fit.remote(...)`
-    runs the call now and returns a reference to its result, or to its error (which `ray.get` raises
-    as an actor's would, so a failing hospital costs its place in the round, not the run)."""
+    runs the call at once and returns a reference to its result, or to a `Failure` (its traceback
+    printed), which costs the hospital its place in the round as an actor's error would. Calls run
+    one after another as they are made, so no timeout applies: a hospital that hangs hangs the run."""
 
     hospital: HospitalActor
 
@@ -111,11 +116,6 @@ class InProcessHospital:
         if method.startswith("_"):
             raise AttributeError(method)
         return _InProcessMethod(getattr(self.hospital, method))
-
-
-@ray.remote(num_cpus=0)
-def _raise(error: Exception) -> None:
-    raise error
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,9 @@ class _InProcessMethod:
         args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
         try:
             return ray.put(self.call(*args))
-        except Exception as e:  # noqa: BLE001 - handed on as Ray hands on an actor's error
-            return _raise.remote(e)
+        except Exception as e:  # noqa: BLE001 - one hospital's failure, reported as an actor's would be
+            traceback.print_exc()  # the hospital's log is the driver's: the whole traceback, for the debugger's user
+            return ray.put(Failure(released_reason(e)))
 
 
 def start_in_process(config: FedwardConfig, run_id: str) -> dict[str, InProcessHospital]:

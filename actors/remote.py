@@ -52,7 +52,7 @@ def start_hospital(config: FedwardConfig, name: str, run_id: str) -> ray.actor.A
         num_cpus=own.cpus,
         resources={name: 1},
         # A hospital whose process dies is restarted empty; the driver has it reload its data and
-        # its own state before the next round (Pipeline._rejoin). The task it was running is not
+        # its own state before the next round (Rounds.rejoin). The task it was running is not
         # retried: its round goes on without it if the quorum holds.
         max_restarts=config.run.hospital_restarts,
         max_task_retries=0,

@@ -21,7 +21,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("_check_deployment", "_validate", "_harmonize", "_check_model")
+STAGES = ("_check_deployment", "_validate", "_harmonize", "_check_builds")
 
 
 def timed_run(config: Path, settings: list[str]) -> None:

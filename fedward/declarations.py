@@ -33,9 +33,6 @@ CONTROL_CHANGES = "each change is aggregated together with the control change it
 DRIVER_TRAINS_FREELY = "the driver may train on its own trusted data outside any privacy budget"
 ONE_SCORE = "the model gives one probability per patient (a binary task)"
 
-FACTS = (CLEAR, WHOLE_SHAPE, MEAN, SAME_ROUND, ACCOUNTED, PLAIN_EPOCHS, PLAIN_SGD, SAMPLES_APART,
-         EVERY_LAYER_SUMMED, LAYERS_APART, CONTROL_CHANGES, DRIVER_TRAINS_FREELY, ONE_SCORE)
-
 
 @dataclass(frozen=True)
 class Declaration:

@@ -44,3 +44,14 @@ class QuorumError(FedwardError):
 
 class CheckpointError(FedwardError):
     """A run directory or checkpoint cannot be used (corrupt, other config, unwritable)."""
+
+
+def released_reason(error: BaseException) -> str:
+    """What the driver may learn of a hospital's failure.
+
+    fedward's own errors are written to name files and fields, never patients' values; any other
+    exception text (a library's message may quote a row) stays in the hospital's own log.
+    """
+    if isinstance(error, FedwardError):
+        return f"{type(error).__name__}: {error}"
+    return f"{type(error).__name__} (details in the hospital's log)"

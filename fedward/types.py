@@ -159,3 +159,10 @@ class Placement:
     node_id: str
     node_ip: str
     problem: str | None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A call that failed at a hospital hosted in the driver's process, as the driver may learn of it."""
+
+    reason: str

@@ -20,7 +20,7 @@ from fedward.errors import ConfigError
 
 def declaration(config: ModelConfig) -> Declaration | None:
     """What the built-in networks' normalization takes from other settings."""
-    if config.target is None and config.norm == "batch":
+    if config.norm == "batch":
         return Declaration("model.norm: batch", breaks={SAMPLES_APART: "normalizes each sample with its batch's statistics, so samples mix"})
     return None
 

@@ -13,18 +13,8 @@ from typing import Any
 import ray
 
 from fedward.config import FedwardConfig
-from fedward.errors import FedwardError, QuorumError
-
-
-def reason(error: Exception) -> str:
-    """What the driver may learn of a hospital's failure.
-
-    fedward's own errors are written to name files and fields, never patients' values; any other
-    exception text (a library's message may quote a row) stays in the hospital's own log.
-    """
-    if isinstance(error, FedwardError):
-        return f"{type(error).__name__}: {error}"
-    return f"{type(error).__name__} (details in the hospital's log)"
+from fedward.errors import QuorumError, released_reason
+from fedward.types import Failure
 
 
 def gather(futures: Mapping[str, ray.ObjectRef], timeout: float, late: dict[str, ray.ObjectRef] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -50,10 +40,13 @@ def arrivals(futures: Mapping[str, ray.ObjectRef], timeout: float, failures: dic
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
-                    failures[name] = reason(e.cause)
+                    failures[name] = released_reason(e.cause)
                     continue
                 except ray.exceptions.RayError as e:
                     failures[name] = f"{type(e).__name__}: the hospital's actor is gone"
+                    continue
+                if isinstance(result, Failure):  # a hospital in the driver's process (run.hosting: in_process)
+                    failures[name] = result.reason
                     continue
                 yield name, result
     finally:  # also when the taker stops early: what is still out is cancelled or left to arrive late

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from fedward.config import FedwardConfig, load_config
 from fedward.errors import ConfigError, DeploymentError
-from fedward.pipelines import compatibility
 
 PROJECT = Path(__file__).resolve().parents[1]  # shipped as the job's working directory
 # Never shipped: environments, data and results are the machines' own, and big; secrets must not
@@ -75,9 +74,7 @@ def submit(config_path: Path, address: str, settings: list[str], follow: bool = 
 
     if not address.startswith(("http://", "https://")):
         raise ConfigError(f"--address: {address!r} is not the dashboard's URL; give http://HEAD:8265 (the dashboard, not the GCS port)")
-    config = load_config(config_path, settings)
-    require_cluster_paths(config)  # refused here, before anything ships
-    compatibility.check(config, config.with_paths_from(Path.cwd()).run.study_dir)
+    require_cluster_paths(load_config(config_path, settings))  # refused here, before anything ships
     pems = pem_files()
     if pems:
         raise ConfigError(f"{pems[0]}: a PEM file inside the project would be shipped to every node; keep keys and certificates outside {PROJECT}")

@@ -39,6 +39,7 @@ class Task(ABC):
     output_size: int = 1
     # What the task takes from other components (fedward/declarations.py): explanations and
     # figures per patient group read one probability per patient, which only a binary task gives.
+    needs: ClassVar[dict[str, str]] = {}
     breaks: ClassVar[dict[str, str]] = {ONE_SCORE: "gives each patient more than one probability, or a number"}
 
     def __init__(self, config: TaskConfig):
@@ -46,7 +47,7 @@ class Task(ABC):
 
     def declaration(self) -> Declaration:
         setting = f"task.target: {self.config.target}" if self.config.target else f"task.kind: {self.kind}"
-        return Declaration(setting, breaks=self.breaks)
+        return Declaration(setting, self.needs, self.breaks)
 
     # -- labels -----------------------------------------------------------------------------------
 

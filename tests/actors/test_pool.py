@@ -60,3 +60,23 @@ def test_the_simulation_pools_its_hospitals_and_a_cluster_never_does(demo_data, 
     assert not pooled(config("auto"), "auto") and not pooled(config("per_hospital"), "ray://head:10001")
     with pytest.raises(DeploymentError, match="run.hosting: pool .* on a cluster each hospital runs on the node holding its data"):
         pooled(config("pool"), "auto")
+
+
+def test_a_hospital_in_the_drivers_process_that_fails_costs_its_answer_with_a_reason_that_names_no_value(ray_session, demo_data, tmp_path, capsys):
+    from fedward.actors.pool import start_in_process
+    from fedward.errors import DataError
+    from fedward.pipelines.calls import gather
+
+    config = parse_config(ehr_config(demo_data, tmp_path, name="inprocess"))
+    hospitals = start_in_process(config, "inprocess-1")
+    hospitals["hospital_b"].hospital.load = lambda: {}["patient 0042's row"]  # a library error quoting a value
+
+    def refuse():
+        raise DataError("hospital_c: ehr.csv: no column 'age'")
+
+    hospitals["hospital_c"].hospital.load = refuse  # fedward's own errors name files and fields: they are passed on
+    answers, failures = gather({h: hospitals[h].load.remote() for h in sorted(hospitals)}, timeout=60)
+    assert sorted(answers) == ["hospital_a"] and answers["hospital_a"].train_examples > 0
+    assert failures["hospital_b"] == "KeyError (details in the hospital's log)"
+    assert failures["hospital_c"] == "DataError: hospital_c: ehr.csv: no column 'age'" and "0042" not in str(failures)
+    assert "patient 0042's row" in capsys.readouterr().err  # the whole traceback, where the debugging user reads it

@@ -127,7 +127,9 @@ class Hospital:
         if data.kind == "table":
             samples = load_table(self.data_dir, data.table, report, attributes=attributes, task=self.task)
         else:
-            samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache", attributes=attributes, task=self.task)
+            dp = self.config.privacy.dp_sgd
+            samples = load_dicom(self.data_dir, data.dicom, report, cache_dir=self.work_dir / "cache", attributes=attributes, task=self.task,
+                                 require_patient_id=dp.enabled and dp.unit == "patient")
         if record:
             report.write(self.run_dir / "data_report.json")
         self.notes = report.notes

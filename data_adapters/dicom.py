@@ -82,13 +82,14 @@ class _Skip(Exception):
 
 def load_dicom(
     data_dir: Path, spec: DicomSpec, report: DataReport, cache_dir: Path | None = None, labelled: bool = True,
-    attributes: Mapping[str, str] = {}, task: Task | None = None,
+    attributes: Mapping[str, str] = {}, task: Task | None = None, require_patient_id: bool = False,
 ) -> Samples:
     """Load every labelled, decodable image under `data_dir / spec.images`.
 
     Sample ids are paths relative to `data_dir`; with `frames="all"` each frame of a multi-frame
     file is its own sample, `"<path>#frame<i>"`. An image without a PatientID is its own patient
-    (all frames of a file stay together). With `cache_dir`, each file's preprocessed frames are
+    (all frames of a file stay together), or with `require_patient_id` (patient-level DP, whose
+    unit it would break) skipped as `no_patient_id`. With `cache_dir`, each file's preprocessed frames are
     kept under its content hash and the preprocessing settings. The label table's column becomes
     targets as `task` reads it (binary when None). With `labelled=False` (new
     patients to score) no label table is read: every decodable image is used, labelled `NO_LABEL`.
@@ -115,6 +116,9 @@ def load_dicom(
                 values = {name: _attribute(ds, keyword) for name, keyword in attributes.items()}
         except _Skip as skip:
             report.skip(source, skip.field, skip.reason, skip.detail)
+            continue
+        if require_patient_id and not patient:
+            report.skip(source, "PatientID", "no_patient_id", "patient-level DP counts patients, and this image names none")
             continue
         for i, frame in enumerate(frames):
             arrays.append(frame)

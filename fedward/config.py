@@ -681,6 +681,11 @@ class FedwardConfig:
                 f"privacy.masking.dropout_tolerance={privacy.masking.dropout_tolerance}: with {asked} hospitals in a round "
                 f"the reconstruction threshold would be {threshold}; it must be at least 2 and more than half of them",
             )
+        _need(
+            not (privacy.dp_sgd.enabled and privacy.dp_sgd.unit == "patient" and self.data.kind == "table" and self.data.table.patient_id is None),
+            "privacy.dp_sgd.unit: patient protects all of a patient's rows together, but data.table.patient_id is not set, so each row "
+            "would count as a patient of its own; name the patient id column, or set unit: sample (which protects rows, not patients)",
+        )
         if privacy.dp_fedavg.enabled:
             _need(
                 not privacy.masking.enabled or privacy.dp_fedavg.clip_norm <= privacy.masking.clip,

@@ -392,6 +392,15 @@ def test_patient_defaults_to_the_sample_and_fingerprint_follows_content(tmp_path
     assert load(tmp_path)[0].fingerprint != first.fingerprint
 
 
+def test_under_patient_level_dp_an_image_naming_no_patient_is_skipped_never_counted_as_one(tmp_path):
+    write_dicom(tmp_path / "images/anon.dcm", ramp(), patient=None)
+    write_dicom(tmp_path / "images/known.dcm", ramp() + 1, patient="P7")
+    write_labels(tmp_path / "labels.csv", [("anon.dcm", "1"), ("known.dcm", "0")])
+    report = DataReport("h")
+    samples = load_dicom(tmp_path, spec(), report, require_patient_id=True)
+    assert samples.patient_ids.tolist() == ["P7"] and report.counts() == {"no_patient_id": 1}
+
+
 # --- cache --------------------------------------------------------------------------------------
 
 

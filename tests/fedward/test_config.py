@@ -220,3 +220,13 @@ def test_settings_added_later_at_their_defaults_leave_the_identity_of_any_config
     raw["train"].update(lr_schedule="cosine", validation_fraction=0.2)
     changed = config_identity(parse_config(raw))["train"]
     assert changed["lr_schedule"] == "cosine" and changed["validation_fraction"] == 0.2 and "patience" not in changed
+
+
+def test_patient_level_dp_without_a_patient_id_column_is_refused_naming_both_fields():
+    private = {"dp_sgd": {"enabled": True, "epsilon": 1}}
+    with pytest.raises(ConfigError, match=r"privacy.dp_sgd.unit: patient .* data.table.patient_id is not set"):
+        parse_config(raw_config(privacy=private))
+    assert parse_config(raw_config(privacy={"dp_sgd": {**private["dp_sgd"], "unit": "sample"}})).privacy.dp_sgd.unit == "sample"
+    raw = raw_config(privacy=private)
+    raw["data"]["table"]["patient_id"] = "patient"
+    assert parse_config(raw).data.table.patient_id == "patient"

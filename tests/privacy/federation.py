@@ -19,7 +19,7 @@ def config_with(privacy: dict, hospitals: int, min_hospitals: int = 2) -> Fedwar
     return parse_config(
         {
             "run": {"name": "hooks", "rounds": 3, "min_hospitals": min_hospitals},
-            "data": {"kind": "table", "table": {"file": "ehr.csv", "features": {"age": "numeric"}, "label": {"column": "y"}}},
+            "data": {"kind": "table", "table": {"file": "ehr.csv", "patient_id": "patient", "features": {"age": "numeric"}, "label": {"column": "y"}}},
             "model": {"kind": "mlp", "hidden": [4]},
             "hospitals": [{"name": f"h{i}", "data": f"/nonexistent/h{i}"} for i in range(hospitals)],
             "privacy": privacy,

@@ -31,6 +31,8 @@ from fedward.components import build_versions
 from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
 from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
+from fedward import policy
+from fedward.policy import HospitalPolicy, load_policy, policy_file
 from fedward import subgroups
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
@@ -42,7 +44,7 @@ from fedward.models.networks import build_model
 from fedward.strategies import build_strategy
 from fedward.strategies.base import LocalRound
 from fedward.privacy import dp_fedavg, dp_sgd, ledger
-from fedward.privacy.accounting import GaussianSteps
+from fedward.privacy.accounting import GaussianSteps, epsilon
 from fedward.privacy.hooks import build_hook
 
 if TYPE_CHECKING:
@@ -88,6 +90,7 @@ class Hospital:
         self.fine_tuned: nn.Module | None = None  # the global model fine-tuned here after the last round
         self._fitted: int | None = None  # the last round this hospital trained in
         self.notes: dict[str, str] = {}  # the data report's problems that cost no sample
+        self.policy = HospitalPolicy()  # its own, read from its node when it loads its data
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -121,6 +124,9 @@ class Hospital:
         problem = self.deployment_problem()
         if problem:
             raise DeploymentError(problem)
+        # Its own policy, read here and trusted over the shipped config: refused before any data is read.
+        self.policy = load_policy(policy_file(self.work_dir))
+        self.policy.require(self.config, self.name)
         report = DataReport(self.name)
         data = self.config.data
         attributes = self.config.subgroups.attributes
@@ -271,13 +277,23 @@ class Hospital:
         return done.loss
 
     def _charge_own_budget(self, round: int, planned: GaussianSteps) -> None:
-        """The hospital keeps its own account and refuses to train past its budget, whatever the
-        driver asks: its patients' privacy is not the driver's to spend."""
+        """The hospital keeps its own accounts and refuses to train past a budget, whatever the
+        driver asks: the run's (from its config), and its policy's over every run on its data."""
         dp, log = self.config.privacy.dp_sgd, self.run_dir / "privacy_spend.jsonl"
         entry = {"round": round, "hospital": self.name, "level": "patient", "steps": asdict(planned)}
         after = ledger.spent(self.config, [*ledger.read_spend(log), entry])["patient"][self.name]
         if dp.epsilon is not None and after > dp.epsilon * (1 + 1e-6):
             raise HospitalError(f"{self.name}: round {round} would raise its patient-level epsilon to {after:.3f}, above its budget {dp.epsilon:g}; it refuses to train")
+        budget, every = self.policy.budget, self.work_dir / policy.SPEND_LOG
+        if budget is not None:
+            spent = [GaussianSteps(**e["steps"]) for e in ledger.read_spend(every)]
+            total = epsilon([*spent, planned], budget.delta)
+            if total > budget.epsilon * (1 + 1e-6):
+                raise HospitalError(
+                    f"{self.name}: round {round} would raise its patients' epsilon over every run on its data to {total:.3f}, above "
+                    f"the budget {budget.epsilon:g} of its policy ({self.policy.source}); it refuses to train"
+                )
+            ledger.record_spend(every, [{**entry, "run": self.run_id}])
         ledger.record_spend(log, [entry])
 
     def dp_units(self) -> np.ndarray:

@@ -149,7 +149,7 @@ def test_subgroup_settings_do_not_change_the_runs_identity(tmp_path):
 
 def test_an_image_hospital_reads_groups_from_the_dicom_header(demo_data, tmp_path):
     raw = image_config(demo_data, tmp_path)
-    raw["subgroups"] = {"sex": "PatientSex", "age": "PatientAge", "age_bands": [60], "min_count": 3}
+    raw["subgroups"] = {"sex": "PatientSex", "age": "PatientAge", "age_bands": [60]}
     hospital = Hospital("hospital_c", parse_config(raw), "groups")
     hospital.load()
     attributes = hospital.samples.attributes

@@ -1,0 +1,81 @@
+"""A hospital's own policy: read only at the hospital, and no shipped config can loosen it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from fedward.actors.hospital import Hospital
+from fedward.config import parse_config
+from fedward.data_adapters.harmonize import merge_summaries
+from fedward.errors import ConfigError, HospitalError
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
+from fedward.policy import POLICY_ENV, Budget, HospitalPolicy, load_policy, policy_file
+from fedward.types import RoundPlan
+from tests.conftest import ehr_config
+
+DP = {"dp_sgd": {"enabled": True, "noise_multiplier": 2.0, "epsilon": 50.0}}
+
+
+def write_policy(work_dir, policy: dict):
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "policy.yaml").write_text(yaml.safe_dump(policy))
+
+
+def test_a_policy_is_read_from_the_work_area_or_the_node_and_each_bad_field_is_named(tmp_path, monkeypatch):
+    assert load_policy(tmp_path / "policy.yaml") == HospitalPolicy(source=f"the default policy (no {tmp_path / 'policy.yaml'})")
+    write_policy(tmp_path, {"release_floor": 20, "budget": {"epsilon": 3, "unit": "patient"}})
+    assert load_policy(policy_file(tmp_path)) == HospitalPolicy(20, Budget(3.0), str(tmp_path / "policy.yaml"))
+    monkeypatch.setenv(POLICY_ENV, str(tmp_path / "node.yaml"))
+    assert policy_file(tmp_path) == tmp_path / "node.yaml"
+    for bad, says in [({"release_floor": 0}, "release_floor: expected a whole number of patients >= 1, got 0"),
+                      ({"budget": {"epsilon": -1}}, "budget.epsilon: expected a number > 0, got -1"),
+                      ({"budget": {"epsilon": 1, "delta": 2}}, r"budget.delta: expected a number in \(0, 1\), got 2"),
+                      ({"budget": {"epsilon": 1, "unit": "visit"}}, "budget.unit: expected 'patient' or 'sample', got 'visit'"),
+                      ({"floor": 5}, r"unknown field\(s\) \['floor'\]")]:
+        write_policy(tmp_path, bad)
+        with pytest.raises(ConfigError, match=f"{tmp_path / 'policy.yaml'}: {says}"):
+            load_policy(tmp_path / "policy.yaml")
+
+
+@pytest.mark.parametrize(
+    "policy, sections, says",
+    [
+        ({}, {"subgroups": {"sex": "sex", "min_count": 5}}, "subgroups.min_count=5 is below its release floor of 10 patients"),
+        ({"release_floor": 25}, {"explain": {"enabled": True, "min_bin_count": 20}}, "explain.min_bin_count=20 is below its release floor of 25"),
+        ({"budget": {"epsilon": 1}}, {}, "privacy.dp_sgd is off, but its patients' privacy is spent only under DP-SGD"),
+        ({"budget": {"epsilon": 1}}, {"privacy": {"dp_sgd": {**DP["dp_sgd"], "unit": "sample"}}}, "privacy.dp_sgd.unit=sample protects rows"),
+        ({"budget": {"epsilon": 1, "delta": 1e-6}}, {"privacy": DP}, "privacy.dp_sgd.delta=1e-05 is above its budget's delta 1e-06"),
+    ],
+)
+def test_a_shipped_config_cannot_loosen_the_hospitals_policy(demo_data, tmp_path, policy, sections, says):
+    write_policy(tmp_path / "sites" / "hospital_a", policy)
+    write_policy(tmp_path / "sites" / "hospital_b", {"release_floor": 1})  # a hospital that allows what the config asks
+    config = parse_config({**ehr_config(demo_data, tmp_path), **sections})
+    with pytest.raises(HospitalError, match=f"hospital_a: the run asks for less protection than its policy \\({tmp_path}/sites/hospital_a/policy.yaml\\): .*{says}"):
+        Hospital("hospital_a", config, "loose").load()
+    assert Hospital("hospital_b", config, "loose").load().train_examples > 0
+
+
+def test_a_stricter_config_than_the_policy_runs(demo_data, tmp_path):
+    write_policy(tmp_path / "sites" / "hospital_a", {"release_floor": 10, "budget": {"epsilon": 5, "delta": 1e-4}})
+    config = parse_config({**ehr_config(demo_data, tmp_path), "subgroups": {"sex": "sex", "min_count": 15}, "privacy": DP})
+    assert Hospital("hospital_a", config, "strict").load().train_examples > 0
+
+
+def test_a_second_run_on_the_same_patients_is_charged_on_the_first_runs_spend(demo_data, tmp_path):
+    write_policy(tmp_path / "sites" / "hospital_a", {"budget": {"epsilon": 0.8}})
+    config = parse_config({**ehr_config(demo_data, tmp_path), "privacy": DP})
+
+    def one_round(run_id: str, round: int):
+        hospital = Hospital("hospital_a", config, run_id)
+        hospital.load()
+        weights, layout = flatten(build_model(config.model, hospital.prepare(merge_summaries([hospital.summarize()], config.data.table).to_dict())))
+        return hospital.fit(RoundPlan(round, "hospital_a", seed=5, local_epochs=2, lr=0.05), weights, layout)
+
+    one_round("first-run", 1)  # one round at this noise spends under 0.8; two spend more
+    with pytest.raises(HospitalError, match=r"hospital_a: round 1 would raise its patients' epsilon over every run on its data to .* above the budget 0.8 of its policy"):
+        one_round("second-run-under-another-name", 1)
+    spend = (tmp_path / "sites" / "hospital_a" / "privacy_spend.jsonl").read_text().splitlines()
+    assert len(spend) == 1 and '"run": "first-run"' in spend[0]  # the refused round spent nothing

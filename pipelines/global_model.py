@@ -63,6 +63,10 @@ class GlobalModel:
                     raise ConfigError(f"hospital {h}: {e}") from None
         if cfg.privacy.dp_fedavg.enabled:
             dp_fedavg.noise_multiplier(cfg)  # calibrated now: an unreachable budget fails before round 1
+        if cfg.privacy.masking.enabled:
+            from fedward.privacy.masking import check_ring  # the masking hook's crypto: only in a driver that masks
+
+            check_ring(cfg, flatten(model, self.personal)[1].size)
         self._check_output(model, shape)
         if cfg.model.init_weights is not None:
             self._check_initial_weights(model)

@@ -32,13 +32,52 @@ from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedward.config import FedwardConfig
-from fedward.errors import AggregationError
+from fedward.errors import AggregationError, ConfigError
 from fedward.types import Layout, SealedUpdate, Update
+from fedward.privacy import dp_fedavg
 from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
 from fedward.privacy.keys import agree, derive_key, keystream, new_private_key, open_sealed, private_bytes, private_key_from, public_bytes, seal
 
 SECRET_BYTES = 32  # the self-mask seed b and an X25519 private key
 SHAMIR_BLOCK = 16  # pycryptodome's Shamir shares 16-byte secrets (elements of GF(2^128))
+
+WRAP_CHANCE = 2.0**-40  # the most a run may risk that a masked sum leaves the ring and decodes wrong
+
+
+def wrap_chance(config: FedwardConfig, size: int) -> float:
+    """An upper bound on the chance that any of a round's `size` summed coordinates leaves the
+    ring's signed range, where it would decode to a wrong value without any error.
+
+    The scales of a round's participants sum to at most 1, so the sum of clipped changes stays
+    within the clip; under DP-FedAvg each hospital's noise share comes on top, unclipped, and the
+    sum's noise is largest when the fewest participants the threshold allows take part."""
+    m, dp = config.privacy.masking, config.privacy.dp_fedavg
+    limit = 2.0 ** (m.ring_bits - 1 - m.fraction_bits)  # the largest magnitude a decoded sum holds
+    signal = dp.clip_norm if dp.enabled else m.clip
+    if not dp.enabled:
+        return 0.0 if signal < limit else 1.0
+    names = len(config.hospitals)
+    asked = min(names, max(config.run.min_hospitals, math.ceil(config.strategy.fraction * names)))
+    fewest = max(1, asked - m.dropout_tolerance)
+    shares = dp_fedavg.noise_shares(config, fewest)
+    sigma = dp_fedavg.noise_multiplier(config) * dp.clip_norm / math.sqrt(shares) / math.sqrt(fewest)
+    if signal >= limit:
+        return 1.0
+    return min(1.0, size * math.erfc((limit - signal) / sigma / math.sqrt(2)))  # a union bound over the coordinates
+
+
+def check_ring(config: FedwardConfig, size: int) -> None:
+    """Refuse a ring a round's masked sum could wrap, naming the settings that size it."""
+    chance = wrap_chance(config, size)
+    if chance >= WRAP_CHANCE:
+        m = config.privacy.masking
+        raise ConfigError(
+            f"privacy.masking: a sum of {size} coordinates with DP-FedAvg's noise (noise_multiplier "
+            f"{dp_fedavg.noise_multiplier(config):.3g}, clip_norm {config.privacy.dp_fedavg.clip_norm:g}) could leave the "
+            f"{m.ring_bits}-bit ring with fraction_bits={m.fraction_bits} (chance up to {chance:.2g}, allowed {WRAP_CHANCE:.2g}) and "
+            f"decode wrong without an error; use ring_bits: 64 or fewer fraction_bits"
+        )
+
 
 
 # Requests from the driver, answered by `MaskingHook.respond` at a hospital.

@@ -287,3 +287,28 @@ def test_a_retried_round_is_never_unmasked_over_other_survivors():
     fed.round(1, updates)  # the same round again over the same hospitals: the same sum, allowed
     with pytest.raises(AggregationError, match="already unmasked this round's sum"):
         fed.round(1, updates, drop_after_setup=["h3"])  # its difference with the first would be h3's update
+
+
+def test_a_ring_that_dp_noise_could_wrap_is_refused_and_the_wrong_sums_it_prevents_are_real():
+    from fedward.errors import ConfigError
+    from fedward.privacy import dp_fedavg
+    from fedward.privacy.masking import check_ring
+
+    def private(ring_bits: int):
+        return config_with({"masking": {"enabled": True, "fraction_bits": 24, "clip": 1.0, "ring_bits": ring_bits},
+                            "dp_fedavg": {"enabled": True, "noise_multiplier": 120.0}}, 3)
+
+    narrow, wide = private(32), private(64)
+    # Each hospital's change with its unclipped noise share on top, as it leaves under DP-FedAvg.
+    updates = {h: dp_fedavg.add_noise_share(dataclasses.replace(u, weight=1.0), narrow, shares=1) for h, u in random_updates(narrow, 1, SIZE).items()}
+    plain = np.mean([u.delta.astype(np.float64) for u in updates.values()], axis=0)
+    [wrapped] = Federation(narrow).round(1, updates)
+    off = np.abs(wrapped.delta - plain)
+    assert (off > 100).sum() > 100  # those coordinates left the ring and came back a ring's span (256) away, with no error
+    with pytest.raises(ConfigError, match=r"privacy.masking: a sum of 20000 coordinates .* could leave the 32-bit ring with fraction_bits=24 .* use ring_bits: 64"):
+        check_ring(narrow, SIZE)
+    check_ring(wide, SIZE)
+    [exact] = Federation(wide).round(1, updates)
+    assert np.abs(exact.delta - plain).max() < 1e-3  # float32 and fixed-point rounding only
+    check_ring(masking(3), 10**8)  # without noise the clip bounds every sum: the default ring holds any model
+    check_ring(config_with({"masking": {"enabled": True}, "dp_fedavg": {"enabled": True, "noise_multiplier": 1.0}}, 3), 10**8)

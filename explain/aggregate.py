@@ -68,13 +68,15 @@ def explain_table(
     spec: TableSpec,
     settings: ExplainConfig,
     *,
+    patients: np.ndarray,
     hospital: str,
     round: int,
     seconds: float,
     rng: np.random.Generator,
 ) -> ExplanationSummary:
     """What a hospital releases about the model on its tables; `raw` holds the explained samples'
-    feature columns as the table adapter typed them, in the rows' order of `attr`."""
+    feature columns as the table adapter typed them, and `patients` their patients, in the rows'
+    order of `attr`. A bin is released only over `min_bin_count` patients, however many rows."""
     if raw.num_rows != len(attr.values):
         raise HospitalError(f"{hospital}: {raw.num_rows} raw rows for {len(attr.values)} explained samples")
     absent = [f.name for f in spec.features if f.name not in raw.column_names]
@@ -82,21 +84,22 @@ def explain_table(
         raise HospitalError(f"{hospital}: the raw feature table lacks the configured columns {absent}")
     grouped = grouped_by_feature(attr, preprocessing, spec)
     features = tuple(
-        _feature(feature, grouped[:, j], _bin_codes(raw, feature, preprocessing, settings.bins), settings, rng)
+        _feature(feature, grouped[:, j], _bin_codes(raw, feature, preprocessing, settings.bins), np.asarray(patients), settings, rng)
         for j, feature in enumerate(spec.features)
     )
     return _summary(attr, settings, rng, hospital=hospital, round=round, seconds=seconds, features=features, image_map=None)
 
 
 def explain_images(
-    attr: Attributions, settings: ExplainConfig, *, hospital: str, round: int, seconds: float, rng: np.random.Generator
+    attr: Attributions, settings: ExplainConfig, *, patients: np.ndarray, hospital: str, round: int, seconds: float, rng: np.random.Generator
 ) -> ExplanationSummary:
     """What a hospital releases about the model on its images: a coarse map of mean |SHAP|, only
-    over at least `min_bin_count` images; the per-image maps stay in its own report."""
+    over the images of at least `min_bin_count` patients (`patients`: each image's); the per-image
+    maps stay in its own report."""
     if attr.values.ndim != 4:
         raise HospitalError(f"{hospital}: image attributions must be (N, C, H, W), got shape {attr.values.shape}")
     image_map = None
-    if len(attr.values) >= settings.min_bin_count:
+    if len(np.unique(patients)) >= settings.min_bin_count:
         # A pixel's attribution is the sum over its channels, as a feature's is over its columns.
         per_pixel = torch.from_numpy(np.abs(attr.values.sum(axis=1)).mean(axis=0))
         pooled = torch.nn.functional.adaptive_avg_pool2d(per_pixel[None, None], settings.image_grid)[0, 0].numpy()
@@ -137,6 +140,7 @@ def _feature(
     feature: FeatureSpec,
     shap: np.ndarray,
     binning: tuple[np.ndarray, list[Candidate]],
+    patients: np.ndarray,
     settings: ExplainConfig,
     rng: np.random.Generator,
 ) -> FeatureExplanation:
@@ -144,7 +148,9 @@ def _feature(
     counts = np.bincount(codes, minlength=len(candidates))
     sums = np.bincount(codes, weights=shap, minlength=len(candidates))
     sigma = settings.noise_sigma
-    released = _released(counts, settings.min_bin_count)
+    # The floor counts patients: one patient's visits in a bin are one patient, not several.
+    held = np.array([len(np.unique(patients[codes == k])) for k in range(len(candidates))], np.int64)
+    released = _released(held, settings.min_bin_count)
     bins = tuple(
         FeatureBin(label, low, high, int(count), float(_noisy(total / count, sigma, rng)))
         for (label, low, high), count, total, keep in zip(candidates, counts, sums, released)
@@ -157,12 +163,12 @@ def _feature(
         mean_shap=float(_noisy(shap.mean(), sigma, rng)),
         bins=bins,
         # An empty bin says nothing about anyone; only bins hiding patients count as suppressed.
-        suppressed_bins=int(np.count_nonzero((counts > 0) & ~released)),
+        suppressed_bins=int(np.count_nonzero((held > 0) & ~released)),
     )
 
 
 def _released(counts: np.ndarray, minimum: int) -> np.ndarray:
-    """Which bins may be released.
+    """Which bins may be released, from the patients each holds (`counts`).
 
     A bin with fewer than `minimum` patients is hidden; and since n and the feature's overall mean
     are released, the hidden bins together could be recovered by subtraction, so the next smallest

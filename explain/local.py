@@ -70,7 +70,7 @@ def explain_at_hospital(hospital, model: nn.Module, round: int, seed: int) -> Lo
     seconds = time.monotonic() - began
     # Noise on released means must not be reproducible from the config (the run's seed is no
     # secret), so it draws from the operating system's entropy.
-    common = dict(hospital=hospital.name, round=round, seconds=seconds, rng=np.random.default_rng())
+    common = dict(patients=hospital.samples.patient_ids[rows], hospital=hospital.name, round=round, seconds=seconds, rng=np.random.default_rng())
     if hospital.config.data.kind == "table":
         raw = hospital.samples.features.take(rows)
         summary = explain_table(attr, raw, hospital.preprocessing, hospital.config.data.table, settings, **common)

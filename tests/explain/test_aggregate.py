@@ -92,8 +92,8 @@ def settings(**changes) -> ExplainConfig:
 
 def explained(case: Case, attr: Attributions, config: ExplainConfig, seed: int = 0, raw: pa.Table | None = None):
     raw = case.raw if raw is None else raw
-    return explain_table(attr, raw, case.preprocessing, SPEC, config, hospital="north", round=3, seconds=1.5,
-                         rng=np.random.default_rng(seed))
+    return explain_table(attr, raw, case.preprocessing, SPEC, config, patients=np.arange(raw.num_rows), hospital="north", round=3,
+                         seconds=1.5, rng=np.random.default_rng(seed))
 
 
 def by_name(summary) -> dict:
@@ -184,12 +184,24 @@ def test_small_bins_are_suppressed_and_counted(case, attr):
     assert len(smoker.bins) == 1 and smoker.suppressed_bins == 2
 
 
+def test_a_bin_counts_patients_so_one_patients_visits_never_fill_it(case, attr):
+    smoker = np.array(case.raw.column("smoker").to_pylist(), dtype=object)
+    assert "false" in {b.label for b in by_name(explained(case, attr, settings()))["smoker"].bins}
+    # The same rows, but every non-smoker's row belongs to one of nine patients who came back again and again.
+    patients = np.arange(case.raw.num_rows)
+    regulars = np.flatnonzero(smoker == False)  # noqa: E712 - the column's own values
+    patients[regulars] = -1 - regulars % 9
+    visits = explain_table(attr, case.raw, case.preprocessing, SPEC, settings(), patients=patients, hospital="north", round=3,
+                           seconds=1.5, rng=np.random.default_rng(0))
+    assert len(regulars) > 100 and "false" not in {b.label for b in by_name(visits)["smoker"].bins}
+
+
 def test_noise_changes_released_means_only_when_asked(case, attr):
     exact = explained(case, attr, settings())
     rng = np.random.default_rng(7)
     state = rng.bit_generator.state
-    unchanged = explain_table(attr, case.raw, case.preprocessing, SPEC, settings(noise_sigma=0.0), hospital="north",
-                              round=3, seconds=1.5, rng=rng)
+    unchanged = explain_table(attr, case.raw, case.preprocessing, SPEC, settings(noise_sigma=0.0), patients=np.arange(case.raw.num_rows),
+                              hospital="north", round=3, seconds=1.5, rng=rng)
     assert unchanged == exact and rng.bit_generator.state == state
     noisy = explained(case, attr, settings(noise_sigma=0.5), seed=7)
     assert noisy == explained(case, attr, settings(noise_sigma=0.5), seed=7)  # the seed decides the noise
@@ -238,16 +250,21 @@ def image_attr() -> Attributions:
 
 
 def test_image_map_is_the_pooled_mean_absolute_attribution(image_attr):
-    summary = explain_images(image_attr, settings(image_grid=4), hospital="north", round=1, seconds=2.0,
+    one_each = np.arange(len(image_attr.values))
+    summary = explain_images(image_attr, settings(image_grid=4), patients=one_each, hospital="north", round=1, seconds=2.0,
                              rng=np.random.default_rng(0))
     per_pixel = np.abs(image_attr.values[:, 0]).mean(axis=0)
     reference = per_pixel.reshape(4, 4, 4, 4).mean(axis=(1, 3))
     np.testing.assert_allclose(summary.image_map, reference, rtol=1e-6)
     assert summary.features == () and summary.n == 12 and summary.checks == {"additivity": True}
-    few = explain_images(image_attr, settings(min_bin_count=13), hospital="north", round=1, seconds=2.0,
+    few = explain_images(image_attr, settings(min_bin_count=13), patients=one_each, hospital="north", round=1, seconds=2.0,
                          rng=np.random.default_rng(0))
     assert few.image_map is None
-    noisy = explain_images(image_attr, settings(image_grid=4, noise_sigma=0.1), hospital="north", round=1,
+    # Twelve images of six patients are six patients: below a floor of ten, however many images.
+    pairs = explain_images(image_attr, settings(min_bin_count=10), patients=one_each // 2, hospital="north", round=1, seconds=2.0,
+                           rng=np.random.default_rng(0))
+    assert pairs.image_map is None
+    noisy = explain_images(image_attr, settings(image_grid=4, noise_sigma=0.1), patients=one_each, hospital="north", round=1,
                            seconds=2.0, rng=np.random.default_rng(0))
     assert not np.allclose(noisy.image_map, reference) and (noisy.image_map >= 0).all()
 
@@ -263,8 +280,8 @@ def sites(case):
         x = case.x[rows]
         attr = deep_shap(case.model, x[:30], x)
         raw = case.raw[rows]
-        summary = explain_table(attr, raw, case.preprocessing, SPEC, settings(min_bin_count=1), hospital=site,
-                                round=4, seconds=1.0, rng=np.random.default_rng(0))
+        summary = explain_table(attr, raw, case.preprocessing, SPEC, settings(min_bin_count=1), patients=np.arange(raw.num_rows),
+                                hospital=site, round=4, seconds=1.0, rng=np.random.default_rng(0))
         out[site] = (summary, grouped_by_feature(attr, case.preprocessing, SPEC), raw)
     return out
 
@@ -328,7 +345,7 @@ def test_merge_refuses_what_does_not_line_up(sites):
 def test_merged_image_map_is_sample_weighted(image_attr):
     summaries = [
         explain_images(dataclasses.replace(image_attr, values=image_attr.values[rows]), settings(image_grid=4, min_bin_count=2),
-                       hospital=name, round=1, seconds=1.0, rng=np.random.default_rng(0))
+                       patients=np.arange(12)[rows], hospital=name, round=1, seconds=1.0, rng=np.random.default_rng(0))
         for name, rows in (("north", slice(0, 8)), ("south", slice(8, 12)))
     ]
     merged = merge(summaries)
@@ -362,7 +379,7 @@ def test_on_demo_data_driving_features_outrank_noise(tmp_path_factory):
         attr = deep_shap(model, background, h.x[h.holdout_idx])
         raw = h.samples.features.take(h.holdout_idx)
         summaries.append(explain_table(attr, raw, h.preprocessing, config.data.table, config.explain,
-                                       hospital=h.name, round=1, seconds=0.0, rng=rng))
+                                       patients=h.samples.patient_ids[h.holdout_idx], hospital=h.name, round=1, seconds=0.0, rng=rng))
     merged = merge(summaries, truth["ehr"])
     importance = merged.global_importance
     assert min(importance[f] for f in truth["ehr"]["driving_features"]) > max(importance[f] for f in truth["ehr"]["noise_features"])

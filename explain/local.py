@@ -1,7 +1,7 @@
 """The hospital's half of explanations, run inside the hospital (its actor, or its own node).
 
 SHAP values of the global model on the hospital's own held-out patients, with a background drawn
-from its own training split. Only the `ExplanationSummary` aggregates leave; per-patient
+from those same held-out patients (its mean output is the released base value). Only the `ExplanationSummary` aggregates leave; per-patient
 explanations go into the hospital's own report, in its own area.
 """
 
@@ -18,7 +18,7 @@ from fedward.explain.aggregate import explain_images, explain_table, grouped_by_
 from fedward.explain.attribution import Attributions, deep_shap
 from fedward.explain.report import PatientExplanation
 from fedward.explain.summary import ExplanationSummary
-from fedward.errors import DataError
+from fedward.errors import DataError, HospitalError
 
 
 @dataclass
@@ -30,9 +30,18 @@ class LocalExplanation:
 
 
 def _background(hospital, seed: int) -> torch.Tensor:
+    """Up to `explain.background` held-out samples, against which attributions are measured. Its
+    mean output is released as the base value: it describes held-out patients, as the released
+    figures do, never training patients, and only when they are at least `min_bin_count`."""
+    settings, rows = hospital.config.explain, hospital.holdout_idx
+    patients = len(np.unique(hospital.samples.patient_ids[rows]))
+    if patients < settings.min_bin_count:
+        raise HospitalError(
+            f"{hospital.name}: {patients} held-out patients, fewer than explain.min_bin_count={settings.min_bin_count}: "
+            f"the explanation's base value, their mean, would describe too few to release"
+        )
     rng = np.random.default_rng(seed)
-    size = min(hospital.config.explain.background, len(hospital.train_idx))
-    return hospital.x[np.sort(rng.choice(hospital.train_idx, size, replace=False))]
+    return hospital.x[np.sort(rng.choice(rows, min(settings.background, len(rows)), replace=False))]
 
 
 def _patient(hospital, attr: Attributions, rows: np.ndarray, i: int) -> PatientExplanation:

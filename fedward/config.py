@@ -455,7 +455,7 @@ class ExplainConfig:
     """SHAP explanations of the global model, computed inside each hospital after the last round."""
 
     enabled: bool = True
-    background: int = 100  # background samples, drawn from the hospital's own training split
+    background: int = 100  # background samples, drawn from the hospital's own held-out split
     max_samples: int = 300  # held-out samples explained per hospital (all of them when fewer)
     bins: int = 8  # numeric features: bins at quantiles of the pooled distribution
     min_bin_count: int = 10  # bins with fewer patients are suppressed: a small bin identifies

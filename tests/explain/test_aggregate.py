@@ -385,3 +385,25 @@ def test_on_demo_data_driving_features_outrank_noise(tmp_path_factory):
     assert min(importance[f] for f in truth["ehr"]["driving_features"]) > max(importance[f] for f in truth["ehr"]["noise_features"])
     assert merged.checks == {"additivity": True, "driving_above_noise": True}
     assert set(merged.features) == {f.name for f in config.data.table.features}
+
+
+def test_the_base_value_is_the_mean_output_over_held_out_patients_never_training_ones(tmp_path_factory):
+    from fedward.errors import HospitalError
+    from fedward.explain.local import explain_at_hospital
+
+    root = tmp_path_factory.mktemp("base_value")
+    write_demo_data(root / "demo", hospitals=1, seed=0, images_per_hospital=(20,))
+    raw = ehr_config(root / "demo", root / "runs")
+    raw["hospitals"] = raw["hospitals"][:1]
+    raw["run"]["min_hospitals"] = 1
+    config = parse_config({**raw, "explain": {"enabled": True, "background": 10_000, "max_samples": 50}})
+    hospital = Hospital(HOSPITALS[0], config, "base-value")
+    hospital.load()
+    hospital.prepare(merge_summaries([hospital.summarize()], config.data.table).to_dict())
+    summary = explain_at_hospital(hospital, hospital.model, round=1, seed=0).summary
+    with torch.no_grad():
+        held_out = hospital.model.eval()(hospital.x[hospital.holdout_idx]).squeeze(1).double().mean().item()
+    assert summary.base_value == pytest.approx(held_out, abs=1e-5)  # every held-out sample is in the background
+    hospital.config = parse_config({**raw, "explain": {"enabled": True, "min_bin_count": len(hospital.holdout_idx) + 1}})
+    with pytest.raises(HospitalError, match=r"held-out patients, fewer than explain.min_bin_count"):
+        explain_at_hospital(hospital, hospital.model, round=1, seed=0)

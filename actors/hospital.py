@@ -31,8 +31,7 @@ from fedward.components import build_versions
 from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
 from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
-from fedward import policy
-from fedward.policy import HospitalPolicy, load_policy, policy_file
+from fedward.policy import SPEND_LOG, HospitalPolicy, load_policy, policy_file
 from fedward import subgroups
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
@@ -284,7 +283,7 @@ class Hospital:
         after = ledger.spent(self.config, [*ledger.read_spend(log), entry])["patient"][self.name]
         if dp.epsilon is not None and after > dp.epsilon * (1 + 1e-6):
             raise HospitalError(f"{self.name}: round {round} would raise its patient-level epsilon to {after:.3f}, above its budget {dp.epsilon:g}; it refuses to train")
-        budget, every = self.policy.budget, self.work_dir / policy.SPEND_LOG
+        budget, every = self.policy.budget, self.work_dir / SPEND_LOG
         if budget is not None:
             spent = [GaussianSteps(**e["steps"]) for e in ledger.read_spend(every)]
             total = epsilon([*spent, planned], budget.delta)

@@ -671,8 +671,7 @@ class FedwardConfig:
         # Which settings combine is decided by the components' declarations (pipelines/compatibility.py);
         # here only each setting's own values are checked.
         privacy = self.privacy
-        # The fewest hospitals a round asks: thresholds must hold for them too.
-        asked = min(len(names), max(self.run.min_hospitals, math.ceil(self.strategy.fraction * len(names))))
+        asked = self.fewest_asked  # thresholds must hold for the smallest round too
         self._check_robust()
         if privacy.masking.enabled:
             threshold = asked - privacy.masking.dropout_tolerance
@@ -701,6 +700,12 @@ class FedwardConfig:
                 f"data.{self.data.kind}.label: positive_values and threshold make a binary outcome, but task.kind is {task.kind}; "
                 f"{'its classes come from task.classes' if task.kind == 'multiclass' else 'its target is the column read as a number'}",
             )
+
+    @property
+    def fewest_asked(self) -> int:
+        """The fewest hospitals a round asks: strategy.fraction of them, never below run.min_hospitals."""
+        names = len(self.hospitals)
+        return min(names, max(self.run.min_hospitals, math.ceil(self.strategy.fraction * names)))
 
     @property
     def label(self) -> LabelRule:

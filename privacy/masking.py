@@ -54,15 +54,13 @@ def wrap_chance(config: FedwardConfig, size: int) -> float:
     m, dp = config.privacy.masking, config.privacy.dp_fedavg
     limit = 2.0 ** (m.ring_bits - 1 - m.fraction_bits)  # the largest magnitude a decoded sum holds
     signal = dp.clip_norm if dp.enabled else m.clip
-    if not dp.enabled:
-        return 0.0 if signal < limit else 1.0
-    names = len(config.hospitals)
-    asked = min(names, max(config.run.min_hospitals, math.ceil(config.strategy.fraction * names)))
-    fewest = max(1, asked - m.dropout_tolerance)
-    shares = dp_fedavg.noise_shares(config, fewest)
-    sigma = dp_fedavg.noise_multiplier(config) * dp.clip_norm / math.sqrt(shares) / math.sqrt(fewest)
     if signal >= limit:
         return 1.0
+    if not dp.enabled:
+        return 0.0
+    fewest = max(1, config.fewest_asked - m.dropout_tolerance)  # the reconstruction threshold of the smallest round
+    shares = dp_fedavg.noise_shares(config, fewest)
+    sigma = dp_fedavg.noise_multiplier(config) * dp.clip_norm / math.sqrt(shares) / math.sqrt(fewest)
     return min(1.0, size * math.erfc((limit - signal) / sigma / math.sqrt(2)))  # a union bound over the coordinates
 
 

@@ -12,6 +12,7 @@ import hashlib
 import os
 import sys
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +33,10 @@ from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
 from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
 from fedward.policy import SPEND_LOG, HospitalPolicy, load_policy, policy_file
-from fedward import subgroups
+from fedward import release, subgroups
 from fedward.seeds import derived_seed
 from fedward.tasks import build_task
-from fedward.types import DataCounts, Evaluation, GroupHistograms, Layout, RoundPlan, SealedUpdate, Update
+from fedward.types import DataCounts, Evaluation, GroupBins, Layout, RoundPlan, SealedUpdate, Update
 from fedward.models.flat import flatten, layout_digest, layout_of, load_flat
 from fedward import width
 from fedward.models import export, training
@@ -45,6 +46,7 @@ from fedward.strategies.base import LocalRound
 from fedward.privacy import dp_fedavg, dp_sgd, ledger
 from fedward.privacy.accounting import GaussianSteps, epsilon
 from fedward.privacy.hooks import build_hook
+from fedward.pooling import POOLED_DIGITS, EvaluationKey, PaddedSum
 
 if TYPE_CHECKING:
     from fedward.explain.local import LocalExplanation
@@ -105,6 +107,10 @@ class Hospital:
     @property
     def run_dir(self) -> Path:
         return self.work_dir / "runs" / self.run_id
+
+    @cached_property
+    def evaluation_key(self) -> EvaluationKey:
+        return EvaluationKey(self.name, self.run_id, self.run_dir)
 
     def deployment_problem(self) -> str | None:
         """What keeps this hospital from reading its data on this node, if anything."""
@@ -169,8 +175,8 @@ class Hospital:
             holdout_examples=len(self.holdout_idx),
             train_patients=len(np.unique(samples.patient_ids[self.train_idx])),
             holdout_patients=len(np.unique(samples.patient_ids[self.holdout_idx])),
-            targets=self.task.target_counts(samples.labels),
-            skipped=report.counts(),
+            targets=release.counts(self.task.target_counts(samples.labels), self.policy.release_floor),
+            skipped=release.counts(report.counts(), self.policy.release_floor),
             fingerprint=samples.fingerprint,
             split_fingerprint=hashlib.sha256("\n".join(sorted(split["holdout"])).encode()).hexdigest(),
             validation_examples=len(self.validation_idx),
@@ -302,20 +308,48 @@ class Hospital:
         return np.unique(self._loaded().patient_ids[self.train_idx], return_inverse=True)[1]
 
     def evaluate(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
-        return self._evaluate(self._model_with(weights, layout), round)
+        return self.evaluate_model(self._model_with(weights, layout), round)
 
     def evaluate_validation(self, round: int, weights: np.ndarray, layout: Layout) -> Evaluation:
         """The model on the validation part of the training split, which model selection reads."""
         if not len(self.validation_idx):
             raise HospitalError(f"{self.name}: no validation part; train.validation_fraction is 0")
-        return self._evaluate(self._model_with(weights, layout), round, self.validation_idx)
+        return self.evaluate_model(self._model_with(weights, layout), round, self.validation_idx)
 
-    def _evaluate(self, model: nn.Module, round: int, rows: np.ndarray | None = None) -> Evaluation:
+    def evaluate_model(self, model: nn.Module, round: int, rows: np.ndarray | None = None) -> Evaluation:
+        """What this hospital releases of `model` on its held-out split (or `rows`), under its own
+        release floor; its exact statistics go only padded."""
         rows = self.holdout_idx if rows is None else rows
-        return training.evaluate(model, self.x[rows], self.y[rows], round=round, hospital=self.name, task=self.task, scale=self.scale)
+        outputs, y = training.outputs(model, self.x[rows]), self.y[rows]
+        floor = self.policy.release_floor
+        released = self.task.release(outputs, y, self.scale, patients=self._loaded().patient_ids[rows], floor=floor)
+        # Without the key (a hospital built outside a run) it adds nothing to the pooled figures.
+        padded = self.evaluation_key.pad(self.task.statistics(outputs, y, self.scale)) if self.evaluation_key.ready else None
+        if released is None:
+            return Evaluation(round, self.name, len(rows), {}, {}, padded, held_back=release.held_back(floor))
+        return Evaluation(round, self.name, len(rows), released.figures, released.statistics, padded)
 
-    def evaluate_subgroups(self, weights: np.ndarray, layout: Layout) -> GroupHistograms:
-        """The model's score histograms per patient group of the held-out split; groups too small
+    # -- the evaluation key (fedward/pooling.py) ---------------------------------------------------
+
+    def evaluation_public_key(self) -> bytes:
+        return self.evaluation_key.public()
+
+    def evaluation_deal(self, publics: dict[str, bytes]) -> dict[str, bytes]:
+        return self.evaluation_key.deal(publics)
+
+    def evaluation_accept(self, dealer: str, dealer_public: bytes, sealed: bytes) -> None:
+        self.evaluation_key.accept(dealer, dealer_public, sealed)
+
+    def open_pooled(self, summed: PaddedSum) -> dict:
+        """The pooled figures of hospitals' padded statistics, rounded; nothing else of the sum leaves."""
+        return release.rounded(self.task.pooled(self.evaluation_key.open(summed), self.policy.release_floor), POOLED_DIGITS)
+
+    def open_group_pooled(self, summed: PaddedSum) -> dict:
+        """A patient group's pooled figures (fedward/subgroups.py), as `open_pooled`."""
+        return release.rounded(subgroups.pooled_figures(self.evaluation_key.open(summed), self.config.subgroups.threshold), POOLED_DIGITS)
+
+    def evaluate_subgroups(self, weights: np.ndarray, layout: Layout) -> GroupBins:
+        """The model's score bins per patient group of the held-out split; groups too small
         to hide their patients stay here."""
         samples, held_out = self._loaded(), self.holdout_idx
         missing = [f"subgroups.{name}" for name in self.config.subgroups.attributes if name not in samples.attributes]
@@ -323,7 +357,8 @@ class Hospital:
             raise DataError(f"{self.name}: {'; '.join(self.notes.get(m, f'{m}: not in the data') for m in missing)}")
         scores = self.task.probabilities(training.outputs(self._model_with(weights, layout), self.x[held_out]))
         groups = subgroups.group_labels({k: v[held_out] for k, v in samples.attributes.items()}, self.config.subgroups)
-        return subgroups.at_hospital(self.name, scores, samples.labels[held_out], samples.patient_ids[held_out], groups, self.config.subgroups.min_count)
+        key = self.evaluation_key if self.evaluation_key.ready else None
+        return subgroups.at_hospital(self.name, scores, samples.labels[held_out], samples.patient_ids[held_out], groups, self.config.subgroups, key)
 
     def _rewind(self, round: int) -> None:
         """A round asked again (a retry) starts from the hospital's state before it, not from where
@@ -351,12 +386,12 @@ class Hospital:
                        seed=derived_seed(self.config.run.seed, round, f"{self.name}/{purpose}"), config=self.config.train, task=self.task)
         if purpose == "fine_tuned":
             self.fine_tuned = model
-        return self._evaluate(model, round)
+        return self.evaluate_model(model, round)
 
     def evaluate_personal(self, round: int) -> Evaluation | None:
         """The hospital's own model (Ditto's personal one) on its held-out split; None when it keeps none."""
         own = self.local.own_model()
-        return None if own is None else self._evaluate(own, round)
+        return None if own is None else self.evaluate_model(own, round)
 
     # -- explanations -----------------------------------------------------------------------------
 

@@ -28,9 +28,10 @@ from fedward.explain.summary import ConsortiumExplanation, ExplanationSummary, F
 from fedward.errors import CheckpointError, DataError, FedwardError
 from fedward.files import atomic_write
 from fedward.checkpoint import load_checkpoint, read_metrics
+from fedward import release
+from fedward.release import ScoreBins
 from fedward.tasks import TASKS
 
-CALIBRATION_BINS = 10
 DEPENDENCE_FEATURES = 6  # dependence plots for the most important features
 TOP_FEATURES = 5  # a patient's contributions put in words
 TOP_GAPS = 8  # gaps between patient groups listed in the report
@@ -78,23 +79,12 @@ def accuracy_ci(accuracy: float | None, n: int, level: float = LEVEL) -> tuple[f
     return interval.low, interval.high
 
 
-def reliability(
-    positive_hist: Sequence[int], negative_hist: Sequence[int], bins: int = CALIBRATION_BINS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per coarse score bin: mean predicted probability, observed positive rate, count (NaN if empty).
-
-    The fine histogram bins are equal slices of [0, 1]; a fine bin's scores are taken at its
-    centre, so the mean predicted probability is exact to half a fine bin.
-    """
-    pos, neg = np.asarray(positive_hist, np.float64), np.asarray(negative_hist, np.float64)
-    if len(pos) % bins:
-        raise ValueError(f"{len(pos)} histogram bins do not group into {bins} calibration bins")
-    centres = (np.arange(len(pos)) + 0.5) / len(pos)
-    counts = (pos + neg).reshape(bins, -1).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_predicted = (centres * (pos + neg)).reshape(bins, -1).sum(axis=1) / counts
-        observed = pos.reshape(bins, -1).sum(axis=1) / counts
-    return mean_predicted, observed, counts.astype(np.int64)
+def reliability(bins: ScoreBins) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per released score bin: its middle score, observed positive rate, and count. A hospital
+    releases bins holding at least its release floor of each outcome (fedward/release.py), so the
+    middle of a bin stands for the mean predicted probability, which is not released."""
+    counts = bins.positive + bins.negative
+    return bins.midpoints(), bins.positive / counts, counts.astype(np.int64)
 
 
 # -- HTML ------------------------------------------------------------------------------------------
@@ -265,25 +255,20 @@ def _model_card(identity: dict, finished: int, sites: Html, config_hash: str | N
 
 
 def _class_counts(m: dict) -> tuple[int, int] | None:
-    if "positive_hist" not in m:
+    if "positives" not in m:
         return None
-    return int(np.sum(m["positive_hist"])), int(np.sum(m["negative_hist"]))
+    return int(m["positives"]), int(m["n"] - m["positives"])
 
 
 def _metrics_row(name: str, m: dict, counts: tuple[int, int] | None) -> tuple:
+    if "held_back" in m:
+        return (name, m["n"], "—", m["held_back"], "—", "—", "—")
     auroc = auroc_ci(m.get("auroc"), *counts) if counts else None
     return (
         name, m["n"], "n/a" if counts is None else counts[0],
         _with_ci(m.get("auroc"), auroc), _figure(m.get("auprc")),
         _with_ci(m.get("accuracy"), accuracy_ci(m.get("accuracy"), m["n"])), _figure(m.get("loss")),
     )
-
-
-def _pooled_hists(record: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    hospitals = record["hospitals"].values()
-    if not hospitals or any("positive_hist" not in m for m in hospitals):
-        return None
-    return sum(np.asarray(m["positive_hist"]) for m in hospitals), sum(np.asarray(m["negative_hist"]) for m in hospitals)
 
 
 def _task(identity: dict) -> str:
@@ -296,10 +281,9 @@ def _performance(record: dict, hospitals: Sequence[str], kind: str = "binary") -
         return _task_performance(record, hospitals, kind)
     rows = [_metrics_row(h, record["hospitals"][h], _class_counts(record["hospitals"][h])) for h in hospitals if h in record["hospitals"]]
     missing = [h for h in hospitals if h not in record["hospitals"]]
-    pooled, hists = record.get("pooled") or {}, _pooled_hists(record)
+    pooled = record.get("pooled") or {}
     if pooled:
-        counts = None if hists is None else (int(hists[0].sum()), int(hists[1].sum()))
-        rows.append(_metrics_row("pooled (all hospitals)", pooled, counts))
+        rows.append(_metrics_row(f"pooled ({', '.join(pooled.get('pooled_over', []))})", pooled, _class_counts(pooled)))
     reasons = {**record.get("failures", {}), **record.get("evaluation_failures", {})}
     parts = [
         _p(f"Held-out samples after round {record['round']}. In brackets: 95% confidence intervals, "
@@ -307,8 +291,11 @@ def _performance(record: dict, hospitals: Sequence[str], kind: str = "binary") -
         _table(("hospital", "held-out", "positives", "AUROC (95% CI)", "AUPRC", "accuracy (95% CI)", "loss"), rows),
     ]
     if pooled.get("auroc_error_bound") is not None:
-        parts.append(_p(f"The pooled AUROC comes from per-class score histograms, never from per-patient "
-                        f"scores; it is within ±{pooled['auroc_error_bound']:.4f} of the exact value.", "note"))
+        parts.append(_p(f"The pooled figures come from per-class counts of scores in 0.01 slices, added up under the hospitals' "
+                        f"pads and opened at a hospital, never from per-patient scores; the pooled AUROC is within "
+                        f"±{pooled['auroc_error_bound']:.4f} of the exact value. A hospital's own figures come from the score bins "
+                        f"it releases, each holding at least its release floor of patients of each outcome; its AUROC is within "
+                        f"the bound its record gives.", "note"))
     parts += [_p(f"{h} was not evaluated in this round: {reasons.get(h, 'no answer')}", "note") for h in missing]
     return _section("performance", "Performance per hospital", *parts)
 
@@ -344,57 +331,49 @@ def _task_performance(record: dict, hospitals: Sequence[str], kind: str) -> _Sec
     return _section("performance", "Performance per hospital", *parts, *notes)
 
 
-def _calibration_panel(name: str, positive_hist: Sequence[int], negative_hist: Sequence[int], minimum: int) -> Html:
-    mean_predicted, observed, counts = reliability(positive_hist, negative_hist)
-    filled = counts > 0
-    ece = float((counts[filled] * np.abs(observed[filled] - mean_predicted[filled])).sum() / counts.sum())
-    # A score bin of one or two patients would show their outcomes: such bins are left blank.
-    small = filled & (counts < minimum)
-    mean_predicted, observed = np.where(small, np.nan, mean_predicted), np.where(small, np.nan, observed)
-    counts = np.where(small, 0, counts)
+def _calibration_panel(name: str, bins: ScoreBins) -> Html:
+    mean_predicted, observed, counts = reliability(bins)
+    ece = float((counts * np.abs(observed - mean_predicted)).sum() / counts.sum())
     return _img(plots.reliability_plot(f"{name} (ECE {ece:.3f})", mean_predicted, observed, counts), f"calibration at {name}")
 
 
-def _calibration(record: dict, hospitals: Sequence[str], minimum: int, kind: str = "binary", scale: dict | None = None) -> _Section | None:
+def _calibration(record: dict, hospitals: Sequence[str], kind: str = "binary", scale: dict | None = None) -> _Section | None:
     if kind == "regression":
-        return _predicted_against_observed(record, minimum, scale)
+        return _predicted_against_observed(record, scale)
     if kind != "binary":
         return None
-    panels = {h: (record["hospitals"][h].get("positive_hist"), record["hospitals"][h].get("negative_hist"))
-              for h in hospitals if h in record["hospitals"]}
-    if (hists := _pooled_hists(record)) is not None:
-        panels["pooled"] = hists
-    images = [_calibration_panel(name, pos, neg, minimum) for name, (pos, neg) in panels.items() if pos is not None]
-    hidden = f" Bins with fewer than {minimum} samples are left blank." if minimum > 1 else ""
-    intro = _p(f"Observed positive rate against mean predicted probability in {CALIBRATION_BINS} score bins, "
-               f"with the number of held-out samples per bin; points on the diagonal are well calibrated. "
-               f"ECE: expected calibration error, the count-weighted mean distance from the diagonal.{hidden}")
-    body = _grid(images) if images else _p("No score histograms were recorded for this round.", "note")
+    panels = {h: ScoreBins.of(record["hospitals"][h]) for h in hospitals if h in record["hospitals"]}
+    images = [_calibration_panel(name, bins) for name, bins in panels.items() if bins is not None]
+    intro = _p("Observed positive rate against predicted probability in the score bins each hospital releases (each holds at "
+               "least its release floor of patients of each outcome), with the number of held-out samples per bin; points on "
+               "the diagonal are well calibrated. A bin's predicted probability is its middle. ECE: expected calibration error, "
+               "the count-weighted mean distance from the diagonal.")
+    body = _grid(images) if images else _p("No score bins were released for this round.", "note")
     return _section("calibration", "Calibration per hospital", intro, body)
 
 
-def _predicted_against_observed(record: dict, minimum: int, scale: dict | None) -> _Section | None:
-    """The pooled (predicted, observed) histogram as a binned plot; cells of too few patients blank."""
-    counts = [np.asarray(m["calibration"]) for m in record["hospitals"].values() if "calibration" in m]
-    if not counts or scale is None:
+def _predicted_against_observed(record: dict, scale: dict | None) -> _Section | None:
+    """The pooled (predicted, observed) histogram as a binned plot; cells held back blank."""
+    cells = (record.get("pooled") or {}).get("calibration")
+    if not cells or scale is None:
         return None
     from fedward.tasks.regression import EDGE, PLOT_BINS
 
-    pooled = sum(counts)
-    shown = np.where(pooled >= minimum, pooled, 0)
+    shown = np.array([[0 if c is None else c for c in row] for row in cells])
     edges = scale["mean"] + scale["sd"] * np.linspace(-EDGE, EDGE, PLOT_BINS + 1)
     png = plots.binned_prediction(shown, edges)
     return _section("calibration", "Predicted against observed",
                     _p(f"Held-out patients of every hospital by predicted and observed value, in the target's units, in bins of "
                        f"{scale['sd'] / (PLOT_BINS / (2 * EDGE)):.3g} around the consortium's mean (the outermost bins hold the tails). "
-                       f"Each hospital releases only these counts; cells with fewer than {minimum} patients are left blank."),
+                       f"The counts are added up under the hospitals' pads; cells with fewer patients than the release floor are held "
+                       f"back and left blank."),
                     _img(png, "predicted against observed, pooled"))
 
 
 def _pooled_auroc_ci(record: dict) -> tuple[float, float] | None:
-    hists = _pooled_hists(record)
-    auroc = (record.get("pooled") or {}).get("auroc")
-    return None if hists is None else auroc_ci(auroc, int(hists[0].sum()), int(hists[1].sum()))
+    pooled = record.get("pooled") or {}
+    counts = _class_counts(pooled)
+    return None if counts is None else auroc_ci(pooled.get("auroc"), *counts)
 
 
 def _training(metrics: Sequence[dict], hospitals: Sequence[str], kind: str = "binary") -> _Section:
@@ -627,8 +606,8 @@ def _sites(run: _Run, names: Sequence[str]) -> Html:
         if c is None:
             rows.append((name, "—", "—", "—", "—", "—", explained))
             continue
-        skipped = sum(c["skipped"].values())
-        detail = f" ({_setting(c['skipped'])})" if skipped else ""
+        skipped = release.total(c["skipped"])
+        detail = f" ({_setting(c['skipped'])})" if c["skipped"] else ""
         rows.append((name, c["train_examples"], c["holdout_examples"], c["train_patients"] + c["holdout_patients"],
                      _outcomes(c), f"{skipped}{detail}", explained))
     parts = [_table(("hospital", "training samples", "held-out samples", "patients", "outcomes", "skipped inputs",
@@ -814,7 +793,7 @@ def write_consortium_report(run_dir: Path) -> Path:
     sections = [
         _model_card(run.identity, run.finished, _sites(run, hospitals), run.config_hash),
         _performance(record, hospitals, kind),
-        _calibration(record, hospitals, run.identity.get("explain", {}).get("min_bin_count", 10), kind, scale),
+        _calibration(record, hospitals, kind, scale),
         _training(run.metrics, hospitals, kind),
     ]
     sections = [s for s in sections if s is not None]
@@ -954,7 +933,7 @@ def write_hospital_report(
     sections = [
         _model_card(identity, record["round"], sites),
         _performance(record, [hospital]),
-        _calibration(record, [hospital], 1),  # its own patients, in its own report
+        _calibration(record, [hospital]),
         _training(metrics, [hospital]),
         *_explanation_sections(explained, _feature_types(identity)),
     ]

@@ -1,26 +1,31 @@
 """Performance per patient group (sex, age band), without a small group's patients leaving a hospital.
 
-At the hospital, each group of the held-out split gets the per-class score histograms the whole
-split already shares. A group is released only with at least `min_count` positives and
-negatives; since the hospital's overall histograms are released too, the held-back groups
-together could be recovered by subtraction, so more groups are held back until that remainder is
-empty or itself large enough (the rule the explanation aggregates follow for their bins). At the
-driver the histograms give each group's AUROC, sensitivity and specificity per hospital and
-pooled over the hospitals that released it, and the gaps between groups.
+At the hospital, each group of the held-out split gets the per-class score bins the whole split
+already releases (fedward/release.py), each bin holding at least `min_count` patients of each
+outcome. A group is released only with that many positives and negatives; since the hospital's
+overall counts are released too, the held-back groups together could be recovered by
+subtraction, so more groups are held back until that remainder is empty or itself large enough
+(the rule the explanation aggregates follow for their bins). At the driver the bins give each
+group's AUROC, sensitivity and specificity per hospital and pooled over the hospitals that
+released it, and the gaps between groups.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from fedward.config import SubgroupConfig
 from fedward.declarations import ONE_SCORE, Declaration
+from fedward import release
 from fedward.metrics import BINS, auroc_from_histograms, score_histograms
-from fedward.types import GroupHistograms
+from fedward import pooling
+from fedward.pooling import EvaluationKey, PaddedStatistics, PaddedSum
+from fedward.release import ScoreBins
+from fedward.types import GroupBins
 
 UNKNOWN = "unknown"
 _SEX = {"F": "female", "FEMALE": "female", "W": "female", "M": "male", "MALE": "male", "O": "other", "OTHER": "other"}
@@ -28,6 +33,7 @@ _SEX = {"F": "female", "FEMALE": "female", "W": "female", "M": "male", "MALE": "
 _AGE_STRING = re.compile(r"^(\d{3})([DWMY])$")
 _YEARS_PER_UNIT = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 METRICS = ("auroc", "sensitivity", "specificity")
+HISTOGRAMS = ("positive_hist", "negative_hist")
 DECLARATION = Declaration("subgroups", needs={ONE_SCORE: "computes AUROC, sensitivity and specificity of one probability per patient in each group"})
 
 
@@ -83,32 +89,43 @@ def releasable(positives: np.ndarray, negatives: np.ndarray, minimum: int) -> np
 
 
 def at_hospital(
-    hospital: str, scores: np.ndarray, labels: np.ndarray, patients: np.ndarray, groups: Mapping[str, np.ndarray], minimum: int
-) -> GroupHistograms:
-    """The releasable groups' score histograms of one hospital's held-out split. Groups are sized
-    in patients, not images or rows: ten images of one patient are one patient."""
-    released, held_back = {}, {}
+    hospital: str, scores: np.ndarray, labels: np.ndarray, patients: np.ndarray, groups: Mapping[str, np.ndarray], config: SubgroupConfig,
+    key: EvaluationKey | None = None,
+) -> GroupBins:
+    """The releasable groups of one hospital's held-out split: each group's score bins, cut at the
+    threshold where both sides can hold `min_count` patients of each outcome, and its exact score
+    histograms padded under `key` for the pooled figures. Groups are sized in patients, not
+    images or rows: ten images of one patient are one patient."""
+    released, padded, held_back = {}, {}, {}
     for attribute, group_of in groups.items():
         names = sorted(set(group_of.tolist()))
         members = [group_of == g for g in names]
-        hists = [score_histograms(scores[m], labels[m]) for m in members]
         counts = [(len(set(patients[m & (labels == 1)])), len(set(patients[m & (labels == 0)]))) for m in members]
-        release = releasable(np.array([p for p, _ in counts]), np.array([n for _, n in counts]), minimum)
-        released[attribute] = {g: h for g, h, r in zip(names, hists, release) if r}
-        held_back[attribute] = bool((~release).any())
-    return GroupHistograms(hospital=hospital, groups=released, held_back=held_back)
+        release_ = releasable(np.array([p for p, _ in counts]), np.array([n for _, n in counts]), config.min_count)
+        chosen = [(g, m) for g, m, r in zip(names, members, release_) if r]
+        released[attribute] = {g: release.score_bins(scores[m], labels[m], patients[m], config.min_count, cut=config.threshold) for g, m in chosen}
+        padded[attribute] = {g: key.pad(dict(zip(HISTOGRAMS, score_histograms(scores[m], labels[m])))) for g, m in chosen} if key else {}
+        held_back[attribute] = bool((~release_).any())
+    return GroupBins(hospital=hospital, groups=released, padded=padded, held_back=held_back)
 
 
-def figures(positive_hist: np.ndarray, negative_hist: np.ndarray, threshold: float) -> dict[str, float]:
-    """AUROC, and sensitivity and specificity at `threshold` (a bin edge, so exact)."""
+def figures(bins: list[ScoreBins], threshold: float) -> dict[str, float]:
+    """A hospital's figures of a group from its released bins."""
+    out = release.figures(bins, threshold)
+    return {"positives": int(sum(b.positive.sum() for b in bins)), "negatives": int(sum(b.negative.sum() for b in bins)),
+            **{k: out[k] for k in METRICS}}
+
+
+def pooled_figures(statistics: Mapping[str, np.ndarray], threshold: float) -> dict[str, float]:
+    """A group's figures from its exact score histograms summed over hospitals."""
+    pos, neg = statistics["positive_hist"], statistics["negative_hist"]
     edge = round(threshold * BINS)
-    pos, neg = int(positive_hist.sum()), int(negative_hist.sum())
     return {
-        "positives": pos,
-        "negatives": neg,
-        "auroc": auroc_from_histograms(positive_hist, negative_hist),
-        "sensitivity": float(positive_hist[edge:].sum() / pos),
-        "specificity": float(negative_hist[:edge].sum() / neg),
+        "positives": int(pos.sum()),
+        "negatives": int(neg.sum()),
+        "auroc": auroc_from_histograms(pos, neg),
+        "sensitivity": float(pos[edge:].sum() / pos.sum()),
+        "specificity": float(neg[:edge].sum() / neg.sum()),
     }
 
 
@@ -125,17 +142,21 @@ def _gaps(scope: str, attribute: str, groups: Mapping[str, dict]) -> list[dict]:
     return out
 
 
-def summarize(round: int, released: Mapping[str, GroupHistograms], failures: Mapping[str, str], models: Mapping[str, str], config: SubgroupConfig) -> dict:
-    """Per attribute and group: figures per hospital and pooled, and the gaps between groups,
-    largest first. Gaps leave out the unknown group, which is not a group of patients; pooled gaps
-    use only the hospitals that released every known group of the attribute, so that a gap between
-    groups is not a gap between hospitals."""
+def summarize(
+    round: int, released: Mapping[str, GroupBins], failures: Mapping[str, str], models: Mapping[str, str], config: SubgroupConfig,
+    open_at: Callable[[str, PaddedSum], dict],
+) -> dict:
+    """Per attribute and group: figures per hospital (from its bins) and pooled over the hospitals
+    that released the group (opened at one of them by `open_at`, with two or more), and the gaps
+    between groups, largest first. Gaps leave out the unknown group, which is not a group of
+    patients; pooled gaps use only the hospitals that released every known group of the attribute,
+    so that a gap between groups is not a gap between hospitals."""
     attributes: dict[str, dict] = {}
     gaps: list[dict] = []
     for attribute in config.attributes:
         own = {h: r.groups.get(attribute, {}) for h, r in sorted(released.items())}
-        hospitals = {h: {g: figures(p, n, config.threshold) for g, (p, n) in sorted(groups.items())} for h, groups in own.items()}
-        pooled = _pooled(own, config.threshold)
+        hospitals = {h: {g: figures([bins], config.threshold) for g, bins in sorted(groups.items())} for h, groups in own.items()}
+        pooled = _pooled({h: r.padded.get(attribute, {}) for h, r in sorted(released.items())}, open_at)
         known = {g for groups in own.values() for g in groups} - {UNKNOWN}
         complete = {h: groups for h, groups in own.items() if known <= set(groups)}
         attributes[attribute] = {
@@ -146,7 +167,7 @@ def summarize(round: int, released: Mapping[str, GroupHistograms], failures: Map
         }
         if len(complete) > 1:
             scope = "pooled" if len(complete) == len(own) else f"pooled over {', '.join(complete)}"
-            gaps += _gaps(scope, attribute, _pooled(complete, config.threshold))
+            gaps += _gaps(scope, attribute, _pooled({h: released[h].padded[attribute] for h in complete}, open_at))
         gaps += [g for h, groups in hospitals.items() for g in _gaps(h, attribute, groups)]
     return {
         "round": round,
@@ -160,9 +181,10 @@ def summarize(round: int, released: Mapping[str, GroupHistograms], failures: Map
     }
 
 
-def _pooled(own: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], threshold: float) -> dict[str, dict]:
-    hists: dict[str, list] = {}
-    for groups in own.values():
-        for g, pair in groups.items():
-            hists.setdefault(g, []).append(pair)
-    return {g: figures(sum(p for p, _ in hs), sum(n for _, n in hs), threshold) for g, hs in sorted(hists.items())}
+def _pooled(padded: Mapping[str, Mapping[str, PaddedStatistics]], open_at: Callable[[str, PaddedSum], dict]) -> dict[str, dict]:
+    by_group: dict[str, list[PaddedStatistics]] = {}
+    for groups in padded.values():
+        for g, p in groups.items():
+            by_group.setdefault(g, []).append(p)
+    figures = {g: pooling.pooled(ps, open_at) for g, ps in sorted(by_group.items())}
+    return {g: {k: v for k, v in f.items() if k != "pooled_over"} for g, f in figures.items() if f}

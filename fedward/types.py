@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from fedward.pooling import PaddedStatistics
+from fedward.release import ScoreBins
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -105,28 +108,32 @@ class SealedUpdate:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A hospital's evaluation of a model on its held-out split, as its task computes it.
+    """What a hospital releases of a model on its held-out split.
 
-    Per-patient outputs stay at the hospital. `figures` are the hospital's own metrics, named by
-    the task (auroc, macro_auroc, accuracy, r2, ...; NaN where undefined, such as a class it lacks);
-    `statistics` are what the driver pools into the consortium's figures: counts of patients per
-    score bin or class, or sums over patients, never one patient's value.
+    Per-patient outputs stay at the hospital. In the clear (fedward/release.py): `statistics`,
+    cells each counting at least its release floor in patients, and `figures` computed from them
+    alone, named by the task (auroc, macro_auroc, r2, ...; NaN where undefined); a hospital with
+    too few patients to fill a cell releases neither and says why in `held_back`. `padded` holds
+    its exact statistics under the pad of the hospitals' evaluation key (fedward/pooling.py): the
+    driver adds them up and a hospital turns the sum into the pooled figures.
     """
 
     round: int
     hospital: str
     num_examples: int
-    loss: float  # the task's mean loss
     figures: dict[str, Any]
     statistics: dict[str, np.ndarray]
+    padded: PaddedStatistics | None
+    held_back: str | None = None
 
 
 @dataclass(frozen=True)
-class GroupHistograms:
-    """A hospital's held-out score histograms per patient group, for the groups it may release."""
+class GroupBins:
+    """A hospital's held-out score bins per patient group (fedward/release.py), for the groups it may release."""
 
     hospital: str
-    groups: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]  # attribute -> group -> (positive, negative) histograms
+    groups: dict[str, dict[str, ScoreBins]]  # attribute -> group -> its bins
+    padded: dict[str, dict[str, PaddedStatistics]]  # attribute -> group -> its exact histograms, padded (fedward/pooling.py)
     held_back: dict[str, bool]  # attribute -> whether any group stayed at the hospital (how many would say too much)
 
 
@@ -139,8 +146,10 @@ class DataCounts:
     holdout_examples: int
     train_patients: int
     holdout_patients: int
-    targets: dict[str, int]  # samples per class value (binary: "0" and "1"); empty for a numeric target
-    skipped: dict[str, int]  # reason -> count
+    # Samples per class value (binary: "0" and "1"; empty for a numeric target) and skipped inputs
+    # per reason; a count under the hospital's release floor is held back ("fewer than 10").
+    targets: dict[str, int | str]
+    skipped: dict[str, int | str]
     fingerprint: str  # hash of the content hashes of the usable inputs, for the audit manifest
     split_fingerprint: str  # hash of the held-out sample ids: shows the split, reveals no sample
     validation_examples: int = 0  # the training split's part kept for model selection (train.validation_fraction)

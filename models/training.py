@@ -17,7 +17,6 @@ from fedward.declarations import PLAIN_SGD, Declaration
 from fedward.errors import HospitalError
 from fedward.tasks import Task, binary_task
 from fedward.tasks.base import batch_outputs
-from fedward.types import Evaluation
 
 
 def optimizer_declaration(config: TrainConfig) -> Declaration | None:
@@ -111,8 +110,3 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         bad = int((~torch.isfinite(out)).any(dim=1).sum()) if out.dim() > 1 else int((~torch.isfinite(out)).sum())
         raise HospitalError(f"the model gives non-finite outputs (NaN or infinity) for {bad} of {len(x)} samples")
     return out
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, round: int, hospital: str, task: Task | None = None, scale: dict | None = None) -> Evaluation:
-    """Outputs stay here; what returns is the task's figures and poolable statistics."""
-    return (task or binary_task()).evaluate(outputs(model, x), y, scale, round=round, hospital=hospital)

@@ -21,6 +21,7 @@ from fedward.seeds import derived_seed
 from fedward.pipelines.selection import reported
 from fedward.tasks import build_task
 from fedward.models import training
+from fedward import pooling
 from fedward.models.networks import build_model
 from fedward.checkpoint import read_metrics
 
@@ -68,28 +69,38 @@ def compare(config: FedwardConfig) -> dict:
         training.train(model, x, y, epochs=epochs, lr=config.train.lr, seed=derived_seed(config.run.seed, 0, name), config=config.train, task=task)
         return model
 
-    def held_out(h: Hospital, model):
-        return training.evaluate(model, h.x[h.holdout_idx], h.y[h.holdout_idx], round=0, hospital=h.name, task=task, scale=scale)
-
     central = fit(
         fresh_model(),
         torch.cat([h.x[h.train_idx] for h in hospitals]),
         torch.cat([h.y[h.train_idx] for h in hospitals]),
         "central",
     )
-    central_evals = [held_out(h, central) for h in hospitals]
-    local_evals = [held_out(h, fit(fresh_model(), h.x[h.train_idx], h.y[h.train_idx], h.name)) for h in hospitals]
+    by_name = {h.name: h for h in hospitals}
+    pooling.deal(sorted(by_name), pooling.in_process([h.evaluation_key for h in hospitals]))
 
+    def pool(evaluations) -> float | str:
+        return pooling.pooled([e.padded for e in evaluations], lambda h, summed: by_name[h].open_pooled(summed)).get(figure, "n/a")
+
+    central_evals = [h.evaluate_model(central, 0) for h in hospitals]
+    local_evals = [h.evaluate_model(fit(fresh_model(), h.x[h.train_idx], h.y[h.train_idx], h.name), 0) for h in hospitals]
+
+    released = [e for e in local_evals if e.held_back is None]
     return {
         "figure": figure,
-        "federated": {"round": last["round"], "pooled": last["pooled"][figure], "per_hospital": {h: m[figure] for h, m in last["hospitals"].items()}},
-        "central": {"pooled": task.pool(central_evals)[figure], "per_hospital": {e.hospital: e.figures[figure] for e in central_evals}},
+        "federated": {"round": last["round"], "pooled": last["pooled"].get(figure, "n/a"),
+                      "per_hospital": {h: m.get(figure, m.get("held_back")) for h, m in last["hospitals"].items()}},
+        "central": {"pooled": pool(central_evals), "per_hospital": _per_hospital(central_evals, figure)},
         "local_only": {
-            "pooled": task.pool(local_evals)[figure],
-            "mean": sum(e.figures[figure] for e in local_evals) / len(local_evals),
-            "per_hospital": {e.hospital: e.figures[figure] for e in local_evals},
+            "pooled": pool(local_evals),
+            "mean": sum(e.figures[figure] for e in released) / len(released) if released else "n/a",
+            "per_hospital": _per_hospital(local_evals, figure),
         },
     }
+
+
+def _per_hospital(evaluations, figure: str) -> dict[str, float | str]:
+    """Each hospital's figure, or why it released none."""
+    return {e.hospital: e.figures[figure] if e.held_back is None else e.held_back for e in evaluations}
 
 
 def format_comparison(config: FedwardConfig, result: dict) -> str:
@@ -112,8 +123,13 @@ def format_comparison(config: FedwardConfig, result: dict) -> str:
     lines = [f"{config.run.name}: {FIGURE_NAMES.get(figure, figure)} on the hospitals' held-out splits{best}",
              f"  {'model':<40}{'pooled':>8}" + "".join(f"{n:>12}" for n in names)]
     for label, r in rows:
-        lines.append(f"  {label:<40}{r['pooled']:>8.3f}" + "".join(f"{r['per_hospital'][n]:>12.3f}" for n in names))
-    return "\n".join(lines)
+        lines.append(f"  {label:<40}{_cell(r['pooled'], 8)}" + "".join(_cell(r['per_hospital'][n], 12) for n in names))
+    held_back = sorted({v for r in rows for v in r[1]["per_hospital"].values() if isinstance(v, str)})
+    return "\n".join(lines + [f"  *: {v}" for v in held_back])
+
+
+def _cell(value: float | str, width: int) -> str:
+    return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'*':>{width}}"
 
 
 FIGURE_NAMES = {"auroc": "AUROC", "macro_auroc": "macro AUROC", "r2": "R²"}

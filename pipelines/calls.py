@@ -7,14 +7,15 @@ whether enough answered (a round's quorum).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ray
 
 from fedward.config import FedwardConfig
-from fedward.errors import QuorumError, released_reason
-from fedward.types import Failure
+from fedward.errors import HospitalError, QuorumError, released_reason
+from fedward import pooling
+from fedward.types import Evaluation, Failure
 
 
 def gather(futures: Mapping[str, ray.ObjectRef], timeout: float, late: dict[str, ray.ObjectRef] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -62,3 +63,30 @@ def require_quorum(config: FedwardConfig, round: int, answered: Mapping[str, Any
     """Stop a stage (round 0) or a round that fewer hospitals than run.min_hospitals answered, saying why each did not."""
     if len(answered) < config.run.min_hospitals:
         raise QuorumError(round, config.run.min_hospitals, failures)
+
+
+def opener(hospitals: Mapping[str, Any], method: str, timeout: float) -> Callable[[str, pooling.PaddedSum], dict]:
+    """A padded sum opened at a named hospital by its actor's `method`; its failure raised."""
+
+    def open_at(name: str, summed: pooling.PaddedSum) -> dict:
+        answers, failures = gather({name: getattr(hospitals[name], method).remote(summed)}, timeout)
+        if name in failures:
+            raise HospitalError(failures[name])
+        return answers[name]
+
+    return open_at
+
+
+def pooled_figures(hospitals: Mapping[str, Any], evaluations: Mapping[str, Evaluation], timeout: float) -> dict[str, Any]:
+    """The pooled figures of these evaluations: their padded statistics added up here and opened at
+    a hospital that contributed (fedward/pooling.py)."""
+    return pooling.pooled([e.padded for e in evaluations.values()], opener(hospitals, "open_pooled", timeout))
+
+
+def deal_evaluation_key(hospitals: Mapping[str, Any], names: Sequence[str], timeout: float) -> None:
+    """The hospitals' evaluation key for this driver session, set up through their actors."""
+
+    def call(method: str, arguments: Mapping[str, tuple]) -> dict[str, Any]:
+        return gather({h: getattr(hospitals[h], method).remote(*a) for h, a in arguments.items()}, timeout)[0]
+
+    pooling.deal(names, call)

@@ -23,7 +23,7 @@ from fedward.explain.summary import to_jsonable
 from fedward.files import atomic_write_json
 from fedward.models.export import export_model, from_weights
 from fedward.pipelines import records
-from fedward.pipelines.calls import gather
+from fedward.pipelines.calls import gather, opener, pooled_figures
 from fedward.tasks import Task
 from fedward.types import Layout
 
@@ -91,7 +91,7 @@ class Handover:
             result["models"][purpose] = {
                 "epochs": epochs,
                 "hospitals": {h: records.figures(e) for h, e in sorted(answers.items())},
-                "pooled": self.task.pool(list(answers.values())) if answers else {},
+                "pooled": pooled_figures(self.hospitals, answers, cfg.run.round_timeout_s),
                 "failures": failures,
             }
         return result
@@ -110,7 +110,7 @@ class Handover:
             + (f" with the layers {cfg.strategy.name} keeps at the hospital" if personal else "")
             for h in hospitals
         }
-        summary = subgroups.summarize(round, released, failures, models, cfg.subgroups)
+        summary = subgroups.summarize(round, released, failures, models, cfg.subgroups, opener(self.hospitals, "open_group_pooled", cfg.run.round_timeout_s))
         return {**summary, "kind": cfg.data.kind, "settings": config_to_dict(cfg)["subgroups"]}
 
     def export(self, hospitals: list[str], shape: tuple[int, ...], preprocessing: dict | None, weights: np.ndarray, layout: Layout, round: int) -> None:

@@ -1,7 +1,7 @@
 """What a run records of each round in metrics.jsonl, and how it is read back.
 
-A hospital's entry holds its figures, named by its task, then the statistics the pooled figures
-come from (counts and sums, never a patient's score).
+A hospital's entry holds what it released in the clear (fedward/release.py): its figures, named by
+its task, and the cells they come from, each counting at least its release floor in patients.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ from fedward.types import Evaluation
 
 
 def figures(e: Evaluation) -> dict[str, Any]:
-    """What a record holds of an evaluation's own figures, named by its task."""
-    return {"n": e.num_examples, **e.figures, "loss": e.loss}
+    """What a record holds of an evaluation's own figures, named by its task, or why it holds none."""
+    if e.held_back is not None:
+        return {"n": e.num_examples, "held_back": e.held_back}
+    return {"n": e.num_examples, **e.figures}
 
 
 def evaluation_record(e: Evaluation, train_loss: float | None) -> dict[str, Any]:
-    """A hospital's entry in a round's record: its figures, then the statistics the pooled ones
-    come from (the report's calibration and confidence intervals read these, never patients' scores)."""
+    """A hospital's entry in a round's record: its figures, then the cells they come from (the
+    report's calibration plots read these, never patients' scores)."""
     return {**figures(e), "train_loss": train_loss, **{k: v.tolist() for k, v in e.statistics.items()}}
 
 

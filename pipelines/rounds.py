@@ -32,7 +32,7 @@ from fedward.config import FedwardConfig, TrainConfig
 from fedward.errors import AggregationError, DataError, QuorumError
 from fedward.files import atomic_write_json
 from fedward.pipelines import admission, inbound, records
-from fedward.pipelines.calls import arrivals, gather, require_quorum
+from fedward.pipelines.calls import arrivals, gather, pooled_figures, require_quorum
 from fedward.pipelines.global_model import GlobalModel
 from fedward.pipelines.selection import Selection
 from fedward.privacy import dp_fedavg
@@ -217,7 +217,7 @@ class Rounds:
             "failures": failures,
             "hospitals": {h: records.evaluation_record(e, updates[h].metrics.get("train_loss") if h in updates else None) for h, e in sorted(evaluations.items())},
             # A round whose evaluations all failed still trained; it just has no figures.
-            "pooled": self.task.pool(list(evaluations.values())) if evaluations else {},
+            "pooled": pooled_figures(self.hospitals, evaluations, timeout),
             "evaluation_failures": eval_failures,
             "privacy": self._privacy_record(updates, sent, len(plans)),
             # How far each change lies from the others, for spotting a faulty or hostile hospital
@@ -381,7 +381,7 @@ class Rounds:
                                    self.config.run.round_timeout_s)
         return {
             "hospitals": {h: records.figures(e) for h, e in sorted(answers.items())},
-            "pooled": self.task.pool(list(answers.values())) if answers else {},
+            "pooled": pooled_figures(self.hospitals, answers, self.config.run.round_timeout_s),
             "failures": failures,
         }
 
@@ -391,7 +391,7 @@ class Rounds:
         evaluations = {h: e for h, e in sorted(answers.items()) if e is not None}
         return {
             "hospitals": {h: records.figures(e) for h, e in evaluations.items()},
-            "pooled": self.task.pool(list(evaluations.values())) if evaluations else {},
+            "pooled": pooled_figures(self.hospitals, evaluations, self.config.run.round_timeout_s),
             "failures": failures,
         }
 

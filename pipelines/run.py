@@ -33,7 +33,7 @@ from fedward.files import atomic_write_json
 from fedward.models.flat import layout_digest, layout_of
 from fedward.models.networks import check_factory
 from fedward.pipelines import admission, compatibility, records
-from fedward.pipelines.calls import gather, require_quorum
+from fedward.pipelines.calls import deal_evaluation_key, gather, require_quorum
 from fedward.pipelines.global_model import GlobalModel
 from fedward.pipelines.handover import Handover, explanation_due, models_out, subgroups_due
 from fedward.pipelines.manifest import record_builds, record_data, record_invocation
@@ -154,6 +154,7 @@ class Pipeline:
                 self.config.run.round_timeout_s,
             )
             require_quorum(self.config, 0, shapes, failures)
+            deal_evaluation_key(self.hospitals, sorted(shapes), self.config.run.round_timeout_s)
             self.input_shape = next(iter(shapes.values()))
             self.personal = self.model.keep_personal(self.input_shape)
             dp_units = {h: privacy_units(self.config, self.counts[h]) for h in sorted(shapes)} if self.config.privacy.dp_sgd.enabled else {}

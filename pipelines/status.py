@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedward import release
 from fedward.errors import CheckpointError
 from fedward.checkpoint import load_checkpoint, read_metrics
 from fedward.pipelines.selection import reported
@@ -28,7 +29,7 @@ def run_status(run_dir: Path) -> str:
     if data.is_file():
         body = json.loads(data.read_text())
         for name, c in body["hospitals"].items():
-            skipped = sum(c["skipped"].values())
+            skipped = release.total(c["skipped"])
             lines.append(f"  {name}: {c['train_examples']} training / {c['holdout_examples']} held-out samples, {skipped} skipped")
         for name, why in body["refused"].items():
             lines.append(f"  {name}: did not join: {why}")

@@ -2,7 +2,7 @@
 
 Key set-up, once per run: every hospital offers an X25519 public key; the dealer (the first
 hospital, by name, that answered) creates the CKKS keys and seals the full context, secret key
-included, for each other hospital under a key from `privacy.keys.agree`; the driver relays the
+included, for each other hospital under a key from `fedward.keys.agree`; the driver relays the
 sealed copies and keeps only the public parameters. Each round a hospital scales its delta by its
 share of the planned weight, encrypts it (or the configured layers of it) and sends the
 ciphertexts; the driver sums them one hospital at a time and asks one key holder to decrypt the
@@ -30,7 +30,7 @@ from fedward.declarations import EVERY_LAYER_SUMMED, LAYERS_APART, Declaration
 from fedward.errors import AggregationError, ConfigError
 from fedward.types import Layout, SealedUpdate, Update
 from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
-from fedward.privacy.keys import agree, new_private_key, open_sealed, public_bytes, seal
+from fedward.keys import agree, new_private_key, open_sealed, public_bytes, seal
 
 KEY_PURPOSE = "ckks-key"
 

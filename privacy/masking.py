@@ -36,7 +36,7 @@ from fedward.errors import AggregationError, ConfigError
 from fedward.types import Layout, SealedUpdate, Update
 from fedward.privacy import dp_fedavg
 from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
-from fedward.privacy.keys import agree, derive_key, keystream, new_private_key, open_sealed, private_bytes, private_key_from, public_bytes, seal
+from fedward.keys import agree, derive_key, keystream, new_private_key, open_sealed, private_bytes, private_key_from, public_bytes, seal
 
 SECRET_BYTES = 32  # the self-mask seed b and an X25519 private key
 SHAMIR_BLOCK = 16  # pycryptodome's Shamir shares 16-byte secrets (elements of GF(2^128))

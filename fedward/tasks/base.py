@@ -2,10 +2,11 @@
 
 A task turns a label column into targets (with a reason for every row it cannot use), sizes the
 model's output, gives the loss, stratifies the split, computes what a hospital releases about its
-held-out patients (statistics that count patients, never one patient's value), pools those into the
-consortium's figures at the driver, and writes what `fedward predict` shows. The hospital, the
-driver, the demo's baselines and `predict` call only this interface, so a new task (one of
-fedward's or a study's own, named by `task.target`) changes no other file.
+held-out patients (exact statistics that leave it only padded, and the cells and figures it may
+release in the clear), turns statistics summed over hospitals into the consortium's figures, and
+writes what `fedward predict` shows. The hospital, the driver, the demo's baselines and `predict`
+call only this interface, so a new task (one of fedward's or a study's own, named by
+`task.target`) changes no other file.
 
 Targets are numpy arrays with one entry per sample (a later task may give each sample a vector or
 a mask: nothing outside the task looks inside a target).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,10 +25,17 @@ import torch
 
 from fedward.config import LabelRule, TaskConfig
 from fedward.declarations import ONE_SCORE, Declaration
-from fedward.types import Evaluation
 
 # field, reason, detail, mask of the rows affected: a label cell the task cannot use costs its row.
 Problem = tuple[str, str, str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Released:
+    """What a hospital releases in the clear of one evaluation: figures and the cells they come from."""
+
+    figures: dict[str, Any]
+    statistics: dict[str, np.ndarray]
 
 
 class Task(ABC):
@@ -93,13 +102,20 @@ class Task(ABC):
     # -- evaluation -------------------------------------------------------------------------------
 
     @abstractmethod
-    def evaluate(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, round: int, hospital: str) -> Evaluation:
-        """A hospital's evaluation on its held-out patients: its own figures and the statistics the
-        driver pools; outputs and targets stay at the hospital."""
+    def statistics(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
+        """A hospital's exact statistics of a model's outputs on its held-out patients: counts and
+        sums that add up across hospitals. They leave a hospital only padded (fedward/pooling.py)."""
 
     @abstractmethod
-    def pool(self, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
-        """The consortium's figures from the hospitals' statistics, exactly as if pooled."""
+    def pooled(self, statistics: dict[str, np.ndarray], floor: int) -> dict[str, Any]:
+        """The figures of statistics summed over hospitals, exactly as if the patients were pooled;
+        a figure or cell counting fewer than `floor` samples is held back (fedward/release.py)."""
+
+    @abstractmethod
+    def release(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, patients: np.ndarray, floor: int) -> Released | None:
+        """What one hospital may release in the clear of a model on its held-out patients
+        (`patients`: each row's patient): cells each counting at least `floor` patients
+        (fedward/release.py) and figures computed from them alone; None when it may release none."""
 
     # -- scoring new patients ---------------------------------------------------------------------
 
@@ -114,11 +130,6 @@ class Task(ABC):
 
 def null_mask(values: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def weighted_mean(evaluations: Sequence[Evaluation], figure: str) -> float:
-    n = sum(e.num_examples for e in evaluations)
-    return sum(e.figures[figure] * e.num_examples for e in evaluations) / n
 
 
 def batch_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Binary outcomes: one logit per patient, binary cross-entropy, pooled AUROC from score histograms."""
+"""Binary outcomes: one logit per patient, binary cross-entropy; pooled AUROC, AUPRC and accuracy
+from per-class counts of scores in 0.01 slices, and a hospital's own from its released score bins."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,12 +11,11 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from fedward import metrics
+from fedward import metrics, release
 from fedward.cells import BOOLEAN, FALSE, TRUE, parse_boolean, parse_cells, parse_numeric
 from fedward.config import ALL_OTHERS, LabelRule
 from fedward.errors import DataError
-from fedward.tasks.base import Problem, Task, null_mask, weighted_mean
-from fedward.types import Evaluation
+from fedward.tasks.base import Problem, Released, Task, null_mask
 
 LISTED_VALUES = 20  # unlisted label values named one by one; past that, together
 
@@ -70,33 +69,32 @@ class Binary(Task):
     def probabilities(self, outputs: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(outputs.squeeze(1)).numpy().astype(np.float64)
 
-    def evaluate(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, round: int, hospital: str) -> Evaluation:
-        logits = outputs.squeeze(1)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y).item()
-        scores = torch.sigmoid(logits).numpy().astype(np.float64)
-        labels = y.numpy().astype(np.int64)
-        both = len(np.unique(labels)) == 2
-        pos, neg = metrics.score_histograms(scores, labels)
-        figures = {
-            "auroc": metrics.auroc(labels, scores) if both else float("nan"),
-            "auprc": metrics.average_precision(labels, scores) if both else float("nan"),
-            "accuracy": float(((scores >= 0.5) == labels).mean()),
-        }
-        # Per-class score histograms (BINS bins over [0, 1]): pooled AUROC, calibration and
-        # confidence intervals in the report come from these, not from per-patient scores.
-        return Evaluation(round, hospital, len(labels), loss, figures, {"positive_hist": pos, "negative_hist": neg})
+    def statistics(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
+        pos, neg = metrics.score_histograms(self.probabilities(outputs), y.numpy())
+        return {"positive_hist": pos, "negative_hist": neg, "loss_sum": np.array(self.loss(outputs, y, reduction="sum").item())}
 
-    def pool(self, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
-        pos = sum(e.statistics["positive_hist"] for e in evaluations)
-        neg = sum(e.statistics["negative_hist"] for e in evaluations)
+    def pooled(self, statistics: dict[str, np.ndarray], floor: int) -> dict[str, Any]:
+        pos, neg = statistics["positive_hist"], statistics["negative_hist"]
+        n = pos.sum() + neg.sum()
+        if min(pos.sum(), neg.sum()) < floor:
+            return {"n": int(n), "held_back": release.held_back(floor)}
         return {
-            "n": sum(e.num_examples for e in evaluations),
+            "n": int(n),
+            "positives": int(pos.sum()),
             "auroc": metrics.auroc_from_histograms(pos, neg),
             "auroc_error_bound": metrics.auroc_error_bound(pos, neg),
             "auprc": metrics.auprc_from_histograms(pos, neg),
-            "accuracy": weighted_mean(evaluations, "accuracy"),
-            "loss": sum(e.loss * e.num_examples for e in evaluations) / sum(e.num_examples for e in evaluations),
+            "accuracy": float((pos[metrics.BINS // 2 :].sum() + neg[: metrics.BINS // 2].sum()) / n),
+            "loss": float(statistics["loss_sum"] / n),
         }
+
+    def release(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, patients: np.ndarray, floor: int) -> Released | None:
+        scores, labels = self.probabilities(outputs), y.numpy()
+        bins = release.score_bins(scores, labels, patients, floor, cut=0.5)
+        if bins is None:
+            return None
+        figures = {k: v for k, v in release.figures([bins]).items() if k != "auroc_error_bound"}
+        return Released({"positives": int(bins.positive.sum()), **figures, "auroc": release.own_auroc(labels, scores)}, bins.statistics())
 
     def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         return {"probability": self.probabilities(outputs)}
@@ -120,3 +118,4 @@ def unlisted_problems(text: pa.ChunkedArray, unlisted: np.ndarray, column: str, 
     if rest.any():
         problems.append((column, "unlisted_label", f"its value is in neither {lists} ({len(ranked) - LISTED_VALUES} such values)", rest))
     return problems
+

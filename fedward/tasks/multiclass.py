@@ -1,14 +1,15 @@
 """Multiclass outcomes: one logit per class listed in `task.classes`, softmax cross-entropy.
 
-Pooled figures come from counts: per class, one-vs-rest histograms of that class's probability
-(its AUROC, and their macro mean over the classes that have both sides), and the confusion matrix
-(accuracy, balanced accuracy). A hospital that lacks a class still joins; its figures for that
-class are undefined (NaN, written as null), and it adds nothing to that class's pooled figures.
+Pooled figures come from counts summed under the hospitals' pads: per class, one-vs-rest
+histograms of that class's probability (its AUROC, and their macro mean over the classes that have
+both sides), and the confusion matrix (accuracy, balanced accuracy). A hospital releases in the
+clear only each class's one-vs-rest score bins (fedward/release.py) and its AUROC to two decimals;
+a class it has too few patients of, or lacks, has none (NaN, written as null), and a hospital
+still joins without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,10 @@ import pyarrow.compute as pc
 import torch
 from torch import nn
 
-from fedward import metrics
+from fedward import metrics, release
 from fedward.config import LabelRule, TaskConfig
-from fedward.tasks.base import Problem, Task, null_mask
+from fedward.tasks.base import Problem, Released, Task, null_mask
 from fedward.tasks.binary import unlisted_problems
-from fedward.types import Evaluation
 
 
 class Multiclass(Task):
@@ -54,37 +54,46 @@ class Multiclass(Task):
     def flipped(self, y: torch.Tensor) -> torch.Tensor:
         return (y + 1) % self.output_size  # every sample trained as the next class: a consistent poisoning
 
-    def evaluate(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, round: int, hospital: str) -> Evaluation:
+    def statistics(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         k = self.output_size
-        loss = nn.functional.cross_entropy(outputs, y).item()
         probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
         labels = y.numpy()
         confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: predicted class
         np.add.at(confusion, (labels, probabilities.argmax(axis=1)), 1)
         positive = np.zeros((k, metrics.BINS), np.int64)
         negative = np.zeros((k, metrics.BINS), np.int64)
-        aurocs = {}
-        for c, name in enumerate(self.classes):
-            is_c = labels == c
-            positive[c], negative[c] = metrics.score_histograms(probabilities[:, c], is_c)
-            aurocs[name] = metrics.auroc(is_c, probabilities[:, c]) if 0 < is_c.sum() < len(labels) else float("nan")
-        figures = {**_from_confusion(confusion), "macro_auroc": _macro(aurocs), "class_auroc": aurocs}
-        return Evaluation(round, hospital, len(labels), loss, figures, {"class_positive_hist": positive, "class_negative_hist": negative, "confusion": confusion})
+        for c in range(k):
+            positive[c], negative[c] = metrics.score_histograms(probabilities[:, c], labels == c)
+        loss = nn.functional.cross_entropy(outputs, y, reduction="sum").item()
+        return {"class_positive_hist": positive, "class_negative_hist": negative, "confusion": confusion, "loss_sum": np.array(loss)}
 
-    def pool(self, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
-        positive = sum(e.statistics["class_positive_hist"] for e in evaluations)
-        negative = sum(e.statistics["class_negative_hist"] for e in evaluations)
-        confusion = sum(e.statistics["confusion"] for e in evaluations)
+    def pooled(self, statistics: dict[str, np.ndarray], floor: int) -> dict[str, Any]:
+        positive, negative = statistics["class_positive_hist"], statistics["class_negative_hist"]
+        confusion = np.rint(statistics["confusion"]).astype(np.int64)
+        n = int(confusion.sum())
+        present = confusion.sum(axis=1)
+        if (present[present > 0] < floor).any():
+            return {"n": n, "held_back": release.held_back(floor)}
         aurocs = {name: metrics.auroc_from_histograms(positive[c], negative[c]) for c, name in enumerate(self.classes)}
-        n = sum(e.num_examples for e in evaluations)
         return {
             "n": n,
             **_from_confusion(confusion),
             "macro_auroc": _macro(aurocs),
             "class_auroc": aurocs,
-            "confusion": confusion.tolist(),
-            "loss": sum(e.loss * e.num_examples for e in evaluations) / n,
+            # A cell of fewer samples than the floor, an empty one too, tells which class those predicted patients have or lack.
+            "confusion": [[int(v) if v >= floor else None for v in row] for row in confusion],
+            "loss": float(statistics["loss_sum"] / n),
         }
+
+    def release(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, patients: np.ndarray, floor: int) -> Released | None:
+        probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
+        labels = y.numpy()
+        bins = {name: release.score_bins(probabilities[:, c], labels == c, patients, floor) for c, name in enumerate(self.classes)}
+        if all(b is None for b in bins.values()):
+            return None
+        aurocs = {name: float("nan") if bins[name] is None else release.own_auroc(labels == c, probabilities[:, c]) for c, name in enumerate(self.classes)}
+        statistics = {k: v for name, b in bins.items() if b is not None for k, v in b.statistics(f"{name}/").items()}
+        return Released({"macro_auroc": _macro(aurocs), "class_auroc": aurocs}, statistics)
 
     def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)

@@ -3,10 +3,12 @@
 The model learns the target standardized with the consortium's mean and standard deviation, agreed
 before round 1 from each hospital's sums over its training targets (count, sum, sum of squares),
 so one scale fits every hospital; predictions and figures are back in the target's units. Pooled
-MSE, MAE and R² are exact: each hospital releases sums over its held-out patients (count, sum and
-sum of squares of the targets, of the squared and of the absolute errors), and R² is one minus the
-pooled squared error over the pooled total sum of squares. The report's predicted-against-observed
-plot comes from a 2-D histogram of (predicted, observed) over bins set by the agreed scale.
+MSE, MAE and R² are exact: each hospital's sums over its held-out patients (count, sum and sum of
+squares of the targets, of the squared and of the absolute errors) are added up under the
+hospitals' pads (fedward/pooling.py), and R² is one minus the pooled squared error over the pooled
+total sum of squares. A hospital's own figures leave it rounded to two significant digits. The
+report's predicted-against-observed plot comes from the pooled 2-D histogram of (predicted,
+observed) over bins set by the agreed scale, its cells under the release floor held back.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from fedward import release
 from fedward.cells import parse_cells, parse_numeric
 from fedward.config import LabelRule
 from fedward.errors import DataError
-from fedward.tasks.base import Problem, Task
-from fedward.types import Evaluation
+from fedward.tasks.base import Problem, Released, Task
 
 # The calibration plot's bins: standardized units from -EDGE to EDGE, the outermost catching the tails.
 EDGE, PLOT_BINS = 3.0, 12
+HOSPITAL_DIGITS = 2  # significant digits of a hospital's own figures
 
 
 class Regression(Task):
@@ -72,18 +75,31 @@ class Regression(Task):
     def flipped(self, y: torch.Tensor) -> torch.Tensor:
         return -y  # mirrored about the consortium's mean
 
-    def evaluate(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, round: int, hospital: str) -> Evaluation:
-        loss = nn.functional.mse_loss(outputs.squeeze(1), y).item()
+    def statistics(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         predicted = self._units(outputs, scale)
         observed = y.numpy().astype(np.float64) * scale["sd"] + scale["mean"]
         error = predicted - observed
         sums = np.array([len(observed), observed.sum(), (observed**2).sum(), (error**2).sum(), np.abs(error).sum()])
-        statistics = {"sums": sums, "calibration": _calibration(predicted, observed, scale)}
-        return Evaluation(round, hospital, len(observed), loss, _figures(sums), statistics)
+        loss = nn.functional.mse_loss(outputs.squeeze(1), y, reduction="sum").item()
+        return {"sums": sums, "calibration": _calibration(predicted, observed, scale), "loss_sum": np.array(loss)}
 
-    def pool(self, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
-        sums = sum(e.statistics["sums"] for e in evaluations)
-        return {"n": int(sums[0]), **_figures(sums), "loss": sum(e.loss * e.num_examples for e in evaluations) / sums[0]}
+    def pooled(self, statistics: dict[str, np.ndarray], floor: int) -> dict[str, Any]:
+        sums = statistics["sums"]
+        n = int(round(sums[0]))
+        if n < floor:
+            return {"n": n, "held_back": release.held_back(floor)}
+        counts = np.rint(statistics["calibration"]).astype(np.int64)
+        # A cell of fewer patients than the floor would place those few patients' outcomes.
+        cells = [[int(v) if v >= floor else None for v in row] for row in counts]
+        return {"n": n, **_figures(sums), "loss": float(statistics["loss_sum"] / n), "calibration": cells}
+
+    def release(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, patients: np.ndarray, floor: int) -> Released | None:
+        # Sums over all of a hospital's patients; rounded, so that rounds taken together do not
+        # solve for single patients' targets.
+        if len(set(patients)) < floor:
+            return None
+        figures = _figures(self.statistics(outputs, y, scale)["sums"])
+        return Released({k: float(f"{v:.{HOSPITAL_DIGITS}g}") for k, v in figures.items()}, {})
 
     def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         return {"prediction": self._units(outputs, scale)}

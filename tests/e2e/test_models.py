@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from fedward.data_adapters.demo import write_demo_data
-from fedward import metrics
+from fedward.release import ScoreBins
 from fedward.config import parse_config
 from fedward.errors import ConfigError, DeploymentError
 from fedward.models.export import load_exported
@@ -51,6 +51,9 @@ def densenet_config(data: Path, runs: Path) -> dict:
 
 def test_monai_densenet121_federates_exports_and_predicts_its_final_evaluation_exactly(ray_session, small_image_sites, tmp_path):
     config = parse_config(densenet_config(small_image_sites, tmp_path))
+    for h in HOSPITALS:  # 15 held-out images a site: their own policy lets bins of 2 patients of each outcome leave
+        (tmp_path / "sites" / h).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "sites" / h / "policy.yaml").write_text("release_floor: 2\n")
     Pipeline(config, progress=False).run()
     records = read_metrics(config.run_dir / "metrics.jsonl")
     assert [sorted(r["participants"]) for r in records] == [list(HOSPITALS)] * 2 and not any(r["failures"] for r in records)
@@ -65,7 +68,7 @@ def test_monai_densenet121_federates_exports_and_predicts_its_final_evaluation_e
     manifest = json.loads((config.run_dir / "manifest.json").read_text())
     assert manifest["invocations"][-1]["model_built_with"]["model.target"]["package"] == "monai"
 
-    # hospital_b's held-out images, scored by the exported model, give its last round's figures exactly.
+    # hospital_b's held-out images, scored by the exported model, fall in its last round's released bins exactly.
     site = small_image_sites / "hospital_b"
     split = json.loads(next((tmp_path / "sites" / "hospital_b" / "runs").glob("densenet-*/split.json")).read_text())
     for sample in split["holdout"]:
@@ -79,10 +82,13 @@ def test_monai_densenet121_federates_exports_and_predicts_its_final_evaluation_e
 
     labels = np.array([finding[pydicom.dcmread(tmp_path / "held_out" / s, stop_before_pixels=True).SOPInstanceUID] for s in scores.column("sample_id").to_pylist()])
     probability = scores.column("probability").to_numpy()
-    own = records[-1]["hospitals"]["hospital_b"]
+    bins = ScoreBins.of(records[-1]["hospitals"]["hospital_b"])
     assert sorted(scores.column("sample_id").to_pylist()) == sorted(split["holdout"])
-    assert metrics.auroc(labels, probability) == own["auroc"]
-    assert float(((probability >= 0.5) == labels).mean()) == own["accuracy"]
+    slices = np.clip((probability * 100).astype(np.int64), 0, 99)
+    for lo, hi, pos, neg in zip(bins.low, bins.high, bins.positive, bins.negative):
+        inside = (slices >= lo) & (slices < hi)
+        assert (labels[inside].sum(), (~labels[inside]).sum()) == (pos, neg)
+    assert sum(bins.positive) + sum(bins.negative) == len(labels)
 
 
 @pytest.mark.parametrize(

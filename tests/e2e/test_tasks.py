@@ -158,7 +158,8 @@ def test_digits_as_dicom_multiclass_matches_logistic_regression_and_a_hospital_w
     assert sorted(last["participants"]) == list(HOSPITALS)
     c = last["hospitals"]["hospital_c"]
     assert [c["class_auroc"][d] for d in "789"] == [None, None, None] and c["macro_auroc"] > 0.9  # undefined, written as null
-    assert np.array(c["confusion"])[7:].sum() == 0 and len(c["class_positive_hist"]) == 10
+    # In the clear, a hospital's one-vs-rest score bins of the classes it has; no confusion matrix.
+    assert {k.split("/")[0] for k in c if "/" in k} == set("0123456") and "confusion" not in c
 
     hospitals, _ = split_as_the_federation(config)
     x, y = union(hospitals, "train")
@@ -168,7 +169,8 @@ def test_digits_as_dicom_multiclass_matches_logistic_regression_and_a_hospital_w
     pooled = last["pooled"]
     print(f"digits: federated macro AUROC {pooled['macro_auroc']:.4f}, logistic regression {macro:.4f}")
     assert pooled["macro_auroc"] >= macro - 0.03, (pooled["macro_auroc"], macro)
-    assert pooled["n"] == len(held_y) and sum(map(sum, pooled["confusion"])) == len(held_y)
+    cells = [v for row in pooled["confusion"] for v in row]
+    assert pooled["n"] == len(held_y) and all(v is None or v >= 10 for v in cells) and sum(v for v in cells if v) <= len(held_y)
     assert 0.85 <= pooled["accuracy"] <= 1 and 0.85 <= pooled["balanced_accuracy"] <= 1
 
     page = write_consortium_report(config.run_dir).read_text()
@@ -198,10 +200,10 @@ def test_diabetes_regression_matches_ridge_pooled_exactly_and_predicts_in_the_ta
     pooled = last["pooled"]
     print(f"diabetes: federated R² {pooled['r2']:.4f}, ridge {ridge:.4f}")
     assert pooled["r2"] >= ridge - 0.03, (pooled["r2"], ridge)
-    # Pooled from the hospitals' sums, exactly what the held-out patients give together.
-    sums = sum(np.array(last["hospitals"][h]["sums"]) for h in HOSPITALS)
-    assert sums[0] == len(held_y) and sums[1] == pytest.approx(held_y.sum(), rel=1e-6)
-    assert pooled["mse"] == pytest.approx(sums[3] / sums[0]) and pooled["mae"] == pytest.approx(sums[4] / sums[0])
+    # Pooled from every held-out patient's sums, added up under the hospitals' pads; each hospital
+    # shows only its own figures, rounded.
+    assert pooled["n"] == len(held_y) and pooled["pooled_over"] == list(HOSPITALS)
+    assert all(set(last["hospitals"][h]) == {"n", "r2", "mse", "mae", "train_loss"} for h in HOSPITALS)
 
     page = write_consortium_report(config.run_dir).read_text()
     assert "Predicted against observed" in page and "progression, a number in its own units (regression)" in page

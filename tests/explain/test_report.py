@@ -34,7 +34,7 @@ from fedward.explain.report import (
 from fedward.explain.summary import ConsortiumExplanation, ExplanationSummary, FeatureBin, FeatureExplanation, to_jsonable
 from fedward.config import parse_config
 from fedward.errors import CheckpointError, DataError
-from fedward.metrics import score_histograms
+from fedward.release import score_bins
 from fedward.checkpoint import read_metrics
 from fedward.pipelines.run import Pipeline
 from tests.conftest import HOSPITALS, ehr_config
@@ -223,26 +223,28 @@ def test_the_consortium_report_is_one_self_contained_file_with_every_section_and
     page = assert_self_contained(path)
     assert page.headings["h2"] == [*TABLE_SECTIONS, "Update screening", "Privacy"]
     text = path.read_text()
-    # The figures of the last round, with intervals computed here from its histograms.
+    # The figures of the last round, with intervals computed here from its class counts.
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
     assert last["round"] == 2
     for name, m in last["hospitals"].items():
-        n_pos, n_neg = sum(m["positive_hist"]), sum(m["negative_hist"])
+        n_pos, n_neg = sum(m["positive_bins"]), sum(m["negative_bins"])
         lo, hi = hanley_mcneil(m["auroc"], n_pos, n_neg)
         assert f"<td>{name}</td><td>{m['n']}</td><td>{n_pos}</td><td>{m['auroc']:.3f} ({lo:.3f}–{hi:.3f})</td>" in text
         lo, hi = wilson(m["accuracy"], m["n"])
         assert f"{m['accuracy']:.3f} ({lo:.3f}–{hi:.3f})" in text
-    pos = np.sum([m["positive_hist"] for m in last["hospitals"].values()], axis=0)
-    neg = np.sum([m["negative_hist"] for m in last["hospitals"].values()], axis=0)
-    lo, hi = hanley_mcneil(last["pooled"]["auroc"], int(pos.sum()), int(neg.sum()))
-    assert f"<td>pooled (all hospitals)</td><td>{last['pooled']['n']}</td><td>{pos.sum()}</td><td>{last['pooled']['auroc']:.3f} ({lo:.3f}–{hi:.3f})" in text
+    pos = sum(sum(m["positive_bins"]) for m in last["hospitals"].values())
+    neg = sum(sum(m["negative_bins"]) for m in last["hospitals"].values())
+    assert last["pooled"]["positives"] == pos and last["pooled"]["pooled_over"] == sorted(last["hospitals"])
+    lo, hi = hanley_mcneil(last["pooled"]["auroc"], pos, neg)
+    assert (f"<td>pooled (hospital_a, hospital_b, hospital_c)</td><td>{last['pooled']['n']}</td><td>{pos}</td>"
+            f"<td>{last['pooled']['auroc']:.3f} ({lo:.3f}–{hi:.3f})") in text
     data = json.loads((run_dir / "data.json").read_text())["hospitals"]["hospital_b"]
     assert f"<td>hospital_b</td><td>{data['train_examples']}</td><td>{data['holdout_examples']}</td>" in text
     assert "2 of 2 finished" in text and "plaintext" in text and "spent epsilon" not in text
     assert text.count('<span class="pass">pass</span>') == 2 + 3 and "FAIL" not in text
     assert 'role="alert"' not in text  # a finished run with explanations raises no notice
-    # Figures: calibration per hospital and pooled; six dependence plots.
-    assert len(page.images) == 4 + 1 + 1 + 1 + 6 + 1
+    # Figures: calibration per hospital; six dependence plots.
+    assert len(page.images) == 3 + 1 + 1 + 1 + 6 + 1
 
 
 def test_without_explanations_the_report_says_so_instead_of_looking_complete(run_dir):
@@ -288,17 +290,16 @@ def test_an_unusable_run_directory_is_refused_by_name_and_no_report_is_left(run_
     assert not list(tmp_path.rglob("report.html"))  # the old report does not stand in for the new one
 
 
-def test_the_reliability_bins_match_the_scores_they_summarise():
+def test_the_reliability_points_are_the_released_bins():
     rng = np.random.default_rng(0)
     scores = rng.beta(2, 3, 5000)
     labels = rng.random(5000) < scores
-    mean_predicted, observed, counts = reliability(*score_histograms(scores, labels))
-    coarse = np.minimum((scores * 10).astype(int), 9)
-    for k in range(10):
-        inside = coarse == k
-        assert counts[k] == inside.sum()
-        assert observed[k] == pytest.approx(labels[inside].mean())
-        assert mean_predicted[k] == pytest.approx(scores[inside].mean(), abs=0.005)  # fine bins are 0.01 wide
+    bins = score_bins(scores, labels, np.arange(5000), 10)
+    mean_predicted, observed, counts = reliability(bins)
+    for k, (lo, hi) in enumerate(zip(bins.low, bins.high)):
+        inside = (scores >= lo / 100) & (scores < hi / 100)
+        assert counts[k] == inside.sum() and observed[k] == pytest.approx(labels[inside].mean())
+        assert mean_predicted[k] == pytest.approx((lo + hi) / 200)
 
 
 def test_a_hospital_report_holds_its_own_figures_and_patients_in_words(federation, hospital_report, tmp_path):

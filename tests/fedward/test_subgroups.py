@@ -13,6 +13,8 @@ from sklearn.metrics import roc_auc_score
 from fedward.actors.hospital import Hospital
 from fedward.data_adapters.harmonize import merge_summaries
 from fedward import subgroups
+from fedward import pooling
+from fedward.pooling import EvaluationKey
 from fedward.config import SubgroupConfig, parse_config
 from fedward.errors import ConfigError, DataError
 from fedward.models.flat import flatten
@@ -50,7 +52,7 @@ def test_groups_are_sized_in_patients_not_images():
     # Group "one" holds 20 positive images of 2 patients: too few patients, whatever the image count.
     patients = np.array([f"p{i % 2}" if i < 40 and labels[i] else f"q{i}" for i in range(60)])
     group = np.array(["one" if i < 40 else "two" for i in range(60)], dtype=object)
-    released = subgroups.at_hospital("h", scores, labels, patients, {"g": group}, 10)
+    released = subgroups.at_hospital("h", scores, labels, patients, {"g": group}, SubgroupConfig(min_count=10))
     assert released.groups["g"] == {} and released.held_back == {"g": True}
 
 
@@ -60,34 +62,44 @@ def _scores(rng, n, quality):
     return scores, labels.astype(np.int64)
 
 
-def test_figures_per_group_match_direct_computation_and_pool_over_hospitals():
+def test_figures_per_group_match_direct_computation_and_pool_over_hospitals(tmp_path):
     rng = np.random.default_rng(0)
     config = SubgroupConfig(sex="sex", threshold=0.5, min_count=10)
+    keys = {h: EvaluationKey(h, "groups", tmp_path / h) for h in ("a", "b")}
+    pooling.deal(sorted(keys), pooling.in_process(list(keys.values())))
+
+    def open_at(name, summed):
+        return subgroups.pooled_figures(keys[name].open(summed), config.threshold)
+
     released, truth = {}, {"female": ([], []), "male": ([], [])}
     for h in ("a", "b"):
         fs, fl = _scores(rng, 200, 0.6)  # the model separates women's outcomes well
         ms, ml = _scores(rng, 200, 0.1)  # and men's barely
         scores, labels = np.concatenate([fs, ms]), np.concatenate([fl, ml])
         sex = np.array(["female"] * 200 + ["male"] * 200, dtype=object)
-        released[h] = subgroups.at_hospital(h, scores, labels, np.arange(400).astype(str), {"sex": sex}, 10)
+        released[h] = subgroups.at_hospital(h, scores, labels, np.arange(400).astype(str), {"sex": sex}, config, keys[h])
         for g, s, y in (("female", fs, fl), ("male", ms, ml)):
             truth[g][0].append(s), truth[g][1].append(y)
-    summary = subgroups.summarize(4, released, {}, {"a": "global model", "b": "global model"}, config)
+            bins = released[h].groups["sex"][g]  # what the driver reads of the group in the clear
+            assert bins.positive.sum() == y.sum() and (bins.positive >= 10).all() and (bins.negative >= 10).all()
+    summary = subgroups.summarize(4, released, {}, {"a": "global model", "b": "global model"}, config, open_at)
     for g, (s, y) in truth.items():
         s, y = np.concatenate(s), np.concatenate(y)
         pooled = summary["attributes"]["sex"]["pooled"][g]
         assert pooled["positives"] == y.sum() and pooled["negatives"] == (1 - y).sum()
         assert pooled["sensitivity"] == pytest.approx((s[y == 1] >= 0.5).mean(), abs=1e-12)
         assert pooled["specificity"] == pytest.approx((s[y == 0] < 0.5).mean(), abs=1e-12)
-        assert abs(pooled["auroc"] - roc_auc_score(y, s)) < 0.01  # histogram bins of 0.01
+        assert abs(pooled["auroc"] - roc_auc_score(y, s)) < 0.01  # histogram slices of 0.01
     top = summary["gaps"][0]
     assert top["best"] == "female" and top["worst"] == "male" and top["gap"] > 0.2
     assert [g["gap"] for g in summary["gaps"]] == sorted((g["gap"] for g in summary["gaps"]), reverse=True)
     assert {g["scope"] for g in summary["gaps"]} == {"pooled", "a", "b"}
-    # A group only one hospital released counts in its pooled figures, but not in pooled gaps.
-    released["b"] = subgroups.at_hospital("b", scores, labels, np.arange(400).astype(str), {"sex": np.array(["female"] * 400, dtype=object)}, 10)
-    summary = subgroups.summarize(4, released, {}, {}, config)
-    assert summary["attributes"]["sex"]["pooled_over"] == {"female": ["a", "b"], "male": ["a"]}
+    # A group only one hospital released has its figures there, but no pooled ones: pooled over
+    # one hospital, they would be its exact figures.
+    released["b"] = subgroups.at_hospital("b", scores, labels, np.arange(400).astype(str), {"sex": np.array(["female"] * 400, dtype=object)}, config, keys["b"])
+    summary = subgroups.summarize(4, released, {}, {}, config, open_at)
+    assert summary["attributes"]["sex"]["pooled_over"] == {"female": ["a", "b"]}
+    assert set(summary["attributes"]["sex"]["hospitals"]["a"]) == {"female", "male"}
     assert {g["scope"] for g in summary["gaps"]} == {"a"}
 
 
@@ -119,9 +131,9 @@ def test_a_hospital_releases_its_groups_and_names_a_missing_group_column(demo_da
     assert set(released.groups) == {"sex", "age"} and set(released.groups["sex"]) == {"female", "male"}
     held_out = len(hospital.holdout_idx)
     for attribute, groups in released.groups.items():
-        counted = sum(int(p.sum() + n.sum()) for p, n in groups.values())
+        counted = sum(int(b.positive.sum() + b.negative.sum()) for b in groups.values())
         assert counted <= held_out and (counted == held_out) == (released.held_back[attribute] == 0)
-        assert all(p.sum() >= 10 and n.sum() >= 10 for p, n in groups.values())
+        assert all((b.positive >= 10).all() and (b.negative >= 10).all() for b in groups.values())
 
     data = tmp_path / "data"
     shutil.copytree(demo_data / "hospital_a", data / "hospital_a", ignore=shutil.ignore_patterns(".fedward"))

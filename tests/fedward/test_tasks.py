@@ -50,10 +50,11 @@ def test_pooled_multiclass_figures_equal_scikit_learn_on_all_patients_and_a_miss
     rng = np.random.default_rng(1)
     y = torch.tensor(rng.integers(0, 2, 150))  # a hospital without the "severe" class
     sites.append((torch.tensor(rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[y.numpy()], dtype=torch.float32), y))
-    evaluations = [task.evaluate(out, y, None, round=1, hospital=f"h{i}") for i, (out, y) in enumerate(sites)]
-    assert np.isnan(evaluations[2].figures["class_auroc"]["severe"]) and not np.isnan(evaluations[2].figures["macro_auroc"])
+    released = [task.release(out, y, None, patients=np.arange(len(y)), floor=10) for out, y in sites]
+    assert np.isnan(released[2].figures["class_auroc"]["severe"]) and not np.isnan(released[2].figures["macro_auroc"])
+    assert all((v >= 10).all() for r in released for k, v in r.statistics.items() if k.endswith("_bins"))
 
-    pooled = task.pool(evaluations)
+    pooled = task.pooled(summed([task.statistics(out, y, None) for out, y in sites]), floor=1)
     probabilities = torch.softmax(torch.cat([o for o, _ in sites]), 1).numpy().astype(np.float64)
     labels = torch.cat([y for _, y in sites]).numpy()
     exact = {name: roc_auc_score(labels == c, probabilities[:, c]) for c, name in enumerate(GRADES)}
@@ -76,18 +77,21 @@ def test_regression_is_pooled_exactly_from_sums_in_the_targets_units():
     scale = task.scale([task.summary(o) for o in observed])
     everything = np.concatenate(observed)
     assert scale["mean"] == pytest.approx(everything.mean()) and scale["sd"] == pytest.approx(everything.std())
-    evaluations = []
-    for i, (o, p) in enumerate(zip(observed, predicted)):
+    statistics, released = [], []
+    for o, p in zip(observed, predicted):
         out = torch.tensor((p - scale["mean"]) / scale["sd"], dtype=torch.float32)[:, None]
-        evaluations.append(task.evaluate(out, task.tensor(o, scale), scale, round=1, hospital=f"h{i}"))
-    pooled = task.pool(evaluations)
+        statistics.append(task.statistics(out, task.tensor(o, scale), scale))
+        released.append(task.release(out, task.tensor(o, scale), scale, patients=np.arange(len(o)), floor=10))
+    pooled = task.pooled(summed(statistics), floor=10)
     all_predicted = np.concatenate(predicted)
     assert pooled["r2"] == pytest.approx(r2_score(everything, all_predicted), abs=1e-5)
     assert pooled["mse"] == pytest.approx(mean_squared_error(everything, all_predicted), rel=1e-5)
     assert pooled["mae"] == pytest.approx(mean_absolute_error(everything, all_predicted), rel=1e-5)
-    assert evaluations[1].figures["r2"] == pytest.approx(r2_score(observed[1], predicted[1]), abs=1e-5)
-    # What leaves the hospital: five sums and a 2-D histogram of patients, no patient's value.
-    assert evaluations[0].statistics["sums"].shape == (5,) and evaluations[0].statistics["calibration"].sum() == 120
+    # A hospital's own figures leave it rounded to two significant digits, and no cells in the clear.
+    assert released[1].figures["r2"] == float(f"{r2_score(observed[1], predicted[1]):.2g}") and released[1].statistics == {}
+    # Pooled, the 2-D histogram's cells under the floor are held back.
+    cells = np.array(pooled["calibration"], dtype=object)
+    assert sum(c for c in cells.ravel() if c is not None) <= 245 and all(c is None or c >= 10 for c in cells.ravel())
     columns = task.predictions(torch.tensor((predicted[0] - scale["mean"]) / scale["sd"], dtype=torch.float32)[:, None], scale)
     assert np.allclose(columns["prediction"], predicted[0], rtol=1e-5)  # in the target's own units
 
@@ -127,3 +131,8 @@ def test_a_number_too_large_for_a_float_is_no_number():
     task = build_task(TaskConfig(kind="regression"))
     targets, problems = label_targets(column(["3.5", "1e400", "-1e400"]), LabelRule(column="y"), "ehr.csv", task)
     assert targets[0] == 3.5 and {r: m.nonzero()[0].tolist() for _, r, _, m in problems if m.any()} == {"bad_label": [1, 2]}
+
+
+def summed(statistics: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Hospitals' statistics added up, as fedward/pooling.py opens them."""
+    return {k: sum(s[k] for s in statistics) for k in statistics[0]}

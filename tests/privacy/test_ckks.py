@@ -11,7 +11,7 @@ import tenseal as ts
 from fedward.errors import AggregationError, ConfigError
 from fedward.privacy.ckks import Dealt, Decrypt, EncryptedPayload, KeyOffer
 from fedward.privacy.hooks import AGGREGATE
-from fedward.privacy.keys import agree, derive_key, new_private_key, open_sealed
+from fedward.keys import agree, derive_key, new_private_key, open_sealed
 from tests.privacy.federation import Federation, config_with, leaves, random_updates, weighted_mean
 
 SIZE = 10_000  # three ciphertexts of 4096 slots at degree 8192

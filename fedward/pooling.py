@@ -1,0 +1,175 @@
+"""Pooled figures from statistics the driver never reads: the hospitals' evaluation key.
+
+A hospital's exact evaluation statistics (per-class counts of scores in 0.01 slices, sums over its
+patients) tell anyone who can score its held-out patients which of them has which outcome, and so
+does their sum over every hospital. So they leave a hospital only under a one-time pad drawn from
+a key the hospitals share and the driver does not; the driver adds the padded vectors, and one of
+the hospitals that contributed removes the pads and returns only the figures the task computes
+from the sum (AUROC, AUPRC, accuracy, loss, ...), rounded to `POOLED_DIGITS`. What the driver
+holds of a hospital's evaluation in the clear is what fedward/release.py lets leave.
+
+The key: at the start of every driver session each hospital makes an X25519 key pair; the first
+hospital by name draws the evaluation key and seals it to each other hospital under the key the
+two derive, so the driver relays only public keys and sealed bytes. Each hospital keeps the key in
+its run area, where a hospital process restarted mid-run finds it again.
+
+Trust: the driver relays public keys faithfully (a driver that swapped them could read the key;
+cross-site deployments sign them), and no hospital colludes with the driver, since a hospital with
+the key could read another's padded statistics the driver showed it. A hospital opens only a sum of
+at least `MIN_CONTRIBUTORS` hospitals, itself among them, and each pad is used once: a fresh nonce
+per padded message, so no two messages' pads cancel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedward.errors import AggregationError
+from fedward.files import atomic_write
+from fedward.keys import agree, derive_key, keystream, new_private_key, open_sealed, public_bytes, seal
+
+FRACTION_BITS = 24  # fixed point: counts are exact, sums of floats kept to 6e-8
+MIN_CONTRIBUTORS = 2
+POOLED_DIGITS = 3
+PURPOSE = "evaluation key"
+NONCE_BYTES = 16
+KEY_FILE = "evaluation.key"
+
+Layout = tuple[tuple[str, tuple[int, ...]], ...]  # each statistic's name and shape, in order
+
+
+@dataclass(frozen=True)
+class PaddedStatistics:
+    """One hospital's evaluation statistics in fixed point under its one-time pad."""
+
+    hospital: str
+    nonce: bytes
+    layout: Layout
+    values: np.ndarray  # uint64
+
+
+@dataclass(frozen=True)
+class PaddedSum:
+    """The driver's sum of padded statistics, and whose pads it holds."""
+
+    contributors: tuple[tuple[str, bytes], ...]  # (hospital, nonce)
+    layout: Layout
+    values: np.ndarray  # uint64
+
+
+def add(padded: Sequence[PaddedStatistics]) -> PaddedSum:
+    """The driver's half: add padded statistics of the same layout (wrapping, as the pads do)."""
+    layouts = {p.layout for p in padded}
+    if len(layouts) != 1:
+        raise AggregationError(f"hospitals padded statistics of different layouts: {sorted(p.hospital for p in padded)}")
+    return PaddedSum(tuple((p.hospital, p.nonce) for p in padded), layouts.pop(), sum(p.values for p in padded[1:]) + padded[0].values)
+
+
+Call = Callable[[str, Mapping[str, tuple]], Mapping[str, Any]]  # method, arguments per hospital -> answers of those that answered
+
+
+def deal(hospitals: Sequence[str], call: Call) -> None:
+    """The driver's half of the key set-up. A hospital that does not answer has no key, and its
+    evaluations fail until the next driver session deals again."""
+    publics = call("evaluation_public_key", {h: () for h in hospitals})
+    if len(publics) < MIN_CONTRIBUTORS:
+        return
+    dealer = min(publics)
+    sealed = call("evaluation_deal", {dealer: (dict(publics),)}).get(dealer)
+    if sealed is None:
+        raise AggregationError(f"{dealer}: failed to deal the evaluation key; no pooled figures can be computed")
+    call("evaluation_accept", {h: (dealer, publics[dealer], s) for h, s in sealed.items()})
+
+
+def in_process(keys: Sequence[EvaluationKey]) -> Call:
+    """`deal`'s calls to hospitals' keys in this process (the demo's baselines, tests)."""
+    by_name = {k.hospital: k for k in keys}
+    methods = {"evaluation_public_key": "public", "evaluation_deal": "deal", "evaluation_accept": "accept"}
+    return lambda method, arguments: {h: getattr(by_name[h], methods[method])(*a) for h, a in arguments.items()}
+
+
+def pooled(padded: Sequence[PaddedStatistics | None], open_at: Callable[[str, PaddedSum], dict]) -> dict:
+    """The driver's half of pooling: add the padded statistics and have a contributor open the
+    sum, the next one where one fails; the figures name the hospitals pooled over. Fewer than
+    MIN_CONTRIBUTORS hospitals with a key give no pooled figures."""
+    padded = [p for p in padded if p is not None]
+    if len({p.hospital for p in padded}) < MIN_CONTRIBUTORS:
+        return {}
+    summed = add(padded)
+    over = {"pooled_over": sorted(p.hospital for p in padded)}
+    reasons = []
+    for hospital in sorted(p.hospital for p in padded):
+        try:
+            return {**open_at(hospital, summed), **over}
+        except Exception as e:  # a hospital lost since it evaluated: another contributor opens the sum
+            reasons.append(f"{hospital}: {e}")
+    raise AggregationError("no contributing hospital opened the pooled statistics: " + "; ".join(reasons))
+
+
+class EvaluationKey:
+    """A hospital's half: its key pair for the set-up, then the consortium's evaluation key."""
+
+    def __init__(self, hospital: str, run_id: str, run_dir: Path):
+        self.hospital, self.run_id, self.path = hospital, run_id, run_dir / KEY_FILE
+        self._private = None
+
+    def public(self) -> bytes:
+        self._private = new_private_key()
+        return public_bytes(self._private)
+
+    def deal(self, publics: Mapping[str, bytes]) -> dict[str, bytes]:
+        """As the dealer: draw the key, keep it, and seal it to every other hospital."""
+        key = os.urandom(32)
+        self._keep(key)
+        return {h: seal(self._pair_key(h, public), key, h.encode()) for h, public in publics.items() if h != self.hospital}
+
+    def accept(self, dealer: str, dealer_public: bytes, sealed: bytes) -> None:
+        self._keep(open_sealed(self._pair_key(dealer, dealer_public), sealed, self.hospital.encode(), f"{self.hospital}: the evaluation key"))
+
+    @property
+    def ready(self) -> bool:
+        return self.path.is_file()
+
+    def pad(self, statistics: Mapping[str, np.ndarray]) -> PaddedStatistics:
+        layout = tuple((name, tuple(np.shape(statistics[name]))) for name in sorted(statistics))
+        fixed = np.concatenate([np.round(np.asarray(statistics[n], np.float64).ravel() * 2.0**FRACTION_BITS) for n, _ in layout])
+        nonce = os.urandom(NONCE_BYTES)
+        return PaddedStatistics(self.hospital, nonce, layout, fixed.astype(np.int64).view(np.uint64) + self._pad(self.hospital, nonce, len(fixed)))
+
+    def open(self, summed: PaddedSum) -> dict[str, np.ndarray]:
+        """The statistics summed over the contributors, once their pads are removed."""
+        names = [h for h, _ in summed.contributors]
+        if len(set(names)) < MIN_CONTRIBUTORS or self.hospital not in names or len(set(names)) != len(names):
+            raise AggregationError(
+                f"{self.hospital}: refuses to open a sum of {sorted(names)}: it opens only sums of {MIN_CONTRIBUTORS} or more different "
+                f"hospitals, itself among them"
+            )
+        values = summed.values - sum(self._pad(h, nonce, len(summed.values)) for h, nonce in summed.contributors)
+        flat = values.view(np.int64) / 2.0**FRACTION_BITS
+        out, at = {}, 0
+        for name, shape in summed.layout:
+            size = int(np.prod(shape))
+            out[name] = flat[at : at + size].reshape(shape)
+            at += size
+        return out
+
+    def _pair_key(self, peer: str, peer_public: bytes) -> bytes:
+        if self._private is None:
+            raise AggregationError(f"{self.hospital}: asked to exchange the evaluation key before making its key pair")
+        return agree(self._private, peer_public, purpose=PURPOSE, run_id=self.run_id, round=0, pair=(self.hospital, peer))
+
+    def _keep(self, key: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, key)
+
+    def _pad(self, hospital: str, nonce: bytes, size: int) -> np.ndarray:
+        if not self.path.is_file():
+            raise AggregationError(f"{self.hospital}: has no evaluation key for this run (the driver sets it up before round 1)")
+        key = derive_key(self.path.read_bytes(), purpose="evaluation pad", run_id=self.run_id, round=0, parties=(hospital, nonce.hex()))
+        return np.frombuffer(keystream(key, 8 * size), np.uint64)

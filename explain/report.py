@@ -671,7 +671,9 @@ def _by_group(summary: dict, hospitals: Sequence[str]) -> _Section:
            f"and specificity count a score of {threshold:g} or more as a positive prediction. A hospital releases a group's "
            f"figures only when it holds at least {minimum} positive and {minimum} negative patients in it (and holds back "
            f"more groups when the held-back ones could be worked out from the rest); pooled figures combine the hospitals "
-           f"that released the group, and pooled gaps only the hospitals that released every group compared. Counts are "
+           f"that released the group (added up under their pads), and pooled gaps only the hospitals that released every group "
+           f"compared. A hospital's own AUROC is rounded to two decimals, and its rates are given (otherwise n/a) only where none "
+           f"of its released score bins straddles the threshold. Counts are "
            f"of {'images' if summary.get('kind') == 'dicom' else 'rows'}."),
         Html("<h3>Largest gaps between groups</h3>"),
         _table(("where", "attribute", "metric", "gap", "best group", "worst group"), [
@@ -682,7 +684,7 @@ def _by_group(summary: dict, hospitals: Sequence[str]) -> _Section:
     for attribute, figures in summary["attributes"].items():
         pooled = [(f"pooled ({', '.join(figures['pooled_over'][g])})", g, f) for g, f in figures["pooled"].items()]
         rows = [
-            (where, group, f["positives"], f["negatives"], _figure(f["auroc"]), _figure(f["sensitivity"]), _figure(f["specificity"]))
+            (where, group, f["positives"], f["negatives"], _figure(f["auroc"]), _figure(f.get("sensitivity")), _figure(f.get("specificity")))
             for where, group, f in (*pooled, *((h, g, f) for h in hospitals for g, f in figures["hospitals"].get(h, {}).items()))
         ]
         auroc = {g: {"pooled": f["auroc"], **{h: figures["hospitals"][h][g]["auroc"] for h in hospitals if g in figures["hospitals"].get(h, {})}}
@@ -772,7 +774,8 @@ def _privacy(ledger: dict) -> _Section:
     parts += [
         Html("<h3>What left each hospital, round by round</h3>"),
         _table(("round", "hospital", "update", "sent", "ε spent so far"), rows),
-        _p("Always in the clear, whatever the protections: " + "; ".join(ledger["always_in_the_clear"]) + ".", "note"),
+        Html("<h3>What leaves a hospital, and under which protection</h3>"),
+        _table(("what leaves", "fields", "to", "protection"), [(r["what"], r["fields"], r["to"], r["protection"]) for r in ledger.get("released", [])]),
     ]
     return _section("privacy", "Privacy", *parts)
 

@@ -6,16 +6,15 @@ outcome, and exact means over a few patients (a loss, an accuracy) pin single pa
 down once several rounds are put together. So what leaves a hospital in the clear about a model's
 scores is per-class counts over score bins cut from a fixed grid of 0.01-wide slices, each bin
 holding at least `floor` patients of each outcome (the hospital's release floor), and the figures
-these counts give, with its AUROC to two decimals. A hospital with fewer patients of an outcome
-than the floor releases none of it: "held back: fewer than N patients". Pooled figures come from
-exact statistics the driver never reads (fedward/pooling.py).
-
-`auroc` gives the AUROC of released bins with the largest distance the exact value can be from it.
+these counts give exactly (the rates at a threshold no bin straddles), with its own AUROC to two
+decimals. A hospital with fewer patients of an outcome than the floor releases none of it: "held
+back: fewer than N patients". Pooled figures come from exact statistics the driver never reads
+(fedward/pooling.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,14 +52,6 @@ class ScoreBins:
         if f"{prefix}bin_low" not in statistics:
             return None
         return cls(*(np.asarray(statistics[f"{prefix}{k}"]) for k in cls.FIELDS))
-
-    def spread(self) -> tuple[np.ndarray, np.ndarray]:
-        """Both classes' counts spread evenly over the grid slices of their bins."""
-        positive, negative = np.zeros(GRID), np.zeros(GRID)
-        for lo, hi, p, n in zip(self.low, self.high, self.positive, self.negative):
-            positive[lo:hi] += p / (hi - lo)
-            negative[lo:hi] += n / (hi - lo)
-        return positive, negative
 
     def midpoints(self) -> np.ndarray:
         return (self.low + self.high) / (2 * GRID)
@@ -116,42 +107,18 @@ def own_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return round(metrics.auroc(labels, scores), OWN_DIGITS)
 
 
-def pooled(bins: Sequence[ScoreBins]) -> tuple[np.ndarray, np.ndarray]:
-    """Hospitals' bins added up slice by slice, as spread evenly over their slices."""
-    spreads = [b.spread() for b in bins]
-    return sum(p for p, _ in spreads), sum(n for _, n in spreads)
-
-
-def auroc(bins: Sequence[ScoreBins]) -> tuple[float, float]:
-    """AUROC of the samples behind one or more hospitals' bins, and the largest distance of the
-    exact AUROC from it: a positive in a bin wholly above a negative's bin surely outscores it,
-    one wholly below surely does not, and the pairs of overlapping bins could go either way."""
-    positive, negative = pooled(bins)
-    estimate = metrics.auroc_from_histograms(positive, negative)
-    pos = [(lo, hi, c) for b in bins for lo, hi, c in zip(b.low, b.high, b.positive) if c]
-    neg = [(lo, hi, c) for b in bins for lo, hi, c in zip(b.low, b.high, b.negative) if c]
-    pairs = sum(c for *_, c in pos) * sum(c for *_, c in neg)
-    if not pairs:
-        return float("nan"), float("nan")
-    above = sum(cp * cn for lp, _, cp in pos for _, hn, cn in neg if lp >= hn)
-    below = sum(cp * cn for _, hp, cp in pos for ln, _, cn in neg if hp <= ln)
-    return estimate, float(max(estimate - above / pairs, 1 - below / pairs - estimate))
-
-
-def figures(bins: Sequence[ScoreBins], threshold: float = 0.5) -> dict[str, float]:
-    """AUROC with its bound, average precision, and the rates at `threshold` (exact at a bin edge,
-    otherwise with the bin's samples taken as spread evenly)."""
-    positive, negative = pooled(bins)
-    area, bound = auroc(bins)
+def rates(bins: ScoreBins, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, sensitivity and specificity at `threshold`, exact from the bins when none of them
+    straddles it; none at all otherwise, where they would count the few patients the bins hide."""
     cut = round(threshold * GRID)
-    n_pos, n_neg = positive.sum(), negative.sum()
+    if not all(hi <= cut or lo >= cut for lo, hi in zip(bins.low, bins.high)):
+        return {}
+    above = bins.low >= cut
+    n_pos, n_neg = bins.positive.sum(), bins.negative.sum()
     return {
-        "auroc": area,
-        "auroc_error_bound": bound,
-        "auprc": metrics.auprc_from_histograms(positive, negative),
-        "accuracy": float((positive[cut:].sum() + negative[:cut].sum()) / (n_pos + n_neg)),
-        "sensitivity": float(positive[cut:].sum() / n_pos),
-        "specificity": float(negative[:cut].sum() / n_neg),
+        "accuracy": float((bins.positive[above].sum() + bins.negative[~above].sum()) / (n_pos + n_neg)),
+        "sensitivity": float(bins.positive[above].sum() / n_pos),
+        "specificity": float(bins.negative[~above].sum() / n_neg),
     }
 
 

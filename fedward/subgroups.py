@@ -96,7 +96,7 @@ def at_hospital(
     threshold where both sides can hold `min_count` patients of each outcome, and its exact score
     histograms padded under `key` for the pooled figures. Groups are sized in patients, not
     images or rows: ten images of one patient are one patient."""
-    released, padded, held_back = {}, {}, {}
+    released, aurocs, padded, held_back = {}, {}, {}, {}
     for attribute, group_of in groups.items():
         names = sorted(set(group_of.tolist()))
         members = [group_of == g for g in names]
@@ -104,16 +104,16 @@ def at_hospital(
         release_ = releasable(np.array([p for p, _ in counts]), np.array([n for _, n in counts]), config.min_count)
         chosen = [(g, m) for g, m, r in zip(names, members, release_) if r]
         released[attribute] = {g: release.score_bins(scores[m], labels[m], patients[m], config.min_count, cut=config.threshold) for g, m in chosen}
+        aurocs[attribute] = {g: release.own_auroc(labels[m], scores[m]) for g, m in chosen}
         padded[attribute] = {g: key.pad(dict(zip(HISTOGRAMS, score_histograms(scores[m], labels[m])))) for g, m in chosen} if key else {}
         held_back[attribute] = bool((~release_).any())
-    return GroupBins(hospital=hospital, groups=released, padded=padded, held_back=held_back)
+    return GroupBins(hospital=hospital, groups=released, aurocs=aurocs, padded=padded, held_back=held_back)
 
 
-def figures(bins: list[ScoreBins], threshold: float) -> dict[str, float]:
-    """A hospital's figures of a group from its released bins."""
-    out = release.figures(bins, threshold)
-    return {"positives": int(sum(b.positive.sum() for b in bins)), "negatives": int(sum(b.negative.sum() for b in bins)),
-            **{k: out[k] for k in METRICS}}
+def figures(bins: ScoreBins, auroc: float, threshold: float) -> dict[str, float]:
+    """A hospital's figures of a group: its counts and rates from its released bins, its own AUROC."""
+    return {"positives": int(bins.positive.sum()), "negatives": int(bins.negative.sum()), "auroc": auroc,
+            **{k: v for k, v in release.rates(bins, threshold).items() if k in METRICS}}
 
 
 def pooled_figures(statistics: Mapping[str, np.ndarray], threshold: float) -> dict[str, float]:
@@ -131,14 +131,13 @@ def pooled_figures(statistics: Mapping[str, np.ndarray], threshold: float) -> di
 
 def _gaps(scope: str, attribute: str, groups: Mapping[str, dict]) -> list[dict]:
     known = {g: f for g, f in groups.items() if g != UNKNOWN}
-    if len(known) < 2:
-        return []
     out = []
     for metric in METRICS:
-        best = max(known, key=lambda g: known[g][metric])
-        worst = min(known, key=lambda g: known[g][metric])
-        out.append({"scope": scope, "attribute": attribute, "metric": metric, "gap": known[best][metric] - known[worst][metric],
-                    "best": best, "worst": worst})
+        have = {g: f[metric] for g, f in known.items() if metric in f}  # a rate a group's bins cannot give exactly is not released
+        if len(have) < 2:
+            continue
+        best, worst = max(have, key=have.get), min(have, key=have.get)
+        out.append({"scope": scope, "attribute": attribute, "metric": metric, "gap": have[best] - have[worst], "best": best, "worst": worst})
     return out
 
 
@@ -155,7 +154,8 @@ def summarize(
     gaps: list[dict] = []
     for attribute in config.attributes:
         own = {h: r.groups.get(attribute, {}) for h, r in sorted(released.items())}
-        hospitals = {h: {g: figures([bins], config.threshold) for g, bins in sorted(groups.items())} for h, groups in own.items()}
+        hospitals = {h: {g: figures(bins, released[h].aurocs[attribute][g], config.threshold) for g, bins in sorted(groups.items())}
+                     for h, groups in own.items()}
         pooled = _pooled({h: r.padded.get(attribute, {}) for h, r in sorted(released.items())}, open_at)
         known = {g for groups in own.values() for g in groups} - {UNKNOWN}
         complete = {h: groups for h, groups in own.items() if known <= set(groups)}

@@ -133,6 +133,7 @@ class GroupBins:
 
     hospital: str
     groups: dict[str, dict[str, ScoreBins]]  # attribute -> group -> its bins
+    aurocs: dict[str, dict[str, float]]  # attribute -> group -> its AUROC, to two decimals
     padded: dict[str, dict[str, PaddedStatistics]]  # attribute -> group -> its exact histograms, padded (fedward/pooling.py)
     held_back: dict[str, bool]  # attribute -> whether any group stayed at the hospital (how many would say too much)
 

@@ -53,7 +53,7 @@ def run_status(run_dir: Path) -> str:
     shown = TASKS[(config.get("task") or {}).get("kind") or "binary"].figures
 
     def figures(m: dict) -> str:
-        return ", ".join(f"{name} {_figure(m.get(key))}" for key, name in shown)
+        return m.get("held_back") or ", ".join(f"{name} {_figure(m.get(key))}" for key, name in shown)
 
     lines.append(f"  round {ckpt.round} of {total} ({state}): pooled {figures(pooled)}, loss {_figure(pooled.get('loss'))}")
     for name, m in (record or {}).get("hospitals", {}).items():

@@ -15,19 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fedward import outflows
 from fedward.config import FedwardConfig
 from fedward.errors import CheckpointError
 from fedward.privacy import dp_fedavg, dp_sgd
 from fedward.privacy.accounting import ACCOUNTANT, GaussianSteps, epsilon
-
-# What leaves a hospital besides its update, in every run: none of it is covered by DP.
-ALWAYS_PLAIN = (
-    "data counts per split and skipped-input counts per reason",
-    "training loss per round",
-    "evaluation: loss, accuracy, AUROC, AUPRC and per-class histograms of scores (100 bins) on the held-out split",
-    "explanations (when enabled): suppressed, optionally noised aggregates of SHAP values",
-)
-
 
 SPEND_LOG = "privacy_spend.jsonl"
 
@@ -169,7 +161,7 @@ def build_ledger(config: FedwardConfig, protocol: dict, records: Sequence[dict],
     return {
         "transport": protocol,
         "differential_privacy": differential_privacy,
-        "always_in_the_clear": list(ALWAYS_PLAIN),
+        "released": outflows.ledger_rows(),  # every field that leaves a hospital, and its protection
         "rounds": rounds,
         "stopped": stopped,
     }

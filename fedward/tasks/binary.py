@@ -93,8 +93,7 @@ class Binary(Task):
         bins = release.score_bins(scores, labels, patients, floor, cut=0.5)
         if bins is None:
             return None
-        figures = {k: v for k, v in release.figures([bins]).items() if k != "auroc_error_bound"}
-        return Released({"positives": int(bins.positive.sum()), **figures, "auroc": release.own_auroc(labels, scores)}, bins.statistics())
+        return Released({"positives": int(bins.positive.sum()), "auroc": release.own_auroc(labels, scores), **release.rates(bins)}, bins.statistics())
 
     def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         return {"probability": self.probabilities(outputs)}

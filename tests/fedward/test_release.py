@@ -44,19 +44,20 @@ def test_a_cut_where_both_sides_hold_the_floor_makes_the_rates_there_exact():
     scores, labels = _scores(rng, 2000, prevalence=0.5)
     bins = release.score_bins(scores, labels, np.arange(2000), 10, cut=0.5)
     assert 50 in bins.low
-    figures = release.figures([bins], threshold=0.5)
+    figures = release.rates(bins, threshold=0.5)
     assert figures["sensitivity"] == pytest.approx((scores[labels] >= 0.5).mean(), abs=1e-12)
     assert figures["specificity"] == pytest.approx((scores[~labels] < 0.5).mean(), abs=1e-12)
 
 
-def test_the_auroc_of_released_bins_is_within_its_bound_of_the_exact_value():
+def test_no_rate_is_released_at_a_threshold_a_bin_straddles():
     rng = np.random.default_rng(2)
-    bins, scores, labels = [], [], []
-    for n, shift in ((300, 0.0), (150, 0.1), (80, -0.1)):  # hospitals whose scores sit differently
-        s, y = _scores(rng, n)
-        s = np.clip(s + shift, 0, 1)
-        bins.append(release.score_bins(s, y, np.arange(n), 10))
-        scores.append(s), labels.append(y)
-    estimate, bound = release.auroc(bins)
-    exact = metrics.auroc(np.concatenate(labels), np.concatenate(scores))
-    assert abs(estimate - exact) <= bound and 0 < bound < 0.5
+    scores, labels = _scores(rng, 60, prevalence=0.5)
+    bins = release.score_bins(scores, labels, np.arange(60), 10, cut=0.5)
+    assert (bins.low < 50).any() and (bins.high > 50).any() and not (bins.low == 50).any()  # too few on one side to cut there
+    assert release.rates(bins, threshold=0.5) == {}
+
+
+def test_a_hospitals_own_auroc_leaves_it_to_two_decimals():
+    rng = np.random.default_rng(3)
+    scores, labels = _scores(rng, 300)
+    assert release.own_auroc(labels, scores) == round(metrics.auroc(labels, scores), 2)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from fedward import outflows
 from fedward.errors import CheckpointError
 from fedward.privacy.accounting import GaussianSteps, epsilon
 from fedward.privacy.ledger import over_budget, read_spend, record_spend, spend_entries, spent
@@ -56,3 +59,12 @@ def test_a_torn_last_line_is_ignored_but_a_corrupt_middle_is_refused(tmp_path):
         f.write("\n{}\n")
     with pytest.raises(CheckpointError, match="line 3 is corrupt"):
         read_spend(log)
+
+
+def test_the_ledger_and_the_privacy_docs_list_every_outflow_with_the_tests_that_show_it():
+    text = (Path(__file__).parents[2] / "docs" / "privacy.md").read_text()
+    assert outflows.with_table(text) == text, "regenerate the table: python -m fedward.outflows"
+    root = Path(__file__).parents[2]
+    for row in outflows.ledger_rows():
+        if row["shown_by"] != "not tested":
+            assert all((root / t).is_file() for t in row["shown_by"].split(", ")), row

@@ -16,7 +16,7 @@ import torch
 from fedward.actors.hospital import Hospital
 from fedward.data_adapters.harmonize import merge_summaries
 from fedward.config import FedwardConfig, config_hash
-from fedward.errors import DataError
+from fedward.errors import ConfigError, DataError
 from fedward.seeds import derived_seed
 from fedward.pipelines.selection import reported
 from fedward.tasks import build_task
@@ -39,6 +39,9 @@ def compare(config: FedwardConfig) -> dict:
         raise DataError(f"the federated run at {config.run_dir} stopped after round {last['round']}; finish it first")
     if config.train.select == "best" and selected.get("best_round"):  # the federated model the run handed on
         last = next(r for r in records if r["round"] == selected["best_round"])
+    if config.privacy.dp_sgd.enabled:
+        raise ConfigError("privacy.dp_sgd is on: the comparison models (central and local-only) would train outside DP-SGD, and their "
+                          "figures would leave the hospitals unaccounted; compare a run without it")
     run_id = f"{config.run.name}-{config_hash(config)[:12]}-baselines"
     study_dir = config.with_paths_from(Path.cwd()).run.study_dir
     task = build_task(config.task, study_dir)

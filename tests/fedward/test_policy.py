@@ -11,6 +11,7 @@ from fedward.data_adapters.harmonize import merge_summaries
 from fedward.errors import ConfigError, HospitalError
 from fedward.models.flat import flatten
 from fedward.models.networks import build_model
+from fedward.pipelines.baselines import compare
 from fedward.policy import POLICY_ENV, Budget, HospitalPolicy, load_policy, policy_file
 from fedward.types import RoundPlan
 from tests.conftest import ehr_config
@@ -79,3 +80,13 @@ def test_a_second_run_on_the_same_patients_is_charged_on_the_first_runs_spend(de
         one_round("second-run-under-another-name", 1)
     spend = (tmp_path / "sites" / "hospital_a" / "privacy_spend.jsonl").read_text().splitlines()
     assert len(spend) == 1 and '"run": "first-run"' in spend[0]  # the refused round spent nothing
+
+
+def test_the_comparison_models_which_train_outside_dp_are_refused_under_dp_and_under_a_budget(demo_data, tmp_path):
+    (tmp_path / "ehr").mkdir(parents=True)
+    (tmp_path / "ehr" / "metrics.jsonl").write_text('{"round": 5, "hospitals": {}, "pooled": {}}\n')  # a finished run to compare with
+    with pytest.raises(ConfigError, match=r"privacy.dp_sgd is on: the comparison models \(central and local-only\) would train outside DP-SGD"):
+        compare(parse_config({**ehr_config(demo_data, tmp_path), "privacy": DP}))
+    write_policy(tmp_path / "sites" / "hospital_a", {"budget": {"epsilon": 3.0}})
+    with pytest.raises(HospitalError, match=r"hospital_a: the run asks for less protection than its policy .*privacy.dp_sgd is off"):
+        compare(parse_config(ehr_config(demo_data, tmp_path)))

@@ -250,7 +250,7 @@ class Hospital:
         update = self.local.finish(round, update, flat)
         buffers = frozenset(n for n, _ in self.model.named_buffers())
         sending = outbound.Sending(plan.round, plan.seed, hook_setup, layout.size, buffers, self.residual)
-        sent = outbound.send(update, outbound.steps(self.config, self.hook, self.name), sending)
+        sent = outbound.send(update, outbound.steps(self.config, self.hook, self.name, self.policy.colluders), sending)
         self.residual = sending.residual
         self._save_state(plan.round)
         self._fitted = plan.round

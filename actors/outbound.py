@@ -16,6 +16,7 @@ A step's `declaration` says what it needs of the rest of the run and what it tak
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +26,8 @@ from fedward import aggregation, compression
 from fedward.actors import attacks
 from fedward.config import FedwardConfig
 from fedward.declarations import Declaration
-from fedward.privacy import dp_fedavg
+from fedward.errors import HospitalError
+from fedward.privacy import dp_fedavg, masking
 from fedward.privacy.hooks import AggregationHook
 from fedward.seeds import derived_seed
 from fedward.types import CompressedUpdate, SealedUpdate, Update
@@ -73,25 +75,42 @@ class Tamper:
 class PrivateNoise:
     config: FedwardConfig
     hook: AggregationHook
+    colluders: int  # how many of a round's hospitals the hospital's own policy assumes collude with the driver
     declaration = dp_fedavg.DECLARATION
 
     def apply(self, update: Update, sending: Sending) -> Update:
         update = aggregation.bounded(update, self.config.privacy.dp_fedavg.clip_norm, sending.size)
         if self.hook.reveals_individual_updates:  # the driver adds the whole noise to the mean it sees
             return update
-        shares = dp_fedavg.noise_shares(self.config, self.hook.contributors_agreed(sending.round))
-        return dp_fedavg.add_noise_share(update, self.config, shares)
+        fewest = self.hook.contributors_agreed(sending.round)
+        if self.config.privacy.masking.enabled:  # its larger share must not wrap the ring either
+            masking.check_ring(self.config, sending.size, self.colluders)
+        update = dp_fedavg.add_noise_share(update, self.config, dp_fedavg.noise_shares(self.config, fewest, self.colluders))
+        return dataclasses.replace(update, metrics={**update.metrics, "dp_fedavg_colluders": self.colluders})
 
 
 @dataclass(frozen=True)
 class Encode:
     hook: AggregationHook
+    colluders: int
 
     @property
     def declaration(self) -> Declaration | None:
         return self.hook.declaration()
 
     def apply(self, update: Update, sending: Sending) -> Update | SealedUpdate:
+        if self.colluders and self.hook.form == "encrypted":
+            raise HospitalError(f"its policy assumes {self.colluders} hospital(s) collude with the driver, and under CKKS every hospital "
+                                f"holds the secret key: a colluding one would decrypt this change")
+        if self.colluders and self.hook.form == "masked":
+            # With as many survivors as the threshold, the others and the driver know the sum and
+            # their own changes: colluders among them read this one unless another survivor is honest.
+            fewest = self.hook.contributors_agreed(sending.round)
+            if fewest < self.colluders + 2:
+                raise HospitalError(
+                    f"round {sending.round} can complete with {fewest} hospitals; its policy assumes {self.colluders} of them "
+                    f"collude with the driver, who with the sum would read this change: it needs at least {self.colluders + 2}"
+                )
         return self.hook.encode(update, sending.setup)
 
 
@@ -111,7 +130,7 @@ class Compress:
         return sent
 
 
-def steps(config: FedwardConfig, hook: AggregationHook, hospital: str) -> list[Step]:
+def steps(config: FedwardConfig, hook: AggregationHook, hospital: str, colluders: int = 0) -> list[Step]:
     """The steps an update of `hospital` takes under `config`, in order; those the config leaves off are absent."""
     out: list[Step] = []
     if config.robust.norm_bound is not None and not hook.reveals_individual_updates:  # the driver cannot bound what it cannot see
@@ -119,8 +138,8 @@ def steps(config: FedwardConfig, hook: AggregationHook, hospital: str) -> list[S
     if hospital in config.attack.hospitals:
         out.append(Tamper(config.attack))
     if config.privacy.dp_fedavg.enabled:
-        out.append(PrivateNoise(config, hook))
-    out.append(Encode(hook))
+        out.append(PrivateNoise(config, hook, colluders))
+    out.append(Encode(hook, colluders))
     if config.compression.kind != "none":
         out.append(Compress(config, hospital))
     return out

@@ -9,12 +9,16 @@ simulation keeps one per hospital there); without either, the defaults below hol
       epsilon: 3.0
       delta: 1.0e-5
       unit: patient        # or sample
+    colluders: 0           # hospitals of a round it assumes tell the driver their DP-FedAvg noise shares
 
 A run's config may ask for more protection than the policy, never less: a hospital refuses, before
 it reads any data, a config that would release cells smaller than its floor (subgroups.min_count,
 explain.min_bin_count), train on its data outside DP-SGD when it has a budget, protect rows where
 it protects patients, or account at a larger delta; and it refuses each round that would take its
-patients' spend, over all runs so far (`SPEND_LOG` in its work area), past its budget.
+patients' spend, over all runs so far (`SPEND_LOG` in its work area), past its budget. Its share
+of DP-FedAvg's distributed noise is sized so that the other hospitals of the smallest round, less
+its assumed colluders, still carry the full noise (privacy/dp_fedavg.py); where no such hospital
+is left, it refuses to train.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Budget:
 class HospitalPolicy:
     release_floor: int = 10
     budget: Budget | None = None
+    colluders: int = 0
     source: str = "the default policy"  # where it was read from, for messages
 
     def refusals(self, config: FedwardConfig) -> list[str]:
@@ -85,10 +90,9 @@ def load_policy(path: Path) -> HospitalPolicy:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the hospital's policy: {e}") from None
     where = str(path)
-    _fields(raw, {"release_floor", "budget"}, where)
-    floor = raw.get("release_floor", HospitalPolicy.release_floor)
-    if not (isinstance(floor, int) and not isinstance(floor, bool) and floor >= 1):
-        raise ConfigError(f"{where}: release_floor: expected a whole number of patients >= 1, got {floor!r}")
+    _fields(raw, {"release_floor", "budget", "colluders"}, where)
+    floor = _whole(raw.get("release_floor", HospitalPolicy.release_floor), 1, f"{where}: release_floor", "patients")
+    colluders = _whole(raw.get("colluders", HospitalPolicy.colluders), 0, f"{where}: colluders", "hospitals")
     budget = None
     if raw.get("budget") is not None:
         b = raw["budget"]
@@ -100,7 +104,13 @@ def load_policy(path: Path) -> HospitalPolicy:
         )
         if budget.unit not in ("patient", "sample"):
             raise ConfigError(f"{where}: budget.unit: expected 'patient' or 'sample', got {budget.unit!r}")
-    return HospitalPolicy(release_floor=floor, budget=budget, source=where)
+    return HospitalPolicy(release_floor=floor, budget=budget, colluders=colluders, source=where)
+
+
+def _whole(value: Any, least: int, where: str, of: str) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        raise ConfigError(f"{where}: expected a whole number of {of} >= {least}, got {value!r}")
+    return value
 
 
 def _fields(raw: Any, known: set[str], where: str) -> None:

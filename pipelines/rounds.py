@@ -403,12 +403,16 @@ class Rounds:
             record["dp_sgd"] = {h: asdict(dp_sgd_steps(u.metrics)) for h, u in sorted(updates.items())}
         if cfg.privacy.dp_fedavg.enabled:
             central = self.hook.reveals_individual_updates
+            fewest = self.hook.fewest_contributors(planned)
             record["dp_fedavg"] = {
                 "participants": sorted(updates),
                 "steps": asdict(dp_fedavg.round_steps(cfg)),
                 "clip_norm": cfg.privacy.dp_fedavg.clip_norm,
                 "noise": "central" if central else "distributed",
-                "noise_shares": None if central else dp_fedavg.noise_shares(cfg, self.hook.fewest_contributors(planned)),
+                "noise_shares": None if central else dp_fedavg.noise_shares(cfg, fewest),
+                "fewest": None if central else fewest,
+                # Each hospital sizes its share for the colluders its own policy assumes, and says how many.
+                "colluders_assumed": {h: int(u.metrics.get("dp_fedavg_colluders", 0)) for h, u in sorted(updates.items())},
             }
         if cfg.privacy.dp_sgd.enabled or cfg.privacy.dp_fedavg.enabled:
             record["epsilon"] = spent(cfg, read_spend(self.run_dir / SPEND_LOG))  # by the end of this round, retries included

@@ -6,7 +6,8 @@ removing one hospital moves the sum by at most `clip_norm`; Gaussian noise of st
 hospitals. Where the driver sees each update (plaintext) it adds the noise itself. Behind masking
 or encryption it must never see an un-noised sum, so each hospital adds a share of the noise,
 sized so that the fewest hospitals that can complete a round, less the one whose privacy is at
-stake, still sum to the full noise.
+stake and less the colluders the hospital's own policy assumes (`colluders`), still sum to the
+full noise. The ledger reports ε as a function of how many actually collude.
 
 Noise comes from the operating system's entropy, never from the run seed the driver knows: a DP
 run is not bit-for-bit reproducible, and its ledger says so.
@@ -21,9 +22,10 @@ from functools import lru_cache
 import numpy as np
 
 from fedward.config import FedwardConfig
+from fedward.errors import ConfigError
 from fedward.declarations import ACCOUNTED, EVERY_LAYER_SUMMED, MEAN, SAME_ROUND, WHOLE_SHAPE, Declaration
 from fedward.types import Update
-from fedward.privacy.accounting import GaussianSteps, calibrate_noise_multiplier
+from fedward.privacy.accounting import GaussianSteps, calibrate_noise_multiplier, epsilon
 from fedward.privacy.hooks import AGGREGATE
 
 
@@ -64,11 +66,37 @@ def _gaussian(size: int, std: float) -> np.ndarray:
     return np.random.default_rng().normal(0.0, std, size)  # seeded from OS entropy
 
 
-def noise_shares(config: FedwardConfig, fewest: int) -> int:
+def noise_shares(config: FedwardConfig, fewest: int, colluders: int = 0) -> int:
     """Into how many shares each hospital's noise is cut, when at least `fewest` hospitals (and
     never fewer than the quorum) complete a round. Removing a hospital from a round also removes
-    its share, so the others, one fewer, must still carry the full variance."""
-    return max(1, max(config.run.min_hospitals, fewest) - 1)
+    its share, and each of `colluders` hospitals that tell the driver their own shares takes its
+    share out too: the others must still carry the full variance."""
+    honest = max(config.run.min_hospitals, fewest) - 1 - colluders
+    if colluders and honest < 1:
+        raise ConfigError(
+            f"privacy.dp_fedavg: with as few as {max(config.run.min_hospitals, fewest)} hospitals in a round, {colluders} colluding "
+            f"with the driver leave no other hospital's noise to hide one update; ask for more hospitals per round "
+            f"(run.min_hospitals, privacy.masking.dropout_tolerance) or assume fewer colluders"
+        )
+    return max(1, honest)
+
+
+def epsilon_by_colluders(config: FedwardConfig, fewest: int, assumed: int, rounds: int) -> dict[int, float]:
+    """ε after `rounds` rounds of distributed noise sized for `assumed` colluders, as a function of
+    how many hospitals of a round of `fewest` actually collude with the driver: colluders take
+    their own shares out of the sum, and the hospital whose update is at stake has none to hide it.
+    With every other hospital colluding nothing hides it (inf)."""
+    shares = noise_shares(config, fewest, assumed)
+    others = max(config.run.min_hospitals, fewest) - 1
+    out = {}
+    for colluders in range(others + 1):
+        honest = max(1, others) - colluders
+        if honest < 1:
+            out[colluders] = float("inf")
+            continue
+        steps = GaussianSteps(noise_multiplier=noise_multiplier(config) * np.sqrt(honest / shares), sample_rate=1.0, steps=rounds)
+        out[colluders] = epsilon([steps], config.privacy.dp_fedavg.delta)
+    return out
 
 
 def add_noise_share(update: Update, config: FedwardConfig, shares: int) -> Update:

@@ -122,6 +122,19 @@ def round_entry(record: dict) -> dict[str, Any]:
     return entry
 
 
+def _collusion(config: FedwardConfig, records: Sequence[dict]) -> dict[str, Any]:
+    """Under distributed noise, the largest spend's ε by how many of a round's hospitals collude
+    with the driver, for the fewest colluders any hospital's policy assumed."""
+    rounds = [r["privacy"]["dp_fedavg"] for r in records if r.get("privacy", {}).get("dp_fedavg", {}).get("fewest")]
+    if not rounds:  # central noise, which no hospital can take out, or a run recorded before
+        return {}
+    taken = max(sum(h in r["participants"] for r in rounds) for h in {h for r in rounds for h in r["participants"]})
+    assumed = min((c for r in rounds for c in r.get("colluders_assumed", {}).values()), default=0)
+    fewest = min(r["fewest"] for r in rounds)
+    by = dp_fedavg.epsilon_by_colluders(config, fewest, assumed, taken)
+    return {"colluders_assumed": assumed, "epsilon_by_colluders": {str(c): e for c, e in by.items()}}
+
+
 def build_ledger(config: FedwardConfig, protocol: dict, records: Sequence[dict], spend: Sequence[dict], stopped: str | None = None) -> dict[str, Any]:
     """The whole ledger, as written to privacy.json: the rounds from the metric records, the
     epsilon spent from the spend log (which also holds retried and redone rounds)."""
@@ -154,6 +167,7 @@ def build_ledger(config: FedwardConfig, protocol: dict, records: Sequence[dict],
             "budget_epsilon": avg.epsilon,
             "spent_epsilon": spent_now.get("hospital", {}),
             "spent_epsilon_max": max(spent_now.get("hospital", {}).values(), default=0.0),
+            **_collusion(config, records),
         }
     if differential_privacy:
         differential_privacy["accountant"] = ACCOUNTANT

@@ -13,9 +13,12 @@ update is ever unmasked. A reconstructed secret is checked against the hospital'
 public key: altered shares fail the round instead of giving a wrong model.
 
 Trust: the driver relays keys faithfully (the full protocol signs them; a driver that swapped
-public keys could read shares) and fewer than t hospitals collude with it. A driver that told
-hospitals different stories about who dropped still unmasks no one: each hospital gives at most
-one of a hospital's two secrets, and t is more than half of the hospitals holding shares.
+public keys could read shares), and fewer hospitals collude with it than a round's survivors less
+one: with exactly t survivors, t - 1 colluders and the driver take their own changes from the sum
+and read the last one's (a hospital refuses rounds too small for the colluders its policy assumes,
+actors/outbound.py). A driver that told hospitals different stories about who dropped still
+unmasks no one: each hospital gives at most one of a hospital's two secrets, and t is more than
+half of the hospitals holding shares.
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ SHAMIR_BLOCK = 16  # pycryptodome's Shamir shares 16-byte secrets (elements of G
 WRAP_CHANCE = 2.0**-40  # the most a run may risk that a masked sum leaves the ring and decodes wrong
 
 
-def wrap_chance(config: FedwardConfig, size: int) -> float:
+def wrap_chance(config: FedwardConfig, size: int, colluders: int = 0) -> float:
     """An upper bound on the chance that any of a round's `size` summed coordinates leaves the
     ring's signed range, where it would decode to a wrong value without any error.
 
     The scales of a round's participants sum to at most 1, so the sum of clipped changes stays
     within the clip; under DP-FedAvg each hospital's noise share comes on top, unclipped, and the
-    sum's noise is largest when the fewest participants the threshold allows take part."""
+    sum's noise is largest when the fewest participants the threshold allows take part, and each
+    share larger where a hospital's policy assumes `colluders`."""
     m, dp = config.privacy.masking, config.privacy.dp_fedavg
     limit = 2.0 ** (m.ring_bits - 1 - m.fraction_bits)  # the largest magnitude a decoded sum holds
     signal = dp.clip_norm if dp.enabled else m.clip
@@ -59,14 +63,14 @@ def wrap_chance(config: FedwardConfig, size: int) -> float:
     if not dp.enabled:
         return 0.0
     fewest = max(1, config.fewest_asked - m.dropout_tolerance)  # the reconstruction threshold of the smallest round
-    shares = dp_fedavg.noise_shares(config, fewest)
+    shares = dp_fedavg.noise_shares(config, fewest, colluders)
     sigma = dp_fedavg.noise_multiplier(config) * dp.clip_norm / math.sqrt(shares) / math.sqrt(fewest)
     return min(1.0, size * math.erfc((limit - signal) / sigma / math.sqrt(2)))  # a union bound over the coordinates
 
 
-def check_ring(config: FedwardConfig, size: int) -> None:
+def check_ring(config: FedwardConfig, size: int, colluders: int = 0) -> None:
     """Refuse a ring a round's masked sum could wrap, naming the settings that size it."""
-    chance = wrap_chance(config, size)
+    chance = wrap_chance(config, size, colluders)
     if chance >= WRAP_CHANCE:
         m = config.privacy.masking
         raise ConfigError(

@@ -26,14 +26,15 @@ def write_policy(work_dir, policy: dict):
 
 def test_a_policy_is_read_from_the_work_area_or_the_node_and_each_bad_field_is_named(tmp_path, monkeypatch):
     assert load_policy(tmp_path / "policy.yaml") == HospitalPolicy(source=f"the default policy (no {tmp_path / 'policy.yaml'})")
-    write_policy(tmp_path, {"release_floor": 20, "budget": {"epsilon": 3, "unit": "patient"}})
-    assert load_policy(policy_file(tmp_path)) == HospitalPolicy(20, Budget(3.0), str(tmp_path / "policy.yaml"))
+    write_policy(tmp_path, {"release_floor": 20, "budget": {"epsilon": 3, "unit": "patient"}, "colluders": 2})
+    assert load_policy(policy_file(tmp_path)) == HospitalPolicy(release_floor=20, budget=Budget(3.0), colluders=2, source=str(tmp_path / "policy.yaml"))
     monkeypatch.setenv(POLICY_ENV, str(tmp_path / "node.yaml"))
     assert policy_file(tmp_path) == tmp_path / "node.yaml"
     for bad, says in [({"release_floor": 0}, "release_floor: expected a whole number of patients >= 1, got 0"),
                       ({"budget": {"epsilon": -1}}, "budget.epsilon: expected a number > 0, got -1"),
                       ({"budget": {"epsilon": 1, "delta": 2}}, r"budget.delta: expected a number in \(0, 1\), got 2"),
                       ({"budget": {"epsilon": 1, "unit": "visit"}}, "budget.unit: expected 'patient' or 'sample', got 'visit'"),
+                      ({"colluders": -1}, "colluders: expected a whole number of hospitals >= 0, got -1"),
                       ({"floor": 5}, r"unknown field\(s\) \['floor'\]")]:
         write_policy(tmp_path, bad)
         with pytest.raises(ConfigError, match=f"{tmp_path / 'policy.yaml'}: {says}"):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
 
 from fedward import aggregation
-from fedward.privacy import dp_fedavg
+from fedward.actors import outbound
+from fedward.errors import ConfigError, HospitalError
+from fedward.privacy import dp_fedavg, ledger
 from fedward.privacy.hooks import AGGREGATE
 from tests.privacy.federation import config_with, random_updates
 
@@ -49,3 +55,70 @@ def test_a_budget_without_a_noise_multiplier_is_calibrated_to_the_planned_rounds
     assert steps.sample_rate == 1.0 and steps.steps == 1
     assert epsilon([steps] * config.run.rounds, 1e-5) == pytest.approx(4.0, rel=1e-2)
     assert epsilon([steps] * config.run.rounds, 1e-5) <= 4.0 * (1 + 1e-6)
+
+
+def test_noise_shares_are_sized_for_the_colluders_a_hospital_assumes_and_refused_when_none_would_hide_it():
+    config = config_with({"dp_fedavg": {"enabled": True, "noise_multiplier": 1.0}}, 8, min_hospitals=2)
+    assert [dp_fedavg.noise_shares(config, 8, c) for c in range(7)] == [7, 6, 5, 4, 3, 2, 1]
+    with pytest.raises(ConfigError, match="with as few as 8 hospitals in a round, 7 colluding with the driver leave no other hospital's noise"):
+        dp_fedavg.noise_shares(config, 8, 7)
+
+
+def _independent_epsilon(z: float, rounds: int, delta: float) -> float:
+    """The Gaussian mechanism's ε by dp-accounting's PLD accountant directly."""
+    accountant = pld_privacy_accountant.PLDAccountant()
+    accountant.compose(dp_event.GaussianDpEvent(z), rounds)
+    return accountant.get_epsilon(delta)
+
+
+def test_epsilon_as_a_function_of_colluders_matches_dp_accounting():
+    # The review's case: noise sized for no colluders, ε = 1 over 10 rounds of 8 hospitals.
+    config = config_with({"dp_fedavg": {"enabled": True, "epsilon": 1.0, "delta": 1e-5}}, 8, min_hospitals=8)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, rounds=10))
+    by = dp_fedavg.epsilon_by_colluders(config, fewest=8, assumed=0, rounds=10)
+    z = dp_fedavg.noise_multiplier(config)
+    for colluders in range(7):
+        # The honest hospitals' shares, each of variance z²/7, less the colluders' and the target's.
+        honest_z = z * np.sqrt((7 - colluders) / 7)
+        assert by[colluders] == pytest.approx(_independent_epsilon(honest_z, 10, 1e-5), rel=1e-3)
+    assert by[0] == pytest.approx(1.0, rel=0.02) and by[7] == float("inf")
+    print({c: round(e, 2) for c, e in by.items()})
+    assert 1.05 < by[1] < by[2] < by[5] < 4
+    # Sized for two colluders, two colluding leave the configured ε.
+    sized = dp_fedavg.epsilon_by_colluders(config, fewest=8, assumed=2, rounds=10)
+    assert sized[2] == pytest.approx(by[0], rel=1e-6) and sized[0] < by[0]
+
+
+def test_a_hospital_sizes_its_share_for_its_own_colluders_and_the_ledger_reports_epsilon_by_colluders():
+    config = config_with({"dp_fedavg": {"enabled": True, "noise_multiplier": 2.0, "clip_norm": 0.5}, "masking": {"enabled": True}}, 6, min_hospitals=6)
+    update = random_updates(config, 1, 200_000, scale=0.0)["h0"]
+
+    class Agreed:  # the masking hook's word on how few hospitals can complete the round
+        reveals_individual_updates = False
+
+        def contributors_agreed(self, round):
+            return 6
+
+    sending = outbound.Sending(1, 0, None, update.delta.size, None, None)
+    sent = outbound.PrivateNoise(config, Agreed(), colluders=2).apply(update, sending)
+    assert np.std(sent.delta) == pytest.approx(2.0 * 0.5 / np.sqrt(6 - 1 - 2), rel=0.01) and sent.metrics["dp_fedavg_colluders"] == 2
+    records = [{"round": r, "privacy": {"dp_fedavg": {"participants": [f"h{i}" for i in range(6)], "fewest": 6,
+                                                       "colluders_assumed": {"h0": 2, "h1": 1}}}} for r in (1, 2, 3)]
+    entry = ledger._collusion(config, records)
+    assert entry["colluders_assumed"] == 1
+    assert entry["epsilon_by_colluders"] == {str(c): e for c, e in dp_fedavg.epsilon_by_colluders(config, 6, 1, 3).items()}
+
+
+def test_masking_is_refused_where_the_assumed_colluders_and_the_driver_would_read_the_last_survivor():
+    config = config_with({"masking": {"enabled": True}}, 4, min_hospitals=3)
+
+    class Threshold:
+        reveals_individual_updates, form = False, "masked"
+
+        def contributors_agreed(self, round):
+            return 3  # a round completes with 3 survivors
+
+    update = random_updates(config, 1, 10, scale=1.0)["h0"]
+    sending = outbound.Sending(1, 0, None, 10, None, None)
+    with pytest.raises(HospitalError, match="round 1 can complete with 3 hospitals; its policy assumes 2 of them collude .* at least 4"):
+        outbound.Encode(Threshold(), colluders=2).apply(update, sending)

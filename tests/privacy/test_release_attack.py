@@ -30,6 +30,7 @@ from fedward import pooling
 from fedward.subgroups import group_labels
 from fedward.types import Evaluation, GroupBins, RoundPlan
 from tests.conftest import HOSPITALS, ehr_config, image_config
+from tests.e2e.test_tasks import digit_sites, digits_config  # noqa: F401 (a fixture)
 from tests.privacy.attack import attack, constraints
 
 ADVANTAGE = 0.10  # the most the attacker's accuracy may beat the hospital's prevalence by
@@ -54,7 +55,7 @@ def federate(config, rounds: int) -> list[tuple[Hospital, list[tuple[np.ndarray,
     shape = {h.prepare(spec) for h in hospitals}.pop()
     pooling.deal(HOSPITALS, pooling.in_process([h.evaluation_key for h in hospitals]))
     torch.manual_seed(0)
-    model = build_model(config.model, shape)
+    model = build_model(config.model, shape, hospitals[0].task.output_size)
     weights, layout = flatten(model)
     seen = {h.name: [] for h in hospitals}
     for r in range(1, rounds + 1):
@@ -64,9 +65,11 @@ def federate(config, rounds: int) -> list[tuple[Hospital, list[tuple[np.ndarray,
         for h in hospitals:
             evaluation = h.evaluate(r, weights, layout)
             record = json.loads(json.dumps(json_safe(evaluation_record(evaluation, None))))
-            scores = torch.sigmoid(outputs(model, h.x[h.holdout_idx]).squeeze(1)).numpy().astype(np.float64)
+            out = outputs(model, h.x[h.holdout_idx])
+            # The attacker's own scores: a binary model's probability, a multiclass one's per class.
+            scores = (torch.sigmoid(out.squeeze(1)) if out.shape[1] == 1 else torch.softmax(out, 1)).numpy().astype(np.float64)
             seen[h.name].append((scores, record, evaluation))
-    return [(h, seen[h.name], h.evaluate_subgroups(weights, layout)) for h in hospitals]
+    return [(h, seen[h.name], h.evaluate_subgroups(weights, layout) if config.subgroups.attributes else None) for h in hospitals]
 
 
 def outcomes(federated, before_policy: bool) -> list[dict]:
@@ -133,3 +136,40 @@ def test_the_pooled_auroc_is_within_two_hundredths_of_the_exact_one(federated):
         exact = metrics.auroc(labels, np.concatenate([seen[r][0] for _, seen, _ in federated]))
         print(f"round {r + 1}: pooled AUROC {pooled['auroc']:.3f} (exact within ±{pooled['auroc_error_bound']:.4f}), exact {exact:.4f}")
         assert abs(pooled["auroc"] - exact) <= min(0.02, pooled["auroc_error_bound"] + 0.0005)  # rounded to 3 decimals
+
+
+# -- multiclass: each class against the rest, as a hospital releases it --------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(digit_sites, tmp_path_factory):
+    config = parse_config(digits_config(digit_sites, tmp_path_factory.mktemp("digits-attack")))
+    return config, federate(config, rounds=3)
+
+
+def test_no_class_of_a_multiclass_task_is_read_from_what_its_hospitals_release(digits):
+    config, federated = digits
+    for h, rounds, _ in federated:
+        labels = h.y[h.holdout_idx].numpy()
+        before, after = [], []
+        for c, name in enumerate(config.task.classes):
+            is_c = (labels == c).astype(np.int64)
+            if not is_c.any():
+                continue
+            for told, kept in ((before, True), (after, False)):
+                constraints_c = []
+                for scores, record, _ in rounds:
+                    entry = release_before_policy(scores[:, c], is_c) if kept else {
+                        **{k.split("/", 1)[1]: v for k, v in record.items() if k.startswith(f"{name}/")},
+                        "auroc": record.get("class_auroc", {}).get(name),
+                    }
+                    if not kept and "positive_bins" in entry:
+                        entry["positives"] = sum(entry["positive_bins"])
+                    constraints_c += constraints(entry, scores[:, c])
+                found = attack(constraints_c, prior=rounds[-1][0][:, c])
+                k = int(is_c.sum())
+                ranked = np.isin(np.arange(len(is_c)), np.argsort(-rounds[-1][0][:, c])[:k])
+                told.append((found.certain.mean(), (found.guess == is_c).mean() - max(1 - is_c.mean(), (ranked == is_c).mean())))
+        print(h.name, "before", [f"{c:.2f}" for c, _ in before], "after", [f"{g:+.3f}" for _, g in after])
+        assert np.mean([c for c, _ in before]) >= 0.20  # the old release gave classes away
+        assert all(c == 0 and gain <= ADVANTAGE for c, gain in after)

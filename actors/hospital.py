@@ -130,7 +130,7 @@ class Hospital:
         if problem:
             raise DeploymentError(problem)
         # Its own policy, read here and trusted over the shipped config: refused before any data is read.
-        self.policy = load_policy(policy_file(self.work_dir))
+        self.policy = load_policy(policy_file(self.work_dir), self.data_dir)
         self.policy.require(self.config, self.name)
         report = DataReport(self.name)
         data = self.config.data
@@ -289,16 +289,18 @@ class Hospital:
         after = ledger.spent(self.config, [*ledger.read_spend(log), entry])["patient"][self.name]
         if dp.epsilon is not None and after > dp.epsilon * (1 + 1e-6):
             raise HospitalError(f"{self.name}: round {round} would raise its patient-level epsilon to {after:.3f}, above its budget {dp.epsilon:g}; it refuses to train")
-        budget, every = self.policy.budget, self.work_dir / SPEND_LOG
+        budget, every = self.policy.budget, self.policy.spend_log or self.work_dir / SPEND_LOG
         if budget is not None:
-            spent = [GaussianSteps(**e["steps"]) for e in ledger.read_spend(every)]
+            # Every run's spend on this source, from whichever export of it the run read.
+            source = self.policy.data_source
+            spent = [GaussianSteps(**e["steps"]) for e in ledger.read_spend(every) if e.get("source", HospitalPolicy.data_source) == source]
             total = epsilon([*spent, planned], budget.delta)
             if total > budget.epsilon * (1 + 1e-6):
                 raise HospitalError(
-                    f"{self.name}: round {round} would raise its patients' epsilon over every run on its data to {total:.3f}, above "
+                    f"{self.name}: round {round} would raise its patients' epsilon over every run on {source} to {total:.3f}, above "
                     f"the budget {budget.epsilon:g} of its policy ({self.policy.source}); it refuses to train"
                 )
-            ledger.record_spend(every, [{**entry, "run": self.run_id}])
+            ledger.record_spend(every, [{**entry, "run": self.run_id, "source": source, "data": str(self.data_dir)}])
         ledger.record_spend(log, [entry])
 
     def dp_units(self) -> np.ndarray:

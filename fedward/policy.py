@@ -10,12 +10,18 @@ simulation keeps one per hospital there); without either, the defaults below hol
       delta: 1.0e-5
       unit: patient        # or sample
     colluders: 0           # hospitals of a round it assumes tell the driver their DP-FedAvg noise shares
+    sources:               # budgets per data source instead, each across every export of the source
+      ehr-warehouse:
+        exports: ["/data/exports/ehr-*"]   # folders holding exports of it (relative: to this file's folder)
+        budget: {epsilon: 3.0, delta: 1.0e-5, unit: patient}
+    spend_log: /var/lib/fedward/privacy_spend.jsonl   # where every run's spend is kept (default: the work area)
 
 A run's config may ask for more protection than the policy, never less: a hospital refuses, before
 it reads any data, a config that would release cells smaller than its floor (subgroups.min_count,
 explain.min_bin_count), train on its data outside DP-SGD when it has a budget, protect rows where
 it protects patients, or account at a larger delta; and it refuses each round that would take its
-patients' spend, over all runs so far (`SPEND_LOG` in its work area), past its budget. Its share
+patients' spend, over all runs so far on the same source (`spend_log`, or `SPEND_LOG` in its work
+area), past its budget: a new export of a source, in a new folder, inherits the source's spend. Its share
 of DP-FedAvg's distributed noise is sized so that the other hospitals of the smallest round, less
 its assumed colluders, still carry the full noise (privacy/dp_fedavg.py); where no such hospital
 is left, it refuses to train.
@@ -23,6 +29,7 @@ is left, it refuses to train.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 from dataclasses import dataclass
@@ -51,6 +58,8 @@ class HospitalPolicy:
     budget: Budget | None = None
     colluders: int = 0
     source: str = "the default policy"  # where it was read from, for messages
+    data_source: str = "its data"  # the source whose budget holds for the data folder it was read for
+    spend_log: Path | None = None  # None: the hospital's work area's
 
     def refusals(self, config: FedwardConfig) -> list[str]:
         """What in `config` asks for less protection than this policy, each naming the setting."""
@@ -77,12 +86,23 @@ class HospitalPolicy:
             raise HospitalError(f"{hospital}: the run asks for less protection than its policy ({self.source}): " + "; ".join(refused))
 
 
+@dataclass(frozen=True)
+class Source:
+    name: str
+    exports: tuple[str, ...]  # absolute glob patterns of the folders that hold exports of it
+    budget: Budget
+
+    def holds(self, data_dir: Path) -> bool:
+        return any(fnmatch.fnmatch(str(data_dir.resolve()), pattern) for pattern in self.exports)
+
+
 def policy_file(work_dir: Path) -> Path:
     return Path(os.environ.get(POLICY_ENV) or work_dir / "policy.yaml").expanduser()
 
 
-def load_policy(path: Path) -> HospitalPolicy:
-    """The policy in `path`, or the defaults when there is no such file."""
+def load_policy(path: Path, data_dir: Path | None = None) -> HospitalPolicy:
+    """The policy in `path`, or the defaults when there is no such file; its budget the one of the
+    source whose exports hold `data_dir`, else the policy's own `budget`."""
     if not path.is_file():
         return HospitalPolicy(source=f"the default policy (no {path})")
     try:
@@ -90,21 +110,48 @@ def load_policy(path: Path) -> HospitalPolicy:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the hospital's policy: {e}") from None
     where = str(path)
-    _fields(raw, {"release_floor", "budget", "colluders"}, where)
+    _fields(raw, {"release_floor", "budget", "colluders", "sources", "spend_log"}, where)
     floor = _whole(raw.get("release_floor", HospitalPolicy.release_floor), 1, f"{where}: release_floor", "patients")
     colluders = _whole(raw.get("colluders", HospitalPolicy.colluders), 0, f"{where}: colluders", "hospitals")
-    budget = None
-    if raw.get("budget") is not None:
-        b = raw["budget"]
-        _fields(b, {"epsilon", "delta", "unit"}, f"{where}: budget")
-        budget = Budget(
-            epsilon=_positive(b.get("epsilon"), f"{where}: budget.epsilon"),
-            delta=_positive(b.get("delta", Budget.delta), f"{where}: budget.delta", below_one=True),
-            unit=b.get("unit", Budget.unit),
-        )
-        if budget.unit not in ("patient", "sample"):
-            raise ConfigError(f"{where}: budget.unit: expected 'patient' or 'sample', got {budget.unit!r}")
-    return HospitalPolicy(release_floor=floor, budget=budget, colluders=colluders, source=where)
+    budget = _budget(raw["budget"], f"{where}: budget") if raw.get("budget") is not None else None
+    sources = _sources(raw.get("sources") or {}, path.parent.resolve(), where)
+    spend_log = raw.get("spend_log")
+    if spend_log is not None and not isinstance(spend_log, str):
+        raise ConfigError(f"{where}: spend_log: expected a file path, got {spend_log!r}")
+    held = next((s for s in sources if data_dir is not None and s.holds(data_dir)), None)
+    return HospitalPolicy(
+        release_floor=floor, budget=held.budget if held else budget, colluders=colluders, source=where,
+        data_source=held.name if held else HospitalPolicy.data_source,
+        spend_log=None if spend_log is None else path.parent.resolve() / Path(spend_log).expanduser(),
+    )
+
+
+def _budget(b: Any, where: str) -> Budget:
+    _fields(b, {"epsilon", "delta", "unit"}, where)
+    budget = Budget(
+        epsilon=_positive(b.get("epsilon"), f"{where}.epsilon"),
+        delta=_positive(b.get("delta", Budget.delta), f"{where}.delta", below_one=True),
+        unit=b.get("unit", Budget.unit),
+    )
+    if budget.unit not in ("patient", "sample"):
+        raise ConfigError(f"{where}.unit: expected 'patient' or 'sample', got {budget.unit!r}")
+    return budget
+
+
+def _sources(raw: Any, folder: Path, where: str) -> list[Source]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: sources: expected a mapping of source names, got {type(raw).__name__}")
+    out = []
+    for name, body in raw.items():
+        here = f"{where}: sources.{name}"
+        _fields(body, {"exports", "budget"}, here)
+        exports = body.get("exports")
+        if not (isinstance(exports, list) and exports and all(isinstance(e, str) for e in exports)):
+            raise ConfigError(f"{here}.exports: expected a list of folder patterns, got {exports!r}")
+        if body.get("budget") is None:
+            raise ConfigError(f"{here}.budget: missing; a source is named for its budget")
+        out.append(Source(str(name), tuple(str(folder / Path(e).expanduser()) for e in exports), _budget(body["budget"], f"{here}.budget")))
+    return out
 
 
 def _whole(value: Any, least: int, where: str, of: str) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import yaml
 
@@ -35,6 +38,8 @@ def test_a_policy_is_read_from_the_work_area_or_the_node_and_each_bad_field_is_n
                       ({"budget": {"epsilon": 1, "delta": 2}}, r"budget.delta: expected a number in \(0, 1\), got 2"),
                       ({"budget": {"epsilon": 1, "unit": "visit"}}, "budget.unit: expected 'patient' or 'sample', got 'visit'"),
                       ({"colluders": -1}, "colluders: expected a whole number of hospitals >= 0, got -1"),
+                      ({"sources": {"ehr": {"exports": "/data/ehr", "budget": {"epsilon": 1}}}}, "sources.ehr.exports: expected a list of folder patterns"),
+                      ({"sources": {"ehr": {"exports": ["/data/ehr"], "budget": {"epsilon": 0}}}}, "sources.ehr.budget.epsilon: expected a number > 0"),
                       ({"floor": 5}, r"unknown field\(s\) \['floor'\]")]:
         write_policy(tmp_path, bad)
         with pytest.raises(ConfigError, match=f"{tmp_path / 'policy.yaml'}: {says}"):
@@ -66,21 +71,45 @@ def test_a_stricter_config_than_the_policy_runs(demo_data, tmp_path):
     assert Hospital("hospital_a", config, "strict").load().train_examples > 0
 
 
+def one_round(config, hospital_name: str, run_id: str, round: int = 1):
+    hospital = Hospital(hospital_name, config, run_id)
+    hospital.load()
+    weights, layout = flatten(build_model(config.model, hospital.prepare(merge_summaries([hospital.summarize()], config.data.table).to_dict())))
+    return hospital.fit(RoundPlan(round, hospital_name, seed=5, local_epochs=2, lr=0.05), weights, layout)
+
+
 def test_a_second_run_on_the_same_patients_is_charged_on_the_first_runs_spend(demo_data, tmp_path):
     write_policy(tmp_path / "sites" / "hospital_a", {"budget": {"epsilon": 0.8}})
     config = parse_config({**ehr_config(demo_data, tmp_path), "privacy": DP})
-
-    def one_round(run_id: str, round: int):
-        hospital = Hospital("hospital_a", config, run_id)
-        hospital.load()
-        weights, layout = flatten(build_model(config.model, hospital.prepare(merge_summaries([hospital.summarize()], config.data.table).to_dict())))
-        return hospital.fit(RoundPlan(round, "hospital_a", seed=5, local_epochs=2, lr=0.05), weights, layout)
-
-    one_round("first-run", 1)  # one round at this noise spends under 0.8; two spend more
+    one_round(config, "hospital_a", "first-run")  # one round at this noise spends under 0.8; two spend more
     with pytest.raises(HospitalError, match=r"hospital_a: round 1 would raise its patients' epsilon over every run on its data to .* above the budget 0.8 of its policy"):
-        one_round("second-run-under-another-name", 1)
+        one_round(config, "hospital_a", "second-run-under-another-name")
     spend = (tmp_path / "sites" / "hospital_a" / "privacy_spend.jsonl").read_text().splitlines()
     assert len(spend) == 1 and '"run": "first-run"' in spend[0]  # the refused round spent nothing
+
+
+def test_a_new_export_of_a_source_inherits_its_spend_and_another_source_keeps_its_own(demo_data, tmp_path, monkeypatch):
+    node = tmp_path / "node"
+    for export in ("ehr-2026-01", "ehr-2026-06", "registry"):
+        shutil.copytree(demo_data / "hospital_a", node / "exports" / export, ignore=shutil.ignore_patterns(".fedward"))
+    (node / "policy.yaml").write_text(yaml.safe_dump({
+        "sources": {"ehr": {"exports": ["exports/ehr-*"], "budget": {"epsilon": 0.8}},
+                    "registry": {"exports": ["exports/registry"], "budget": {"epsilon": 0.8}}},
+        "spend_log": "spend.jsonl",
+    }))
+    monkeypatch.setenv(POLICY_ENV, str(node / "policy.yaml"))
+
+    def config_on(export: str, run: str):
+        raw = ehr_config(demo_data, tmp_path / run, name=run)
+        raw["hospitals"][0]["data"] = str(node / "exports" / export)
+        return parse_config({**raw, "privacy": DP})
+
+    one_round(config_on("ehr-2026-01", "january"), "hospital_a", "january")
+    with pytest.raises(HospitalError, match=r"hospital_a: round 1 would raise its patients' epsilon over every run on ehr to .* above the budget 0.8"):
+        one_round(config_on("ehr-2026-06", "june"), "hospital_a", "june")  # a new export, a new work area: the same patients
+    one_round(config_on("registry", "registry"), "hospital_a", "registry")  # another source: its own budget
+    spend = [json.loads(line) for line in (node / "spend.jsonl").read_text().splitlines()]
+    assert [(e["source"], e["run"]) for e in spend] == [("ehr", "january"), ("registry", "registry")]
 
 
 def test_the_comparison_models_which_train_outside_dp_are_refused_under_dp_and_under_a_budget(demo_data, tmp_path):

@@ -52,6 +52,15 @@ OUTFLOWS = (
     Outflow("data counts", "training, held-out and validation samples and patients; samples per class; skipped inputs per reason",
             "the driver; data.json, reports", "counts per class and per reason under the floor held back (\"fewer than N\")",
             "tests/e2e/test_release.py"),
+    Outflow("feature summaries for harmonization (tables), before round 1", "per feature over the training split: count, mean, "
+            "sum of squared deviations, missing count; per categorical feature, counts of values seen data.table.min_category_count "
+            "times or more, the rest folded into OTHER", "the driver; preprocessing.json holds the merged vocabulary and moments",
+            "sums over all training patients; category counts from min_category_count (5), not the release floor, and small missing or "
+            "OTHER counts are released as they are", "not tested"),
+    Outflow("target sums (regression), before round 1", "count, sum and sum of squares of the training split's targets", "the driver",
+            "sums over all training patients", "not tested"),
+    Outflow("model update screening", "norms, distances and cosines of each change to the round's median, computed by the driver",
+            "metrics.jsonl", "computed only from changes the driver sees in the clear", "not tested"),
     Outflow("fingerprints", "a hash of the usable inputs' content hashes; a hash of the held-out sample ids",
             "the driver; data.json, manifest.json", "one-way hashes: they show whether the data or the split changed, not a sample",
             "not tested"),

@@ -39,7 +39,7 @@ OUTFLOWS = (
             "confusion matrix; regression: sums of targets and errors, the predicted-against-observed counts)",
             "the driver, padded; one contributing hospital opens their sum", "one-time pads from the hospitals' evaluation key, which the "
             "driver never holds; only pooled figures over two or more hospitals leave the opening hospital, rounded to three decimals, "
-            "cells under its floor held back",
+            "cells under its floor held back (and a row of regression predictions with a single cell left)",
             "tests/fedward/test_pooling.py, tests/privacy/test_release_attack.py"),
     Outflow("figures per patient group (`subgroups:`)", "per released group: score bins cut at the threshold; its exact histograms padded",
             "the driver; subgroups.json", "a group leaves with subgroups.min_count patients of each outcome (never below the floor), its "

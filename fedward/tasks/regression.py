@@ -89,8 +89,9 @@ class Regression(Task):
         if n < floor:
             return {"n": n, "held_back": release.held_back(floor)}
         counts = np.rint(statistics["calibration"]).astype(np.int64)
-        # A cell of fewer patients than the floor would place those few patients' outcomes.
-        cells = [[int(v) if v >= floor else None for v in row] for row in counts]
+        # A cell of fewer patients than the floor would place those few patients' targets, and a
+        # row of predictions with one cell left would place all of them: such rows are held back.
+        cells = [[int(v) if v >= floor and (row >= floor).sum() >= 2 else None for v in row] for row in counts]
         return {"n": n, **_figures(sums), "loss": float(statistics["loss_sum"] / n), "calibration": cells}
 
     def release(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, patients: np.ndarray, floor: int) -> Released | None:

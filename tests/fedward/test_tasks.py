@@ -92,6 +92,9 @@ def test_regression_is_pooled_exactly_from_sums_in_the_targets_units():
     # Pooled, the 2-D histogram's cells under the floor are held back.
     cells = np.array(pooled["calibration"], dtype=object)
     assert sum(c for c in cells.ravel() if c is not None) <= 245 and all(c is None or c >= 10 for c in cells.ravel())
+    # No row of predictions tells its patients' targets: a released row has two cells or more.
+    assert all(sum(c is not None for c in row) != 1 for row in pooled["calibration"])
+    assert any(c is not None for c in cells.ravel())
     columns = task.predictions(torch.tensor((predicted[0] - scale["mean"]) / scale["sd"], dtype=torch.float32)[:, None], scale)
     assert np.allclose(columns["prediction"], predicted[0], rtol=1e-5)  # in the target's own units
 

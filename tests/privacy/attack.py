@@ -101,3 +101,30 @@ def attack(constraints: list[Constraint], prior: np.ndarray) -> Outcome:
             odds[members] += shift * w
     posterior = np.where(known >= 0, known, expit(odds))
     return Outcome(known >= 0, (posterior >= 0.5).astype(np.int64), posterior)
+
+
+def place(tables: list[tuple[np.ndarray, dict[int, int]]], n: int, k: int) -> np.ndarray:
+    """Which of `k` target bins each of `n` patients can be in, given released tables of counts:
+    (the patients a row counts, {bin: patients of the row in it} for the cells released; the other
+    cells held back). A row whose released cells hold all its patients keeps them to those bins; a
+    bin with exactly as many candidates as it counts takes all of them; a bin already filled by
+    patients placed in it takes no other. Repeated until nothing changes; a patient with one bin
+    left is placed with certainty."""
+    possible = np.ones((n, k), bool)
+    changed = True
+    while changed:
+        before = possible.copy()
+        for members, counts in tables:
+            released = np.zeros(k, bool)
+            released[list(counts)] = True
+            if sum(counts.values()) == members.sum():
+                possible[members] &= released
+            for j, count in counts.items():
+                candidates = members & possible[:, j]
+                if candidates.sum() == count:
+                    possible[candidates] = np.eye(k, dtype=bool)[j]
+                placed = members & possible[:, j] & (possible.sum(axis=1) == 1)
+                if placed.sum() == count:
+                    possible[members & ~placed, j] = False
+        changed = not np.array_equal(before, possible)
+    return possible

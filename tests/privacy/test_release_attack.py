@@ -30,8 +30,8 @@ from fedward import pooling
 from fedward.subgroups import group_labels
 from fedward.types import Evaluation, GroupBins, RoundPlan
 from tests.conftest import HOSPITALS, ehr_config, image_config
-from tests.e2e.test_tasks import digit_sites, digits_config  # noqa: F401 (a fixture)
-from tests.privacy.attack import attack, constraints
+from tests.e2e.test_tasks import diabetes_config, diabetes_sites, digit_sites, digits_config  # noqa: F401 (fixtures)
+from tests.privacy.attack import attack, constraints, place
 
 ADVANTAGE = 0.10  # the most the attacker's accuracy may beat the hospital's prevalence by
 
@@ -52,7 +52,9 @@ def federate(config, rounds: int) -> list[tuple[Hospital, list[tuple[np.ndarray,
     for h in hospitals:
         h.load()
     spec = merge_summaries([h.summarize() for h in hospitals], config.data.table).to_dict() if config.data.kind == "table" else None
-    shape = {h.prepare(spec) for h in hospitals}.pop()
+    task = hospitals[0].task
+    scale = task.scale([h.summarize_targets() for h in hospitals]) if task.agrees_scale else None
+    shape = {h.prepare(spec, scale) for h in hospitals}.pop()
     pooling.deal(HOSPITALS, pooling.in_process([h.evaluation_key for h in hospitals]))
     torch.manual_seed(0)
     model = build_model(config.model, shape, hospitals[0].task.output_size)
@@ -66,8 +68,10 @@ def federate(config, rounds: int) -> list[tuple[Hospital, list[tuple[np.ndarray,
             evaluation = h.evaluate(r, weights, layout)
             record = json.loads(json.dumps(json_safe(evaluation_record(evaluation, None))))
             out = outputs(model, h.x[h.holdout_idx])
-            # The attacker's own scores: a binary model's probability, a multiclass one's per class.
-            scores = (torch.sigmoid(out.squeeze(1)) if out.shape[1] == 1 else torch.softmax(out, 1)).numpy().astype(np.float64)
+            # The attacker's own scores: a binary model's probability, a multiclass one's per class, a
+            # regression's prediction in the target's units (the agreed scale is in the run directory).
+            scores = {"binary": lambda: torch.sigmoid(out.squeeze(1)).numpy(), "multiclass": lambda: torch.softmax(out, 1).numpy(),
+                      "regression": lambda: task.predictions(out, scale)["prediction"]}[task.kind]().astype(np.float64)
             seen[h.name].append((scores, record, evaluation))
     return [(h, seen[h.name], h.evaluate_subgroups(weights, layout) if config.subgroups.attributes else None) for h in hospitals]
 
@@ -173,3 +177,53 @@ def test_no_class_of_a_multiclass_task_is_read_from_what_its_hospitals_release(d
         print(h.name, "before", [f"{c:.2f}" for c, _ in before], "after", [f"{g:+.3f}" for _, g in after])
         assert np.mean([c for c, _ in before]) >= 0.20  # the old release gave classes away
         assert all(c == 0 and gain <= ADVANTAGE for c, gain in after)
+
+
+# -- regression: the target's bin in the predicted-against-observed table -----------------------
+
+
+@pytest.fixture(scope="module")
+def diabetes(diabetes_sites, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("diabetes-attack")
+    for h in HOSPITALS:  # ~110 held-out patients in all: at the default floor no cell of the table leaves; at 3 some do
+        (runs / "sites" / h).mkdir(parents=True)
+        (runs / "sites" / h / "policy.yaml").write_text("release_floor: 3\n")
+    config = parse_config(diabetes_config(diabetes_sites, runs))
+    return config, federate(config, rounds=4)
+
+
+def test_no_target_of_a_regression_task_is_placed_by_what_its_hospitals_release(diabetes):
+    config, federated = diabetes
+    hospitals = [h for h, *_ in federated]
+    scale = hospitals[0].scale
+    # The table's bins, as the report states them: half a standard deviation wide around the mean.
+    edges = scale["mean"] + scale["sd"] * np.linspace(-3, 3, 13)[1:-1]
+    observed = np.concatenate([h.y[h.holdout_idx].numpy() * scale["sd"] + scale["mean"] for h in hospitals])
+    truth = np.searchsorted(edges, observed)
+    n = len(observed)
+    before, after = [], []
+    for r in range(len(federated[0][1])):
+        predicted = np.searchsorted(edges, np.concatenate([seen[r][0] for _, seen, _ in federated]))
+        at = 0
+        for h, seen, _ in federated:  # before the policy: each hospital's own table, every cell
+            mine = np.zeros(n, bool)
+            mine[at : at + len(seen[r][0])] = True
+            at += len(seen[r][0])
+            counts = np.zeros((12, 12), np.int64)
+            np.add.at(counts, (predicted[mine], truth[mine]), 1)
+            before += [(mine & (predicted == row), {j: int(c) for j, c in enumerate(counts[row])}) for row in range(12)]
+        pooled = pooling.pooled([seen[r][2].padded for _, seen, _ in federated], lambda name, summed: hospitals[HOSPITALS.index(name)].open_pooled(summed))
+        after += [(predicted == row, {j: c for j, c in enumerate(cells) if c is not None}) for row, cells in enumerate(pooled["calibration"])]
+    assert any(counts for _, counts in after)  # some cells were released
+    model_bin = predicted  # the last model's own guess of each patient's bin
+    for tables, name in ((before, "before"), (after, "after")):
+        possible = place(tables, n, 12)
+        certain = possible.sum(axis=1) == 1
+        guess = np.array([min(np.flatnonzero(p), key=lambda j: abs(j - m)) for p, m in zip(possible, model_bin)])
+        baseline = max((model_bin == truth).mean(), np.bincount(truth).max() / n)
+        print(f"{name}: placed with certainty {certain.mean():.3f}, guessed {(guess == truth).mean():.3f}, without the release {baseline:.3f}")
+        assert (possible[np.arange(n), truth]).all()  # the attack never rules out the truth
+        if name == "before":
+            assert certain.mean() >= 0.20
+        else:
+            assert not certain.any() and (guess == truth).mean() - baseline <= ADVANTAGE

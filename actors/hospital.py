@@ -229,6 +229,8 @@ class Hospital:
         every hospital (SCAFFOLD's control variate)."""
         if self._fitted is not None and plan.round <= self._fitted:
             self._rewind(plan.round)
+        if self.config.privacy.dp_fedavg.enabled:
+            self._charge_hospital_level(plan.round)
         # Until the round's state is saved, a failure leaves the hospital to rewind in whatever round comes next.
         self._fitted = sys.maxsize
         weights, layout = self._own(weights, layout)  # a narrower hospital trains its slice of the global model
@@ -280,6 +282,16 @@ class Hospital:
             "dp_sgd_units": float(done.units),
         }
         return done.loss
+
+    def _charge_hospital_level(self, round: int) -> None:
+        """Hospital-level DP's spend, kept here too: a hospital refuses the round that would take
+        it past the run's budget, whatever the driver's own accounts say."""
+        budget, log = self.config.privacy.dp_fedavg.epsilon, self.run_dir / "privacy_spend.jsonl"
+        entry = {"round": round, "hospital": self.name, "level": "hospital", "steps": asdict(dp_fedavg.round_steps(self.config))}
+        after = ledger.spent(self.config, [*ledger.read_spend(log), entry])["hospital"][self.name]  # retries and redone rounds included
+        if budget is not None and after > budget * (1 + 1e-6):
+            raise HospitalError(f"{self.name}: round {round} would raise its hospital-level epsilon to {after:.3f}, above its budget {budget:g}; it refuses to train")
+        ledger.record_spend(log, [entry])
 
     def _charge_own_budget(self, round: int, planned: GaussianSteps) -> None:
         """The hospital keeps its own accounts and refuses to train past a budget, whatever the

@@ -14,6 +14,13 @@ from fedward.actors import outbound
 from fedward.errors import ConfigError, HospitalError
 from fedward.privacy import dp_fedavg, ledger
 from fedward.privacy.hooks import AGGREGATE
+from fedward.actors.hospital import Hospital
+from fedward.config import parse_config
+from fedward.data_adapters.harmonize import merge_summaries
+from fedward.models.flat import flatten
+from fedward.models.networks import build_model
+from fedward.types import RoundPlan
+from tests.conftest import ehr_config
 from tests.privacy.federation import config_with, random_updates
 
 
@@ -122,3 +129,16 @@ def test_masking_is_refused_where_the_assumed_colluders_and_the_driver_would_rea
     sending = outbound.Sending(1, 0, None, 10, None, None)
     with pytest.raises(HospitalError, match="round 1 can complete with 3 hospitals; its policy assumes 2 of them collude .* at least 4"):
         outbound.Encode(Threshold(), colluders=2).apply(update, sending)
+
+
+def test_a_hospital_refuses_the_round_that_would_take_its_hospital_level_epsilon_past_the_budget(demo_data, tmp_path):
+    raw = ehr_config(demo_data, tmp_path, rounds=3)
+    config = parse_config({**raw, "privacy": {"dp_fedavg": {"enabled": True, "epsilon": 2.0, "delta": 1e-5}}})
+    # Its noise is calibrated so that 3 rounds spend 2.0.
+    hospital = Hospital("hospital_a", config, "capped")
+    hospital.load()
+    weights, layout = flatten(build_model(config.model, hospital.prepare(merge_summaries([hospital.summarize()], config.data.table).to_dict())))
+    for r in (1, 2, 3):
+        hospital.fit(RoundPlan(r, "hospital_a", seed=r, local_epochs=1, lr=0.05), weights, layout)
+    with pytest.raises(HospitalError, match=r"hospital_a: round 3 would raise its hospital-level epsilon to .* above its budget 2; it refuses to train"):
+        hospital.fit(RoundPlan(3, "hospital_a", seed=3, local_epochs=1, lr=0.05), weights, layout)  # a fourth charge, asked as a retry

@@ -75,8 +75,9 @@ Call = Callable[[str, Mapping[str, tuple]], Mapping[str, Any]]  # method, argume
 
 
 def deal(hospitals: Sequence[str], call: Call) -> None:
-    """The driver's half of the key set-up. A hospital that does not answer has no key, and its
-    evaluations fail until the next driver session deals again."""
+    """The driver's half of the key set-up. A hospital that does not answer has no key: its
+    evaluations add nothing to the pooled figures, whose `pooled_over` leaves it out, until the
+    next driver session deals again."""
     publics = call("evaluation_public_key", {h: () for h in hospitals})
     if len(publics) < MIN_CONTRIBUTORS:
         return

@@ -189,6 +189,7 @@ def _load_file(
     if not any(element in ds for element in _PIXEL_ELEMENTS):
         # pydicom reads a file cut short within its header silently, so that lands here too.
         raise _Skip("no_pixel_data", "PixelData", "no PixelData element: not an image, or a file cut short")
+    _check_image_storage(ds)
     label = labels.take(key) if labels is not None else NO_LABEL
     digest = hashlib.sha256(data).hexdigest()
     frames = cache.get(digest) if cache else None
@@ -197,6 +198,18 @@ def _load_file(
         if cache:
             cache.put(digest, frames)
     return digest, label, _text(ds, "PatientID"), frames, ds
+
+
+def _check_image_storage(ds: pydicom.Dataset) -> None:
+    """Only objects of an image storage SOP class are pictures of a patient: a segmentation's or
+    an RT dose grid's pixel data is a mask or a dose, not an image to train on. A file naming no
+    SOP class (hand-made, or exported bare) is read as an image when it holds pixels."""
+    if "SOPClassUID" not in ds:
+        return
+    uid = pydicom.uid.UID(_text(ds, "SOPClassUID"))
+    if "Image Storage" not in uid.name:
+        known = uid.name if uid.name != str(uid) else "an SOP class pydicom does not know"
+        raise _Skip("not_an_image", "SOPClassUID", f"its SOP class is {known} ({uid}), not an image storage class: its pixel data is not read as an image")
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -33,6 +33,7 @@ from fedward.errors import DataError
 SKIP_REASONS = {
     "unreadable_dicom", "not_dicom", "no_pixel_data", "no_decoder", "image_without_label",
     "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label", "unlisted_label", "image_too_large",
+    "not_an_image",
 }
 
 
@@ -493,3 +494,34 @@ def test_a_file_too_large_to_read_whole_is_skipped_unread(tmp_path):
     write_labels(tmp_path / "labels.csv", [("ok.dcm", "1"), ("huge.dcm", "0")])
     samples, report = load(tmp_path)
     assert samples.sample_ids == ["images/ok.dcm"] and skipped(report)["images/huge.dcm"] == "image_too_large"
+
+
+def test_objects_that_are_not_images_are_reported_by_their_sop_class_and_the_images_used(tmp_path):
+    import highdicom as hd
+    from pydicom.data import get_testdata_file
+    from pydicom.sr.codedict import codes
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    mask = np.zeros((1, ct.Rows, ct.Columns), bool)
+    mask[0, 20:40, 20:40] = True
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    seg = hd.seg.Segmentation(
+        source_images=[ct], pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
+        series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="fedward tests",
+        manufacturer_model_name="none", software_versions="0", device_serial_number="0",
+    )
+    (tmp_path / "images").mkdir()
+    seg.save_as(tmp_path / "images" / "seg.dcm")
+    shutil.copy(get_testdata_file("rtdose.dcm"), tmp_path / "images" / "dose.dcm")
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "images" / "ct.dcm")
+    write_labels(tmp_path / "labels.csv", [("seg.dcm", "1"), ("dose.dcm", "0"), ("ct.dcm", "1")])
+
+    got, report = load(tmp_path)
+
+    assert got.sample_ids == ["images/ct.dcm"]
+    details = {s.source: (s.reason, s.field, s.detail) for s in report.skipped}
+    assert details["images/seg.dcm"][:2] == ("not_an_image", "SOPClassUID") and "Segmentation Storage" in details["images/seg.dcm"][2]
+    assert details["images/dose.dcm"][:2] == ("not_an_image", "SOPClassUID") and "RT Dose Storage" in details["images/dose.dcm"][2]

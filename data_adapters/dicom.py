@@ -87,9 +87,11 @@ def load_dicom(
     """Load every labelled, decodable image under `data_dir / spec.images`.
 
     Sample ids are paths relative to `data_dir`; with `frames="all"` each frame of a multi-frame
-    file is its own sample, `"<path>#frame<i>"`. An image without a PatientID is its own patient
-    (all frames of a file stay together), or with `require_patient_id` (patient-level DP, whose
-    unit it would break) skipped as `no_patient_id`. With `cache_dir`, each file's preprocessed frames are
+    file is its own sample, `"<path>#frame<i>"`. A file whose SOPInstanceUID an earlier file (in
+    path order) holds is skipped as `duplicate_instance`. An image without a PatientID is split with
+    its study (StudyInstanceUID, and the data report says how many), else on its own (all frames of
+    a file stay together), or with `require_patient_id` (patient-level DP, whose unit it would
+    break) skipped as `no_patient_id`. With `cache_dir`, each file's preprocessed frames are
     kept under its content hash and the preprocessing settings. The label table's column becomes
     targets as `task` reads it (binary when None). With `labelled=False` (new
     patients to score) no label table is read: every decodable image is used, labelled `NO_LABEL`.
@@ -108,28 +110,42 @@ def load_dicom(
 
     arrays, targets, patients, sample_ids, hashes = [], [], [], [], []
     groups: dict[str, list[str]] = {name: [] for name in attributes}
+    instances: dict[str, str] = {}  # SOPInstanceUID -> the file used for it
+    by_study = 0
     for path in files:
         source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
         try:
             with _pydicom_silenced():
                 digest, label, patient, frames, ds = _load_file(path, key_path, spec, labels, cache)
                 values = {name: _attribute(ds, keyword) for name, keyword in attributes.items()}
+                instance, study = _attribute(ds, "SOPInstanceUID"), _attribute(ds, "StudyInstanceUID")
         except _Skip as skip:
             report.skip(source, skip.field, skip.reason, skip.detail)
+            continue
+        if instance and instance in instances:
+            # One image exported twice (in two transfer syntaxes, say) would count twice, and could
+            # land on both sides of the split.
+            report.skip(source, "SOPInstanceUID", "duplicate_instance", f"the same SOPInstanceUID as {instances[instance]}, which is used")
             continue
         if require_patient_id and not patient:
             report.skip(source, "PatientID", "no_patient_id", "patient-level DP counts patients, and this image names none")
             continue
+        if instance:
+            instances[instance] = source
+        by_study += not patient and bool(study)
         for i, frame in enumerate(frames):
             arrays.append(frame)
             targets.append(label)
-            patients.append(patient or source)
+            # Without a PatientID, a study's images still stay on one side of the split.
+            patients.append(patient or (f"study {study}" if study else source))
             sample_ids.append(f"{source}#frame{i}" if len(frames) > 1 else source)
             for name, value in values.items():
                 groups[name].append(value)
         hashes.append(digest)
     if labels is not None:
         labels.report_unmatched(report)
+    if by_study:
+        report.notes["PatientID"] = f"{by_study} image(s) name no patient: each was split with the other images of its StudyInstanceUID"
 
     size = spec.image_size
     report.used = len(targets)

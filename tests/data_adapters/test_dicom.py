@@ -33,7 +33,7 @@ from fedward.errors import DataError
 SKIP_REASONS = {
     "unreadable_dicom", "not_dicom", "no_pixel_data", "no_decoder", "image_without_label",
     "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label", "unlisted_label", "image_too_large",
-    "not_an_image",
+    "not_an_image", "duplicate_instance",
 }
 
 
@@ -525,3 +525,27 @@ def test_objects_that_are_not_images_are_reported_by_their_sop_class_and_the_ima
     details = {s.source: (s.reason, s.field, s.detail) for s in report.skipped}
     assert details["images/seg.dcm"][:2] == ("not_an_image", "SOPClassUID") and "Segmentation Storage" in details["images/seg.dcm"][2]
     assert details["images/dose.dcm"][:2] == ("not_an_image", "SOPClassUID") and "RT Dose Storage" in details["images/dose.dcm"][2]
+
+
+def test_an_instance_exported_twice_is_used_once_and_a_study_keeps_images_without_a_patient_together(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    # pydicom's MR_small in two transfer syntaxes: one SOP instance, exported twice.
+    (tmp_path / "images").mkdir()
+    for name in ("MR_small.dcm", "MR_small_RLE.dcm"):
+        shutil.copy(get_testdata_file(name), tmp_path / "images" / name)
+    write_dicom(tmp_path / "images/a/first.dcm", ramp(), patient=None, StudyInstanceUID="1.2.3")
+    (tmp_path / "images/b").mkdir()
+    shutil.copy(tmp_path / "images/a/first.dcm", tmp_path / "images/b/copy.dcm")  # the same file under another name
+    write_dicom(tmp_path / "images/c/second.dcm", ramp() + 1, patient=None, StudyInstanceUID="1.2.3")
+    write_labels(tmp_path / "labels.csv", [(k, "1") for k in ("MR_small.dcm", "MR_small_RLE.dcm", "a/first.dcm", "b/copy.dcm", "c/second.dcm")])
+
+    got, report = load(tmp_path)
+
+    assert got.sample_ids == ["images/MR_small.dcm", "images/a/first.dcm", "images/c/second.dcm"]
+    details = {s.source: s.detail for s in report.skipped if s.reason == "duplicate_instance"}
+    assert details == {"images/MR_small_RLE.dcm": "the same SOPInstanceUID as images/MR_small.dcm, which is used",
+                       "images/b/copy.dcm": "the same SOPInstanceUID as images/a/first.dcm, which is used"}
+    # No PatientID: the study's two images are one unit of the split, and the report says why.
+    assert got.patient_ids.tolist()[1:] == ["study 1.2.3", "study 1.2.3"]
+    assert report.notes["PatientID"] == "2 image(s) name no patient: each was split with the other images of its StudyInstanceUID"

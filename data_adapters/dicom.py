@@ -297,7 +297,7 @@ def _preprocess(ds: pydicom.Dataset, spec: DicomSpec) -> np.ndarray:
         raise _Skip("decode_error", "PixelData", f"cannot decode the image: {type(e).__name__}: {why}") from None
     stats["decoded"] += 1
     if not np.isfinite(out).all():
-        raise _Skip("decode_error", "PixelData", "the image holds non-finite values")
+        raise _Skip("decode_error", "PixelData", "the pixel data holds NaN or infinite values")
     return out
 
 
@@ -338,7 +338,10 @@ def _is_truncated(ds: pydicom.Dataset) -> bool:
 
 
 def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
-    """One decoded frame as float64 (H, W) in [0, 1], bright meaning dense."""
+    """One decoded frame as float64 (H, W) in [0, 1], bright meaning dense; NaN throughout where
+    the frame holds a non-finite value, which scaling would otherwise turn into a black image."""
+    if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+        return np.full(frame.shape[:2], np.nan)
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric == "PALETTE COLOR":
         frame = apply_color_lut(frame, ds)

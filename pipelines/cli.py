@@ -96,7 +96,7 @@ def _predict(args) -> None:
     for warning in done.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"scored {done.scored} samples; skipped per reason: {done.skipped or 'none'}")
-    print(f"wrote {done.out}")
+    print(f"wrote {done.out}" + (f"; the inputs not scored, and why: {done.skipped_file}" if done.skipped else ""))
 
 
 def _settings(p: argparse.ArgumentParser) -> None:

@@ -40,6 +40,7 @@ class Prediction:
     out: Path
     scored: int
     skipped: dict[str, int]  # reason -> count
+    skipped_file: Path  # beside `out`: each input not scored, with the field at fault and why
     warnings: tuple[str, ...] = ()  # what changed since the model was exported without changing its code
 
 
@@ -63,7 +64,10 @@ def predict(model_dir: Path, data: Path, out: Path) -> Prediction:
     outputs = training.outputs(model, torch.from_numpy(np.ascontiguousarray(x, np.float32)))
     columns.update({name: pa.array(values) for name, values in task.predictions(outputs, card.scale).items()})
     writer(pa.table(columns), out)
-    return Prediction(out, len(samples), report.counts(), loaded.warnings)
+    skipped_file = out.with_name(f"{out.stem}.skipped.csv")
+    fields = ("source", "field", "reason", "detail")
+    pacsv.write_csv(pa.table({f: pa.array([getattr(s, f) for s in report.skipped], pa.string()) for f in fields}), skipped_file)
+    return Prediction(out, len(samples), report.counts(), skipped_file, loaded.warnings)
 
 
 def _read(card: ExportedModel, model_dir: Path, data: Path, report: DataReport) -> tuple[Samples, np.ndarray]:

@@ -8,6 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -104,9 +106,16 @@ def test_image_predictions_equal_the_models_outputs_in_evaluation(image_site, tm
         (new / sample).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(data_dir / sample, new / sample)
     (new / "README.txt").write_text("scanned on ward 3\n")  # not DICOM: skipped and counted, not fatal
+    nan = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    nan[2, 3] = np.nan
+    write_float_dicom(new / "nan.dcm", nan)  # a float image holding NaN: refused, never scored as a black image
 
     done = predict(image_site.model_dir, new, tmp_path / "scores.csv")
-    assert (done.scored, done.skipped) == (len(image_site.held_out), {"not_dicom": 1})
+    assert (done.scored, done.skipped) == (len(image_site.held_out), {"decode_error": 1, "not_dicom": 1})
+    beside = pacsv.read_csv(done.skipped_file).to_pylist()
+    assert done.skipped_file == tmp_path / "scores.skipped.csv"
+    assert [(r["source"], r["reason"]) for r in beside] == [("README.txt", "not_dicom"), ("nan.dcm", "decode_error")]
+    assert beside[1]["detail"] == "the pixel data holds NaN or infinite values"
     scores = pacsv.read_csv(done.out, convert_options=pacsv.ConvertOptions(column_types={"patient_id": pa.string()}))
     assert scores.column_names == ["sample_id", "patient_id", "probability"]
     by_id = dict(zip(scores["sample_id"].to_pylist(), scores["probability"].to_pylist()))
@@ -165,3 +174,17 @@ def test_the_command_writes_the_scores_and_exits_2_on_a_refusal(table_site, tmp_
 
     assert main(["predict", str(table_site.model_dir), "--data", str(tmp_path), "--out", str(tmp_path / "again.csv")]) == 2
     assert "is a folder, but the model in" in capsys.readouterr().err and not (tmp_path / "again.csv").exists()
+
+
+def write_float_dicom(path, pixels: np.ndarray) -> None:
+    """A Part-10 file whose pixels are 32-bit floats (FloatPixelData)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = "P9"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, "MONOCHROME2", 32
+    ds.FloatPixelData = pixels.astype(np.float32).tobytes()
+    ds.save_as(path, enforce_file_format=True)

@@ -18,6 +18,7 @@ ignored without a record: they are system debris, not inputs. Links to folders a
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -61,6 +62,7 @@ MAX_FRAME_SAMPLES = 8192 * 8192  # Rows x Columns x SamplesPerPixel
 MAX_FILE_BYTES = 2 * 1024**3  # files are read whole; a multi-frame CT series file stays below it
 
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+NEAREST_HINTS = 20  # messages that name the nearest key of the other side
 _KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 # A file that names no transfer syntax is in the encoding pydicom detected while parsing it,
@@ -102,11 +104,12 @@ def load_dicom(
     images_dir = data_dir / spec.images
     if not images_dir.is_dir():
         raise DataError(f"images folder {images_dir} does not exist (data.dicom.images)")
-    labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report, task or binary_task()) if labelled else None
     cache = _Cache(Path(cache_dir), spec) if cache_dir is not None else None
     files = _image_files(images_dir, data_dir, report)
+    paths = {p.relative_to(images_dir).as_posix() for p in files}
+    labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report, task or binary_task(), paths) if labelled else None
     if labels is not None and spec.key == "path":  # a labelled file that proves unreadable is reported once, as itself
-        labels.seen.update(p.relative_to(images_dir).as_posix() for p in files)
+        labels.seen.update(paths)
 
     arrays, targets, patients, sample_ids, hashes = [], [], [], [], []
     groups: dict[str, list[str]] = {name: [] for name in attributes}
@@ -434,12 +437,13 @@ def _read_label_table(path: Path, spec: DicomSpec) -> pa.Table:
 class _Labels:
     """The label table as key -> target; rows that give none are reported as they are read."""
 
-    def __init__(self, table: pa.Table, spec: DicomSpec, report: DataReport, task: Task):
+    def __init__(self, table: pa.Table, spec: DicomSpec, report: DataReport, task: Task, paths: set[str]):
         self._spec = spec
         self.labels: dict[str, Any] = {}
         self.failed: dict[str, str] = {}  # key -> why none of its rows gives a label
         self.rows: dict[str, list[int]] = defaultdict(list)  # key -> rows with a usable label
         self.seen: set[str] = set()  # keys of files found, usable or not
+        self.hints = 0
         found: dict[str, set] = defaultdict(set)
         # Parsed as the table adapter parses labels, so a rule means the same for images and tables.
         values, problems = label_targets(table, spec.label, spec.labels, task)
@@ -447,6 +451,8 @@ class _Labels:
         keys = table.column(spec.key_column).to_pylist()
         for row, key in enumerate(keys, start=1):
             key = "" if key is None else str(key).strip()
+            if spec.key == "path":
+                key = _path_key(key, spec.images, paths)
             where = self._where(row)
             if not key:
                 report.skip(where, spec.key_column, "label_without_image", f"the row has no {spec.key_column}")
@@ -480,11 +486,32 @@ class _Labels:
         if not key:
             element = _KEY_ELEMENTS[spec.key]
             raise _Skip("image_without_label", element, f"the file has no {element} to find its label by")
-        raise _Skip("image_without_label", spec.key_column, f"no row of {spec.labels} matches its {spec.key_column}")
+        raise _Skip("image_without_label", spec.key_column, f"no row of {spec.labels} matches its {spec.key_column} {key!r}{self._nearest(key, self.labels)}")
 
     def report_unmatched(self, report: DataReport) -> None:
         column = self._spec.key_column
         for key in sorted(set(self.labels) - self.seen):
             for row in self.rows[key]:
-                report.skip(self._where(row), column, "label_without_image", f"no image matches this {column}")
+                report.skip(self._where(row), column, "label_without_image", f"no image matches this {column} {key!r}{self._nearest(key, self.seen)}")
+
+    def _nearest(self, key: str, keys) -> str:
+        """"; the nearest is ..." when a key of the other side is like `key` (a typo, another case),
+        for the first NEAREST_HINTS keys that match nothing: each search reads every key."""
+        self.hints += 1
+        if self.hints > NEAREST_HINTS:
+            return ""
+        close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.8)
+        return f"; the nearest is {close[0]!r}" if close else ""
+
+
+def _path_key(key: str, images: str, paths: set[str]) -> str:
+    """A label table's path as the files' keys are written: relative to the images folder, with
+    forward slashes and no leading "./". A path relative to the hospital's folder (through the
+    images folder) is taken as such unless it names a file as it is."""
+    key = key.replace("\\", "/")
+    while key.startswith("./"):
+        key = key[2:]
+    through = Path(images).as_posix().strip("/") + "/"
+    return key[len(through):] if key.startswith(through) and key not in paths else key
+
 

@@ -549,3 +549,21 @@ def test_an_instance_exported_twice_is_used_once_and_a_study_keeps_images_withou
     # No PatientID: the study's two images are one unit of the split, and the report says why.
     assert got.patient_ids.tolist()[1:] == ["study 1.2.3", "study 1.2.3"]
     assert report.notes["PatientID"] == "2 image(s) name no patient: each was split with the other images of its StudyInstanceUID"
+
+
+def test_path_keys_match_relative_to_the_hospital_or_the_images_folder_with_dots_and_backslashes(tmp_path):
+    for name in ("ct/a.dcm", "ct/b.dcm", "ct/c.dcm", "mr/d.dcm"):
+        write_dicom(tmp_path / "images" / name, ramp())
+    write_labels(tmp_path / "labels.csv", [
+        ("images/ct/a.dcm", "1"),  # relative to the hospital's folder
+        ("./ct/b.dcm", "0"),  # with a leading ./
+        ("ct\\c.dcm", "1"),  # written on Windows
+        ("mr/D.dcm", "0"),  # a key of no file: the message names the nearest file
+    ])
+
+    got, report = load(tmp_path)
+
+    assert got.sample_ids == ["images/ct/a.dcm", "images/ct/b.dcm", "images/ct/c.dcm"] and got.labels.tolist() == [1, 0, 1]
+    details = {s.source: s.detail for s in report.skipped}
+    assert details["images/mr/d.dcm"] == "no row of labels.csv matches its key 'mr/d.dcm'; the nearest is 'mr/D.dcm'"
+    assert details["labels.csv row 4"] == "no image matches this key 'mr/D.dcm'; the nearest is 'mr/d.dcm'"

@@ -166,16 +166,31 @@ def _image_files(folder: Path, data_dir: Path, report: DataReport) -> list[Path]
     """Every visible entry under `folder` that is not a folder, sorted by relative path.
 
     Broken links and special files are included so that reading them records why they are not
-    used; folders that cannot be listed are recorded here.
+    used; folders that cannot be listed are recorded here. A linked folder is read, once: a link to
+    a folder read already (an enclosing one, which would loop, or another link's) is recorded as
+    `folder_linked_again`.
     """
 
     def unlisted(error: OSError) -> None:
         source = Path(error.filename).relative_to(data_dir).as_posix()
         report.skip(source, "folder", "unreadable_dicom", f"the folder cannot be listed: {error.strerror}")
 
-    files = []
-    for root, folders, names in os.walk(folder, onerror=unlisted):
-        folders[:] = [name for name in folders if not name.startswith(".")]  # not descended into
+    files, read = [], {os.path.realpath(folder): folder}
+    for root, folders, names in os.walk(folder, onerror=unlisted, followlinks=True):
+        kept = []
+        for name in sorted(folders):
+            path = Path(root, name)
+            real = os.path.realpath(path)
+            if name.startswith("."):  # not descended into
+                continue
+            if real in read:
+                first = read[real].relative_to(data_dir).as_posix()
+                report.skip(path.relative_to(data_dir).as_posix(), "folder", "folder_linked_again",
+                            f"a link to the folder {first}, read already: its files are read once")
+                continue
+            read[real] = path
+            kept.append(name)
+        folders[:] = kept
         files.extend(Path(root, name) for name in names if not name.startswith("."))
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 

@@ -33,7 +33,7 @@ from fedward.errors import DataError
 SKIP_REASONS = {
     "unreadable_dicom", "not_dicom", "no_pixel_data", "no_decoder", "image_without_label",
     "label_without_image", "decode_error", "missing_label", "conflicting_label", "bad_label", "unlisted_label", "image_too_large",
-    "not_an_image", "duplicate_instance",
+    "not_an_image", "duplicate_instance", "folder_linked_again",
 }
 
 
@@ -567,3 +567,20 @@ def test_path_keys_match_relative_to_the_hospital_or_the_images_folder_with_dots
     details = {s.source: s.detail for s in report.skipped}
     assert details["images/mr/d.dcm"] == "no row of labels.csv matches its key 'mr/d.dcm'; the nearest is 'mr/D.dcm'"
     assert details["labels.csv row 4"] == "no image matches this key 'mr/D.dcm'; the nearest is 'mr/d.dcm'"
+
+
+def test_a_linked_folder_is_read_once_and_a_loop_or_a_second_link_is_reported(tmp_path):
+    write_dicom(tmp_path / "images/ct/a.dcm", ramp())
+    write_dicom(tmp_path / "archive/mr/b.dcm", ramp() + 1)
+    (tmp_path / "images/mr").symlink_to(tmp_path / "archive/mr")  # a folder kept elsewhere: read
+    (tmp_path / "images/ct/again").symlink_to(tmp_path / "images/ct")  # a loop
+    (tmp_path / "images/mr_again").symlink_to(tmp_path / "archive/mr")  # the same folder twice: the first in path order is read
+    write_labels(tmp_path / "labels.csv", [("ct/a.dcm", "1"), ("mr/b.dcm", "0")])
+
+    got, report = load(tmp_path)
+
+    assert got.sample_ids == ["images/ct/a.dcm", "images/mr/b.dcm"]
+    assert {s.source: (s.reason, s.detail) for s in report.skipped} == {
+        "images/ct/again": ("folder_linked_again", "a link to the folder images/ct, read already: its files are read once"),
+        "images/mr_again": ("folder_linked_again", "a link to the folder images/mr, read already: its files are read once"),
+    }

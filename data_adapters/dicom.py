@@ -114,7 +114,7 @@ def load_dicom(
     arrays, targets, patients, sample_ids, hashes = [], [], [], [], []
     groups: dict[str, list[str]] = {name: [] for name in attributes}
     instances: dict[str, str] = {}  # SOPInstanceUID -> the file used for it
-    by_study = 0
+    by_study, longer = 0, []
     for path in files:
         source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
         try:
@@ -136,6 +136,8 @@ def load_dicom(
         if instance:
             instances[instance] = source
         by_study += not patient and bool(study)
+        if _longer_than_declared(ds):
+            longer.append(source)
         for i, frame in enumerate(frames):
             arrays.append(frame)
             targets.append(label)
@@ -149,6 +151,9 @@ def load_dicom(
         labels.report_unmatched(report)
     if by_study:
         report.notes["PatientID"] = f"{by_study} image(s) name no patient: each was split with the other images of its StudyInstanceUID"
+    if longer:
+        report.notes["PixelData"] = (f"{len(longer)} image(s) hold more pixel bytes than Rows x Columns x frames declare; the declared "
+                                     f"part was read (the first: {longer[0]})")
 
     size = spec.image_size
     report.used = len(targets)
@@ -346,6 +351,18 @@ def _frame_samples(ds: pydicom.Dataset) -> int:
         return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
     except Exception:  # missing or malformed image tags: left to the decoder to reject
         return 0
+
+
+def _longer_than_declared(ds: pydicom.Dataset) -> bool:
+    """Whether native pixel data holds more bytes than its image attributes declare (beyond the
+    one byte that pads an odd length): what the attributes declare is what is read."""
+    try:
+        if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            return False
+        expected = get_expected_length(ds)
+        return len(ds.PixelData) > expected + expected % 2
+    except Exception:  # no file meta, malformed image tags: nothing to compare
+        return False
 
 
 def _is_truncated(ds: pydicom.Dataset) -> bool:

@@ -584,3 +584,17 @@ def test_a_linked_folder_is_read_once_and_a_loop_or_a_second_link_is_reported(tm
         "images/ct/again": ("folder_linked_again", "a link to the folder images/ct, read already: its files are read once"),
         "images/mr_again": ("folder_linked_again", "a link to the folder images/mr, read already: its files are read once"),
     }
+
+
+def test_pixel_data_longer_than_declared_is_read_as_declared_and_noted(tmp_path):
+    ds = write_dicom(tmp_path / "images/long.dcm", ramp())
+    ds.PixelData = ds.PixelData + bytes(64)  # 32 more pixels than 8 x 8
+    ds.save_as(tmp_path / "images/long.dcm", enforce_file_format=True)
+    write_dicom(tmp_path / "images/fine.dcm", ramp() + 1)
+    write_labels(tmp_path / "labels.csv", [("long.dcm", "1"), ("fine.dcm", "0")])
+
+    got, report = load(tmp_path)
+
+    assert got.sample_ids == ["images/fine.dcm", "images/long.dcm"] and report.skipped == []
+    np.testing.assert_allclose(got.features[1, 0], minmax(ramp()), atol=1e-6)  # the declared 8 x 8
+    assert report.notes["PixelData"] == "1 image(s) hold more pixel bytes than Rows x Columns x frames declare; the declared part was read (the first: images/long.dcm)"

@@ -286,21 +286,22 @@ class Hospital:
     def _charge_hospital_level(self, round: int) -> None:
         """Hospital-level DP's spend, kept here too: a hospital refuses the round that would take
         it past the run's budget, whatever the driver's own accounts say."""
-        budget, log = self.config.privacy.dp_fedavg.epsilon, self.run_dir / "privacy_spend.jsonl"
-        entry = {"round": round, "hospital": self.name, "level": "hospital", "steps": asdict(dp_fedavg.round_steps(self.config))}
-        after = ledger.spent(self.config, [*ledger.read_spend(log), entry])["hospital"][self.name]  # retries and redone rounds included
+        entry = self._within_run_budget("hospital", round, dp_fedavg.round_steps(self.config), self.config.privacy.dp_fedavg.epsilon)
+        ledger.record_spend(self.run_dir / ledger.SPEND_LOG, [entry])
+
+    def _within_run_budget(self, level: str, round: int, steps: GaussianSteps, budget: float | None) -> dict:
+        """This round's spend entry at `level`, not yet recorded; refused when, with every earlier
+        charge of the run (retries and redone rounds included), it would pass the run's `budget`."""
+        entry = {"round": round, "hospital": self.name, "level": level, "steps": asdict(steps)}
+        after = ledger.spent(self.config, [*ledger.read_spend(self.run_dir / ledger.SPEND_LOG), entry])[level][self.name]
         if budget is not None and after > budget * (1 + 1e-6):
-            raise HospitalError(f"{self.name}: round {round} would raise its hospital-level epsilon to {after:.3f}, above its budget {budget:g}; it refuses to train")
-        ledger.record_spend(log, [entry])
+            raise HospitalError(f"{self.name}: round {round} would raise its {level}-level epsilon to {after:.3f}, above its budget {budget:g}; it refuses to train")
+        return entry
 
     def _charge_own_budget(self, round: int, planned: GaussianSteps) -> None:
         """The hospital keeps its own accounts and refuses to train past a budget, whatever the
         driver asks: the run's (from its config), and its policy's over every run on its data."""
-        dp, log = self.config.privacy.dp_sgd, self.run_dir / "privacy_spend.jsonl"
-        entry = {"round": round, "hospital": self.name, "level": "patient", "steps": asdict(planned)}
-        after = ledger.spent(self.config, [*ledger.read_spend(log), entry])["patient"][self.name]
-        if dp.epsilon is not None and after > dp.epsilon * (1 + 1e-6):
-            raise HospitalError(f"{self.name}: round {round} would raise its patient-level epsilon to {after:.3f}, above its budget {dp.epsilon:g}; it refuses to train")
+        entry = self._within_run_budget("patient", round, planned, self.config.privacy.dp_sgd.epsilon)
         budget, every = self.policy.budget, self.policy.spend_log or self.work_dir / SPEND_LOG
         if budget is not None:
             # Every run's spend on this source, from whichever export of it the run read.
@@ -313,7 +314,7 @@ class Hospital:
                     f"the budget {budget.epsilon:g} of its policy ({self.policy.source}); it refuses to train"
                 )
             ledger.record_spend(every, [{**entry, "run": self.run_id, "source": source, "data": str(self.data_dir)}])
-        ledger.record_spend(log, [entry])
+        ledger.record_spend(self.run_dir / ledger.SPEND_LOG, [entry])
 
     def dp_units(self) -> np.ndarray:
         """The privacy unit of each training sample: its patient, or itself."""

@@ -53,6 +53,11 @@ class ScoreBins:
             return None
         return cls(*(np.asarray(statistics[f"{prefix}{k}"]) for k in cls.FIELDS))
 
+    @classmethod
+    def slices(cls, positive: np.ndarray, negative: np.ndarray) -> ScoreBins:
+        """Per-class counts over every 0.01 slice (exact statistics, never released) as bins."""
+        return cls(np.arange(GRID), np.arange(1, GRID + 1), np.asarray(positive), np.asarray(negative))
+
     def midpoints(self) -> np.ndarray:
         return (self.low + self.high) / (2 * GRID)
 

@@ -21,7 +21,7 @@ import numpy as np
 from fedward.config import SubgroupConfig
 from fedward.declarations import ONE_SCORE, Declaration
 from fedward import release
-from fedward.metrics import BINS, auroc_from_histograms, score_histograms
+from fedward.metrics import auroc_from_histograms, score_histograms
 from fedward import pooling
 from fedward.pooling import EvaluationKey, PaddedStatistics, PaddedSum
 from fedward.release import ScoreBins
@@ -111,7 +111,7 @@ def at_hospital(
 
 
 def figures(bins: ScoreBins, auroc: float, threshold: float) -> dict[str, float]:
-    """A hospital's figures of a group: its counts and rates from its released bins, its own AUROC."""
+    """A group's figures: its counts and rates from bins (a hospital's released ones, or every slice pooled), and its AUROC."""
     return {"positives": int(bins.positive.sum()), "negatives": int(bins.negative.sum()), "auroc": auroc,
             **{k: v for k, v in release.rates(bins, threshold).items() if k in METRICS}}
 
@@ -119,14 +119,7 @@ def figures(bins: ScoreBins, auroc: float, threshold: float) -> dict[str, float]
 def pooled_figures(statistics: Mapping[str, np.ndarray], threshold: float) -> dict[str, float]:
     """A group's figures from its exact score histograms summed over hospitals."""
     pos, neg = statistics["positive_hist"], statistics["negative_hist"]
-    edge = round(threshold * BINS)
-    return {
-        "positives": int(pos.sum()),
-        "negatives": int(neg.sum()),
-        "auroc": auroc_from_histograms(pos, neg),
-        "sensitivity": float(pos[edge:].sum() / pos.sum()),
-        "specificity": float(neg[:edge].sum() / neg.sum()),
-    }
+    return figures(ScoreBins.slices(pos, neg), auroc_from_histograms(pos, neg), threshold)
 
 
 def _gaps(scope: str, attribute: str, groups: Mapping[str, dict]) -> list[dict]:

@@ -84,7 +84,7 @@ class Binary(Task):
             "auroc": metrics.auroc_from_histograms(pos, neg),
             "auroc_error_bound": metrics.auroc_error_bound(pos, neg),
             "auprc": metrics.auprc_from_histograms(pos, neg),
-            "accuracy": float((pos[metrics.BINS // 2 :].sum() + neg[: metrics.BINS // 2].sum()) / n),
+            "accuracy": release.rates(release.ScoreBins.slices(pos, neg))["accuracy"],
             "loss": float(statistics["loss_sum"] / n),
         }
 

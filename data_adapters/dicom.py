@@ -36,6 +36,7 @@ import pyarrow as pa
 import pydicom
 import torch
 import torch.nn.functional as F
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
 from pydicom.pixels.utils import get_expected_length
@@ -64,6 +65,13 @@ MAX_FILE_BYTES = 2 * 1024**3  # files are read whole; a multi-frame CT series fi
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 NEAREST_HINTS = 20  # messages that name the nearest key of the other side
 _KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
+# The functional group macros of Enhanced images that hold what a classic image keeps at its top
+# level (PS3.3 C.7.6.16.2.9 and .10).
+_FRAME_MACROS = {
+    "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation"),
+}
+_NOT_VIEWED = {tag_for_keyword(k) for k in ("PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 # A file that names no transfer syntax is in the encoding pydicom detected while parsing it,
 # keyed here as its (implicit VR, little endian) pair.
@@ -313,7 +321,9 @@ def _preprocess(ds: pydicom.Dataset, spec: DicomSpec) -> np.ndarray:
         n = int(ds.get("NumberOfFrames") or 1)
         indices = {"first": [0], "middle": [n // 2], "all": range(n)}[spec.frames]
         frames = iter_pixels(ds, indices=indices)
-        out = np.stack([_fit_square(_to_unit(frame, ds, spec.window), spec.image_size) for frame in frames])
+        out = np.stack([
+            _fit_square(_to_unit(frame, _frame_view(ds, index), spec.window), spec.image_size) for index, frame in zip(indices, frames)
+        ])
     except Exception as e:  # decoders and LUTs fail in many ways on unusual files
         # Decoder messages name codecs and image attributes, which tell the operator what to fix.
         why = " ".join(str(e).split())[:200]
@@ -370,6 +380,26 @@ def _is_truncated(ds: pydicom.Dataset) -> bool:
         return "PixelData" in ds and len(ds.PixelData) < get_expected_length(ds)
     except Exception:  # malformed image tags: left to the decoder to reject
         return False
+
+
+def _frame_view(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
+    """The dataset as a classic image of frame `index` would hold it.
+
+    Enhanced CT and MR (and their legacy-converted kin) keep the rescale and window in functional
+    groups, the frame's own or shared by all frames, where pydicom's LUT functions do not look:
+    they are lifted to the top level, so the same anatomy is preprocessed alike in either format.
+    """
+    per_frame, shared = ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")
+    if not per_frame and not shared:
+        return ds
+    groups = [group for group in (per_frame[index] if per_frame and index < len(per_frame) else None, shared[0] if shared else None) if group]
+    view = pydicom.Dataset({tag: element for tag, element in ds.items() if tag not in _NOT_VIEWED})
+    for sequence, keywords in _FRAME_MACROS.items():
+        item = next((group[sequence][0] for group in groups if group.get(sequence)), None)
+        for keyword in keywords if item is not None else ():
+            if keyword in item:
+                view[keyword] = item[keyword]
+    return view
 
 
 def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:

@@ -6,6 +6,7 @@ with the adapter's code.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -165,6 +166,43 @@ def test_multi_frame_rules(tmp_path, frames, chosen):
     expected_ids = [f"images/cine.dcm#frame{i}" for i in range(5)] if frames == "all" else ["images/cine.dcm"]
     assert got.sample_ids == expected_ids
     assert set(got.patient_ids) == {"P9"} and set(got.labels) == {1}
+
+
+@pytest.mark.parametrize("groups", ["shared", "per frame"])
+@pytest.mark.parametrize("classic, converter", [("CT_small.dcm", "LegacyConvertedEnhancedCTImage"), ("MR_small.dcm", "LegacyConvertedEnhancedMRImage")])
+def test_an_enhanced_image_is_windowed_frame_by_frame_as_the_classic_slices_it_was_made_from(tmp_path, classic, converter, groups):
+    import highdicom as hd
+    from pydicom.data import get_testdata_file
+
+    source = pydicom.dcmread(get_testdata_file(classic))
+    slices = []
+    for i in range(3):
+        s = copy.deepcopy(source)
+        s.SOPInstanceUID, s.InstanceNumber = generate_uid(), i + 1
+        s.ImagePositionPatient = [*source.ImagePositionPatient[:2], float(source.ImagePositionPatient[2]) + 5 * i]
+        s.PixelData = np.roll(source.pixel_array, 9 * i).tobytes()  # a frame out of order shows
+        step = i if groups == "per frame" else 0
+        s.RescaleSlope, s.RescaleIntercept = 1, -1024 + 7 * step
+        s.WindowCenter, s.WindowWidth = 300 + 150 * step, 500 + 200 * step
+        (tmp_path / "images" / "classic").mkdir(parents=True, exist_ok=True)
+        s.save_as(tmp_path / "images" / "classic" / f"{i}.dcm")
+        slices.append(s)
+    enhanced = getattr(hd.legacy, converter)(slices, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1)
+    enhanced.save_as(tmp_path / "images" / "enhanced.dcm")
+    in_groups = enhanced.PerFrameFunctionalGroupsSequence[0] if groups == "per frame" else enhanced.SharedFunctionalGroupsSequence[0]
+    assert "FrameVOILUTSequence" in in_groups and "WindowCenter" not in enhanced  # the converter put the window where Enhanced keeps it
+    write_labels(tmp_path / "labels.csv", [("enhanced.dcm", "1")] + [(f"classic/{i}.dcm", "1") for i in range(3)])
+
+    got, report = load(tmp_path, frames="all", image_size=32)
+    plain, _ = load(tmp_path, frames="all", image_size=32, window="minmax")
+
+    assert report.used == 6
+    tensors = dict(zip(got.sample_ids, got.features[:, 0]))
+    by_instance = {s.SOPInstanceUID: f"images/classic/{i}.dcm" for i, s in enumerate(slices)}
+    for i, frame in enumerate(enhanced.PerFrameFunctionalGroupsSequence):
+        classic_file = by_instance[frame.ConversionSourceAttributesSequence[0].ReferencedSOPInstanceUID]
+        np.testing.assert_allclose(tensors[f"images/enhanced.dcm#frame{i}"], tensors[classic_file], atol=1e-6)
+    assert not np.allclose(got.features, plain.features, atol=1e-3)  # the windows were applied, not min-max
 
 
 # --- files and labels ---------------------------------------------------------------------------

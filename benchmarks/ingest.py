@@ -1,11 +1,15 @@
-"""DICOM ingest: images per second read, decoded and preprocessed on one core, first pass and cached.
+"""DICOM ingest: images per second read, decoded and preprocessed on one core, against a reference.
 
 Writes demo hospitals (one per scanner profile: 128x128 CT, 96x96 CT with rescale, 64x64 CR in
-MONOCHROME1 with a VOI window), then loads each through the hospital's adapter
-(data_adapters/dicom.load_dicom with the images demo config) twice: with an empty preprocessing
-cache (first pass: every file parsed, decoded, rescaled, windowed and resized) and with the cache
-it filled (the cache is keyed by each file's content hash, so the files are still read and hashed).
-One process, torch and BLAS on one thread: per-core figures.
+MONOCHROME1 with a VOI window), then, per profile and in one process:
+- asserts that fedward's tensors (data_adapters/dicom.load_dicom with the images demo config)
+  equal those of `reference` below, the few lines anyone would write, over the same files in the
+  same order (allclose, 1e-6);
+- times, interleaved and `--repeats` times each, the reference and fedward's first pass (an empty
+  preprocessing cache: every file read, hashed, parsed, checked, decoded, rescaled, windowed,
+  resized and cached) and prints the medians and their ratio;
+- times fedward's second pass, served by the cache it filled (files still read and hashed).
+torch and BLAS run on one thread: per-core figures.
 
     python benchmarks/ingest.py
     python benchmarks/ingest.py --images 600 --repeats 3
@@ -26,7 +30,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy and torch load the
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from fedward.data_adapters.demo import write_demo_data  # noqa: E402
 from fedward.data_adapters.dicom import load_dicom  # noqa: E402
@@ -36,10 +43,35 @@ from fedward.config import load_config  # noqa: E402
 SCANNERS = {"hospital_a": "CT 128x128", "hospital_b": "CT 96x96", "hospital_c": "CR 64x64 MONOCHROME1"}
 
 
-def load(folder: Path, spec, cache: Path) -> tuple[float, int]:
+def reference(paths: list[Path], size: int) -> np.ndarray:
+    """Classic single-frame grayscale images as float32 (N, size, size), as fedward preprocesses them."""
+    out = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        x = ds.pixel_array.astype(np.float32) * np.float32(ds.get("RescaleSlope", 1)) + np.float32(ds.get("RescaleIntercept", 0))
+        if "WindowCenter" in ds:  # PS3.3 C.11.2.1.2.1, LINEAR, onto [0, 1]
+            centre, width = np.float32(ds.WindowCenter), np.float32(ds.WindowWidth)
+            x = np.clip((x - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
+        else:
+            x = (x - x.min()) / (x.max() - x.min())
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            x = 1 - x
+        h, w = x.shape
+        nh, nw = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+        t = F.interpolate(torch.from_numpy(x)[None, None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (size - nh) // 2, (size - nw) // 2
+        out.append(F.pad(t, (left, size - nw - left, top, size - nh - top))[0, 0].clamp_(0, 1).numpy())
+    return np.stack(out)
+
+
+def fedward(folder: Path, spec, cache: Path):
+    return load_dicom(folder, spec, DataReport(folder.name), cache_dir=cache)
+
+
+def timed(work) -> tuple[float, object]:
     started = time.perf_counter()
-    samples = load_dicom(folder, spec, DataReport(folder.name), cache_dir=cache)
-    return time.perf_counter() - started, len(samples)
+    result = work()
+    return time.perf_counter() - started, result
 
 
 def main() -> None:
@@ -50,23 +82,26 @@ def main() -> None:
     torch.set_num_threads(1)
     spec = load_config(ROOT / "configs" / "demo_images.yaml").data.dicom
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "data"
+        data, cache = Path(tmp) / "data", Path(tmp) / "cache"
         write_demo_data(data, hospitals=3, images_per_hospital=[args.images] * 3, rows_per_hospital=[20] * 3)
-        print(f"images per second on one core ({args.images} images per hospital, median of {args.repeats}; "
+        print(f"images per second on one core ({args.images} images per hospital, medians of {args.repeats} interleaved runs; "
               f"preprocessed to {spec.image_size}x{spec.image_size})")
-        print(f"{'hospital':<12}{'scanner':<24}{'MB on disk':>11}{'first pass':>12}{'cached':>10}")
+        print(f"{'hospital':<12}{'scanner':<24}{'MB':>7}{'reference':>11}{'fedward':>9}{'ratio':>7}{'cached':>8}")
         for name, scanner in SCANNERS.items():
             folder = data / name
-            megabytes = sum(p.stat().st_size for p in folder.rglob("*.dcm")) / 2**20
-            first, cached = [], []
+            samples = fedward(folder, spec, None)
+            paths = [folder / sample for sample in samples.sample_ids]
+            np.testing.assert_allclose(samples.features[:, 0], reference(paths, spec.image_size), atol=1e-6, rtol=0)
+            first, cached, ref = [], [], []
             for _ in range(args.repeats):
-                cache = Path(tmp) / "cache"
                 shutil.rmtree(cache, ignore_errors=True)
-                seconds, count = load(folder, spec, cache)
-                first.append(count / seconds)
-                seconds, count = load(folder, spec, cache)
-                cached.append(count / seconds)
-            print(f"{name:<12}{scanner:<24}{megabytes:>11.1f}{statistics.median(first):>12.0f}{statistics.median(cached):>10.0f}", flush=True)
+                ref.append(len(paths) / timed(lambda: reference(paths, spec.image_size))[0])
+                first.append(len(paths) / timed(lambda: fedward(folder, spec, cache))[0])
+                cached.append(len(paths) / timed(lambda: fedward(folder, spec, cache))[0])
+            megabytes = sum(p.stat().st_size for p in paths) / 2**20
+            ratio = statistics.median(first) / statistics.median(ref)
+            print(f"{name:<12}{scanner:<24}{megabytes:>7.1f}{statistics.median(ref):>11.0f}{statistics.median(first):>9.0f}"
+                  f"{ratio:>7.2f}{statistics.median(cached):>8.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,21 +9,27 @@ is `image_size`, keeping the aspect ratio, and centre-padded with 0 (black) to a
 Files are read as DICOM Part 10 (128-byte preamble, then "DICM") or, failing that, as a bare
 dataset as older systems write it, accepted only if it holds image or SOP class elements.
 
+Enhanced (multi-frame) CT and MR are rescaled and windowed frame by frame from their functional
+groups. Only image storage SOP classes are read as images.
+
 Files that cannot be used are skipped and recorded in the DataReport, never fatal; so are broken
-links, folders that cannot be listed, and images whose header declares frames larger than
-MAX_FRAME_SAMPLES, refused before any decoder allocates them. Only a missing images folder or an
-unusable label table raises `DataError`. Hidden files and folders (names starting with ".") are
-ignored without a record: they are system debris, not inputs. Links to folders are not followed.
+links, folders that cannot be listed, and images whose header, or whose compressed stream's own
+header, declares frames larger than MAX_FRAME_SAMPLES, refused before any decoder allocates them.
+Only a missing images folder or an unusable label table raises `DataError`. Hidden files and
+folders (names starting with ".") are ignored without a record: they are system debris, not
+inputs. Linked folders are followed, each once.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import struct
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
@@ -39,16 +45,22 @@ import torch.nn.functional as F
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
-from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import get_frame
+from pydicom.pixels.utils import _get_jpg_parameters, get_expected_length
+from pydicom.uid import (
+    JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, ExplicitVRBigEndian,
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+)
 
+from fedward.data_adapters import jpeg_decoder
 from fedward.data_adapters.cells import NO_LABEL, find_column, label_targets, read_table
 from fedward.data_adapters.report import DataReport
 from fedward.data_adapters.samples import Samples
 from fedward.config import DicomSpec
 from fedward.errors import DataError
-from fedward.files import atomic_write
 from fedward.tasks import Task, binary_task
+
+jpeg_decoder.register()
 
 # Bump whenever preprocessing or the cache's file layout changes, so no cache serves arrays made
 # the old way.
@@ -62,6 +74,7 @@ _CHECKSUM_BYTES = 32  # a cache entry ends with the SHA-256 of the rest
 MAX_FRAME_SAMPLES = 8192 * 8192  # Rows x Columns x SamplesPerPixel
 MAX_FILE_BYTES = 2 * 1024**3  # files are read whole; a multi-frame CT series file stays below it
 
+_JPEG_FAMILY = {*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes}
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 NEAREST_HINTS = 20  # messages that name the nearest key of the other side
 _KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
@@ -71,6 +84,16 @@ _FRAME_MACROS = {
     "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),
     "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation"),
 }
+# What pydicom's modality and VOI transforms read, LUT sequences aside: frames alike in these are
+# transformed alike, through one table per distinct set (_tabulated).
+_TRANSFORM_ELEMENTS = (
+    "BitsStored", "PixelRepresentation", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "WindowCenter",
+    "WindowWidth", "VOILUTFunction",
+)
+_LUT_SEQUENCES = ("ModalityLUTSequence", "VOILUTSequence")
+MAX_TABLE_BITS = 16  # a table over 65536 stored values costs less than one 256 x 256 frame
+MAX_TABLES = 64
+_TABLES: dict[tuple, np.ndarray] = {}
 _NOT_VIEWED = {tag_for_keyword(k) for k in ("PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 # A file that names no transfer syntax is in the encoding pydicom detected while parsing it,
@@ -123,40 +146,42 @@ def load_dicom(
     groups: dict[str, list[str]] = {name: [] for name in attributes}
     instances: dict[str, str] = {}  # SOPInstanceUID -> the file used for it
     by_study, longer = 0, []
-    for path in files:
-        source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
-        try:
-            with _pydicom_silenced():
-                digest, label, patient, frames, ds = _load_file(path, key_path, spec, labels, cache)
+    with _pydicom_silenced():
+        for path in files:
+            source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
+            try:
+                digest, label, patient, frames, ds, longer_than_declared = _load_file(path, key_path, spec, labels, cache)
                 values = {name: _attribute(ds, keyword) for name, keyword in attributes.items()}
                 instance, study = _attribute(ds, "SOPInstanceUID"), _attribute(ds, "StudyInstanceUID")
-        except _Skip as skip:
-            report.skip(source, skip.field, skip.reason, skip.detail)
-            continue
-        if instance and instance in instances:
-            # One image exported twice (in two transfer syntaxes, say) would count twice, and could
-            # land on both sides of the split.
-            report.skip(source, "SOPInstanceUID", "duplicate_instance", f"the same SOPInstanceUID as {instances[instance]}, which is used")
-            continue
-        if require_patient_id and not patient:
-            report.skip(source, "PatientID", "no_patient_id", "patient-level DP counts patients, and this image names none")
-            continue
-        if instance:
-            instances[instance] = source
-        by_study += not patient and bool(study)
-        if _longer_than_declared(ds):
-            longer.append(source)
-        for i, frame in enumerate(frames):
-            arrays.append(frame)
-            targets.append(label)
-            # Without a PatientID, a study's images still stay on one side of the split.
-            patients.append(patient or (f"study {study}" if study else source))
-            sample_ids.append(f"{source}#frame{i}" if len(frames) > 1 else source)
-            for name, value in values.items():
-                groups[name].append(value)
-        hashes.append(digest)
+            except _Skip as skip:
+                report.skip(source, skip.field, skip.reason, skip.detail)
+                continue
+            if instance and instance in instances:
+                # One image exported twice (in two transfer syntaxes, say) would count twice, and could
+                # land on both sides of the split.
+                report.skip(source, "SOPInstanceUID", "duplicate_instance", f"the same SOPInstanceUID as {instances[instance]}, which is used")
+                continue
+            if require_patient_id and not patient:
+                report.skip(source, "PatientID", "no_patient_id", "patient-level DP counts patients, and this image names none")
+                continue
+            if instance:
+                instances[instance] = source
+            by_study += not patient and bool(study)
+            if longer_than_declared:
+                longer.append(source)
+            for i, frame in enumerate(frames):
+                arrays.append(frame)
+                targets.append(label)
+                # Without a PatientID, a study's images still stay on one side of the split.
+                patients.append(patient or (f"study {study}" if study else source))
+                sample_ids.append(f"{source}#frame{i}" if len(frames) > 1 else source)
+                for name, value in values.items():
+                    groups[name].append(value)
+            hashes.append(digest)
     if labels is not None:
         labels.report_unmatched(report)
+    if cache is not None and cache.failure:
+        report.notes["cache"] = cache.failure
     if by_study:
         report.notes["PatientID"] = f"{by_study} image(s) name no patient: each was split with the other images of its StudyInstanceUID"
     if longer:
@@ -226,8 +251,9 @@ def _pydicom_silenced() -> Iterator[None]:
 
 def _load_file(
     path: Path, key_path: str, spec: DicomSpec, labels: _Labels | None, cache: _Cache | None
-) -> tuple[str, int, str, np.ndarray, pydicom.Dataset]:
-    """(content hash, label, PatientID, frames as float32 (F, S, S), header) of one file, or `_Skip`."""
+) -> tuple[str, int, str, np.ndarray, pydicom.Dataset, bool]:
+    """(content hash, label, PatientID, frames as float32 (F, S, S), header, whether its native
+    pixel data is longer than declared) of one file, or `_Skip`."""
     data = _read_bytes(path)
     ds = _read_dataset(data)
     if labels is not None:
@@ -237,6 +263,10 @@ def _load_file(
         # pydicom reads a file cut short within its header silently, so that lands here too.
         raise _Skip("no_pixel_data", "PixelData", "no PixelData element: not an image, or a file cut short")
     _check_image_storage(ds)
+    held, declared = _native_lengths(ds)
+    # Checked here because the decoder reports a cut-off copy only as a generic ValueError.
+    if held < declared:
+        raise _Skip("unreadable_dicom", "PixelData", "PixelData is shorter than its Rows x Columns x frames: truncated")
     label = labels.take(key) if labels is not None else NO_LABEL
     digest = hashlib.sha256(data).hexdigest()
     frames = cache.get(digest) if cache else None
@@ -244,19 +274,25 @@ def _load_file(
         frames = _preprocess(ds, spec)
         if cache:
             cache.put(digest, frames)
-    return digest, label, _text(ds, "PatientID"), frames, ds
+    # Beyond the one byte that pads an odd length, what the attributes declare is what is read.
+    return digest, label, _text(ds, "PatientID"), frames, ds, held > declared + declared % 2
 
 
 def _check_image_storage(ds: pydicom.Dataset) -> None:
     """Only objects of an image storage SOP class are pictures of a patient: a segmentation's or
     an RT dose grid's pixel data is a mask or a dose, not an image to train on. A file naming no
     SOP class (hand-made, or exported bare) is read as an image when it holds pixels."""
-    if "SOPClassUID" not in ds:
-        return
-    uid = pydicom.uid.UID(_text(ds, "SOPClassUID"))
-    if "Image Storage" not in uid.name:
-        known = uid.name if uid.name != str(uid) else "an SOP class pydicom does not know"
-        raise _Skip("not_an_image", "SOPClassUID", f"its SOP class is {known} ({uid}), not an image storage class: its pixel data is not read as an image")
+    if "SOPClassUID" in ds and (why := _not_image_storage(_text(ds, "SOPClassUID"))):
+        raise _Skip("not_an_image", "SOPClassUID", why)
+
+
+@functools.lru_cache(maxsize=256)
+def _not_image_storage(sop_class: str) -> str | None:
+    uid = pydicom.uid.UID(sop_class)
+    if "Image Storage" in uid.name:
+        return None
+    known = uid.name if uid.name != str(uid) else "an SOP class pydicom does not know"
+    return f"its SOP class is {known} ({uid}), not an image storage class: its pixel data is not read as an image"
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -320,10 +356,13 @@ def _preprocess(ds: pydicom.Dataset, spec: DicomSpec) -> np.ndarray:
     try:
         n = int(ds.get("NumberOfFrames") or 1)
         indices = {"first": [0], "middle": [n // 2], "all": range(n)}[spec.frames]
+        _check_streams(ds, indices, n)
         frames = iter_pixels(ds, indices=indices)
         out = np.stack([
             _fit_square(_to_unit(frame, _frame_view(ds, index), spec.window), spec.image_size) for index, frame in zip(indices, frames)
         ])
+    except _Skip:
+        raise
     except Exception as e:  # decoders and LUTs fail in many ways on unusual files
         # Decoder messages name codecs and image attributes, which tell the operator what to fix.
         why = " ".join(str(e).split())[:200]
@@ -335,6 +374,8 @@ def _preprocess(ds: pydicom.Dataset, spec: DicomSpec) -> np.ndarray:
 
 
 def _check_decodable(ds: pydicom.Dataset) -> None:
+    """Refuse what no installed decoder reads, or what declares more than fedward reads, before
+    decoding."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID")
     if tsyntax is None:
         raise _Skip("decode_error", "TransferSyntaxUID", "the file meta names no transfer syntax")
@@ -345,15 +386,57 @@ def _check_decodable(ds: pydicom.Dataset) -> None:
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies)
         raise _Skip("no_decoder", "TransferSyntaxUID", f"{tsyntax.name} ({tsyntax}) needs a decoder: {needs}")
-    # Checked here because the decoder reports a cut-off copy only as a generic ValueError.
-    if not tsyntax.is_encapsulated and _is_truncated(ds):
-        raise _Skip("unreadable_dicom", "PixelData", "PixelData is shorter than its Rows x Columns x frames: truncated")
     samples = _frame_samples(ds)
     if samples > MAX_FRAME_SAMPLES:
         raise _Skip(
             "image_too_large", "Rows",
             f"Rows x Columns x SamplesPerPixel declares {samples} samples per frame, more than {MAX_FRAME_SAMPLES} (8192 x 8192)",
         )
+
+
+def _check_streams(ds: pydicom.Dataset, indices, frames: int) -> None:
+    """Each compressed frame to decode, checked against its own stream's header: a decoder sizes
+    its buffers from the stream, so a few-KB stream claiming a huge image would cost that image's
+    memory, whatever the DICOM header declares."""
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if tsyntax not in _JPEG_FAMILY and tsyntax not in JPEG2000TransferSyntaxes:
+        return
+    for index in indices:
+        stream = get_frame(ds.PixelData, index, number_of_frames=frames)
+        header = _jpeg_header(stream) if tsyntax in _JPEG_FAMILY else _j2k_header(stream)
+        if header is None:  # left to the decoder, which rejects a stream it cannot parse
+            continue
+        rows, columns, components = header
+        if rows * columns * components > MAX_FRAME_SAMPLES:
+            raise _Skip(
+                "image_too_large", "PixelData",
+                f"frame {index}'s {tsyntax.name} stream declares {rows} x {columns} x {components} samples, more than "
+                f"{MAX_FRAME_SAMPLES} (8192 x 8192): not decoded",
+            )
+        declared = (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1))
+        if (rows, columns, components) != declared:
+            raise _Skip(
+                "decode_error", "PixelData",
+                f"frame {index}'s {tsyntax.name} stream holds {rows} x {columns} x {components} samples, but Rows x Columns x "
+                f"SamplesPerPixel declare {' x '.join(map(str, declared))}: not decoded",
+            )
+
+
+def _jpeg_header(stream: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG or JPEG-LS stream's start of frame."""
+    found = _get_jpg_parameters(stream)
+    return (found["height"], found["width"], found["components"]) if found else None
+
+
+def _j2k_header(stream: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment (ISO/IEC 15444-1
+    A.5.1), bare or inside a JP2 file."""
+    at = stream.find(b"\xff\x4f\xff\x51")  # SOC, then SIZ: every codestream opens with them
+    if at < 0 or len(stream) < at + 42:
+        return None
+    width, height, x_offset, y_offset = struct.unpack(">4I", stream[at + 8:at + 24])
+    (components,) = struct.unpack(">H", stream[at + 40:at + 42])
+    return height - y_offset, width - x_offset, components
 
 
 def _frame_samples(ds: pydicom.Dataset) -> int:
@@ -363,23 +446,15 @@ def _frame_samples(ds: pydicom.Dataset) -> int:
         return 0
 
 
-def _longer_than_declared(ds: pydicom.Dataset) -> bool:
-    """Whether native pixel data holds more bytes than its image attributes declare (beyond the
-    one byte that pads an odd length): what the attributes declare is what is read."""
+def _native_lengths(ds: pydicom.Dataset) -> tuple[int, int]:
+    """(bytes held, bytes Rows x Columns x frames declare) of native pixel data; (0, 0) for
+    encapsulated pixel data or malformed image attributes, which the decoder rejects."""
     try:
         if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            return False
-        expected = get_expected_length(ds)
-        return len(ds.PixelData) > expected + expected % 2
-    except Exception:  # no file meta, malformed image tags: nothing to compare
-        return False
-
-
-def _is_truncated(ds: pydicom.Dataset) -> bool:
-    try:
-        return "PixelData" in ds and len(ds.PixelData) < get_expected_length(ds)
-    except Exception:  # malformed image tags: left to the decoder to reject
-        return False
+            return 0, 0
+        return len(ds.PixelData), get_expected_length(ds)
+    except Exception:
+        return 0, 0
 
 
 def _frame_view(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
@@ -413,12 +488,39 @@ def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
     if frame.ndim == 3:  # colour: the modality and VOI LUTs are defined for grayscale only
         gray = frame.astype(np.float64) @ _LUMA
         return _scale(gray, gray.min(), gray.max())
-    values = apply_modality_lut(frame, ds)
-    if window == "voi" and _has_voi(ds):
-        unit = _scale(apply_voi_lut(values, ds), *_voi_range(ds))
-    else:
-        unit = _scale(values, values.min(), values.max())
+    windowed = window == "voi" and _has_voi(ds)
+    values = _tabulated(frame, ds, windowed)
+    unit = values if windowed else _scale(values, values.min(), values.max())
     return 1.0 - unit if photometric == "MONOCHROME1" else unit
+
+
+def _grayscale(values: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> np.ndarray:
+    """pydicom's modality LUT, then, `windowed`, its VOI LUT mapped onto [0, 1]."""
+    values = apply_modality_lut(values, ds)
+    return _scale(apply_voi_lut(values, ds), *_voi_range(ds)) if windowed else values
+
+
+def _tabulated(frame: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> np.ndarray:
+    """`_grayscale` of the frame, looked up in a table over every storable value where the
+    transform depends on the stored value alone, as viewers do: the same values, elementwise, at
+    a fraction of the cost for the next image of a series (one table per set of the elements it
+    reads). Frames with LUT sequences, float or wide samples, or values beyond BitsStored are
+    transformed directly."""
+    try:
+        bits = int(ds.BitsStored)
+        key = (windowed, *(repr(ds.get(keyword)) for keyword in _TRANSFORM_ELEMENTS))
+    except Exception:  # malformed elements: left to pydicom's transforms to reject
+        return _grayscale(frame, ds, windowed)
+    if frame.dtype.kind not in "iu" or bits > MAX_TABLE_BITS or any(sequence in ds for sequence in _LUT_SEQUENCES):
+        return _grayscale(frame, ds, windowed)
+    low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
+    if frame.min() < low or frame.max() >= low + (1 << bits):
+        return _grayscale(frame, ds, windowed)
+    if key not in _TABLES:
+        if len(_TABLES) >= MAX_TABLES:
+            _TABLES.clear()
+        _TABLES[key] = _grayscale(np.arange(low, low + (1 << bits)), ds, windowed)
+    return _TABLES[key][frame.astype(np.intp) - low]
 
 
 def _has_voi(ds: pydicom.Dataset) -> bool:
@@ -465,7 +567,7 @@ class _Cache:
 
     def __init__(self, folder: Path, spec: DicomSpec):
         settings = dict(version=CACHE_VERSION, image_size=spec.image_size, frames=spec.frames, window=spec.window)
-        self._folder = folder
+        self._folder, self.failure = folder, None
         self._tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def _path(self, digest: str) -> Path:
@@ -483,10 +585,21 @@ class _Cache:
         return np.load(io.BytesIO(body), allow_pickle=False)
 
     def put(self, digest: str, frames: np.ndarray) -> None:
+        if self.failure is not None:
+            return
+        path = self._path(digest)
         buffer = io.BytesIO()
         np.save(buffer, frames, allow_pickle=False)
         body = buffer.getvalue()
-        atomic_write(self._path(digest), body + hashlib.sha256(body).digest())
+        # Renamed into place, so a reader sees a whole entry or none, but without the fsyncs of a
+        # durable record: an entry a crash leaves damaged fails its checksum and is decoded again.
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_bytes(body + hashlib.sha256(body).digest())
+            os.replace(partial, path)
+        except OSError as e:  # a full or read-only disk costs the cache, not the images
+            self.failure = f"the preprocessing cache cannot be written ({e.strerror or e}): images were decoded and not cached"
 
 
 def _read_label_table(path: Path, spec: DicomSpec) -> pa.Table:

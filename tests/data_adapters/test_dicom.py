@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, MPEG2MPML, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, MPEG2MPML, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from fedward.data_adapters import dicom
 from fedward.data_adapters.dicom import load_dicom
@@ -521,6 +523,98 @@ def test_pydicom_bundled_files_decode_or_are_skipped_with_a_known_reason(tmp_pat
         assert skipped(report)[f"images/{name}"] == "no_pixel_data"
     for name in ["README.txt", "test1.json", "zipMR.gz", "rtplan.dump"]:
         assert skipped(report)[f"images/{name}"] == "not_dicom"
+
+
+def test_jpeg_lossless_and_12_bit_jpeg_extended_are_decoded_as_their_uncompressed_pictures(tmp_path):
+    import imagecodecs
+    from pydicom.data import get_testdata_file
+
+    # GDCM's JPEG Lossless file holds the picture of pydicom's RLE file (the same SOPInstanceUID,
+    # so each is read by a hospital of its own).
+    tensors = {}
+    for name in ["SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle.dcm"]:
+        shutil.copy(get_testdata_file(name), _folder(tmp_path / name / "images") / name)
+        write_labels(tmp_path / name / "labels.csv", [(name, "1")])
+        got, report = load(tmp_path / name, image_size=32)
+        assert report.used == 1, report.skipped
+        tensors[name] = got.features[0]
+    np.testing.assert_array_equal(tensors["SC_rgb_jpeg_gdcm.dcm"], tensors["SC_rgb_rle.dcm"])
+
+    # A signed 16-bit CT slice as JPEG Lossless, first-order prediction (1.2.840.10008.1.2.4.70).
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ct.save_as(_folder(tmp_path / "ct" / "images") / "classic.dcm")
+    lossless = copy.deepcopy(ct)
+    lossless.SOPInstanceUID = generate_uid()
+    stream = imagecodecs.jpeg8_encode(ct.pixel_array.view(np.uint16), lossless=True, predictor=1, bitspersample=16)
+    lossless.PixelData, lossless.file_meta.TransferSyntaxUID = encapsulate([stream]), JPEGLosslessSV1
+    lossless["PixelData"].VR = "OB"
+    lossless.save_as(tmp_path / "ct" / "images" / "lossless.dcm")
+    # 12-bit JPEG Extended (1.2.840.10008.1.2.4.51), which Pillow does not read.
+    shutil.copy(get_testdata_file("JPEG-lossy.dcm"), tmp_path / "ct" / "images" / "extended.dcm")
+    write_labels(tmp_path / "ct" / "labels.csv", [("classic.dcm", "1"), ("lossless.dcm", "1"), ("extended.dcm", "0")])
+
+    got, report = load(tmp_path / "ct", image_size=32)
+
+    assert report.used == 3, report.skipped
+    classic, extended, lossless_tensor = (got.features[got.sample_ids.index(f"images/{n}.dcm")] for n in ["classic", "extended", "lossless"])
+    np.testing.assert_array_equal(lossless_tensor, classic)
+    # The values pydicom's own tests hold for this file's decoded pixels.
+    pixels = pydicom.pixels.pixel_array(tmp_path / "ct" / "images" / "extended.dcm")
+    assert (pixels[420, 140], pixels[230, 120]) == (244, 95) and extended.std() > 0
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def jpeg_with_header(sof_rows: int, sof_columns: int, rows: int = 8, columns: int = 8) -> Dataset:
+    """A DICOM JPEG Baseline image of Rows x Columns whose stream's start of frame claims other
+    dimensions, the stream itself a few hundred bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(ramp(dtype=np.uint8, hi=255)).save(buffer, format="JPEG")
+    stream = bytearray(buffer.getvalue())
+    sof = stream.index(b"\xff\xc0")
+    stream[sof + 5:sof + 9] = struct.pack(">HH", sof_rows, sof_columns)
+    return encapsulated(bytes(stream), JPEGBaseline8Bit, rows, columns)
+
+
+def encapsulated(stream: bytes, syntax, rows: int, columns: int, samples: int = 1) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID, ds.Rows, ds.Columns, ds.SamplesPerPixel = "P1", rows, columns, samples
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
+    ds.PixelData = encapsulate([stream])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def test_a_compressed_stream_claiming_a_huge_or_another_image_is_refused_before_decoding(tmp_path):
+    images = _folder(tmp_path / "images")
+    write_dicom(images / "good.dcm", ramp())
+    jpeg_with_header(8, 8).save_as(images / "jpeg_ok.dcm", enforce_file_format=True)
+    jpeg_with_header(60000, 60000).save_as(images / "jpeg_bomb.dcm", enforce_file_format=True)
+    jpeg_with_header(16, 8).save_as(images / "jpeg_taller.dcm", enforce_file_format=True)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp(dtype=np.uint8, hi=255)).save(buffer, format="JPEG2000", no_jp2=True)
+    j2k = bytearray(buffer.getvalue())
+    assert len(j2k) < 1000
+    j2k[8:16] = struct.pack(">II", 50000, 50000)  # the SIZ segment's Xsiz, Ysiz
+    encapsulated(bytes(j2k), JPEG2000Lossless, 8, 8).save_as(images / "j2k_bomb.dcm", enforce_file_format=True)
+    write_labels(tmp_path / "labels.csv", [(n, "1") for n in ["good.dcm", "jpeg_ok.dcm", "jpeg_bomb.dcm", "jpeg_taller.dcm", "j2k_bomb.dcm"]])
+
+    got, report = load(tmp_path)
+
+    assert got.sample_ids == ["images/good.dcm", "images/jpeg_ok.dcm"]
+    details = {s.source: (s.reason, s.field, s.detail) for s in report.skipped}
+    assert details["images/jpeg_bomb.dcm"][:2] == ("image_too_large", "PixelData") and "60000 x 60000 x 1" in details["images/jpeg_bomb.dcm"][2]
+    assert details["images/j2k_bomb.dcm"][:2] == ("image_too_large", "PixelData") and "50000 x 50000 x 1" in details["images/j2k_bomb.dcm"][2]
+    assert details["images/jpeg_taller.dcm"][:2] == ("decode_error", "PixelData")
+    assert "16 x 8 x 1" in details["images/jpeg_taller.dcm"][2] and "declare 8 x 8 x 1" in details["images/jpeg_taller.dcm"][2]
 
 
 def test_a_file_too_large_to_read_whole_is_skipped_unread(tmp_path):

@@ -51,7 +51,8 @@ PYDICOM_SEEDS = (
     "CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",
     "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm", "JPEGLSNearLossless_08.dcm",
     "SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle_2frame.dcm", "SC_rgb_small_odd.dcm", "SC_ybr_full_422_uncompressed.dcm",
-    "examples_palette.dcm", "image_dfl.dcm", "SC_rgb_rle_16bit_2frame.dcm",  # an RT dose grid is no image: not a seed
+    "examples_palette.dcm", "image_dfl.dcm", "SC_rgb_rle_16bit_2frame.dcm", "SC_rgb_jpeg_gdcm.dcm",  # JPEG Lossless, by GDCM
+    # (an RT dose grid is no image: not a seed)
 )
 EHR = yaml.safe_load((Path(__file__).parents[2] / "configs" / "demo_ehr.yaml").read_text())["data"]["table"]
 

@@ -31,9 +31,10 @@ import logging
 import os
 import struct
 import warnings
+import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,9 @@ jpeg_decoder.register()
 
 # Bump whenever preprocessing or the cache's file layout changes, so no cache serves arrays made
 # the old way.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Process-wide counts of files "decoded" and served from cache ("cache_hits"), for monitoring.
 stats: Counter[str] = Counter()
-_CHECKSUM_BYTES = 32  # a cache entry ends with the SHA-256 of the rest
 # Decoders allocate a frame at its declared size before decoding it, so a header that declares an
 # enormous image would take that memory whatever the file holds. Radiographs stay well below it
 # (mammography: about 4000 x 5000); preprocessing a frame at the cap takes about 1.5 GB.
@@ -75,6 +75,7 @@ MAX_FRAME_SAMPLES = 8192 * 8192  # Rows x Columns x SamplesPerPixel
 MAX_FILE_BYTES = 2 * 1024**3  # files are read whole; a multi-frame CT series file stays below it
 
 _JPEG_FAMILY = {*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes}
+_J2K_FAMILY = set(JPEG2000TransferSyntaxes)
 _PIXEL_ELEMENTS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 NEAREST_HINTS = 20  # messages that name the nearest key of the other side
 _KEY_ELEMENTS = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
@@ -85,15 +86,17 @@ _FRAME_MACROS = {
     "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation"),
 }
 # What pydicom's modality and VOI transforms read, LUT sequences aside: frames alike in these are
-# transformed alike, through one table per distinct set (_tabulated).
+# transformed alike, through one table per distinct set (_stored_value_table).
 _TRANSFORM_ELEMENTS = (
     "BitsStored", "PixelRepresentation", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "WindowCenter",
     "WindowWidth", "VOILUTFunction",
 )
+_TRANSFORM_TAGS = tuple(tag_for_keyword(keyword) for keyword in _TRANSFORM_ELEMENTS)
 _LUT_SEQUENCES = ("ModalityLUTSequence", "VOILUTSequence")
 MAX_TABLE_BITS = 16  # a table over 65536 stored values costs less than one 256 x 256 frame
 MAX_TABLES = 64
-_TABLES: dict[tuple, np.ndarray] = {}
+_LOOKUP_BLOCK = 32768  # pixels per block of a table lookup: its index stays in the CPU's cache
+_TABLES: dict[tuple, tuple[int, np.ndarray]] = {}
 _NOT_VIEWED = {tag_for_keyword(k) for k in ("PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 # A file that names no transfer syntax is in the encoding pydicom detected while parsing it,
@@ -146,7 +149,7 @@ def load_dicom(
     groups: dict[str, list[str]] = {name: [] for name in attributes}
     instances: dict[str, str] = {}  # SOPInstanceUID -> the file used for it
     by_study, longer = 0, []
-    with _pydicom_silenced():
+    with _pydicom_silenced(), cache if cache is not None else nullcontext():
         for path in files:
             source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
             try:
@@ -399,7 +402,7 @@ def _check_streams(ds: pydicom.Dataset, indices, frames: int) -> None:
     its buffers from the stream, so a few-KB stream claiming a huge image would cost that image's
     memory, whatever the DICOM header declares."""
     tsyntax = ds.file_meta.TransferSyntaxUID
-    if tsyntax not in _JPEG_FAMILY and tsyntax not in JPEG2000TransferSyntaxes:
+    if not tsyntax.is_encapsulated or (tsyntax not in _JPEG_FAMILY and tsyntax not in _J2K_FAMILY):
         return
     for index in indices:
         stream = get_frame(ds.PixelData, index, number_of_frames=frames)
@@ -478,20 +481,60 @@ def _frame_view(ds: pydicom.Dataset, index: int) -> pydicom.Dataset:
 
 
 def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
-    """One decoded frame as float64 (H, W) in [0, 1], bright meaning dense; NaN throughout where
-    the frame holds a non-finite value, which scaling would otherwise turn into a black image."""
+    """One decoded frame as float32 (H, W) in [0, 1], bright meaning dense; NaN throughout where
+    the frame holds a non-finite value, which scaling would otherwise turn into a black image.
+
+    Computed in float64 and rounded once to float32, through a table of the transform where it
+    depends on the stored value alone (`_stored_value_table`): the same values, elementwise.
+    """
     if frame.dtype.kind == "f" and not np.isfinite(frame).all():
-        return np.full(frame.shape[:2], np.nan)
+        return np.full(frame.shape[:2], np.nan, np.float32)
     photometric = ds.get("PhotometricInterpretation", "")
     if photometric == "PALETTE COLOR":
         frame = apply_color_lut(frame, ds)
     if frame.ndim == 3:  # colour: the modality and VOI LUTs are defined for grayscale only
         gray = frame.astype(np.float64) @ _LUMA
-        return _scale(gray, gray.min(), gray.max())
+        return _scale(gray, gray.min(), gray.max()).astype(np.float32)
     windowed = window == "voi" and _has_voi(ds)
-    values = _tabulated(frame, ds, windowed)
+    table = _stored_value_table(frame, ds, windowed)
+    if table is None:
+        return _unit(_grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
+    low, values = table
+    first, last = int(frame.min()) - low, int(frame.max()) - low
+    if first < 0 or last >= len(values):  # values beyond BitsStored: transformed directly
+        return _unit(_grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
+    # The table's stored values from the frame's lowest to its highest; a rescale is linear, so its
+    # extremes there are the frame's own.
+    unit = _unit(values[first:last + 1], windowed, photometric).astype(np.float32)
+    return _lookup(unit, frame, low + first)
+
+
+def _lookup(table: np.ndarray, frame: np.ndarray, offset: int) -> np.ndarray:
+    """`table[frame - offset]`, a block of rows at a time: an index array as large as the frame
+    would cost more memory traffic than the lookup itself."""
+    out = np.empty(frame.shape, table.dtype)
+    rows = max(1, _LOOKUP_BLOCK // frame.shape[1])
+    index = np.empty((min(rows, frame.shape[0]), frame.shape[1]), np.intp)  # take's own index type: no conversion inside
+    for start in range(0, frame.shape[0], rows):
+        block = frame[start:start + rows]
+        np.subtract(block, offset, out=index[:len(block)], dtype=np.intp)
+        np.take(table, index[:len(block)], out=out[start:start + rows])
+    return out
+
+
+def _unit(values: np.ndarray, windowed: bool, photometric: str) -> np.ndarray:
+    """Transformed values onto [0, 1] (a window maps there already, else min-max), inverted for
+    MONOCHROME1."""
     unit = values if windowed else _scale(values, values.min(), values.max())
     return 1.0 - unit if photometric == "MONOCHROME1" else unit
+
+
+def _key(element: pydicom.dataelem.DataElement | pydicom.dataelem.RawDataElement | None) -> object:
+    """An element's value as a table key, read without converting it: raw bytes with their VR and
+    byte order, or a converted value's repr."""
+    if isinstance(element, pydicom.dataelem.RawDataElement):
+        return element.VR, element.value, element.is_little_endian
+    return None if element is None else repr(element.value)
 
 
 def _grayscale(values: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> np.ndarray:
@@ -500,27 +543,26 @@ def _grayscale(values: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> np.nd
     return _scale(apply_voi_lut(values, ds), *_voi_range(ds)) if windowed else values
 
 
-def _tabulated(frame: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> np.ndarray:
-    """`_grayscale` of the frame, looked up in a table over every storable value where the
-    transform depends on the stored value alone, as viewers do: the same values, elementwise, at
-    a fraction of the cost for the next image of a series (one table per set of the elements it
-    reads). Frames with LUT sequences, float or wide samples, or values beyond BitsStored are
-    transformed directly."""
+def _stored_value_table(frame: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> tuple[int, np.ndarray] | None:
+    """(lowest storable value, `_grayscale` of every storable value from it) where the transform
+    depends on the stored value alone, as viewers tabulate it; one table per set of the elements
+    it reads, so the next image of a series is a lookup. None for LUT sequences (whose tables may
+    be anything), float or wide samples, and malformed elements, transformed directly."""
+    if frame.dtype.kind not in "iu" or any(sequence in ds for sequence in _LUT_SEQUENCES):
+        return None
     try:
         bits = int(ds.BitsStored)
-        key = (windowed, *(repr(ds.get(keyword)) for keyword in _TRANSFORM_ELEMENTS))
-    except Exception:  # malformed elements: left to pydicom's transforms to reject
-        return _grayscale(frame, ds, windowed)
-    if frame.dtype.kind not in "iu" or bits > MAX_TABLE_BITS or any(sequence in ds for sequence in _LUT_SEQUENCES):
-        return _grayscale(frame, ds, windowed)
-    low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
-    if frame.min() < low or frame.max() >= low + (1 << bits):
-        return _grayscale(frame, ds, windowed)
+        key = (windowed, *(_key(ds.get_item(tag)) for tag in _TRANSFORM_TAGS))
+    except Exception:  # left to pydicom's transforms to reject
+        return None
+    if not 0 < bits <= MAX_TABLE_BITS:
+        return None
     if key not in _TABLES:
         if len(_TABLES) >= MAX_TABLES:
             _TABLES.clear()
-        _TABLES[key] = _grayscale(np.arange(low, low + (1 << bits)), ds, windowed)
-    return _TABLES[key][frame.astype(np.intp) - low]
+        low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
+        _TABLES[key] = low, _grayscale(np.arange(low, low + (1 << bits)), ds, windowed)
+    return _TABLES[key]
 
 
 def _has_voi(ds: pydicom.Dataset) -> bool:
@@ -550,7 +592,7 @@ def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = torch.from_numpy(image.astype(np.float32))[None, None]
+    x = torch.from_numpy(image.astype(np.float32, copy=False))[None, None]
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (size - nh) // 2, (size - nw) // 2
@@ -561,44 +603,69 @@ def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
 class _Cache:
     """Preprocessed frames by file content and preprocessing settings, so no setting serves stale data.
 
-    Each entry is an .npy file followed by the SHA-256 of its bytes: an entry cut short or damaged
-    on disk fails the check and is decoded again, never served.
+    Each load that decodes files adds one pack: an uncompressed .npz of its new entries, each named
+    by the file's content hash, renamed into place whole when the load ends. One pack per load,
+    not one file per image, because creating a file costs more than preprocessing a small image.
+    Zip's CRC-32 of every member catches an entry damaged on disk, and a pack that is no whole zip
+    (a crash cut it short) is removed: either way the image is decoded again, never served.
     """
 
     def __init__(self, folder: Path, spec: DicomSpec):
         settings = dict(version=CACHE_VERSION, image_size=spec.image_size, frames=spec.frames, window=spec.window)
-        self._folder, self.failure = folder, None
-        self._tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        self._folder = folder
+        self._prefix = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16] + "-"
+        self._packs: list[zipfile.ZipFile] = []
+        self._index: dict[str, list[zipfile.ZipFile]] = {}  # content hash -> packs holding it, newest first
+        self._new: dict[str, np.ndarray] = {}
+        self.failure: str | None = None
 
-    def _path(self, digest: str) -> Path:
-        return self._folder / f"{digest}-{self._tag}.npy"
+    def __enter__(self) -> _Cache:
+        def age(path: Path) -> int:
+            try:
+                return path.stat().st_mtime_ns
+            except OSError:  # removed meanwhile by another load: opening it fails below
+                return 0
+
+        for path in sorted(self._folder.glob(f"{self._prefix}*.npz"), key=age, reverse=True):
+            try:
+                pack = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError):
+                path.unlink(missing_ok=True)
+                continue
+            self._packs.append(pack)
+            for name in pack.namelist():
+                self._index.setdefault(name.removesuffix(".npy"), []).append(pack)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for pack in self._packs:
+            pack.close()
+        if self._new and exc[0] is None:
+            self._write()
 
     def get(self, digest: str) -> np.ndarray | None:
-        try:
-            data = self._path(digest).read_bytes()
-        except OSError:  # absent or unreadable: decode again
-            return None
-        body, checksum = data[:-_CHECKSUM_BYTES], data[-_CHECKSUM_BYTES:]
-        if hashlib.sha256(body).digest() != checksum:
-            return None
-        stats["cache_hits"] += 1
-        return np.load(io.BytesIO(body), allow_pickle=False)
+        for pack in self._index.get(digest, ()):
+            try:
+                frames = np.load(io.BytesIO(pack.read(f"{digest}.npy")), allow_pickle=False)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError):  # damaged: an older pack, or decode again
+                continue
+            stats["cache_hits"] += 1
+            return frames
+        return None
 
     def put(self, digest: str, frames: np.ndarray) -> None:
-        if self.failure is not None:
-            return
-        path = self._path(digest)
-        buffer = io.BytesIO()
-        np.save(buffer, frames, allow_pickle=False)
-        body = buffer.getvalue()
-        # Renamed into place, so a reader sees a whole entry or none, but without the fsyncs of a
-        # durable record: an entry a crash leaves damaged fails its checksum and is decoded again.
+        self._new[digest] = frames
+
+    def _write(self) -> None:
+        path = self._folder / f"{self._prefix}{os.urandom(8).hex()}.npz"
+        partial = path.with_name(f".{path.name}")  # hidden from readers until whole
+        # Without the fsyncs of a durable record: a pack a crash leaves damaged is caught on reading.
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.{os.getpid()}")
-            partial.write_bytes(body + hashlib.sha256(body).digest())
+            self._folder.mkdir(parents=True, exist_ok=True)
+            np.savez(partial, **self._new)
             os.replace(partial, path)
         except OSError as e:  # a full or read-only disk costs the cache, not the images
+            partial.unlink(missing_ok=True)
             self.failure = f"the preprocessing cache cannot be written ({e.strerror or e}): images were decoded and not cached"
 
 

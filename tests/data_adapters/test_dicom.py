@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,30 @@ def test_resize_keeps_aspect_by_centre_padding_and_matches_pil(tmp_path):
     np.testing.assert_allclose(wide_out[2:6], minmax(wide), atol=1e-6)
     pil = Image.fromarray(minmax(big).astype(np.float32), mode="F").resize((8, 8), Image.Resampling.BILINEAR)
     np.testing.assert_allclose(big_out, np.asarray(pil), atol=1e-5)
+
+
+@pytest.mark.parametrize("photometric, bits, signed, tags", [
+    ("MONOCHROME2", 12, False, dict(RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)),
+    ("MONOCHROME1", 12, False, dict(WindowCenter=[2150, 1000], WindowWidth=[3700, 500], VOILUTFunction="SIGMOID")),
+    ("MONOCHROME2", 16, True, dict(RescaleSlope=0.5, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=100, VOILUTFunction="LINEAR_EXACT")),
+    ("MONOCHROME2", 16, True, dict(RescaleSlope=-2, RescaleIntercept=7)),  # a falling rescale: its extremes swap
+    ("MONOCHROME1", 8, False, {}),
+])
+@pytest.mark.parametrize("window", ["voi", "minmax"])
+def test_the_stored_value_table_gives_exactly_the_direct_transform(photometric, bits, signed, tags, window):
+    rng = np.random.default_rng(bits)
+    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    frame = rng.integers(low, high, (37, 53)).astype(np.int16 if signed else (np.uint8 if bits == 8 else np.uint16))
+    ds = Dataset()
+    ds.BitsStored, ds.BitsAllocated, ds.PixelRepresentation, ds.PhotometricInterpretation = bits, frame.itemsize * 8, int(signed), photometric
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    for _ in range(2):  # the table is built, then served
+        got = dicom._to_unit(frame, ds, window)
+        windowed = window == "voi" and dicom._has_voi(ds)
+        direct = dicom._unit(dicom._grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
+        np.testing.assert_array_equal(got, direct)
+        assert got.dtype == np.float32 and 0 <= got.min() and got.max() <= 1
 
 
 @pytest.mark.parametrize("frames, chosen", [("first", [0]), ("middle", [2]), ("all", [0, 1, 2, 3, 4])])
@@ -460,7 +485,8 @@ def test_cache_serves_the_second_load_and_never_a_stale_setting(tmp_path):
     assert dicom.stats["decoded"] == decoded + 2 and dicom.stats["cache_hits"] == hits + 2
     np.testing.assert_array_equal(first.features, second.features)
     content_hash = hashlib.sha256((tmp_path / "images/ct.dcm").read_bytes()).hexdigest()
-    assert any(p.name.startswith(content_hash + "-") and p.suffix == ".npy" for p in cache.iterdir())
+    (pack,) = cache.iterdir()  # one pack for the load, an entry per file
+    assert sorted(np.load(pack).files) == sorted([content_hash, hashlib.sha256((tmp_path / "images/multi.dcm").read_bytes()).hexdigest()])
 
     minmaxed, _ = load(tmp_path, cache, window="minmax")
     assert dicom.stats["decoded"] == decoded + 4
@@ -470,7 +496,7 @@ def test_cache_serves_the_second_load_and_never_a_stale_setting(tmp_path):
     assert bigger.features.shape == (2, 1, 16, 16) and dicom.stats["decoded"] == decoded + 6
     all_frames, _ = load(tmp_path, cache, frames="all")
     assert len(all_frames) == 4 and dicom.stats["decoded"] == decoded + 8
-    assert not any(".tmp" in p.name for p in cache.iterdir())
+    assert len(list(cache.iterdir())) == 4 and not any(p.name.startswith(".") for p in cache.iterdir())  # no partial pack left
 
 
 @pytest.mark.parametrize("damage", ["emptied", "cut short", "one byte flipped"])
@@ -479,22 +505,23 @@ def test_a_damaged_cache_entry_is_decoded_again_never_served(tmp_path, damage):
     write_labels(tmp_path / "labels.csv", [("a.dcm", "1")])
     cache = tmp_path / "cache"
     first, _ = load(tmp_path, cache)
-    (entry,) = cache.iterdir()
-    data = bytearray(entry.read_bytes())
-    assert np.load(entry).shape == (1, 8, 8)  # an entry is a plain .npy at heart
+    (pack,) = cache.iterdir()
+    data = bytearray(pack.read_bytes())
+    (member,) = zipfile.ZipFile(pack).infolist()
+    assert np.load(pack)[member.filename.removesuffix(".npy")].shape == (1, 8, 8)  # a pack is a plain .npz at heart
     if damage == "emptied":  # what a crash before the data reached the disk leaves
         data = b""
     elif damage == "cut short":
         data = data[: len(data) // 2]
-    else:  # still loadable by numpy, with one wrong pixel
-        data[200] ^= 0x40
-    entry.write_bytes(bytes(data))
+    else:  # the last pixel's last byte: still a zip, an .npy and a float, with one wrong pixel
+        data[member.header_offset + 30 + len(member.filename) + member.file_size - 1] ^= 0x01
+    pack.write_bytes(bytes(data))
     decoded, hits = dicom.stats["decoded"], dicom.stats["cache_hits"]
 
     again, _ = load(tmp_path, cache)
     np.testing.assert_array_equal(again.features, first.features)
     assert dicom.stats["decoded"] == decoded + 1 and dicom.stats["cache_hits"] == hits
-    load(tmp_path, cache)  # the entry was rewritten whole
+    load(tmp_path, cache)  # a new pack holds the entry, read before the damaged one
     assert dicom.stats["decoded"] == decoded + 1 and dicom.stats["cache_hits"] == hits + 1
 
 

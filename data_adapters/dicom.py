@@ -139,8 +139,9 @@ def load_dicom(
     if not images_dir.is_dir():
         raise DataError(f"images folder {images_dir} does not exist (data.dicom.images)")
     cache = _Cache(Path(cache_dir), spec) if cache_dir is not None else None
-    files = _image_files(images_dir, data_dir, report)
-    paths = {p.relative_to(images_dir).as_posix() for p in files}
+    files = _image_files(images_dir, data_dir, report)  # path relative to the images folder -> file
+    paths = set(files)
+    prefix = images_dir.relative_to(data_dir).as_posix()
     labels = _Labels(_read_label_table(data_dir / spec.labels, spec), spec, report, task or binary_task(), paths) if labelled else None
     if labels is not None and spec.key == "path":  # a labelled file that proves unreadable is reported once, as itself
         labels.seen.update(paths)
@@ -150,8 +151,8 @@ def load_dicom(
     instances: dict[str, str] = {}  # SOPInstanceUID -> the file used for it
     by_study, longer = 0, []
     with _pydicom_silenced(), cache if cache is not None else nullcontext():
-        for path in files:
-            source, key_path = path.relative_to(data_dir).as_posix(), path.relative_to(images_dir).as_posix()
+        for key_path, path in files.items():
+            source = key_path if prefix == "." else f"{prefix}/{key_path}"
             try:
                 digest, label, patient, frames, ds, longer_than_declared = _load_file(path, key_path, spec, labels, cache)
                 values = {name: _attribute(ds, keyword) for name, keyword in attributes.items()}
@@ -203,8 +204,9 @@ def load_dicom(
     )
 
 
-def _image_files(folder: Path, data_dir: Path, report: DataReport) -> list[Path]:
-    """Every visible entry under `folder` that is not a folder, sorted by relative path.
+def _image_files(folder: Path, data_dir: Path, report: DataReport) -> dict[str, Path]:
+    """Every visible entry under `folder` that is not a folder, by its path relative to `folder`
+    (POSIX), in that path's order.
 
     Broken links and special files are included so that reading them records why they are not
     used; folders that cannot be listed are recorded here. A linked folder is read, once: a link to
@@ -216,24 +218,32 @@ def _image_files(folder: Path, data_dir: Path, report: DataReport) -> list[Path]
         source = Path(error.filename).relative_to(data_dir).as_posix()
         report.skip(source, "folder", "unreadable_dicom", f"the folder cannot be listed: {error.strerror}")
 
-    files, read = [], {os.path.realpath(folder): folder}
+    def identity(path: str) -> tuple[int, int] | str:
+        try:
+            status = os.stat(path)
+            return status.st_dev, status.st_ino
+        except OSError:  # gone meanwhile: os.walk reports it when it tries to list it
+            return path
+
+    files, read = {}, {identity(folder): ""}  # a folder's (device, inode) -> its path relative to `folder`
     for root, folders, names in os.walk(folder, onerror=unlisted, followlinks=True):
+        relative = Path(root).relative_to(folder).as_posix()
+        stem = "" if relative == "." else f"{relative}/"
         kept = []
         for name in sorted(folders):
-            path = Path(root, name)
-            real = os.path.realpath(path)
             if name.startswith("."):  # not descended into
                 continue
+            real = identity(os.path.join(root, name))
             if real in read:
-                first = read[real].relative_to(data_dir).as_posix()
-                report.skip(path.relative_to(data_dir).as_posix(), "folder", "folder_linked_again",
+                first = Path(folder, read[real]).relative_to(data_dir).as_posix()
+                report.skip(Path(root, name).relative_to(data_dir).as_posix(), "folder", "folder_linked_again",
                             f"a link to the folder {first}, read already: its files are read once")
                 continue
-            read[real] = path
+            read[real] = stem + name
             kept.append(name)
         folders[:] = kept
-        files.extend(Path(root, name) for name in names if not name.startswith("."))
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+        files.update((stem + name, Path(root, name)) for name in names if not name.startswith("."))
+    return dict(sorted(files.items()))
 
 
 @contextmanager

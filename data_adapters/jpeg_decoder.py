@@ -28,6 +28,9 @@ def is_available(tsyntax: str) -> bool:
 
 
 def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
+    if runner.transfer_syntax == uid.JPEGExtended12Bit and runner.bits_stored <= 8:
+        # pydicom tries its plugins in name order; 8-bit JPEG stays with Pillow, as before.
+        raise NotImplementedError("8-bit JPEG Extended is left to Pillow")
     # The stream's samples as stored, without libjpeg's colour conversion: pydicom converts them by
     # the file's PhotometricInterpretation, as it does what Pillow decodes.
     same = imagecodecs.JPEG8.CS.YCbCr if runner.samples_per_pixel > 1 else None

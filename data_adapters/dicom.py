@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, iter_pixels
-from pydicom.encaps import get_frame
+from pydicom.encaps import generate_frames
 from pydicom.pixels.utils import _get_jpg_parameters, get_expected_length
 from pydicom.uid import (
     JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, ExplicitVRBigEndian,
@@ -414,8 +414,12 @@ def _check_streams(ds: pydicom.Dataset, indices, frames: int) -> None:
     tsyntax = ds.file_meta.TransferSyntaxUID
     if not tsyntax.is_encapsulated or (tsyntax not in _JPEG_FAMILY and tsyntax not in _J2K_FAMILY):
         return
-    for index in indices:
-        stream = get_frame(ds.PixelData, index, number_of_frames=frames)
+    chosen = set(indices)
+    # One pass over the fragments, not one per frame (without an offset table pydicom would walk
+    # the fragments from the first for every frame).
+    for index, stream in zip(range(max(chosen) + 1), generate_frames(ds.PixelData, number_of_frames=frames)):
+        if index not in chosen:
+            continue
         header = _jpeg_header(stream) if tsyntax in _JPEG_FAMILY else _j2k_header(stream)
         if header is None:  # left to the decoder, which rejects a stream it cannot parse
             continue

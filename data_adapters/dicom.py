@@ -414,11 +414,10 @@ def _check_streams(ds: pydicom.Dataset, indices, frames: int) -> None:
     tsyntax = ds.file_meta.TransferSyntaxUID
     if not tsyntax.is_encapsulated or (tsyntax not in _JPEG_FAMILY and tsyntax not in _J2K_FAMILY):
         return
-    chosen = set(indices)
     # One pass over the fragments, not one per frame (without an offset table pydicom would walk
-    # the fragments from the first for every frame).
-    for index, stream in zip(range(max(chosen) + 1), generate_frames(ds.PixelData, number_of_frames=frames)):
-        if index not in chosen:
+    # the fragments from the first for every frame). `indices` is ascending: a list or a range.
+    for index, stream in zip(range(indices[-1] + 1), generate_frames(ds.PixelData, number_of_frames=frames)):
+        if index not in indices:
             continue
         header = _jpeg_header(stream) if tsyntax in _JPEG_FAMILY else _j2k_header(stream)
         if header is None:  # left to the decoder, which rejects a stream it cannot parse

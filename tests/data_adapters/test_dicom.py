@@ -25,7 +25,10 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, MPEG2MPML, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, MPEG2MPML, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+    SecondaryCaptureImageStorage, generate_uid,
+)
 
 from fedward.data_adapters import dicom
 from fedward.data_adapters.dicom import load_dicom
@@ -179,6 +182,26 @@ def test_the_stored_value_table_gives_exactly_the_direct_transform(photometric, 
         direct = dicom._unit(dicom._grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
         np.testing.assert_array_equal(got, direct)
         assert got.dtype == np.float32 and 0 <= got.min() and got.max() <= 1
+
+
+@pytest.mark.parametrize("allocated, stored, signed", [(8, 8, False), (8, 6, True), (16, 12, False), (16, 12, True), (16, 16, True), (16, 10, False)])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_native_pixels_are_read_in_place_exactly_as_pydicom_decodes_them(tmp_path, allocated, stored, signed, syntax):
+    rng = np.random.default_rng(stored)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    raw = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, (3, 5, 7), endpoint=True).astype(dtype)  # unused bits set at random
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = 5, 7, 3, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = allocated, stored, stored - 1, int(signed)
+    ds.PixelData = raw.tobytes()
+    ds["PixelData"].VR = "OB" if allocated == 8 else "OW"
+    for indices in ([0], [1], range(3)):
+        ours = list(dicom._native_frames(ds, indices, 3))
+        theirs = list(pydicom.pixels.iter_pixels(ds, indices=indices))
+        assert [a.dtype for a in ours] == [b.dtype for b in theirs]
+        np.testing.assert_array_equal(np.stack(ours), np.stack(theirs))
 
 
 @pytest.mark.parametrize("frames, chosen", [("first", [0]), ("middle", [2]), ("all", [0, 1, 2, 3, 4])])

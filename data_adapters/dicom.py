@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import stat
 import struct
 import warnings
 import zipfile
@@ -310,15 +311,21 @@ def _not_image_storage(sop_class: str) -> str | None:
 
 
 def _read_bytes(path: Path) -> bytes:
-    if path.is_symlink() and not path.exists():
-        raise _Skip("unreadable_dicom", "file", "a broken link: the file it points to does not exist")
-    if not path.is_file():  # reading a pipe or device could block forever
-        raise _Skip("not_dicom", "file", "expected a DICOM file, found a pipe, socket or device")
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:  # read whole, it would take that much memory
-            raise _Skip("image_too_large", "file", f"the file holds {size} bytes, more than {MAX_FILE_BYTES}")
-        return path.read_bytes()
+        status = os.stat(path)  # one call, following links, for what the file is and its size
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise _Skip("unreadable_dicom", "file", "a broken link: the file it points to does not exist") from None
+        raise _Skip("unreadable_dicom", "file", "the file disappeared while it was read") from None
+    except OSError as e:
+        raise _Skip("unreadable_dicom", "file", f"the file cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(status.st_mode):  # reading a pipe or device could block forever
+        raise _Skip("not_dicom", "file", "expected a DICOM file, found a pipe, socket or device")
+    if status.st_size > MAX_FILE_BYTES:  # read whole, it would take that much memory
+        raise _Skip("image_too_large", "file", f"the file holds {status.st_size} bytes, more than {MAX_FILE_BYTES}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as e:
         raise _Skip("unreadable_dicom", "file", f"the file cannot be read: {e.strerror}") from None
 

@@ -531,8 +531,9 @@ def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
     """One decoded frame as float32 (H, W) in [0, 1], bright meaning dense; NaN throughout where
     the frame holds a non-finite value, which scaling would otherwise turn into a black image.
 
-    Computed in float64 and rounded once to float32, through a table of the transform where it
-    depends on the stored value alone (`_stored_value_table`): the same values, elementwise.
+    Windows are computed in float64 and rounded once to float32, through a table of the transform
+    where it depends on the stored value alone (`_stored_value_table`): pydicom's values,
+    elementwise. Min-max after a linear rescale is computed from the stored values in float32.
     """
     if frame.dtype.kind == "f" and not np.isfinite(frame).all():
         return np.full(frame.shape[:2], np.nan, np.float32)
@@ -550,10 +551,26 @@ def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
     first, last = int(frame.min()) - low, int(frame.max()) - low
     if first < 0 or last >= len(values):  # values beyond BitsStored: transformed directly
         return _unit(_grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
-    # The table's stored values from the frame's lowest to its highest; a rescale is linear, so its
-    # extremes there are the frame's own.
-    unit = _unit(values[first:last + 1], windowed, photometric).astype(np.float32)
-    return _lookup(unit, frame, low + first)
+    if not windowed:
+        # Min-max after a linear rescale is min-max of the stored values, reversed where the slope
+        # falls: computed in float32 from the stored values, no table lookup needed.
+        rising = (values[last] >= values[first]) != (photometric == "MONOCHROME1")
+        return _stretched(frame, first + low, last + low, rising)
+    return _lookup(_unit(values[first:last + 1], windowed, photometric).astype(np.float32), frame, low + first)
+
+
+def _stretched(frame: np.ndarray, low: int, high: int, rising: bool) -> np.ndarray:
+    """(frame - low) / (high - low) as float32, or (high - frame) / (high - low) unless `rising`;
+    exact ends, since a division rounds (high - low) / (high - low) to 1."""
+    if high == low:
+        return np.zeros(frame.shape, np.float32)
+    unit = frame.astype(np.float32)
+    if rising:
+        unit -= low
+    else:
+        np.subtract(high, unit, out=unit)
+    unit /= np.float32(high - low)
+    return unit
 
 
 def _lookup(table: np.ndarray, frame: np.ndarray, offset: int) -> np.ndarray:

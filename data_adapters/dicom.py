@@ -667,19 +667,21 @@ def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
 class _Cache:
     """Preprocessed frames by file content and preprocessing settings, so no setting serves stale data.
 
-    Each load that decodes files adds one pack: an uncompressed .npz of its new entries, each named
-    by the file's content hash, renamed into place whole when the load ends. One pack per load,
-    not one file per image, because creating a file costs more than preprocessing a small image.
-    Zip's CRC-32 of every member catches an entry damaged on disk, and a pack that is no whole zip
-    (a crash cut it short) is removed: either way the image is decoded again, never served.
+    Each load that decodes files adds one pack, renamed into place whole when the load ends: an
+    uncompressed .npz of the files' content hashes, their frame counts and all their frames in
+    one array. One pack per load, not a file per image, because creating a file, or even a zip
+    member, costs more than preprocessing a small image. Zip's CRC-32 of every member catches
+    damage on disk; a damaged pack is removed, and its images decoded again, never served.
     """
+
+    _READ_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError)
 
     def __init__(self, folder: Path, spec: DicomSpec):
         settings = dict(version=CACHE_VERSION, image_size=spec.image_size, frames=spec.frames, window=spec.window)
         self._folder = folder
         self._prefix = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16] + "-"
-        self._packs: list[zipfile.ZipFile] = []
-        self._index: dict[str, list[zipfile.ZipFile]] = {}  # content hash -> packs holding it, newest first
+        self._packs: dict[zipfile.ZipFile, np.ndarray | None] = {}  # open packs, newest first -> their frames once read
+        self._index: dict[str, list[tuple[zipfile.ZipFile, int, int]]] = {}  # content hash -> (pack, first frame, count)
         self._new: dict[str, np.ndarray] = {}
         self.failure: str | None = None
 
@@ -693,12 +695,17 @@ class _Cache:
         for path in sorted(self._folder.glob(f"{self._prefix}*.npz"), key=age, reverse=True):
             try:
                 pack = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError):
+            except self._READ_ERRORS:
                 path.unlink(missing_ok=True)
                 continue
-            self._packs.append(pack)
-            for name in pack.namelist():
-                self._index.setdefault(name.removesuffix(".npy"), []).append(pack)
+            self._packs[pack] = None
+            try:
+                digests, counts = _member(pack, "digests"), _member(pack, "counts")
+            except self._READ_ERRORS:
+                self._drop(pack)
+                continue
+            for digest, start, count in zip(digests.tolist(), (np.cumsum(counts) - counts).tolist(), counts.tolist()):
+                self._index.setdefault(digest, []).append((pack, start, count))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -708,29 +715,42 @@ class _Cache:
             self._write()
 
     def get(self, digest: str) -> np.ndarray | None:
-        for pack in self._index.get(digest, ()):
-            try:
-                frames = np.load(io.BytesIO(pack.read(f"{digest}.npy")), allow_pickle=False)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError):  # damaged: an older pack, or decode again
-                continue
+        for pack, start, count in self._index.get(digest, ()):
+            if self._packs.get(pack) is None:
+                try:
+                    self._packs[pack] = _member(pack, "frames")
+                except self._READ_ERRORS:
+                    self._drop(pack)
+                    continue
             stats["cache_hits"] += 1
-            return frames
+            return self._packs[pack][start:start + count]
         return None
 
     def put(self, digest: str, frames: np.ndarray) -> None:
         self._new[digest] = frames
 
+    def _drop(self, pack: zipfile.ZipFile) -> None:
+        pack.close()
+        del self._packs[pack]
+        Path(pack.filename).unlink(missing_ok=True)
+
     def _write(self) -> None:
         path = self._folder / f"{self._prefix}{os.urandom(8).hex()}.npz"
         partial = path.with_name(f".{path.name}")  # hidden from readers until whole
+        frames = list(self._new.values())
         # Without the fsyncs of a durable record: a pack a crash leaves damaged is caught on reading.
         try:
             self._folder.mkdir(parents=True, exist_ok=True)
-            np.savez(partial, **self._new)
+            np.savez(partial, digests=np.array(list(self._new)), counts=np.array([len(f) for f in frames]), frames=np.concatenate(frames))
             os.replace(partial, path)
         except OSError as e:  # a full or read-only disk costs the cache, not the images
             partial.unlink(missing_ok=True)
             self.failure = f"the preprocessing cache cannot be written ({e.strerror or e}): images were decoded and not cached"
+
+
+def _member(pack: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One array of a pack, its CRC-32 checked (reading a member whole checks it)."""
+    return np.load(io.BytesIO(pack.read(f"{name}.npy")), allow_pickle=False)
 
 
 def _read_label_table(path: Path, spec: DicomSpec) -> pa.Table:

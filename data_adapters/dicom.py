@@ -39,6 +39,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pyarrow as pa
 import pydicom
@@ -67,6 +68,7 @@ jpeg_decoder.register()
 # Bump whenever preprocessing or the cache's file layout changes, so no cache serves arrays made
 # the old way.
 CACHE_VERSION = 3
+CONTENT_HASH = "blake3"  # of each file, keying the cache; it names the scheme of the data fingerprint
 # Process-wide counts of files "decoded" and served from cache ("cache_hits"), for monitoring.
 stats: Counter[str] = Counter()
 # Decoders allocate a frame at its declared size before decoding it, so a header that declares an
@@ -202,7 +204,7 @@ def load_dicom(
         labels=np.array(targets) if targets else np.zeros(0, np.int64),
         patient_ids=np.array(patients, dtype=str),
         sample_ids=sample_ids,
-        fingerprint=hashlib.sha256("".join(sorted(hashes)).encode()).hexdigest(),
+        fingerprint=f"{CONTENT_HASH}:{blake3.blake3(''.join(sorted(hashes)).encode()).hexdigest()}",
         attributes={name: np.array(values, dtype=str) for name, values in groups.items()},
     )
 
@@ -284,7 +286,9 @@ def _load_file(
     if held < declared:
         raise _Skip("unreadable_dicom", "PixelData", "PixelData is shorter than its Rows x Columns x frames: truncated")
     label = labels.take(key) if labels is not None else NO_LABEL
-    digest = hashlib.sha256(data).hexdigest()
+    # BLAKE3, three times faster than SHA-256 here: the content hash is a fixed cost of every
+    # file's first read, as large as the decoding for a 512 x 512 CT slice.
+    digest = blake3.blake3(data).hexdigest()
     frames = cache.get(digest) if cache else None
     if frames is None:
         frames = _preprocess(ds, spec)

@@ -138,6 +138,12 @@ class GroupBins:
     held_back: dict[str, bool]  # attribute -> whether any group stayed at the hospital (how many would say too much)
 
 
+def fingerprint_scheme(fingerprint: str) -> str:
+    """How a data fingerprint was made: its "scheme:" prefix, or sha256 for one without (tables,
+    and images before their content hashes were BLAKE3)."""
+    return fingerprint.split(":", 1)[0] if ":" in fingerprint else "sha256"
+
+
 @dataclass(frozen=True)
 class DataCounts:
     """How a hospital's data went: usable samples and skipped ones per reason, no identifiers."""

@@ -41,7 +41,7 @@ from fedward.pipelines.rounds import TRUSTED, Rounds, privacy_units, selection_a
 from fedward.privacy.hooks import build_hook
 from fedward.strategies import build_strategy
 from fedward.tasks import build_task
-from fedward.types import DataCounts, Layout
+from fedward.types import DataCounts, Layout, fingerprint_scheme
 
 
 def pooled(config: FedwardConfig, address: str | None) -> bool:
@@ -245,6 +245,13 @@ class Pipeline:
             for field, value in c.fingerprints.items()
             if before[name][field] != value
         ]
+        schemes = {fingerprint_scheme(before[name]["fingerprint"]) for name in now if name in before} - {
+            fingerprint_scheme(c.fingerprint) for c in now.values()}
+        if changed and schemes:
+            raise CheckpointError(
+                f"{self.run_dir}: the run began under a fedward that fingerprinted data another way ({', '.join(sorted(schemes))}): "
+                f"its data cannot be compared; finish it with that version, or start a new run (another run.name)"
+            )
         if changed:
             raise CheckpointError(
                 f"{self.run_dir}: hospitals' data changed since the run began ({'; '.join(changed)}); "

@@ -37,6 +37,9 @@ def test_a_resume_on_changed_data_is_refused_naming_the_hospital(tmp_path):
         p._check_same_data(before, {"a": counts("a", fingerprint="0" * 64)}, resuming=True)
     with pytest.raises(CheckpointError, match="split_fingerprint"):
         p._check_same_data(before, {"a": counts("a", split="1" * 64)}, resuming=True)
+    # Images fingerprinted before their content hashes were BLAKE3 cannot be compared: said so.
+    with pytest.raises(CheckpointError, match=r"fingerprinted data another way \(sha256\)"):
+        p._check_same_data(before, {"a": counts("a", fingerprint="blake3:" + "f" * 64)}, resuming=True)
 
 
 def test_the_run_directory_refuses_another_config_and_a_corrupt_identity(tmp_path):

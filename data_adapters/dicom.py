@@ -99,9 +99,8 @@ _TRANSFORM_TAGS = tuple(tag_for_keyword(keyword) for keyword in _TRANSFORM_ELEME
 _LUT_SEQUENCES = ("ModalityLUTSequence", "VOILUTSequence")
 MAX_TABLE_BITS = 16  # a table over 65536 stored values costs less than one 256 x 256 frame
 MAX_TABLES = 64
-_LOOKUP_BLOCK = 32768  # pixels per block of a table lookup: its index stays in the CPU's cache
-_TABLES: dict[tuple, tuple[int, np.ndarray, tuple[float, float] | None]] = {}
-_AFFINE_TOLERANCE = 1e-9  # far below float32's resolution of [0, 1]
+_BLOCK = 32768  # pixels per block of a table lookup: its index stays in the CPU's cache
+_TABLES: dict[tuple, tuple[int, np.ndarray]] = {}
 _NOT_VIEWED = {tag_for_keyword(k) for k in ("PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence")}
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601
 # A file that names no transfer syntax is in the encoding pydicom detected while parsing it,
@@ -537,9 +536,9 @@ def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
     the frame holds a non-finite value, which scaling would otherwise turn into a black image.
 
     Where the transform depends on the stored value alone, pydicom's transform is tabulated once
-    per series (`_stored_value_table`): a linear window is then evaluated as the affine function
-    the table is, other windows are looked up, and min-max after a linear rescale is computed from
-    the stored values, in float32, within float32's rounding of pydicom's values.
+    per series (`_stored_value_table`): a window is looked up, and min-max after a linear rescale
+    computed from the stored values. Either gives pydicom's float64 values rounded once to
+    float32, to the last bit where the rescale is exact in float64 (Hounsfield units are).
     """
     if frame.dtype.kind == "f" and not np.isfinite(frame).all():
         return np.full(frame.shape[:2], np.nan, np.float32)
@@ -553,35 +552,24 @@ def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
     table = _stored_value_table(frame, ds, windowed)
     if table is None:
         return _unit(_grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
-    low, values, affine = table
+    low, values = table
     first, last = int(frame.min()) - low, int(frame.max()) - low
     if first < 0 or last >= len(values):  # values beyond BitsStored: transformed directly
         return _unit(_grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
-    if not windowed:
-        # Min-max after a linear rescale is min-max of the stored values, reversed where the slope
-        # falls: computed in float32 from the stored values, no table lookup needed.
-        rising = (values[last] >= values[first]) != (photometric == "MONOCHROME1")
-        return _stretched(frame, first + low, last + low, rising)
-    if affine is not None:  # a linear window: clip(a x + b, 0, 1) of the stored values x, in float32
-        a, b = (-affine[0], 1.0 - affine[1]) if photometric == "MONOCHROME1" else affine
-        unit = frame.astype(np.float32)
-        unit *= np.float32(a)
-        unit += np.float32(b)
-        return np.clip(unit, 0.0, 1.0, out=unit)
-    return _lookup(_unit(values[first:last + 1], windowed, photometric).astype(np.float32), frame, low + first)
-
-
-def _stretched(frame: np.ndarray, low: int, high: int, rising: bool) -> np.ndarray:
-    """(frame - low) / (high - low) as float32, or (high - frame) / (high - low) unless `rising`;
-    exact ends, since a division rounds (high - low) / (high - low) to 1."""
-    if high == low:
-        return np.zeros(frame.shape, np.float32)
+    if windowed:  # pydicom's window, looked up
+        return _lookup(_unit(values[first:last + 1], windowed, photometric).astype(np.float32), frame, low + first)
+    # Min-max after a linear rescale is the stored values' own, reversed where the slope falls or
+    # for MONOCHROME1. A float32 division of integers below 2**24 rounds the exact quotient once,
+    # as the float64 transform rounded to float32 does: the same bits, in a third of the time.
+    rising = (values[last] >= values[first]) != (photometric == "MONOCHROME1")
+    if last == first:
+        return np.full(frame.shape, 0.0 if rising else 1.0, np.float32)
     unit = frame.astype(np.float32)
     if rising:
-        unit -= low
+        unit -= first + low
     else:
-        np.subtract(high, unit, out=unit)
-    unit /= np.float32(high - low)
+        np.subtract(last + low, unit, out=unit)
+    unit /= np.float32(last - first)
     return unit
 
 
@@ -589,7 +577,7 @@ def _lookup(table: np.ndarray, frame: np.ndarray, offset: int) -> np.ndarray:
     """`table[frame - offset]`, a block of rows at a time: an index array as large as the frame
     would cost more memory traffic than the lookup itself."""
     out = np.empty(frame.shape, table.dtype)
-    rows = max(1, _LOOKUP_BLOCK // frame.shape[1])
+    rows = max(1, _BLOCK // frame.shape[1])
     index = np.empty((min(rows, frame.shape[0]), frame.shape[1]), np.intp)  # take's own index type: no conversion inside
     for start in range(0, frame.shape[0], rows):
         block = frame[start:start + rows]
@@ -619,11 +607,8 @@ def _grayscale(values: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> np.nd
     return _scale(apply_voi_lut(values, ds), *_voi_range(ds)) if windowed else values
 
 
-def _stored_value_table(
-    frame: np.ndarray, ds: pydicom.Dataset, windowed: bool
-) -> tuple[int, np.ndarray, tuple[float, float] | None] | None:
-    """(lowest storable value, `_grayscale` of every storable value from it, its `_affine` form
-    when windowed) where the transform
+def _stored_value_table(frame: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> tuple[int, np.ndarray] | None:
+    """(lowest storable value, `_grayscale` of every storable value from it) where the transform
     depends on the stored value alone, as viewers tabulate it; one table per set of the elements
     it reads, so the next image of a series is a lookup. None for LUT sequences (whose tables may
     be anything), float or wide samples, and malformed elements, transformed directly."""
@@ -640,23 +625,8 @@ def _stored_value_table(
         if len(_TABLES) >= MAX_TABLES:
             _TABLES.clear()
         low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
-        stored = np.arange(low, low + (1 << bits))
-        values = _grayscale(stored, ds, windowed)
-        _TABLES[key] = low, values, _affine(stored, values) if windowed else None
+        _TABLES[key] = low, _grayscale(np.arange(low, low + (1 << bits)), ds, windowed)
     return _TABLES[key]
-
-
-def _affine(stored: np.ndarray, unit: np.ndarray) -> tuple[float, float] | None:
-    """(a, b) where the tabulated window is clip(a x + b, 0, 1) of the stored value x, as a
-    LINEAR or LINEAR_EXACT window over a linear rescale is (checked on every entry); None for
-    other shapes (SIGMOID, or a window narrower than a step), which are looked up."""
-    inside = np.flatnonzero((unit > 0) & (unit < 1))
-    if len(inside) < 2:
-        return None
-    i, j = inside[0], inside[-1]
-    a = (unit[j] - unit[i]) / float(stored[j] - stored[i])
-    b = unit[i] - a * float(stored[i])
-    return (a, b) if np.abs(np.clip(a * stored + b, 0, 1) - unit).max() <= _AFFINE_TOLERANCE else None
 
 
 def _has_voi(ds: pydicom.Dataset) -> bool:

@@ -1,4 +1,9 @@
-"""TLS certificates for a consortium's Ray cluster: one certificate authority, a key pair per machine.
+"""The consortium's certificate authority: TLS for one Ray cluster, and identities for cross-site mode.
+
+For one Ray cluster (one trust domain) the operator makes every machine's key and certificate;
+for cross-site mode each hospital makes its own key and a request, the authority signs it and
+revokes certificates in a revocation list every hospital checks its peers against (the second
+half of this module; docs/deploy.md).
 
 Ray encrypts its gRPC traffic between nodes when every process has RAY_USE_TLS=1 with
 RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY and RAY_TLS_CA_CERT, and then accepts only peers whose
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -29,11 +35,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedward.errors import ConfigError
+from fedward.files import atomic_write, atomic_write_json
 
 CA_DAYS = 5 * 365
 NODE_DAYS = 365  # renewed yearly: a node whose certificate lapses drops out of the cluster's TLS
+CRL_DAYS = 30  # a hospital refuses peers once the revocation list is older: the authority reissues it
+ISSUED = "issued.json"  # the authority's record of what it signed: serial -> name, end, revocation
 CA_NAME = "fedward consortium CA"
 # A host name: dot-separated labels of letters, digits and inner hyphens.
 HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
@@ -46,13 +56,7 @@ def write_certificates(out: Path, nodes: Mapping[str, Sequence[str]]) -> list[Pa
     if not nodes:
         raise ConfigError("--node: name at least one machine, as NAME=ADDRESS[,ADDRESS...]")
     for name, addresses in nodes.items():
-        if not name or not name.replace("_", "").replace("-", "").isalnum() or name == "ca":
-            raise ConfigError(f"--node: {name!r} is not a usable machine name; use letters, digits, '-' or '_' (not 'ca')")
-        if not addresses:
-            raise ConfigError(f"--node {name}: give the addresses other machines reach it at")
-        for address in addresses:
-            if not _is_ip(address) and not HOST_NAME.match(address):
-                raise ConfigError(f"--node {name}: {address!r} is neither an IP address nor a host name (no ports, no spaces)")
+        _check_node(name, addresses, "--node")
         taken = [p for p in (out / f"{name}.crt", out / f"{name}.key") if p.exists()]
         if taken:
             raise ConfigError(f"--node {name}: {taken[0]} exists; remove it to issue a new certificate")
@@ -67,9 +71,19 @@ def write_certificates(out: Path, nodes: Mapping[str, Sequence[str]]) -> list[Pa
         written += [_write_key(out / "ca.key", ca_key), _write_cert(out / "ca.crt", ca_cert)]
     for name, addresses in nodes.items():
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _node_certificate(name, _names_for(addresses), key, ca_key, ca_cert)
+        cert = _node_certificate(name, _names_for(addresses), key.public_key(), ca_key, ca_cert)
         written += [_write_key(out / f"{name}.key", key), _write_cert(out / f"{name}.crt", cert)]
     return written
+
+
+def _check_node(name: str, addresses: Sequence[str], option: str) -> None:
+    if not name or not name.replace("_", "").replace("-", "").isalnum() or name == "ca":
+        raise ConfigError(f"{option}: {name!r} is not a usable machine name; use letters, digits, '-' or '_' (not 'ca')")
+    if not addresses:
+        raise ConfigError(f"{option} {name}: give the addresses other machines reach it at")
+    for address in addresses:
+        if not _is_ip(address) and not HOST_NAME.match(address):
+            raise ConfigError(f"{option} {name}: {address!r} is neither an IP address nor a host name (no ports, no spaces)")
 
 
 def interface_addresses() -> list[str]:
@@ -148,21 +162,21 @@ def _load_authority(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifi
     return key, cert
 
 
-def _node_certificate(name: str, alt_names, key, ca_key, ca_cert: x509.Certificate) -> x509.Certificate:
+def _node_certificate(name: str, alt_names, public_key, ca_key, ca_cert: x509.Certificate, days: int = NODE_DAYS) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
-    ends = min(now + dt.timedelta(days=NODE_DAYS), ca_cert.not_valid_after_utc)  # never past its authority
+    ends = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)  # never past its authority
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(ends)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         # Every Ray process is both a gRPC server and a client of the others.
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -181,3 +195,145 @@ def _write_key(path: Path, key) -> Path:
 def _write_cert(path: Path, cert: x509.Certificate) -> Path:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+# --- cross-site identities: each hospital makes its own key; the authority signs and revokes ---
+
+
+class PeerRefused(Exception):
+    """A peer's certificate is not one this consortium's authority vouches for now; says why."""
+
+
+def create_authority(out: Path) -> list[Path]:
+    """The consortium's authority for cross-site mode: ca.key (keep it off every hospital's
+    machines), ca.crt and an empty revocation list (crl.pem) for the hospitals, issued.json."""
+    out = Path(out)
+    if (out / "ca.key").exists() or (out / "ca.crt").exists():
+        raise ConfigError(f"{out}: an authority is there already; a new one would not be trusted by the hospitals")
+    out.mkdir(parents=True, exist_ok=True)
+    key, cert = _new_authority()
+    written = [_write_key(out / "ca.key", key), _write_cert(out / "ca.crt", cert)]
+    atomic_write_json(out / ISSUED, {})
+    return [*written, out / ISSUED, write_revocation_list(out, key, cert, {})]
+
+
+def write_request(out: Path, name: str, addresses: Sequence[str], rotate: bool = False) -> tuple[Path, Path]:
+    """At a hospital: its own private key, which never leaves `out`, and a certificate request
+    naming it and the addresses it is reached at (NAME.key, NAME.csr). With `rotate`, a key and
+    certificate already there are kept as NAME.old.key and NAME.old.crt until the new certificate
+    is in place; the authority then revokes the old one."""
+    out = Path(out)
+    _check_node(name, addresses, "--name")
+    key_path, request_path = out / f"{name}.key", out / f"{name}.csr"
+    if key_path.exists():
+        if not rotate:
+            raise ConfigError(f"{key_path} exists: this hospital has a key; pass --rotate for a new one (the old is kept as {name}.old.key)")
+        for suffix in (".key", ".crt"):
+            if (out / f"{name}{suffix}").exists():
+                os.replace(out / f"{name}{suffix}", out / f"{name}.old{suffix}")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(x509.SubjectAlternativeName(_names_for(addresses)), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(key_path, key)
+    request_path.write_bytes(request.public_bytes(serialization.Encoding.PEM))
+    return key_path, request_path
+
+
+def sign_request(authority: Path, request_path: Path, days: int = NODE_DAYS) -> Path:
+    """At the authority: the certificate for a hospital's request (NAME.crt beside it), its key
+    never seen, and a record of it in the authority's `issued.json`."""
+    authority, request_path = Path(authority), Path(request_path)
+    ca_key, ca_cert = _load_authority(authority)
+    try:
+        request = x509.load_pem_x509_csr(request_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{request_path}: not a certificate request ({e})") from None
+    if not request.is_signature_valid:
+        raise ConfigError(f"{request_path}: the request is not signed by the key it names")
+    names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        alt_names = request.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ConfigError(f"{request_path}: the request names no addresses (subjectAltName)") from None
+    if len(names) != 1:
+        raise ConfigError(f"{request_path}: the request must name one hospital (commonName)")
+    name = names[0].value
+    _check_node(name, [str(getattr(n, "value", "")) for n in alt_names], "the request's name")
+    cert = _node_certificate(name, list(alt_names), request.public_key(), ca_key, ca_cert, days)
+    issued = _issued(authority)
+    issued[format(cert.serial_number, "x")] = {
+        "name": name, "not_after": cert.not_valid_after_utc.isoformat(), "revoked": None,
+    }
+    atomic_write_json(authority / ISSUED, issued)
+    return _write_cert(request_path.with_suffix(".crt"), cert)
+
+
+def revoke(authority: Path, certificate: Path) -> Path:
+    """At the authority: revoke a certificate it issued and write the revocation list every
+    hospital checks its peers against (crl.pem); returns its path."""
+    authority = Path(authority)
+    ca_key, ca_cert = _load_authority(authority)
+    try:
+        cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{certificate}: not a certificate ({e})") from None
+    issued, serial = _issued(authority), format(cert.serial_number, "x")
+    if serial not in issued:
+        raise ConfigError(f"{certificate}: this authority did not issue it (serial {serial})")
+    issued[serial]["revoked"] = issued[serial]["revoked"] or dt.datetime.now(dt.timezone.utc).isoformat()
+    atomic_write_json(authority / ISSUED, issued)
+    return write_revocation_list(authority, ca_key, ca_cert, issued)
+
+
+def write_revocation_list(authority: Path, ca_key, ca_cert: x509.Certificate, issued: Mapping[str, dict]) -> Path:
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=CRL_DAYS))
+    )
+    for serial, record in sorted(issued.items()):
+        if record["revoked"]:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(dt.datetime.fromisoformat(record["revoked"])).build()
+            )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path = authority / "crl.pem"
+    atomic_write(path, crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def verify_peer(pem: bytes, authority: x509.Certificate, revoked: x509.CertificateRevocationList, now: dt.datetime | None = None) -> str:
+    """The name of the hospital a peer's certificate vouches for, or PeerRefused naming why: not
+    issued by this consortium's authority, outside its validity, or revoked."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise PeerRefused("the peer's certificate cannot be read") from None
+    verifier = PolicyBuilder().store(Store([authority])).time(now).build_client_verifier()
+    try:
+        verifier.verify(cert, [])
+    except VerificationError as e:
+        raise PeerRefused(f"the peer's certificate is not one this consortium's authority vouches for now: {e}") from None
+    if not revoked.is_signature_valid(authority.public_key()) or revoked.issuer != authority.subject:
+        raise PeerRefused("the revocation list is not this authority's")
+    if revoked.next_update_utc is not None and revoked.next_update_utc < now:
+        raise PeerRefused(f"the revocation list expired on {revoked.next_update_utc:%Y-%m-%d}: ask the authority for a new crl.pem")
+    if (entry := revoked.get_revoked_certificate_by_serial_number(cert.serial_number)) is not None:
+        raise PeerRefused(f"the peer's certificate (serial {cert.serial_number:x}) was revoked on {entry.revocation_date_utc:%Y-%m-%d}")
+    return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+def _issued(authority: Path) -> dict[str, dict]:
+    path = authority / ISSUED
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); it lists what this authority issued") from None

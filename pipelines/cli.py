@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedward.errors import FedwardError
+from fedward.errors import ConfigError, FedwardError
 
 
 def _demo_data(args) -> None:
@@ -73,6 +73,28 @@ def _certs(args) -> None:
         name, _, addresses = given.partition("=")
         nodes[name] = [a for a in addresses.split(",") if a]
     for path in write_certificates(Path(args.out), nodes):
+        print(f"wrote {path}")
+
+
+def _authority(args) -> None:
+    from fedward.certificates import create_authority, revoke, sign_request
+
+    if args.action != "init" and not args.file:
+        raise ConfigError(f"fedward authority {args.action}: name the {'request (NAME.csr)' if args.action == 'sign' else 'certificate'}")
+    if args.action == "init":
+        written = create_authority(Path(args.folder))
+    elif args.action == "sign":
+        written = [sign_request(Path(args.folder), Path(args.file), args.days)]
+    else:
+        written = [revoke(Path(args.folder), Path(args.file))]
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _request(args) -> None:
+    from fedward.certificates import write_request
+
+    for path in write_request(Path(args.out), args.name, [a for a in args.address.split(",") if a], rotate=args.rotate):
         print(f"wrote {path}")
 
 
@@ -143,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", action="append", default=[], metavar="NAME=ADDRESS[,ADDRESS...]",
                    help="a machine and the addresses (IPs or host names) others reach it at (repeatable)")
     p.set_defaults(func=_certs)
+
+    p = sub.add_parser("authority", help="cross-site mode: the consortium's authority creates itself, signs hospitals' requests, revokes")
+    p.add_argument("action", choices=["init", "sign", "revoke"])
+    p.add_argument("folder", help="the authority's folder (ca.key, ca.crt, crl.pem, issued.json); keep it off the hospitals' machines")
+    p.add_argument("file", nargs="?", help="sign: a hospital's NAME.csr (NAME.crt is written beside it); revoke: a certificate it issued")
+    p.add_argument("--days", type=int, default=365, help="sign: how long the certificate is valid (default 365)")
+    p.set_defaults(func=_authority)
+
+    p = sub.add_parser("request", help="cross-site mode, at a hospital: make its own private key and a certificate request for the authority")
+    p.add_argument("--name", required=True, help="the hospital's name, as the consortium's configs name it")
+    p.add_argument("--address", required=True, metavar="ADDRESS[,ADDRESS...]", help="the addresses (IPs or host names) its service is reached at")
+    p.add_argument("--out", required=True, help="the hospital's own folder for NAME.key (stays there) and NAME.csr (goes to the authority)")
+    p.add_argument("--rotate", action="store_true", help="a new key; the old key and certificate are kept as NAME.old.key and NAME.old.crt")
+    p.set_defaults(func=_request)
 
     p = sub.add_parser("status", help="show where a run directory stands")
     p.add_argument("run_dir")

@@ -1,0 +1,133 @@
+"""The cross-site channel: gRPC over mutual TLS under the consortium's authority, carrying JSON.
+
+In cross-site mode each hospital runs its own service on its own machines. A caller gets through
+only with a certificate the consortium's authority signed (checked in the TLS handshake), that
+is within its validity and not revoked (checked on every call against the revocation list on the
+hospital's own disk, re-read when it changes). Messages are JSON objects: nothing a caller sends
+is code, or is deserialized as code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from fedward.certificates import PeerRefused, verify_peer
+from fedward.errors import ConfigError
+
+SERVICE = "fedward.Hospital"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+Method = Callable[[dict[str, Any], str], dict[str, Any]]  # (message, the caller's certified name) -> reply
+
+
+@dataclass
+class Identity:
+    """A party's own credentials in a folder: NAME.key (made there, never sent), NAME.crt (signed
+    by the authority), and the authority's ca.crt and crl.pem."""
+
+    folder: Path
+    name: str
+    _revocations: tuple[float, x509.CertificateRevocationList] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        for path in (self.key_file, self.certificate_file, self.authority_file, self.revocations_file):
+            if not path.is_file():
+                raise ConfigError(f"{path} is missing: cross-site mode needs {self.name}'s key and certificate, and the authority's ca.crt and crl.pem")
+        self.authority = x509.load_pem_x509_certificate(self.authority_file.read_bytes())
+
+    @property
+    def key_file(self) -> Path:
+        return self.folder / f"{self.name}.key"
+
+    @property
+    def certificate_file(self) -> Path:
+        return self.folder / f"{self.name}.crt"
+
+    @property
+    def authority_file(self) -> Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def revocations_file(self) -> Path:
+        return self.folder / "crl.pem"
+
+    def revocations(self) -> x509.CertificateRevocationList:
+        """The revocation list on disk, re-read whenever the authority's new one replaces it."""
+        changed = os.stat(self.revocations_file).st_mtime_ns
+        if self._revocations is None or self._revocations[0] != changed:
+            self._revocations = changed, x509.load_pem_x509_crl(self.revocations_file.read_bytes())
+        return self._revocations[1]
+
+    def peer(self, context: grpc.ServicerContext) -> str:
+        """The caller's certified name, or PeerRefused."""
+        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+        return verify_peer(pem, self.authority, self.revocations())
+
+
+def serve(identity: Identity, address: str, methods: Mapping[str, Method], workers: int = 4) -> tuple[grpc.Server, int]:
+    """Start the hospital's service on `address` (host:port, port 0 for any); returns it and its port."""
+    credentials = grpc.ssl_server_credentials(
+        [(identity.key_file.read_bytes(), identity.certificate_file.read_bytes())],
+        root_certificates=identity.authority_file.read_bytes(),
+        require_client_auth=True,
+    )
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(_admitted(identity, method), request_deserializer=_decode, response_serializer=_encode)
+        for name, method in methods.items()
+    }
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(ThreadPoolExecutor(workers), options=options)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    port = server.add_secure_port(address, credentials)
+    if not port:
+        raise ConfigError(f"cannot listen on {address}")
+    server.start()
+    return server, port
+
+
+def connect(identity: Identity, target: str, server_name: str) -> grpc.Channel:
+    """A channel to the service at `target` (host:port) whose certificate names `server_name`,
+    presenting this party's own certificate."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=identity.authority_file.read_bytes(),
+        private_key=identity.key_file.read_bytes(),
+        certificate_chain=identity.certificate_file.read_bytes(),
+    )
+    options = [("grpc.ssl_target_name_override", server_name), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def call(channel: grpc.Channel, method: str, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=_encode, response_deserializer=_decode)(message, timeout=timeout_s)
+
+
+def _admitted(identity: Identity, method: Method):
+    def handle(message: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
+        try:
+            caller = identity.peer(context)
+        except PeerRefused as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{identity.name} refuses the call: {e}")
+        return method(message, caller)
+
+    return handle
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, allow_nan=False).encode()
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("a message is a JSON object")
+    return message

@@ -96,6 +96,8 @@ _TRANSFORM_ELEMENTS = (
     "WindowWidth", "VOILUTFunction",
 )
 _TRANSFORM_TAGS = tuple(tag_for_keyword(keyword) for keyword in _TRANSFORM_ELEMENTS)
+_WINDOW_TAGS = (tag_for_keyword("WindowCenter"), tag_for_keyword("WindowWidth"))
+_SOP_CLASS_TAG = tag_for_keyword("SOPClassUID")
 _LUT_SEQUENCES = ("ModalityLUTSequence", "VOILUTSequence")
 MAX_TABLE_BITS = 16  # a table over 65536 stored values costs less than one 256 x 256 frame
 MAX_TABLES = 64
@@ -301,7 +303,12 @@ def _check_image_storage(ds: pydicom.Dataset) -> None:
     """Only objects of an image storage SOP class are pictures of a patient: a segmentation's or
     an RT dose grid's pixel data is a mask or a dose, not an image to train on. A file naming no
     SOP class (hand-made, or exported bare) is read as an image when it holds pixels."""
-    if "SOPClassUID" in ds and (why := _not_image_storage(_text(ds, "SOPClassUID"))):
+    element = ds.get_item(_SOP_CLASS_TAG)
+    if element is None:
+        return
+    # Read without converting it: a verdict per SOP class, kept.
+    sop_class = element.value.decode("ascii", "replace") if isinstance(element.value, bytes) else str(element.value or "")
+    if why := _not_image_storage(sop_class.strip("\x00 ")):
         raise _Skip("not_an_image", "SOPClassUID", why)
 
 
@@ -556,8 +563,8 @@ def _to_unit(frame: np.ndarray, ds: pydicom.Dataset, window: str) -> np.ndarray:
     first, last = int(frame.min()) - low, int(frame.max()) - low
     if first < 0 or last >= len(values):  # values beyond BitsStored: transformed directly
         return _unit(_grayscale(frame, ds, windowed), windowed, photometric).astype(np.float32)
-    if windowed:  # pydicom's window, looked up
-        return _lookup(_unit(values[first:last + 1], windowed, photometric).astype(np.float32), frame, low + first)
+    if windowed:  # pydicom's window, inverted for MONOCHROME1 and rounded to float32 once per series
+        return _lookup(values, frame, low)
     # Min-max after a linear rescale is the stored values' own, reversed where the slope falls or
     # for MONOCHROME1. A float32 division of integers below 2**24 rounds the exact quotient once,
     # as the float64 transform rounded to float32 does: the same bits, in a third of the time.
@@ -608,10 +615,11 @@ def _grayscale(values: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> np.nd
 
 
 def _stored_value_table(frame: np.ndarray, ds: pydicom.Dataset, windowed: bool) -> tuple[int, np.ndarray] | None:
-    """(lowest storable value, `_grayscale` of every storable value from it) where the transform
-    depends on the stored value alone, as viewers tabulate it; one table per set of the elements
-    it reads, so the next image of a series is a lookup. None for LUT sequences (whose tables may
-    be anything), float or wide samples, and malformed elements, transformed directly."""
+    """(lowest storable value, `_grayscale` of every storable value from it; a window's as final
+    float32 units) where the transform depends on the stored value alone, as viewers tabulate it:
+    one table per set of the elements it reads, so the next image of a series is a lookup. None
+    for LUT sequences (whose tables may be anything), float or wide samples, and malformed
+    elements, transformed directly."""
     if frame.dtype.kind not in "iu" or any(sequence in ds for sequence in _LUT_SEQUENCES):
         return None
     try:
@@ -625,13 +633,24 @@ def _stored_value_table(frame: np.ndarray, ds: pydicom.Dataset, windowed: bool) 
         if len(_TABLES) >= MAX_TABLES:
             _TABLES.clear()
         low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
-        _TABLES[key] = low, _grayscale(np.arange(low, low + (1 << bits)), ds, windowed)
+        values = _grayscale(np.arange(low, low + (1 << bits)), ds, windowed)
+        # A window's table is final (the key holds PhotometricInterpretation); min-max needs the
+        # frame's own extremes, so its table stays the rescaled values.
+        _TABLES[key] = low, _unit(values, True, ds.get("PhotometricInterpretation", "")).astype(np.float32) if windowed else values
     return _TABLES[key]
 
 
 def _has_voi(ds: pydicom.Dataset) -> bool:
-    windowed = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    """Whether the file holds a window (centre and width) or a VOI LUT, its values not converted
+    (pydicom converts them when it tabulates the transform, once per series)."""
+    windowed = all(_filled(ds.get_item(tag)) for tag in _WINDOW_TAGS)
     return windowed or bool(ds.get("VOILUTSequence"))
+
+
+def _filled(element: pydicom.dataelem.DataElement | pydicom.dataelem.RawDataElement | None) -> bool:
+    if isinstance(element, pydicom.dataelem.RawDataElement):
+        return bool(element.length)
+    return element is not None and not element.is_empty
 
 
 def _voi_range(ds: pydicom.Dataset) -> tuple[float, float]:

@@ -735,7 +735,9 @@ class _Cache:
 
     def get(self, digest: str) -> np.ndarray | None:
         for pack, start, count in self._index.get(digest, ()):
-            if self._packs.get(pack) is None:
+            if pack not in self._packs:  # dropped as damaged while serving another of its entries
+                continue
+            if self._packs[pack] is None:
                 try:
                     self._packs[pack] = _member(pack, "frames")
                 except self._READ_ERRORS:

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import stat
 import struct
@@ -444,7 +445,7 @@ def _check_decodable(ds: pydicom.Dataset) -> None:
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies)
         raise _Skip("no_decoder", "TransferSyntaxUID", f"{tsyntax.name} ({tsyntax}) needs a decoder: {needs}")
-    samples = _frame_samples(ds)
+    samples = math.prod(_declared_frame(ds))
     if samples > MAX_FRAME_SAMPLES:
         raise _Skip(
             "image_too_large", "Rows",
@@ -474,7 +475,7 @@ def _check_streams(ds: pydicom.Dataset, indices, frames: int) -> None:
                 f"frame {index}'s {tsyntax.name} stream declares {rows} x {columns} x {components} samples, more than "
                 f"{MAX_FRAME_SAMPLES} (8192 x 8192): not decoded",
             )
-        declared = (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1))
+        declared = _declared_frame(ds)
         if (rows, columns, components) != declared:
             raise _Skip(
                 "decode_error", "PixelData",
@@ -500,11 +501,13 @@ def _j2k_header(stream: bytes) -> tuple[int, int, int] | None:
     return height - y_offset, width - x_offset, components
 
 
-def _frame_samples(ds: pydicom.Dataset) -> int:
+def _declared_frame(ds: pydicom.Dataset) -> tuple[int, int, int]:
+    """(Rows, Columns, SamplesPerPixel); (0, 0, 0) for missing or malformed image attributes, left
+    to the decoder to reject."""
     try:
-        return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
-    except Exception:  # missing or malformed image tags: left to the decoder to reject
-        return 0
+        return int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1)
+    except Exception:
+        return 0, 0, 0
 
 
 def _native_lengths(ds: pydicom.Dataset) -> tuple[int, int]:
@@ -632,7 +635,7 @@ def _stored_value_table(frame: np.ndarray, ds: pydicom.Dataset, windowed: bool) 
     if key not in _TABLES:
         if len(_TABLES) >= MAX_TABLES:
             _TABLES.clear()
-        low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
+        low = _lowest_storable(ds, bits)
         values = _grayscale(np.arange(low, low + (1 << bits)), ds, windowed)
         # A window's table is final (the key holds PhotometricInterpretation); min-max needs the
         # frame's own extremes, so its table stays the rescaled values.
@@ -660,9 +663,13 @@ def _voi_range(ds: pydicom.Dataset) -> tuple[float, float]:
     stored values through pydicom's own transforms yields those ends without re-deriving PS3.3 C.11.
     """
     bits = int(ds.BitsStored)
-    low = -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
+    low = _lowest_storable(ds, bits)
     ends = apply_voi_lut(apply_modality_lut(np.array([low, low + (1 << bits) - 1]), ds), ds)
     return float(ends.min()), float(ends.max())
+
+
+def _lowest_storable(ds: pydicom.Dataset, bits: int) -> int:
+    return -(1 << (bits - 1)) if ds.get("PixelRepresentation") == 1 else 0
 
 
 def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:

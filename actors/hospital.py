@@ -294,7 +294,7 @@ class Hospital:
         charge of the run (retries and redone rounds included), it would pass the run's `budget`."""
         entry = {"round": round, "hospital": self.name, "level": level, "steps": asdict(steps)}
         after = ledger.spent(self.config, [*ledger.read_spend(self.run_dir / ledger.SPEND_LOG), entry])[level][self.name]
-        if budget is not None and after > budget * (1 + 1e-6):
+        if ledger.exceeds(after, budget):
             raise HospitalError(f"{self.name}: round {round} would raise its {level}-level epsilon to {after:.3f}, above its budget {budget:g}; it refuses to train")
         return entry
 
@@ -308,7 +308,7 @@ class Hospital:
             source = self.policy.data_source
             spent = [GaussianSteps(**e["steps"]) for e in ledger.read_spend(every) if e.get("source", HospitalPolicy.data_source) == source]
             total = epsilon([*spent, planned], budget.delta)
-            if total > budget.epsilon * (1 + 1e-6):
+            if ledger.exceeds(total, budget.epsilon):
                 raise HospitalError(
                     f"{self.name}: round {round} would raise its patients' epsilon over every run on {source} to {total:.3f}, above "
                     f"the budget {budget.epsilon:g} of its policy ({self.policy.source}); it refuses to train"

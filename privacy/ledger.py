@@ -82,6 +82,12 @@ def spent(config: FedwardConfig, spend: Sequence[dict]) -> dict[str, dict[str, f
     return {level: {h: epsilon(steps, deltas[level]) for h, steps in sorted(by.items())} for level, by in sorted(histories(spend).items())}
 
 
+def exceeds(spent: float, budget: float | None) -> bool:
+    """Whether an epsilon passes its budget. A calibrated noise multiplier spends the budget exactly
+    at the last round, so rounding is allowed."""
+    return budget is not None and spent > budget * (1 + 1e-6)
+
+
 def over_budget(config: FedwardConfig, spend: Sequence[dict], next_round: Sequence[dict]) -> str | None:
     """Why spending `next_round` on top of `spend` would exceed a configured budget; None if it fits."""
     budgets = {
@@ -93,8 +99,7 @@ def over_budget(config: FedwardConfig, spend: Sequence[dict], next_round: Sequen
         budget, delta = budgets[level]
         for h, steps in sorted(by.items()):
             eps = epsilon(steps, delta)
-            # A calibrated noise multiplier spends the budget exactly at the last round; allow rounding.
-            if budget is not None and len(steps) > len(before.get(level, {}).get(h, [])) and eps > budget * (1 + 1e-6):
+            if len(steps) > len(before.get(level, {}).get(h, [])) and exceeds(eps, budget):
                 return f"the next round would raise {h}'s {level}-level epsilon to {eps:.3f}, above the budget {budget:g} (delta {delta:g})"
     return None
 

@@ -158,9 +158,10 @@ def summarize(
             "hospitals": hospitals,
             "recognised": bool(known),
         }
-        if len(complete) > 1:
-            scope = "pooled" if len(complete) == len(own) else f"pooled over {', '.join(complete)}"
-            gaps += _gaps(scope, attribute, _pooled({h: released[h].padded[attribute] for h in complete}, open_at))
+        if len(complete) == len(own) > 1:  # the sums just opened: not opened again
+            gaps += _gaps("pooled", attribute, pooled)
+        elif len(complete) > 1:
+            gaps += _gaps(f"pooled over {', '.join(complete)}", attribute, _pooled({h: released[h].padded[attribute] for h in complete}, open_at))
         gaps += [g for h, groups in hospitals.items() for g in _gaps(h, attribute, groups)]
     return {
         "round": round,

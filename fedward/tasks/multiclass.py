@@ -51,12 +51,15 @@ class Multiclass(Task):
     def loss(self, outputs: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return nn.functional.cross_entropy(outputs, y, reduction=reduction)
 
+    def probabilities(self, outputs: torch.Tensor) -> np.ndarray:
+        return torch.softmax(outputs, dim=1).numpy().astype(np.float64)
+
     def flipped(self, y: torch.Tensor) -> torch.Tensor:
         return (y + 1) % self.output_size  # every sample trained as the next class: a consistent poisoning
 
     def statistics(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
         k = self.output_size
-        probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
+        probabilities = self.probabilities(outputs)
         labels = y.numpy()
         confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: predicted class
         np.add.at(confusion, (labels, probabilities.argmax(axis=1)), 1)
@@ -64,7 +67,7 @@ class Multiclass(Task):
         negative = np.zeros((k, metrics.BINS), np.int64)
         for c in range(k):
             positive[c], negative[c] = metrics.score_histograms(probabilities[:, c], labels == c)
-        loss = nn.functional.cross_entropy(outputs, y, reduction="sum").item()
+        loss = self.loss(outputs, y, reduction="sum").item()
         return {"class_positive_hist": positive, "class_negative_hist": negative, "confusion": confusion, "loss_sum": np.array(loss)}
 
     def pooled(self, statistics: dict[str, np.ndarray], floor: int) -> dict[str, Any]:
@@ -86,7 +89,7 @@ class Multiclass(Task):
         }
 
     def release(self, outputs: torch.Tensor, y: torch.Tensor, scale: dict[str, float] | None, *, patients: np.ndarray, floor: int) -> Released | None:
-        probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
+        probabilities = self.probabilities(outputs)
         labels = y.numpy()
         bins = {name: release.score_bins(probabilities[:, c], labels == c, patients, floor) for c, name in enumerate(self.classes)}
         if all(b is None for b in bins.values()):
@@ -96,7 +99,7 @@ class Multiclass(Task):
         return Released({"macro_auroc": _macro(aurocs), "class_auroc": aurocs}, statistics)
 
     def predictions(self, outputs: torch.Tensor, scale: dict[str, float] | None) -> dict[str, np.ndarray]:
-        probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
+        probabilities = self.probabilities(outputs)
         columns = {f"probability_{name}": probabilities[:, c] for c, name in enumerate(self.classes)}
         return {**columns, "predicted_class": np.asarray(self.classes, dtype=object)[probabilities.argmax(axis=1)]}
 

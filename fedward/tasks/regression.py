@@ -80,7 +80,7 @@ class Regression(Task):
         observed = y.numpy().astype(np.float64) * scale["sd"] + scale["mean"]
         error = predicted - observed
         sums = np.array([len(observed), observed.sum(), (observed**2).sum(), (error**2).sum(), np.abs(error).sum()])
-        loss = nn.functional.mse_loss(outputs.squeeze(1), y, reduction="sum").item()
+        loss = self.loss(outputs, y, reduction="sum").item()
         return {"sums": sums, "calibration": _calibration(predicted, observed, scale), "loss_sum": np.array(loss)}
 
     def pooled(self, statistics: dict[str, np.ndarray], floor: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from blake3 import blake3
 from torch import nn
 
 from fedward.actors import attacks, outbound
@@ -45,7 +46,8 @@ from fedward.strategies import build_strategy
 from fedward.strategies.base import LocalRound
 from fedward.privacy import dp_fedavg, dp_sgd, ledger
 from fedward.privacy.accounting import GaussianSteps, epsilon
-from fedward.privacy.hooks import build_hook
+from fedward.privacy.hooks import AggregationHook, Trust, build_hook
+from fedward.certificates import Identity
 from fedward.pooling import POOLED_DIGITS, EvaluationKey, PaddedSum
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ class Hospital:
         self.name = name
         self.config = config
         self.run_id = run_id
-        self.hook = build_hook(config, name, run_id)
+        self.hook: AggregationHook | None = None  # built once it has read its policy and data, which it relies on
         self.task = build_task(config.task, config.run.study_dir)
         self.strategy = build_strategy(config, config.run.study_dir)
         self.local = self.strategy.local()  # the strategy's hospital half, with what it keeps here
@@ -169,6 +171,7 @@ class Hospital:
             split["validation"] = ids[self.validation_idx].tolist()
         if record:
             atomic_write_json(self.run_dir / "split.json", split)
+        self.hook = build_hook(self.config, self.name, self.run_id, self._trust())
         return DataCounts(
             hospital=self.name,
             train_examples=len(self.train_idx),
@@ -181,6 +184,18 @@ class Hospital:
             split_fingerprint=hashlib.sha256("\n".join(sorted(split["holdout"])).encode()).hexdigest(),
             validation_examples=len(self.validation_idx),
         )
+
+    def _trust(self) -> Trust:
+        """What its half of the aggregation protocol relies on: its own policy and data."""
+        weight = dp_fedavg.aggregation_weight(self.config, len(self.train_idx))
+        record = self.work_dir / "masking_unmasked.jsonl"
+        consortium = self.policy.consortium
+        if consortium is None:
+            return Trust(weight=weight, colluders=self.policy.colluders, record=record)
+        if self.name not in consortium.roster:
+            raise HospitalError(f"{self.name}: its policy ({self.policy.source}) has a consortium roster {sorted(consortium.roster)} without it")
+        return Trust(weight=weight, colluders=self.policy.colluders, fewest=consortium.fewest_hospitals, roster=consortium.roster,
+                     identity=Identity(consortium.identity, self.name), record=record)
 
     def ready(self) -> bool:
         """Whether it holds its data and model: not in a process Ray has just restarted."""
@@ -233,6 +248,7 @@ class Hospital:
             self._charge_hospital_level(plan.round)
         # Until the round's state is saved, a failure leaves the hospital to rewind in whatever round comes next.
         self._fitted = sys.maxsize
+        start = blake3(np.ascontiguousarray(weights).tobytes()).hexdigest()  # what the change is from, whatever the round's number
         weights, layout = self._own(weights, layout)  # a narrower hospital trains its slice of the global model
         model = self._model_with(weights, layout)
         self._private_steps = {}
@@ -251,7 +267,7 @@ class Hospital:
         )
         update = self.local.finish(round, update, flat)
         buffers = frozenset(n for n, _ in self.model.named_buffers())
-        sending = outbound.Sending(plan.round, plan.seed, hook_setup, layout.size, buffers, self.residual)
+        sending = outbound.Sending(plan.round, plan.seed, hook_setup, layout.size, buffers, start, self.residual)
         sent = outbound.send(update, outbound.steps(self.config, self.hook, self.name, self.policy.colluders), sending)
         self.residual = sending.residual
         self._save_state(plan.round)
@@ -508,7 +524,9 @@ class Hospital:
         return state["round"]
 
     def hook_respond(self, round: int, request: Any) -> Any:
-        """The hospital's part in finishing an aggregation protocol (unmasking, decryption)."""
+        """The hospital's part in an aggregation protocol (set-up, unmasking, decryption)."""
+        if self.hook is None:
+            raise HospitalError(f"{self.name}: data not loaded; the pipeline calls load() first")
         return self.hook.respond(round, request)
 
 

@@ -44,6 +44,7 @@ class Sending:
     setup: Any  # the privacy hook's set-up message for this round
     size: int  # the global model's shared values; a SCAFFOLD control change follows them
     buffers: frozenset[str]  # the model's running statistics, which compression sends exactly
+    start: str  # a digest of the global weights the hospital trained from
     residual: np.ndarray | None = None  # top-k's error feedback, kept by the hospital from round to round
 
 
@@ -85,7 +86,8 @@ class PrivateNoise:
         fewest = self.hook.contributors_agreed(sending.round)
         if self.config.privacy.masking.enabled:  # its larger share must not wrap the ring either
             masking.check_ring(self.config, sending.size, self.colluders)
-        update = dp_fedavg.add_noise_share(update, self.config, dp_fedavg.noise_shares(self.config, fewest, self.colluders))
+        shares = dp_fedavg.noise_shares(self.config, fewest, self.colluders, quorum=fewest)
+        update = dp_fedavg.add_noise_share(update, self.config, shares)
         return dataclasses.replace(update, metrics={**update.metrics, "dp_fedavg_colluders": self.colluders})
 
 
@@ -111,7 +113,7 @@ class Encode:
                     f"round {sending.round} can complete with {fewest} hospitals; its policy assumes {self.colluders} of them "
                     f"collude with the driver, who with the sum would read this change: it needs at least {self.colluders + 2}"
                 )
-        return self.hook.encode(update, sending.setup)
+        return self.hook.encode(update, sending.setup, sending.start)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,13 @@ import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
@@ -329,6 +332,68 @@ def verify_peer(pem: bytes, authority: x509.Certificate, revoked: x509.Certifica
     if (entry := revoked.get_revoked_certificate_by_serial_number(cert.serial_number)) is not None:
         raise PeerRefused(f"the peer's certificate (serial {cert.serial_number:x}) was revoked on {entry.revocation_date_utc:%Y-%m-%d}")
     return cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+@dataclass
+class Identity:
+    """A party's own credentials in a folder: NAME.key (made there, never sent), NAME.crt (signed
+    by the authority), and the authority's ca.crt and crl.pem. It signs what the party says, and
+    vouches for a peer's certificate and signatures under its own authority and revocation list."""
+
+    folder: Path
+    name: str
+    _revocations: tuple[int, x509.CertificateRevocationList] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        for path in (self.key_file, self.certificate_file, self.authority_file, self.revocations_file):
+            if not path.is_file():
+                raise ConfigError(f"{path} is missing: cross-site mode needs {self.name}'s key and certificate, and the authority's ca.crt and crl.pem")
+        self.authority = x509.load_pem_x509_certificate(self.authority_file.read_bytes())
+        self.certificate = self.certificate_file.read_bytes()
+
+    @property
+    def key_file(self) -> Path:
+        return self.folder / f"{self.name}.key"
+
+    @property
+    def certificate_file(self) -> Path:
+        return self.folder / f"{self.name}.crt"
+
+    @property
+    def authority_file(self) -> Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def revocations_file(self) -> Path:
+        return self.folder / "crl.pem"
+
+    @cached_property
+    def _key(self) -> ec.EllipticCurvePrivateKey:
+        return serialization.load_pem_private_key(self.key_file.read_bytes(), None)
+
+    def revocations(self) -> x509.CertificateRevocationList:
+        """The revocation list on disk, re-read whenever the authority's new one replaces it."""
+        changed = os.stat(self.revocations_file).st_mtime_ns
+        if self._revocations is None or self._revocations[0] != changed:
+            self._revocations = changed, x509.load_pem_x509_crl(self.revocations_file.read_bytes())
+        return self._revocations[1]
+
+    def vouch(self, pem: bytes) -> str:
+        """The name a peer's certificate vouches for now, or PeerRefused naming why not."""
+        return verify_peer(pem, self.authority, self.revocations())
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    def check_signature(self, pem: bytes, signature: bytes, message: bytes, signer: str) -> None:
+        """PeerRefused unless `signer`'s certificate `pem` is vouched for and signed `message`."""
+        if (named := self.vouch(pem)) != signer:
+            raise PeerRefused(f"the certificate sent as {signer}'s names {named!r}")
+        try:
+            x509.load_pem_x509_certificate(pem).public_key().verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        except (InvalidSignature, ValueError, TypeError):
+            raise PeerRefused(f"{signer}'s signature does not match what it is said to have signed") from None
 
 
 def _issued(authority: Path) -> dict[str, dict]:

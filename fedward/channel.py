@@ -10,67 +10,18 @@ is code, or is deserialized as code.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
 
-from fedward.certificates import PeerRefused, verify_peer
+from fedward.certificates import Identity, PeerRefused
 from fedward.errors import ConfigError
 
 SERVICE = "fedward.Hospital"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 Method = Callable[[dict[str, Any], str], dict[str, Any]]  # (message, the caller's certified name) -> reply
-
-
-@dataclass
-class Identity:
-    """A party's own credentials in a folder: NAME.key (made there, never sent), NAME.crt (signed
-    by the authority), and the authority's ca.crt and crl.pem."""
-
-    folder: Path
-    name: str
-    _revocations: tuple[float, x509.CertificateRevocationList] | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.folder = Path(self.folder)
-        for path in (self.key_file, self.certificate_file, self.authority_file, self.revocations_file):
-            if not path.is_file():
-                raise ConfigError(f"{path} is missing: cross-site mode needs {self.name}'s key and certificate, and the authority's ca.crt and crl.pem")
-        self.authority = x509.load_pem_x509_certificate(self.authority_file.read_bytes())
-
-    @property
-    def key_file(self) -> Path:
-        return self.folder / f"{self.name}.key"
-
-    @property
-    def certificate_file(self) -> Path:
-        return self.folder / f"{self.name}.crt"
-
-    @property
-    def authority_file(self) -> Path:
-        return self.folder / "ca.crt"
-
-    @property
-    def revocations_file(self) -> Path:
-        return self.folder / "crl.pem"
-
-    def revocations(self) -> x509.CertificateRevocationList:
-        """The revocation list on disk, re-read whenever the authority's new one replaces it."""
-        changed = os.stat(self.revocations_file).st_mtime_ns
-        if self._revocations is None or self._revocations[0] != changed:
-            self._revocations = changed, x509.load_pem_x509_crl(self.revocations_file.read_bytes())
-        return self._revocations[1]
-
-    def peer(self, context: grpc.ServicerContext) -> str:
-        """The caller's certified name, or PeerRefused."""
-        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
-        return verify_peer(pem, self.authority, self.revocations())
 
 
 def serve(identity: Identity, address: str, methods: Mapping[str, Method], workers: int = 4) -> tuple[grpc.Server, int]:
@@ -114,7 +65,7 @@ def call(channel: grpc.Channel, method: str, message: dict[str, Any], timeout_s:
 def _admitted(identity: Identity, method: Method):
     def handle(message: dict[str, Any], context: grpc.ServicerContext) -> dict[str, Any]:
         try:
-            caller = identity.peer(context)
+            caller = identity.vouch((context.auth_context().get("x509_pem_cert") or [b""])[0])
         except PeerRefused as e:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{identity.name} refuses the call: {e}")
         return method(message, caller)

@@ -46,6 +46,15 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Append whole lines to a log, synced before returning: what was appended survives a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def json_safe(value):
     """NaN and infinities as null, since strict JSON readers refuse them."""
     if isinstance(value, float) and not math.isfinite(value):

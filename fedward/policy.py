@@ -15,6 +15,10 @@ simulation keeps one per hospital there); without either, the defaults below hol
         exports: ["/data/exports/ehr-*"]   # folders holding exports of it (relative: to this file's folder)
         budget: {epsilon: 3.0, delta: 1.0e-5, unit: patient}
     spend_log: /var/lib/fedward/privacy_spend.jsonl   # where every run's spend is kept (default: the work area)
+    consortium:            # cross-site mode: the hospital checks every peer itself (docs/deploy.md)
+      identity: /etc/fedward/identity   # its key and certificate (fedward request), ca.crt and crl.pem
+      roster: [hospital_a, hospital_b, hospital_c]   # the hospitals it federates with
+      fewest_hospitals: 3  # the fewest hospitals a round may complete with, and its noise share's size
 
 A run's config may ask for more protection than the policy, never less: a hospital refuses, before
 it reads any data, a config that would release cells smaller than its floor (subgroups.min_count,
@@ -53,6 +57,15 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Consortium:
+    """Cross-site mode: whom the hospital federates with and how it proves who it is."""
+
+    identity: Path  # folder of NAME.key, NAME.crt, ca.crt and crl.pem
+    roster: frozenset[str]
+    fewest_hospitals: int
+
+
+@dataclass(frozen=True)
 class HospitalPolicy:
     release_floor: int = 10
     budget: Budget | None = None
@@ -60,6 +73,7 @@ class HospitalPolicy:
     source: str = "the default policy"  # where it was read from, for messages
     data_source: str = "its data"  # the source whose budget holds for the data folder it was read for
     spend_log: Path | None = None  # None: the hospital's work area's
+    consortium: Consortium | None = None  # None: one trust domain with the driver
 
     def refusals(self, config: FedwardConfig) -> list[str]:
         """What in `config` asks for less protection than this policy, each naming the setting."""
@@ -110,7 +124,7 @@ def load_policy(path: Path, data_dir: Path | None = None) -> HospitalPolicy:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read the hospital's policy: {e}") from None
     where = str(path)
-    _fields(raw, {"release_floor", "budget", "colluders", "sources", "spend_log"}, where)
+    _fields(raw, {"release_floor", "budget", "colluders", "sources", "spend_log", "consortium"}, where)
     floor = _whole(raw.get("release_floor", HospitalPolicy.release_floor), 1, f"{where}: release_floor", "patients")
     colluders = _whole(raw.get("colluders", HospitalPolicy.colluders), 0, f"{where}: colluders", "hospitals")
     budget = _budget(raw["budget"], f"{where}: budget") if raw.get("budget") is not None else None
@@ -123,7 +137,21 @@ def load_policy(path: Path, data_dir: Path | None = None) -> HospitalPolicy:
         release_floor=floor, budget=held.budget if held else budget, colluders=colluders, source=where,
         data_source=held.name if held else HospitalPolicy.data_source,
         spend_log=None if spend_log is None else path.parent.resolve() / Path(spend_log).expanduser(),
+        consortium=_consortium(raw["consortium"], path.parent.resolve(), f"{where}: consortium") if raw.get("consortium") is not None else None,
     )
+
+
+def _consortium(raw: Any, folder: Path, where: str) -> Consortium:
+    _fields(raw, {"identity", "roster", "fewest_hospitals"}, where)
+    identity, roster = raw.get("identity"), raw.get("roster")
+    if not isinstance(identity, str):
+        raise ConfigError(f"{where}.identity: expected the folder of its key, certificate, ca.crt and crl.pem, got {identity!r}")
+    if not (isinstance(roster, list) and len(roster) >= 2 and all(isinstance(r, str) and r for r in roster) and len(set(roster)) == len(roster)):
+        raise ConfigError(f"{where}.roster: expected a list of at least two distinct hospital names, got {roster!r}")
+    fewest = _whole(raw.get("fewest_hospitals"), 2, f"{where}.fewest_hospitals", "hospitals")
+    if fewest > len(roster):
+        raise ConfigError(f"{where}.fewest_hospitals: {fewest} is more than the {len(roster)} hospitals of its roster")
+    return Consortium(folder / Path(identity).expanduser(), frozenset(roster), fewest)
 
 
 def _budget(b: Any, where: str) -> Budget:

@@ -7,14 +7,13 @@ its task, and the cells they come from, each counting at least its release floor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from fedward.checkpoint import read_metrics
 from fedward.errors import CheckpointError
-from fedward.files import atomic_write, json_safe
+from fedward.files import append_lines, atomic_write, json_safe
 from fedward.types import Evaluation
 
 
@@ -46,10 +45,7 @@ def append_metrics(run_dir: Path, record: dict) -> None:
     checkpointed round always has its line."""
     path = run_dir / "metrics.jsonl"
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_lines(path, [json.dumps(json_safe(record), allow_nan=False)])
     except OSError as e:  # the round is not checkpointed: a resume redoes it
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}; round {record['round']} will be redone when the run is resumed") from e
 

@@ -10,8 +10,12 @@ sum, which that hospital rounds before it leaves (an exact CKKS decryption leaks
 
 Trust: the driver follows the protocol (honest but curious) and colludes with no key holder.
 Every key holder can decrypt any ciphertext, and a driver that asked for one hospital's
-ciphertext to be decrypted would learn that update; only threshold decryption, which TenSEAL
-lacks, would remove that trust.
+ciphertext to be decrypted would learn that update; a driver that dealt a target a key of its own
+would read everything the target sends; and rounding a decrypted sum is not noise flooding. Only
+threshold CKKS, which nothing installable here offers (OpenFHE's wheels are for other Pythons,
+TenSEAL has no threshold mode), would remove that trust, so a hospital in cross-site mode refuses
+CKKS (`refuse_across_sites`): there pairwise masking gives the driver only sums under keys no party
+holds alone, trusting only X25519, ChaCha20 and the hospitals' signatures.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from fedward.config import FedwardConfig
 from fedward.declarations import EVERY_LAYER_SUMMED, LAYERS_APART, Declaration
 from fedward.errors import AggregationError, ConfigError
 from fedward.types import Layout, SealedUpdate, Update
-from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
+from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask, Trust
 from fedward.keys import agree, new_private_key, open_sealed, public_bytes, seal
 
 KEY_PURPOSE = "ckks-key"
@@ -99,8 +103,8 @@ class CkksHook(AggregationHook):
     form = "encrypted"
     reveals_individual_updates = False
 
-    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str):
-        super().__init__(config, hospital, run_id)
+    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str, trust: Trust | None = None):
+        super().__init__(config, hospital, run_id, trust)
         self.encryption = config.privacy.encryption
         self.slots = self.encryption.poly_modulus_degree // 2
         # The parameters only at the driver; the full context, secret key included, at a key holder.
@@ -262,6 +266,7 @@ class CkksHook(AggregationHook):
     # -- hospital -------------------------------------------------------------------------------
 
     def respond(self, round: int, request: Any) -> Any:
+        refuse_across_sites(self.trust, self.hospital)
         match request:
             case KeyOffer():
                 self._context, self._agreement_key = None, new_private_key()
@@ -309,7 +314,8 @@ class CkksHook(AggregationHook):
         values = np.concatenate([ts.ckks_vector_from(self._context, c).decrypt() for c in ciphertexts])
         return np.round(values, self.encryption.release_decimals)
 
-    def encode(self, update: Update, setup: float) -> SealedUpdate:
+    def encode(self, update: Update, setup: float, start: str) -> SealedUpdate:
+        refuse_across_sites(self.trust, self.hospital)
         if self._context is None or not self._context.is_private():
             raise AggregationError(f"round {update.round}, {update.hospital}: holds no CKKS key; it was left out of key set-up")
         encrypted, clear = _split(update.layout, self.encryption.layers)
@@ -320,6 +326,15 @@ class CkksHook(AggregationHook):
         )
         payload = EncryptedPayload(ciphertexts, scaled[clear].astype(np.float32))
         return SealedUpdate(update.round, update.hospital, self.form, payload, update.layout, update.num_examples, update.metrics)
+
+
+def refuse_across_sites(trust: Trust, hospital: str | None) -> None:
+    if trust.cross_site:
+        raise AggregationError(
+            f"{hospital}: refuses CKKS in cross-site mode: without threshold decryption every key holder can decrypt any "
+            "hospital's ciphertext the driver hands it, and a driver that deals a key of its own reads everything sent under it; "
+            "use privacy.masking, whose sums no single party can unmask"
+        )
 
 
 def _split(layout: Layout, layers: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:

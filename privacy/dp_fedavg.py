@@ -66,15 +66,17 @@ def _gaussian(size: int, std: float) -> np.ndarray:
     return np.random.default_rng().normal(0.0, std, size)  # seeded from OS entropy
 
 
-def noise_shares(config: FedwardConfig, fewest: int, colluders: int = 0) -> int:
+def noise_shares(config: FedwardConfig, fewest: int, colluders: int = 0, *, quorum: int | None = None) -> int:
     """Into how many shares each hospital's noise is cut, when at least `fewest` hospitals (and
-    never fewer than the quorum) complete a round. Removing a hospital from a round also removes
-    its share, and each of `colluders` hospitals that tell the driver their own shares takes its
-    share out too: the others must still carry the full variance."""
-    honest = max(config.run.min_hospitals, fewest) - 1 - colluders
+    never fewer than `quorum`, by default the run's min_hospitals) complete a round. Removing a
+    hospital from a round also removes its share, and each of `colluders` hospitals that tell the
+    driver their own shares takes its share out too: the others must still carry the full variance.
+    A hospital passes its own `quorum`: the run's min_hospitals is the driver's word."""
+    least = max(config.run.min_hospitals if quorum is None else quorum, fewest)
+    honest = least - 1 - colluders
     if colluders and honest < 1:
         raise ConfigError(
-            f"privacy.dp_fedavg: with as few as {max(config.run.min_hospitals, fewest)} hospitals in a round, {colluders} colluding "
+            f"privacy.dp_fedavg: with as few as {least} hospitals in a round, {colluders} colluding "
             f"with the driver leave no other hospital's noise to hide one update; ask for more hospitals per round "
             f"(run.min_hospitals, privacy.masking.dropout_tolerance) or assume fewer colluders"
         )

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from fedward.certificates import Identity
 from fedward.config import FedwardConfig
 from fedward.declarations import CLEAR, SAME_ROUND, WHOLE_SHAPE, Declaration
 from fedward.types import SealedUpdate, Update
@@ -35,15 +38,34 @@ AGGREGATE = "<aggregate>"
 Ask = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
+@dataclass(frozen=True)
+class Trust:
+    """What a hospital's half of a protocol relies on: its own node's settings and identity, never
+    the driver's word. Without an identity and a roster the hospital is in one trust domain with
+    the driver, which relays keys faithfully; in cross-site mode it checks every peer itself."""
+
+    weight: float = 1.0  # its weight in the mean, derived from its own data
+    colluders: int = 0  # hospitals of a round its policy assumes tell the driver what they hold
+    fewest: int | None = None  # the fewest hospitals its policy lets a round complete with
+    roster: frozenset[str] | None = None  # the hospitals its policy federates with; None: whoever the driver relays
+    identity: Identity | None = None  # signs its protocol messages and checks its peers'; None: unsigned
+    record: Path | None = None  # where it keeps, across restarts, which sums it helped unmask
+
+    @property
+    def cross_site(self) -> bool:
+        return self.identity is not None
+
+
 class AggregationHook(ABC):
     name: str
     form: str  # how an update leaves a hospital: "plain", "masked" or "encrypted"
     reveals_individual_updates: bool  # False for hooks whose driver only sees a sum
 
-    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str):
+    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str, trust: Trust | None = None):
         self.config = config
         self.hospital = hospital  # None at the driver
         self.run_id = run_id
+        self.trust = trust or Trust()  # the driver's is never read
 
     def start(self, hospitals: Sequence[str], ask: Ask) -> None:
         """Set-up that lasts the run (driver); hospitals that fail it are left out of rounds."""
@@ -54,7 +76,8 @@ class AggregationHook(ABC):
         return {h: None for h in weights}
 
     @abstractmethod
-    def encode(self, update: Update, setup: Any) -> Update | SealedUpdate: ...
+    def encode(self, update: Update, setup: Any, start: str) -> Update | SealedUpdate:
+        """`start`: a digest of the global weights the update was trained from."""
 
     @abstractmethod
     def combine(self, round: int, received: Iterable[Update | SealedUpdate]) -> Any: ...
@@ -71,8 +94,8 @@ class AggregationHook(ABC):
         return 1
 
     def contributors_agreed(self, round: int) -> int:
-        """At a hospital: the fewest contributors to `round` it agreed to in set-up (1: none agreed).
-        A hospital sizes its noise share from this and the config, not from the driver's word."""
+        """At a hospital: the fewest contributors to `round` it relies on (1: none agreed). A
+        hospital sizes its noise share from this, which its own policy bounds."""
         return 1
 
     def describe(self) -> dict[str, Any]:
@@ -98,7 +121,7 @@ class PlaintextHook(AggregationHook):
     form = "plain"
     reveals_individual_updates = True
 
-    def encode(self, update: Update, setup: Any) -> Update:
+    def encode(self, update: Update, setup: Any, start: str) -> Update:
         return update
 
     def combine(self, round: int, received: Iterable[Update]) -> Sequence[Update]:
@@ -108,15 +131,16 @@ class PlaintextHook(AggregationHook):
         return combined
 
 
-def build_hook(config: FedwardConfig, hospital: str | None, run_id: str) -> AggregationHook:
-    """The hook the config asks for, at the driver (`hospital` None) or at a hospital."""
+def build_hook(config: FedwardConfig, hospital: str | None, run_id: str, trust: Trust | None = None) -> AggregationHook:
+    """The hook the config asks for, at the driver (`hospital` None) or at a hospital, which
+    relies on `trust`."""
     # Imported here: each pulls in its crypto library, needed only when configured.
     if config.privacy.masking.enabled:
         from fedward.privacy.masking import MaskingHook
 
-        return MaskingHook(config, hospital, run_id)
+        return MaskingHook(config, hospital, run_id, trust)
     if config.privacy.encryption.enabled:
         from fedward.privacy.ckks import CkksHook
 
-        return CkksHook(config, hospital, run_id)
-    return PlaintextHook(config, hospital, run_id)
+        return CkksHook(config, hospital, run_id, trust)
+    return PlaintextHook(config, hospital, run_id, trust)

@@ -9,7 +9,6 @@ truncates. Every epsilon comes from `privacy.accounting`; none is summed by hand
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from fedward import outflows
 from fedward.config import FedwardConfig
 from fedward.errors import CheckpointError
+from fedward.files import append_lines
 from fedward.privacy import dp_fedavg, dp_sgd
 from fedward.privacy.accounting import ACCOUNTANT, GaussianSteps, epsilon
 
@@ -36,11 +36,7 @@ def dp_sgd_steps(metrics: Mapping[str, float]) -> GaussianSteps:
 def record_spend(path: Path, entries: Sequence[dict]) -> None:
     """Append to a spend log, synced. Spending is logged before the training that spends it and
     never removed: a retried or resumed round, or an update lost on the way, is charged too."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(e) + "\n" for e in entries))
-        f.flush()
-        os.fsync(f.fileno())
+    append_lines(path, [json.dumps(e) for e in entries])
 
 
 def read_spend(path: Path) -> list[dict]:

@@ -12,33 +12,51 @@ the mask private key of each one whose update did not, never both for one hospit
 update is ever unmasked. A reconstructed secret is checked against the hospital's commitment or
 public key: altered shares fail the round instead of giving a wrong model.
 
-Trust: the driver relays keys faithfully (the full protocol signs them; a driver that swapped
-public keys could read shares), and fewer hospitals collude with it than a round's survivors less
+A hospital takes nothing that decides what it reveals from the driver's word (`Trust`):
+
+- its weight it derives from its own data and signs into its advertisement; its scale it computes
+  from the signed weights of the round's participants, and refuses a set-up that says otherwise;
+- in cross-site mode every advertisement is signed under the sender's certified identity, and a
+  hospital shares its secrets only with peers its own authority vouches for and its own policy's
+  roster names, so a driver can neither invent peers nor swap a peer's keys;
+- it accepts a threshold only if it is at least its policy's fewest hospitals and more than half
+  of the sharing hospitals plus the colluders its policy assumes (2t > n + c);
+- before any secret is revealed, the survivor set is agreed (Bonawitz et al.'s consistency check):
+  each survivor signs the one set it is told, and a hospital reveals shares only for a set that t
+  survivors signed. With 2t > n + c, two different stories cannot both gather t signatures;
+- it never helps unmask two sums over different survivor sets from the same starting weights (by
+  digest), whatever the round number or seed: its record of unmaskings outlives restarts.
+
+Outside cross-site mode (one trust domain) advertisements are unsigned and the driver relays keys
+faithfully. In either mode fewer hospitals collude with the driver than a round's survivors less
 one: with exactly t survivors, t - 1 colluders and the driver take their own changes from the sum
 and read the last one's (a hospital refuses rounds too small for the colluders its policy assumes,
-actors/outbound.py). A driver that told hospitals different stories about who dropped still
-unmasks no one: each hospital gives at most one of a hospital's two secrets, and t is more than
-half of the hospitals holding shares.
+actors/outbound.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fedward.certificates import PeerRefused
 from fedward.config import FedwardConfig
 from fedward.errors import AggregationError, ConfigError
+from fedward.files import append_lines
 from fedward.types import Layout, SealedUpdate, Update
 from fedward.privacy import dp_fedavg
-from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask
+from fedward.privacy.hooks import AGGREGATE, AggregationHook, Ask, Trust
 from fedward.keys import agree, derive_key, keystream, new_private_key, open_sealed, private_bytes, private_key_from, public_bytes, seal
 
 SECRET_BYTES = 32  # the self-mask seed b and an X25519 private key
@@ -93,6 +111,9 @@ class Advertisement:
     cipher_key: bytes  # X25519 public key the others encrypt their shares for this hospital under
     mask_key: bytes  # X25519 public key the pairwise masks are agreed with
     commitment: bytes  # SHA-256 of the self-mask seed, bound to run, round and hospital
+    weight: float  # its weight in the mean, which it derived from its own data
+    certificate: bytes = b""  # cross-site: its certificate (PEM), which vouches for its name
+    signature: bytes = b""  # cross-site: over all of the above, bound to run, round and name
 
 
 @dataclass(frozen=True)
@@ -104,12 +125,21 @@ class ShareSecrets:
 
 
 @dataclass(frozen=True)
+class ConfirmSurvivors:
+    """Sign the one survivor set the round will be unmasked over (answer: the signature; empty
+    outside cross-site mode)."""
+
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Unmask:
     """Give this hospital's shares of the seeds of `survivors` and the mask keys of `dropped`
-    (answer: an `UnmaskShares`)."""
+    (answer: an `UnmaskShares`); `confirmations` are the survivors' signatures on the set."""
 
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+    confirmations: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,7 +153,7 @@ class MaskingSetup:
     """A hospital's set-up message: who masks with it, its scale, and the shares sealed for it."""
 
     round: int
-    scale: float  # its weight over the participants' total weight
+    scale: float  # its weight over the participants' total weight, as the driver computed it
     mask_keys: dict[str, bytes]  # participant -> mask public key
     shares: dict[str, bytes]  # participant -> its shares for this hospital, sealed
 
@@ -154,7 +184,9 @@ class _HospitalRound:
     threshold: int = 0
     peers: dict[str, Advertisement] = field(default_factory=dict)  # whom it shared its secrets with
     participants: tuple[str, ...] = ()  # set once it has masked its update
+    start: str = ""  # a digest of the weights its update was trained from
     shares: dict[str, bytes] = field(default_factory=dict)  # participant -> its share of seed + mask key
+    confirmed: tuple[str, ...] | None = None  # the survivor set it signed
     revealed_seeds: set[str] = field(default_factory=set)
     revealed_mask_keys: set[str] = field(default_factory=set)
 
@@ -164,13 +196,13 @@ class MaskingHook(AggregationHook):
     form = "masked"
     reveals_individual_updates = False
 
-    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str):
-        super().__init__(config, hospital, run_id)
+    def __init__(self, config: FedwardConfig, hospital: str | None, run_id: str, trust: Trust | None = None):
+        super().__init__(config, hospital, run_id, trust)
         self.masking = config.privacy.masking
         self.ring = np.dtype(f"<u{self.masking.ring_bits // 8}")
         self._rounds: dict[int, Any] = {}  # round -> _DriverRound at the driver, _HospitalRound at a hospital
         self._last_threshold: int | None = None
-        self._unmasked: dict[int, set[str]] = {}  # at a hospital: round -> the survivors whose sum it unmasked
+        self._unmasked = UnmaskRecord(self.trust.record)  # at a hospital
 
     def _begin(self, round: int, state: Any) -> None:
         # An older round's secrets are of no use once a new round starts: keep none longer.
@@ -180,24 +212,27 @@ class MaskingHook(AggregationHook):
         return max(1, planned - self.masking.dropout_tolerance)
 
     def contributors_agreed(self, round: int) -> int:
-        return self._hospital_round(round).threshold
+        if self.trust.fewest is not None:  # its threshold is at least this: its policy's word, not the driver's
+            return self.trust.fewest
+        return max(self.config.run.min_hospitals, self._hospital_round(round).threshold)
 
     def describe(self) -> dict[str, Any]:
         m = self.masking
         return {
             **super().describe(),
-            "protocol": "pairwise masking with dropout recovery (Bonawitz et al. 2017), honest-but-curious driver",
+            "protocol": "pairwise masking with dropout recovery and signed consistency checks (Bonawitz et al. 2017)",
             "ring_bits": m.ring_bits,
             "fraction_bits": m.fraction_bits,
             "clip": m.clip,
             "dropout_tolerance": m.dropout_tolerance,
-            "threshold_rule": "hospitals planned for the round - dropout_tolerance; at least 2 and more than half",
+            "threshold_rule": "hospitals planned for the round - dropout_tolerance; at least 2, and each hospital checks 2t > n + its assumed colluders",
             "last_threshold": self._last_threshold,
             "key_agreement": "X25519, fresh keys every round",
             "prg": "ChaCha20 keystream under 256-bit HKDF-SHA256 keys bound to run, round and pair",
             "secret_sharing": "Shamir over GF(2^128) (pycryptodome), 32-byte secrets as two 16-byte halves",
             "share_encryption": "ChaCha20-Poly1305 under X25519-agreed keys",
             "seed_commitment": "SHA-256",
+            "signatures": "ECDSA P-256 under the hospitals' certified identities (cross-site mode); none in one trust domain",
         }
 
     # -- driver ---------------------------------------------------------------------------------
@@ -216,8 +251,8 @@ class MaskingHook(AggregationHook):
                 raise AggregationError(f"round {round}, {h}: aggregation weight {weights[h]}, masking needs a positive weight")
         adverts = {h: a for h, a in ask({h: Advertise() for h in planned}).items() if h in weights}
         for h, advert in adverts.items():
-            if not (isinstance(advert, Advertisement) and len(advert.cipher_key) == len(advert.mask_key) == 32):
-                raise AggregationError(f"round {round}, {h}: answered the advertise request without two X25519 public keys")
+            if not (isinstance(advert, Advertisement) and len(advert.cipher_key) == len(advert.mask_key) == 32 and advert.weight > 0):
+                raise AggregationError(f"round {round}, {h}: answered the advertise request without two X25519 public keys and a positive weight")
         _need_quorum(round, "advertised keys", adverts, planned, threshold)
 
         sealed = {h: s for h, s in ask({h: ShareSecrets(threshold, adverts) for h in adverts}).items() if h in adverts}
@@ -226,7 +261,7 @@ class MaskingHook(AggregationHook):
                 raise AggregationError(f"round {round}, {h}: answered the share request without one sealed share per hospital")
         _need_quorum(round, "shared their secrets", sealed, planned, threshold)
 
-        participants = {h: float(weights[h]) for h in sorted(sealed)}
+        participants = {h: adverts[h].weight for h in sorted(sealed)}  # the weights each signed, which scale its update
         total = math.fsum(participants.values())
         self._begin(round, _DriverRound(threshold, {h: i + 1 for i, h in enumerate(sorted(adverts))}, adverts, participants))
         self._last_threshold = threshold
@@ -264,7 +299,14 @@ class MaskingHook(AggregationHook):
             raise AggregationError(
                 f"round {round}: {len(survivors)} masked updates arrived, unmasking needs {state.threshold}; dropped: {why}"
             )
-        answers = ask({h: Unmask(survivors, gone) for h in survivors})
+        signed = ask({h: ConfirmSurvivors(survivors) for h in survivors})
+        confirmations = {h: c for h, c in signed.items() if h in survivors and isinstance(c, bytes)}
+        if len(confirmations) < state.threshold:
+            raise AggregationError(
+                f"round {round}: {len(confirmations)} survivors confirmed the survivor set, unmasking needs {state.threshold}; "
+                f"silent: {sorted(set(survivors) - set(confirmations))}"
+            )
+        answers = ask({h: Unmask(survivors, gone, confirmations) for h in survivors})
 
         def recover(owner: str, secret: str, what: str) -> bytes:
             shares = {}
@@ -314,13 +356,18 @@ class MaskingHook(AggregationHook):
                 return self._advertise(round)
             case ShareSecrets():
                 return self._share(round, request)
+            case ConfirmSurvivors():
+                return self._confirm(round, request)
             case Unmask():
                 return self._unmask(round, request)
         raise AggregationError(f"round {round}, {self.hospital}: the masking hook cannot answer a {type(request).__name__}")
 
     def _advertise(self, round: int) -> Advertisement:
         cipher_key, mask_key, seed = new_private_key(), new_private_key(), os.urandom(SECRET_BYTES)
-        advert = Advertisement(public_bytes(cipher_key), public_bytes(mask_key), _commitment(self.run_id, round, self.hospital, seed))
+        advert = Advertisement(public_bytes(cipher_key), public_bytes(mask_key), _commitment(self.run_id, round, self.hospital, seed), self.trust.weight)
+        if (identity := self.trust.identity) is not None:
+            advert = dataclasses.replace(advert, certificate=identity.certificate)
+            advert = dataclasses.replace(advert, signature=identity.sign(_advert_message(self.run_id, round, self.hospital, advert)))
         self._begin(round, _HospitalRound(cipher_key, mask_key, seed, advert))
         return advert
 
@@ -329,9 +376,8 @@ class MaskingHook(AggregationHook):
         peers, t = request.peers, request.threshold
         if peers.get(self.hospital) != state.advertisement:
             raise AggregationError(f"round {round}, {self.hospital}: the share request does not carry the keys it advertised")
-        if not (2 <= t <= len(peers) and 2 * t > len(peers)):
-            raise AggregationError(f"round {round}, {self.hospital}: refuses threshold {t} among {len(peers)} hospitals; "
-                                   "it must be at least 2 and more than half")
+        _check_peers(self.trust, self.run_id, round, self.hospital, peers)
+        _check_threshold(self.trust, round, self.hospital, t, len(peers))
         state.threshold, state.peers = t, dict(peers)
         # One share per peer, in name order: share i + 1 goes to the i-th peer.
         shares = _split(state.seed + private_bytes(state.mask_key), t, len(peers))
@@ -340,7 +386,7 @@ class MaskingHook(AggregationHook):
             for v, share in zip(sorted(peers), shares)
         }
 
-    def encode(self, update: Update, setup: MaskingSetup) -> SealedUpdate:
+    def encode(self, update: Update, setup: MaskingSetup, start: str) -> SealedUpdate:
         round, me = setup.round, self.hospital
         state = self._hospital_round(round)
         if state.participants:
@@ -351,6 +397,7 @@ class MaskingHook(AggregationHook):
             raise AggregationError(f"round {round}, {me}: the set-up message does not fit this update or names too few participants")
         if any(v not in state.peers or state.peers[v].mask_key != setup.mask_keys[v] for v in participants) or set(setup.shares) != set(participants):
             raise AggregationError(f"round {round}, {me}: the set-up message's keys or shares differ from those shared in set-up")
+        scale = _agreed_scale(round, me, state.peers, participants, setup.scale)
         delta = update.delta.astype(np.float64)
         if not np.isfinite(delta).all():
             raise AggregationError(f"round {round}, {me}: the update holds non-finite values; refusing to mask it")
@@ -358,14 +405,14 @@ class MaskingHook(AggregationHook):
             u: open_sealed(self._share_key(state, u, round), setup.shares[u], self._share_context(round, u, me), f"round {round}: shares from {u} for {me}")
             for u in participants
         }
-        state.participants = participants
+        state.participants, state.start = participants, start
 
         if not self.config.privacy.dp_fedavg.enabled:
             delta = np.clip(delta, -self.masking.clip, self.masking.clip)
         # Under hospital-level DP the delta was clipped in norm (to at most masking.clip, which the
         # config requires) before its noise share was added; clipping the noised delta again would
         # cut the noise. Ring arithmetic wraps exactly, so the driver still gets the noised sum.
-        fixed = np.rint(delta * setup.scale * 2.0**self.masking.fraction_bits).astype(np.int64)
+        fixed = np.rint(delta * scale * 2.0**self.masking.fraction_bits).astype(np.int64)
         masked = fixed.astype(self.ring)  # two's complement: negative values wrap into the ring
         masked += self._prg(_seed_key(state.seed, self.run_id, round, me), masked.size)
         for v in participants:
@@ -376,6 +423,26 @@ class MaskingHook(AggregationHook):
                 else:
                     masked -= pad
         return SealedUpdate(round, me, self.form, masked, update.layout, update.num_examples, update.metrics)
+
+    def _confirm(self, round: int, request: ConfirmSurvivors) -> bytes:
+        me, state = self.hospital, self._rounds.get(round)
+        survivors = tuple(sorted(request.survivors))
+        refusal = None
+        if state is None or not state.participants:
+            refusal = "it sent no masked update this round"
+        elif state.confirmed not in (None, survivors):
+            refusal = f"it already signed the survivor set {list(state.confirmed)}; two sets would let their difference be unmasked"
+        elif me not in survivors:
+            refusal = "the set leaves out this hospital, which sent its update"
+        elif unknown := sorted(set(survivors) - set(state.participants)):
+            refusal = f"the set names {unknown}, who are not participants"
+        elif len(survivors) < state.threshold:
+            refusal = f"the set names {len(survivors)} survivors, fewer than the threshold {state.threshold}"
+        if refusal:
+            raise AggregationError(f"round {round}, {me}: refuses to confirm survivors {list(survivors)}: {refusal}")
+        state.confirmed = survivors
+        identity = self.trust.identity
+        return identity.sign(_survivors_message(self.run_id, round, survivors)) if identity is not None else b""
 
     def _unmask(self, round: int, request: Unmask) -> UnmaskShares:
         me = self.hospital
@@ -392,15 +459,19 @@ class MaskingHook(AggregationHook):
             refusal = f"names {len(survivors)} survivors, fewer than the threshold {state.threshold}"
         elif me in gone:
             refusal = "lists this hospital as dropped, but it sent its update"
-        elif self._unmasked.get(round, survivors) != survivors:
-            # A retried round trains to the same deltas: two sums over different survivors would
-            # give the driver their difference, one hospital's update.
-            refusal = f"already unmasked this round's sum of {sorted(self._unmasked[round])}; another sum would reveal the difference"
+        elif missing := set(state.participants) - survivors - gone:
+            refusal = f"leaves {sorted(missing)} neither survived nor dropped"
+        else:
+            refusal = _confirmation_problem(self.trust, self.run_id, round, state, tuple(sorted(survivors)), request.confirmations)
+        if refusal is None and (earlier := self._unmasked.survivors(state.start)) not in (None, sorted(survivors)):
+            # A round retrained from the same weights gives the same changes, under any round number
+            # or seed: two sums over different survivors would give the driver their difference.
+            refusal = f"already unmasked a sum of {earlier} from the same starting weights; another set would reveal the difference"
         if refusal:
             raise AggregationError(f"round {round}, {me}: refuses the unmask request: it {refusal}")
+        self._unmasked.add(state.start, sorted(survivors), self.run_id, round)
         state.revealed_seeds |= survivors
         state.revealed_mask_keys |= gone
-        self._unmasked[round] = survivors
         return UnmaskShares(
             seeds={u: state.shares[u][:SECRET_BYTES] for u in sorted(survivors)},
             mask_keys={u: state.shares[u][SECRET_BYTES:] for u in sorted(gone)},
@@ -424,6 +495,113 @@ class MaskingHook(AggregationHook):
 
     def _prg(self, key: bytes, size: int) -> np.ndarray:
         return np.frombuffer(keystream(key, size * self.ring.itemsize), dtype=self.ring)
+
+
+# -- a hospital's checks of what the driver says; each names the inconsistency it refuses --------
+
+
+def _advert_message(run_id: str, round: int, hospital: str, advert: Advertisement) -> bytes:
+    return _message("masking-advertisement", run_id, round, hospital, advert.cipher_key.hex(), advert.mask_key.hex(),
+                    advert.commitment.hex(), repr(float(advert.weight)), advert.certificate.decode())
+
+
+def _survivors_message(run_id: str, round: int, survivors: Sequence[str]) -> bytes:
+    return _message("masking-survivors", run_id, round, *sorted(survivors))
+
+
+def _message(*parts: Any) -> bytes:
+    return json.dumps(["fedward", *parts]).encode()
+
+
+def _check_peers(trust: Trust, run_id: str, round: int, me: str, peers: Mapping[str, Advertisement]) -> None:
+    """Share secrets only with peers the hospital's own roster names and, in cross-site mode, its
+    own authority vouches for, each advertisement signed by the peer it names."""
+    where = f"round {round}, {me}: refuses to share its secrets"
+    if trust.roster is not None and (strangers := sorted(set(peers) - trust.roster)):
+        raise AggregationError(f"{where}: the share request names {strangers}, who are not in its policy's roster {sorted(trust.roster)}")
+    for name, advert in sorted(peers.items()):
+        if not (isinstance(advert.weight, float) and math.isfinite(advert.weight) and advert.weight > 0):
+            raise AggregationError(f"{where}: {name} advertises weight {advert.weight!r}, expected a positive number")
+        if trust.identity is not None:
+            try:
+                trust.identity.check_signature(advert.certificate, advert.signature, _advert_message(run_id, round, name, advert), name)
+            except PeerRefused as e:
+                raise AggregationError(f"{where}: {name}'s advertisement is refused: {e}") from None
+
+
+def _check_threshold(trust: Trust, round: int, me: str, threshold: int, holders: int) -> None:
+    """A threshold two stories about who dropped cannot both reach, with the colluders its policy
+    assumes signing both, and no lower than its policy's fewest hospitals."""
+    least = max(2, (holders + trust.colluders) // 2 + 1, trust.fewest or 0)
+    if not least <= threshold <= holders:
+        raise AggregationError(
+            f"round {round}, {me}: refuses threshold {threshold} among {holders} hospitals: with the {trust.colluders} colluder(s) "
+            f"its policy assumes{f' and its fewest_hospitals {trust.fewest}' if trust.fewest else ''} it must be at least {least} "
+            f"(at least 2, more than half of {holders} + {trust.colluders})"
+        )
+
+
+def _agreed_scale(round: int, me: str, peers: Mapping[str, Advertisement], participants: Sequence[str], claimed: float) -> float:
+    """Its own weight over the participants' signed weights; a set-up that says otherwise is refused."""
+    own = peers[me].weight / math.fsum(peers[v].weight for v in sorted(participants))
+    if not math.isclose(claimed, own, rel_tol=1e-12):
+        raise AggregationError(
+            f"round {round}, {me}: refuses the set-up's scale {claimed!r}: its weight over the participants' signed weights is {own!r}"
+        )
+    return own
+
+
+def _confirmation_problem(trust: Trust, run_id: str, round: int, state: _HospitalRound, survivors: tuple[str, ...],
+                          confirmations: Mapping[str, bytes]) -> str | None:
+    """Why the survivors' signatures on `survivors` do not show that t of them were told this same
+    set (cross-site mode only: in one trust domain the driver's word is taken)."""
+    if trust.identity is None:
+        return None
+    valid = []
+    for name, signature in sorted(confirmations.items()):
+        if name in survivors and name in state.peers:
+            advert = state.peers[name]
+            try:
+                trust.identity.check_signature(advert.certificate, signature, _survivors_message(run_id, round, survivors), name)
+            except PeerRefused:
+                continue
+            valid.append(name)
+    if len(valid) < state.threshold:
+        return (f"holds {len(valid)} valid survivor signatures on {list(survivors)} ({valid}), fewer than the threshold {state.threshold}: "
+                "the survivors may have been told different sets")
+    return None
+
+
+class UnmaskRecord:
+    """Which survivor set a hospital helped unmask from each starting weights' digest, kept in its
+    own area across restarts and runs (JSON lines), so no two sums from the same weights differ."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._sets: dict[str, list[str]] | None = None
+
+    def survivors(self, start: str) -> list[str] | None:
+        return self._read().get(start)
+
+    def add(self, start: str, survivors: list[str], run_id: str, round: int) -> None:
+        if self._read().get(start) == survivors:
+            return
+        if self.path is not None:
+            append_lines(self.path, [json.dumps({"start": start, "survivors": survivors, "run": run_id, "round": round})])
+        self._sets[start] = survivors
+
+    def _read(self) -> dict[str, list[str]]:
+        if self._sets is None:
+            self._sets = {}
+            if self.path is not None and self.path.exists():
+                for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                    try:
+                        entry = json.loads(line)
+                        self._sets.setdefault(entry["start"], entry["survivors"])
+                    except (ValueError, KeyError, TypeError):
+                        raise AggregationError(f"{self.path}, line {n}: unreadable record of an unmasking; "
+                                               "the hospital refuses to unmask until it is mended") from None
+        return self._sets
 
 
 def _need_quorum(round: int, what: str, answered: Mapping[str, Any], planned: Sequence[str], threshold: int) -> None:

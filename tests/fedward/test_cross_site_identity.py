@@ -13,8 +13,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fedward.certificates import PeerRefused, create_authority, revoke, sign_request, verify_peer, write_request
-from fedward.channel import Identity, call, connect, serve
+from fedward.certificates import Identity, PeerRefused, create_authority, revoke, sign_request, verify_peer, write_request
+from fedward.channel import call, connect, serve
 from fedward.errors import ConfigError
 
 TIMEOUT_S = 10

@@ -11,7 +11,7 @@ import numpy as np
 
 from fedward.config import FedwardConfig, parse_config
 from fedward.types import Layout, Update
-from fedward.privacy.hooks import AggregationHook, build_hook
+from fedward.privacy.hooks import AggregationHook, Trust, build_hook
 
 
 def config_with(privacy: dict, hospitals: int, min_hospitals: int = 2) -> FedwardConfig:
@@ -46,10 +46,11 @@ def random_updates(config: FedwardConfig, round: int, size: int, seed: int = 0, 
 
 
 class Federation:
-    def __init__(self, config: FedwardConfig, run_id: str = "test-run"):
+    def __init__(self, config: FedwardConfig, run_id: str = "test-run", trust: Mapping[str, Trust] | None = None):
         self.config = config
         self.driver = build_hook(config, None, run_id)
-        self.hospitals: dict[str, AggregationHook] = {h.name: build_hook(config, h.name, run_id) for h in config.hospitals}
+        trust = trust or {}
+        self.hospitals: dict[str, AggregationHook] = {h.name: build_hook(config, h.name, run_id, trust.get(h.name)) for h in config.hospitals}
         self.received: list[tuple[str, Any]] = []  # (hospital, message) for everything sent to the driver
         self.silent: set[str] = set()  # hospitals that stopped answering
         self.current_round = 0
@@ -68,17 +69,22 @@ class Federation:
         self.current_round = 0
         self.driver.start(sorted(self.hospitals), self.ask)
 
-    def round(self, round: int, updates: Mapping[str, Update], drop_after_setup: Collection[str] = ()) -> Sequence[Update]:
+    def round(self, round: int, updates: Mapping[str, Update], drop_after_setup: Collection[str] = (), start: str | None = None) -> Sequence[Update]:
         """One aggregation: set-up, encode at each hospital, combine and finish at the driver.
-        Hospitals in `drop_after_setup` take part in set-up, then go silent before sending."""
+        Hospitals in `drop_after_setup` take part in set-up, then go silent before sending.
+        Each hospital's own weight is its update's; `start` names the weights the updates were
+        trained from (by default, one set per round number)."""
         self.current_round = round
+        for name, update in updates.items():
+            hook = self.hospitals[name]
+            hook.trust = dataclasses.replace(hook.trust, weight=update.weight)
         setups = self.driver.setup(round, {h: u.weight for h, u in updates.items()}, self.ask)
         self.silent |= set(drop_after_setup)
         sent = []
         for name in sorted(setups):
             if name in self.silent:
                 continue
-            encoded = self.hospitals[name].encode(updates[name], setups[name])
+            encoded = self.hospitals[name].encode(updates[name], setups[name], start or f"weights before round {round}")
             self.received.append((name, encoded))
             sent.append(encoded)
         dropped = {h: "went silent" for h in setups if h in self.silent}

@@ -70,7 +70,7 @@ def test_no_decrypting_hospital_fails_the_round():
     fed.start()
     updates = random_updates(fed.config, 1, 100)
     setups = fed.driver.setup(1, {h: u.weight for h, u in updates.items()}, fed.ask)
-    combined = fed.driver.combine(1, [fed.hospitals[h].encode(updates[h], s) for h, s in setups.items()])
+    combined = fed.driver.combine(1, [fed.hospitals[h].encode(updates[h], s, "start") for h, s in setups.items()])
     fed.silent |= set(fed.hospitals)
 
     with pytest.raises(AggregationError, match="round 1: no key holder decrypted"):
@@ -194,7 +194,7 @@ def test_hospital_without_key_refuses_to_decrypt():
     outsider = federation().hospitals["h0"]  # same names, never given this run's key
     updates = random_updates(fed.config, 1, 100)
     setups = fed.driver.setup(1, {h: u.weight for h, u in updates.items()}, fed.ask)
-    ciphertext = fed.hospitals["h0"].encode(updates["h0"], setups["h0"]).payload.ciphertexts
+    ciphertext = fed.hospitals["h0"].encode(updates["h0"], setups["h0"], "start").payload.ciphertexts
 
     with pytest.raises(AggregationError, match="h0: holds no CKKS secret key"):
         outsider.respond(1, Decrypt(ciphertext))
@@ -208,13 +208,13 @@ def test_driver_refuses_updates_it_cannot_add():
     fed.start()
     updates = random_updates(fed.config, 1, 100)
     setups = fed.driver.setup(1, {h: u.weight for h, u in updates.items() if h != "h2"}, fed.ask)
-    encoded = {h: fed.hospitals[h].encode(updates[h], s) for h, s in setups.items()}
+    encoded = {h: fed.hospitals[h].encode(updates[h], s, "start") for h, s in setups.items()}
 
     with pytest.raises(AggregationError, match="round 1, h0: expected an encrypted update, got form 'plain'"):
         fed.driver.combine(1, [updates["h0"]])
     with pytest.raises(AggregationError, match="round 1, h0: sent a second update"):
         fed.driver.combine(1, [encoded["h0"], encoded["h0"]])
-    outsider = fed.hospitals["h2"].encode(updates["h2"], 0.5)
+    outsider = fed.hospitals["h2"].encode(updates["h2"], 0.5, "start")
     with pytest.raises(AggregationError, match="round 1, h2: sent an update without this round's set-up"):
         fed.driver.combine(1, [encoded["h0"], outsider])
     truncated = dataclasses.replace(encoded["h1"], payload=EncryptedPayload((), encoded["h1"].payload.clear))

@@ -106,7 +106,7 @@ def test_a_hospital_sizes_its_share_for_its_own_colluders_and_the_ledger_reports
         def contributors_agreed(self, round):
             return 6
 
-    sending = outbound.Sending(1, 0, None, update.delta.size, None, None)
+    sending = outbound.Sending(1, 0, None, update.delta.size, None, "start", None)
     sent = outbound.PrivateNoise(config, Agreed(), colluders=2).apply(update, sending)
     assert np.std(sent.delta) == pytest.approx(2.0 * 0.5 / np.sqrt(6 - 1 - 2), rel=0.01) and sent.metrics["dp_fedavg_colluders"] == 2
     records = [{"round": r, "privacy": {"dp_fedavg": {"participants": [f"h{i}" for i in range(6)], "fewest": 6,
@@ -126,7 +126,7 @@ def test_masking_is_refused_where_the_assumed_colluders_and_the_driver_would_rea
             return 3  # a round completes with 3 survivors
 
     update = random_updates(config, 1, 10, scale=1.0)["h0"]
-    sending = outbound.Sending(1, 0, None, 10, None, None)
+    sending = outbound.Sending(1, 0, None, 10, None, "start", None)
     with pytest.raises(HospitalError, match="round 1 can complete with 3 hospitals; its policy assumes 2 of them collude .* at least 4"):
         outbound.Encode(Threshold(), colluders=2).apply(update, sending)
 

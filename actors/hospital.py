@@ -34,16 +34,17 @@ from fedward.config import DATA_ROOT_ENV, FedwardConfig, HospitalConfig
 from fedward.errors import DataError, DeploymentError, HospitalError
 from fedward.files import atomic_torch_save, atomic_write_json
 from fedward.policy import SPEND_LOG, HospitalPolicy, load_policy, policy_file
-from fedward import release, subgroups
+from fedward import approval, outflows, release, subgroups
+from fedward.audit import AUDIT_LOG, AuditLog, Release, releases
 from fedward.seeds import derived_seed
-from fedward.tasks import build_task
+from fedward.tasks import Task, build_task
 from fedward.types import DataCounts, Evaluation, GroupBins, Layout, RoundPlan, SealedUpdate, Update
 from fedward.models.flat import flatten, layout_digest, layout_of, load_flat
 from fedward import width
 from fedward.models import export, training
 from fedward.models.networks import build_model
 from fedward.strategies import build_strategy
-from fedward.strategies.base import LocalRound
+from fedward.strategies.base import LocalRound, LocalTraining, Strategy
 from fedward.privacy import dp_fedavg, dp_sgd, ledger
 from fedward.privacy.accounting import GaussianSteps, epsilon
 from fedward.privacy.hooks import AggregationHook, Trust, build_hook
@@ -78,9 +79,10 @@ class Hospital:
         self.config = config
         self.run_id = run_id
         self.hook: AggregationHook | None = None  # built once it has read its policy and data, which it relies on
-        self.task = build_task(config.task, config.run.study_dir)
-        self.strategy = build_strategy(config, config.run.study_dir)
-        self.local = self.strategy.local()  # the strategy's hospital half, with what it keeps here
+        # The study's task and strategy, imported only once its policy allows their code (load).
+        self.task: Task | None = None
+        self.strategy: Strategy | None = None
+        self.local: LocalTraining | None = None  # the strategy's hospital half, with what it keeps here
         self.scale: dict[str, float] | None = None  # the targets' scale the consortium agreed (regression)
         self.samples: Samples | None = None
         self.train_idx = self.holdout_idx = self.validation_idx = np.zeros(0, np.int64)
@@ -94,6 +96,7 @@ class Hospital:
         self._fitted: int | None = None  # the last round this hospital trained in
         self.notes: dict[str, str] = {}  # the data report's problems that cost no sample
         self.policy = HospitalPolicy()  # its own, read from its node when it loads its data
+        self._audit: AuditLog | None = None  # signed once its policy names its identity
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -122,6 +125,7 @@ class Hospital:
             return str(e)
         return None if folder.is_dir() else f"{self.name}: data folder {folder} does not exist on this node"
 
+    @releases("data counts")
     def load(self, record: bool = True) -> DataCounts:
         """Read and check the data, split it by patient; only counts leave the hospital.
 
@@ -134,6 +138,7 @@ class Hospital:
         # Its own policy, read here and trusted over the shipped config: refused before any data is read.
         self.policy = load_policy(policy_file(self.work_dir), self.data_dir)
         self.policy.require(self.config, self.name)
+        self._import_study()
         report = DataReport(self.name)
         data = self.config.data
         attributes = self.config.subgroups.attributes
@@ -171,7 +176,9 @@ class Hospital:
             split["validation"] = ids[self.validation_idx].tolist()
         if record:
             atomic_write_json(self.run_dir / "split.json", split)
-        self.hook = build_hook(self.config, self.name, self.run_id, self._trust())
+        trust = self._trust()
+        self._audit = AuditLog(self.work_dir / AUDIT_LOG, self.name, trust.identity)
+        self.hook = build_hook(self.config, self.name, self.run_id, trust)
         return DataCounts(
             hospital=self.name,
             train_examples=len(self.train_idx),
@@ -185,6 +192,20 @@ class Hospital:
             validation_examples=len(self.validation_idx),
         )
 
+    def _import_study(self) -> None:
+        """Import the study's code: in cross-site mode only code its operator approved, by a digest
+        it computes itself before importing anything."""
+        study_dir = self.config.run.study_dir
+        code = None
+        if self.policy.consortium is not None:
+            code = approval.study_code(self.config, study_dir)
+            approval.require_approved(code, policy_file(self.work_dir), self.name, self.run_dir / "study_code.json")
+        if self.task is None:
+            self.task = build_task(self.config.task, study_dir)
+            self.strategy = build_strategy(self.config, study_dir)
+            self.local = self.strategy.local()
+        approval.check_imported(code, study_dir, self.name)
+
     def _trust(self) -> Trust:
         """What its half of the aggregation protocol relies on: its own policy and data."""
         weight = dp_fedavg.aggregation_weight(self.config, len(self.train_idx))
@@ -197,16 +218,33 @@ class Hospital:
         return Trust(weight=weight, colluders=self.policy.colluders, fewest=consortium.fewest_hospitals, roster=consortium.roster,
                      identity=Identity(consortium.identity, self.name), record=record)
 
+    def record_release(self, what: str, args: tuple, result: Any) -> None:
+        """Its audit log's entry for `result`, about to leave for the driver as `what`."""
+        round = next((a.round if isinstance(a, RoundPlan) else a for a in args
+                      if isinstance(a, RoundPlan) or (isinstance(a, int) and not isinstance(a, bool))), None)
+        protection = outflows.protection(what)
+        if what == "model update, every round":
+            p = self.config.privacy
+            protection = f"sent {self.hook.form}" + "".join(
+                f"; {name}" for name, on in (("DP-FedAvg: clipped, with its noise share", p.dp_fedavg.enabled and not self.hook.reveals_individual_updates),
+                                             ("DP-FedAvg: clipped, noised by the driver", p.dp_fedavg.enabled and self.hook.reveals_individual_updates),
+                                             ("trained under DP-SGD", p.dp_sgd.enabled)) if on)
+        if self._audit is None:  # released before its policy was read (a failed load): unsigned
+            self._audit = AuditLog(self.work_dir / AUDIT_LOG, self.name)
+        self._audit.record(Release(self.run_id, round, what, "the driver", protection), result)
+
     def ready(self) -> bool:
         """Whether it holds its data and model: not in a process Ray has just restarted."""
         return self.model is not None
 
+    @releases("feature summaries for harmonization (tables), before round 1")
     def summarize(self) -> TableSummary | None:
         """Summary statistics of the training split for federated harmonization (tables only)."""
         if self.config.data.kind != "table":
             return None
         return summarize(self._loaded().features.take(self.train_idx), self.config.data.table, self.name)
 
+    @releases("target sums (regression), before round 1")
     def summarize_targets(self) -> dict[str, float] | None:
         """The task's sums over the training split's targets, for the scale the hospitals agree on
         (regression: count, sum, sum of squares); None when the task needs none."""
@@ -225,6 +263,7 @@ class Hospital:
         self.personal = self.strategy.personal_keys(self.model)
         return tuple(self.x.shape[1:])
 
+    @releases("build report, before round 1")
     def model_report(self) -> dict[str, object]:
         """What this hospital built its model with (versions, the study code's provenance), from
         its own installation: the driver stops a run whose hospitals disagree."""
@@ -238,6 +277,7 @@ class Hospital:
 
     # -- training and evaluation ------------------------------------------------------------------
 
+    @releases("model update, every round")
     def fit(self, plan: RoundPlan, weights: np.ndarray, layout: Layout, hook_setup: Any = None, broadcast: Any = None) -> Update | SealedUpdate:
         """Train on the global weights as the strategy's hospital half does and return the change,
         protected as the run's privacy asks. `broadcast` is what the strategy's driver half sends
@@ -347,6 +387,7 @@ class Hospital:
             raise HospitalError(f"{self.name}: no validation part; train.validation_fraction is 0")
         return self.evaluate_model(self._model_with(weights, layout), round, self.validation_idx)
 
+    @releases("evaluation in the clear, every round")
     def evaluate_model(self, model: nn.Module, round: int, rows: np.ndarray | None = None) -> Evaluation:
         """What this hospital releases of `model` on its held-out split (or `rows`), under its own
         release floor; its exact statistics go only padded."""
@@ -362,23 +403,28 @@ class Hospital:
 
     # -- the evaluation key (fedward/pooling.py) ---------------------------------------------------
 
+    @releases("aggregation protocol messages")
     def evaluation_public_key(self) -> bytes:
         return self.evaluation_key.public()
 
+    @releases("aggregation protocol messages")
     def evaluation_deal(self, publics: dict[str, bytes]) -> dict[str, bytes]:
         return self.evaluation_key.deal(publics)
 
     def evaluation_accept(self, dealer: str, dealer_public: bytes, sealed: bytes) -> None:
         self.evaluation_key.accept(dealer, dealer_public, sealed)
 
+    @releases("evaluation statistics, every round")
     def open_pooled(self, summed: PaddedSum) -> dict:
         """The pooled figures of hospitals' padded statistics, rounded; nothing else of the sum leaves."""
         return release.rounded(self.task.pooled(self.evaluation_key.open(summed), self.policy.release_floor), POOLED_DIGITS)
 
+    @releases("figures per patient group (`subgroups:`)")
     def open_group_pooled(self, summed: PaddedSum) -> dict:
         """A patient group's pooled figures (fedward/subgroups.py), as `open_pooled`."""
         return release.rounded(subgroups.pooled_figures(self.evaluation_key.open(summed), self.config.subgroups.threshold), POOLED_DIGITS)
 
+    @releases("figures per patient group (`subgroups:`)")
     def evaluate_subgroups(self, weights: np.ndarray, layout: Layout) -> GroupBins:
         """The model's score bins per patient group of the held-out split; groups too small
         to hide their patients stay here."""
@@ -426,6 +472,7 @@ class Hospital:
 
     # -- explanations -----------------------------------------------------------------------------
 
+    @releases("explanation aggregates (`explain:`)")
     def explain(self, round: int, weights: np.ndarray, layout: Layout) -> ExplanationSummary:
         """SHAP of the global model on this hospital's held-out patients; only aggregates return."""
         model = self._model_with(weights, layout)
@@ -523,6 +570,7 @@ class Hospital:
         self.local.load_state_dict(state, self.model)
         return state["round"]
 
+    @releases("aggregation protocol messages")
     def hook_respond(self, round: int, request: Any) -> Any:
         """The hospital's part in an aggregation protocol (set-up, unmasking, decryption)."""
         if self.hook is None:

@@ -352,6 +352,14 @@ class Identity:
         self.authority = x509.load_pem_x509_certificate(self.authority_file.read_bytes())
         self.certificate = self.certificate_file.read_bytes()
 
+    def __getstate__(self) -> dict:
+        # Keys and certificates do not pickle: a hospital put to sleep reads them again on waking.
+        return {"folder": self.folder, "name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.folder, self.name, self._revocations = state["folder"], state["name"], None
+        self.__post_init__()
+
     @property
     def key_file(self) -> Path:
         return self.folder / f"{self.name}.key"

@@ -25,7 +25,8 @@ OUTFLOWS = (
     Outflow("model update, every round", "the change of the weights (flat float32), its weight and example count",
             "the driver", "as `privacy:` sets it: in the clear, masked (secure aggregation) or CKKS-encrypted; clipped and noised under "
             "DP-FedAvg or trained under DP-SGD, with ε in this ledger",
-            "tests/privacy/test_masking.py, tests/privacy/test_ckks.py, tests/privacy/test_dp_fedavg.py, tests/privacy/test_dp_sgd.py"),
+            "tests/privacy/test_masking.py, tests/privacy/test_lying_driver.py, tests/privacy/test_ckks.py, tests/privacy/test_dp_fedavg.py, "
+            "tests/privacy/test_dp_sgd.py"),
     Outflow("training metrics, every round", "train_loss (and DP-SGD's noise multiplier, sample rate and steps)",
             "the driver; metrics.jsonl, privacy.json", "none: a mean over training batches; covered by DP-SGD only when it is on",
             "not tested"),
@@ -59,6 +60,13 @@ OUTFLOWS = (
             "OTHER counts are released as they are", "not tested"),
     Outflow("target sums (regression), before round 1", "count, sum and sum of squares of the training split's targets", "the driver",
             "sums over all training patients", "not tested"),
+    Outflow("aggregation protocol messages", "set-up of secure aggregation, encryption and the evaluation key: public keys, "
+            "signed advertisements and weights, sealed shares of secrets, signed survivor sets, unmasking shares, decrypted sums",
+            "the driver, relayed to the other hospitals", "shares sealed for their recipient (ChaCha20-Poly1305 under X25519); a hospital "
+            "checks what it is told before it answers (docs/privacy.md, \"Against a lying driver\")",
+            "tests/privacy/test_masking.py, tests/privacy/test_lying_driver.py, tests/fedward/test_pooling.py"),
+    Outflow("build report, before round 1", "fedward's and torch's versions, the study code's provenance (a file's sha256 or a "
+            "package's version), the model layout's digest", "the driver", "none: it names code, not data", "not tested"),
     Outflow("model update screening", "norms, distances and cosines of each change to the round's median, computed by the driver",
             "metrics.jsonl", "computed only from changes the driver sees in the clear", "not tested"),
     Outflow("fingerprints", "a hash of the usable inputs' content hashes; a hash of the held-out sample ids",
@@ -67,6 +75,10 @@ OUTFLOWS = (
 )
 
 BEGIN, END = "<!-- outflows table: begin -->", "<!-- outflows table: end -->"
+
+
+def protection(what: str) -> str:
+    return next(o.protection for o in OUTFLOWS if o.what == what)
 
 
 def ledger_rows() -> list[dict[str, str]]:

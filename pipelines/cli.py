@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +99,28 @@ def _request(args) -> None:
         print(f"wrote {path}")
 
 
+def _approve(args) -> None:
+    from fedward.approval import approve
+    from fedward.policy import POLICY_ENV
+
+    policy = args.policy or os.environ.get(POLICY_ENV)
+    if not policy:
+        raise ConfigError(f"fedward approve: name the hospital's policy file with --policy, or set {POLICY_ENV} as its node does")
+    print(f"approved {args.digest} in {approve(Path(policy).expanduser(), args.digest, args.note)}")
+
+
+def _audit(args) -> None:
+    from fedward.audit import read
+
+    certificate = Path(args.certificate).read_bytes() if args.certificate else None
+    entries = read(Path(args.log), certificate)
+    for e in entries:
+        round = "" if e["round"] is None else f"round {e['round']}"
+        print(f"{e['time']}  {e['run']}  {round:>9}  {e['what']} -> {e['to']}: {e['protection']} ({e['bytes']} bytes, blake3 {e['blake3'][:16]})")
+    signed = "each line signed by the certificate's key" if certificate else "signatures not checked (pass --certificate)"
+    print(f"{len(entries)} entries; the chain is unbroken; {signed}")
+
+
 def _report(args) -> None:
     from fedward.explain.report import write_consortium_report
 
@@ -179,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the hospital's own folder for NAME.key (stays there) and NAME.csr (goes to the authority)")
     p.add_argument("--rotate", action="store_true", help="a new key; the old key and certificate are kept as NAME.old.key and NAME.old.crt")
     p.set_defaults(func=_request)
+
+    p = sub.add_parser("approve", help="cross-site mode, at a hospital: approve study code by the digest a refused run named")
+    p.add_argument("digest", help="sha256:... as the hospital's refusal names it (what it covers: study_code.json in its run folder)")
+    p.add_argument("--policy", help="the hospital's policy file; approvals are kept beside it (default: $FEDWARD_POLICY)")
+    p.add_argument("--note", default="", help="why, or who reviewed it; kept with the approval")
+    p.set_defaults(func=_approve)
+
+    p = sub.add_parser("audit", help="at a hospital: check and print its own audit log of what it released (audit.jsonl in its work area)")
+    p.add_argument("log", help="the hospital's audit.jsonl")
+    p.add_argument("--certificate", help="the hospital's certificate (NAME.crt): check that every line was signed with its key")
+    p.set_defaults(func=_audit)
 
     p = sub.add_parser("status", help="show where a run directory stands")
     p.add_argument("run_dir")

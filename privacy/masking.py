@@ -535,9 +535,9 @@ def _check_threshold(trust: Trust, round: int, me: str, threshold: int, holders:
     least = max(2, (holders + trust.colluders) // 2 + 1, trust.fewest or 0)
     if not least <= threshold <= holders:
         raise AggregationError(
-            f"round {round}, {me}: refuses threshold {threshold} among {holders} hospitals: with the {trust.colluders} colluder(s) "
-            f"its policy assumes{f' and its fewest_hospitals {trust.fewest}' if trust.fewest else ''} it must be at least {least} "
-            f"(at least 2, more than half of {holders} + {trust.colluders})"
+            f"round {round}, {me}: refuses threshold {threshold} among {holders} hospitals: it must be at least {least} (at least 2, "
+            f"its policy's fewest_hospitals {trust.fewest or 2}, and more than half of {holders} hospitals plus the "
+            f"{trust.colluders} colluder(s) its policy assumes) and at most {holders}"
         )
 
 

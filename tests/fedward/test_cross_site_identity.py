@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import stat
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,33 +15,14 @@ from cryptography.hazmat.primitives import serialization
 from fedward.certificates import Identity, PeerRefused, create_authority, revoke, sign_request, verify_peer, write_request
 from fedward.channel import call, connect, serve
 from fedward.errors import ConfigError
+from tests.consortium import consortium as enrolled, enrol, publish
 
 TIMEOUT_S = 10
 
 
-def enrol(authority: Path, site: Path, name: str) -> Identity:
-    """What a hospital and the authority each do: the key is made at the site, the request
-    travels to the authority, the certificate and the authority's public files travel back."""
-    _, request = write_request(site, name, ["127.0.0.1"])
-    inbox = authority / "requests"
-    inbox.mkdir(exist_ok=True)
-    certificate = sign_request(authority, shutil.copy(request, inbox / request.name))
-    shutil.copy(certificate, site / f"{name}.crt")
-    publish(authority, site)
-    return Identity(site, name)
-
-
-def publish(authority: Path, site: Path) -> None:
-    for public in ("ca.crt", "crl.pem"):
-        shutil.copy(authority / public, site / public)
-
-
 @pytest.fixture
 def consortium(tmp_path):
-    authority = tmp_path / "authority"
-    create_authority(authority)
-    sites = {name: enrol(authority, tmp_path / name, name) for name in ("hospital_a", "hospital_b")}
-    return authority, sites
+    return enrolled(tmp_path, ["hospital_a", "hospital_b"])
 
 
 def test_a_hospitals_key_never_leaves_it_and_its_certificate_names_it(consortium, tmp_path):

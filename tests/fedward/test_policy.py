@@ -40,6 +40,10 @@ def test_a_policy_is_read_from_the_work_area_or_the_node_and_each_bad_field_is_n
                       ({"colluders": -1}, "colluders: expected a whole number of hospitals >= 0, got -1"),
                       ({"sources": {"ehr": {"exports": "/data/ehr", "budget": {"epsilon": 1}}}}, "sources.ehr.exports: expected a list of folder patterns"),
                       ({"sources": {"ehr": {"exports": ["/data/ehr"], "budget": {"epsilon": 0}}}}, "sources.ehr.budget.epsilon: expected a number > 0"),
+                      ({"consortium": {"roster": ["a", "b"], "fewest_hospitals": 2}}, "consortium.identity: expected the folder of its key"),
+                      ({"consortium": {"identity": "id", "roster": ["a", "a"], "fewest_hospitals": 2}}, "consortium.roster: expected a list of at least two distinct"),
+                      ({"consortium": {"identity": "id", "roster": ["a", "b"], "fewest_hospitals": 3}}, "consortium.fewest_hospitals: 3 is more than the 2 hospitals of its roster"),
+                      ({"consortium": {"identity": "id", "roster": ["a", "b"]}}, "consortium.fewest_hospitals: expected a whole number of hospitals >= 2, got None"),
                       ({"floor": 5}, r"unknown field\(s\) \['floor'\]")]:
         write_policy(tmp_path, bad)
         with pytest.raises(ConfigError, match=f"{tmp_path / 'policy.yaml'}: {says}"):
@@ -63,6 +67,28 @@ def test_a_shipped_config_cannot_loosen_the_hospitals_policy(demo_data, tmp_path
     with pytest.raises(HospitalError, match=f"hospital_a: the run asks for less protection than its policy \\({tmp_path}/sites/hospital_a/policy.yaml\\): .*{says}"):
         Hospital("hospital_a", config, "loose").load()
     assert Hospital("hospital_b", config, "loose").load().train_examples > 0
+
+
+def test_a_hospital_in_cross_site_mode_signs_as_its_certified_self_and_checks_its_own_roster(demo_data, tmp_path):
+    from fedward.privacy.masking import Advertise, _advert_message
+    from tests.consortium import consortium
+
+    _, identities = consortium(tmp_path / "pki", ["hospital_a", "hospital_b"])
+    config = parse_config({**ehr_config(demo_data, tmp_path), "privacy": {"masking": {"enabled": True}}})
+    site = tmp_path / "sites" / "hospital_a"
+    write_policy(site, {"consortium": {"identity": "../../pki/hospital_a", "roster": ["hospital_a", "hospital_b"], "fewest_hospitals": 2}})
+    hospital = Hospital("hospital_a", config, "cross-site")
+    hospital.load()
+    advert = hospital.hook_respond(1, Advertise())
+    assert advert.weight == len(hospital.train_idx)  # its own weight, from its own data
+    identities["hospital_b"].check_signature(advert.certificate, advert.signature, _advert_message("cross-site", 1, "hospital_a", advert), "hospital_a")
+
+    write_policy(site, {"consortium": {"identity": "../../pki/hospital_a", "roster": ["hospital_b", "hospital_c"], "fewest_hospitals": 2}})
+    with pytest.raises(HospitalError, match=r"hospital_a: its policy .* has a consortium roster \['hospital_b', 'hospital_c'\] without it"):
+        Hospital("hospital_a", config, "cross-site").load()
+    write_policy(site, {"consortium": {"identity": "../../pki/nowhere", "roster": ["hospital_a", "hospital_b"], "fewest_hospitals": 2}})
+    with pytest.raises(ConfigError, match=r"pki/nowhere/hospital_a.key is missing: cross-site mode needs hospital_a's key and certificate"):
+        Hospital("hospital_a", config, "cross-site").load()
 
 
 def test_a_stricter_config_than_the_policy_runs(demo_data, tmp_path):

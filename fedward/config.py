@@ -558,6 +558,7 @@ class HospitalConfig:
     work_dir: str | None = None  # its own area for caches, reports, state; default DATA/.fedward
     cpus: float = 0.5
     model: dict[str, Any] = field(default_factory=dict)  # per-hospital model options
+    address: str | None = None  # run.hosting cross_site: its service's host:port (fedward serve)
 
     def __post_init__(self):
         _need(
@@ -595,8 +596,11 @@ class RunConfig:
     # How the simulation runs its hospitals: on a pool of shared worker processes ("auto" and
     # "pool"), each in its own process as on a cluster ("per_hospital"), or all in the driver's
     # process ("in_process", for debugging). On a cluster "auto" means per_hospital: a hospital
-    # runs on the node holding its data.
-    hosting: Literal["auto", "pool", "per_hospital", "in_process"] = "auto"
+    # runs on the node holding its data. "cross_site": each hospital is its own service in its own
+    # trust domain (`fedward serve`), reached at hospitals[].address under the driver's `identity`.
+    hosting: Literal["auto", "pool", "per_hospital", "in_process", "cross_site"] = "auto"
+    identity: str | None = None  # cross_site: the driver's folder of NAME.key, NAME.crt, ca.crt, crl.pem
+    identity_name: str = "driver"  # cross_site: the name the driver's certificate vouches for
     workers: int | None = None  # the pool's worker processes; default one per CPU
     resident_hospitals: int = 64  # hospitals a pool worker keeps in memory; the others wait on disk
     # Where a study's own components (model.target, task.target) are imported from besides installed
@@ -646,6 +650,10 @@ class FedwardConfig:
             self.run.min_hospitals <= len(names),
             f"run.min_hospitals={self.run.min_hospitals} but only {len(names)} hospitals are listed",
         )
+        if self.run.hosting == "cross_site":
+            _need(self.run.identity is not None, "run.identity: run.hosting cross_site needs the driver's identity folder (fedward request)")
+            missing = [h.name for h in self.hospitals if not h.address]
+            _need(not missing, f"hospitals: {missing} have no address; run.hosting cross_site reaches each hospital's service at its host:port")
         expected = {"table": "mlp", "dicom": "cnn"}[self.data.kind]
         _need(
             self.model.kind in (None, expected),
@@ -914,8 +922,8 @@ def config_to_dict(config: FedwardConfig) -> dict:
 # content is checked by fingerprint instead).
 OPERATIONAL = {
     "run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s", "min_free_mb",
-            "hosting", "workers", "resident_hospitals", "study_dir"),
-    "hospitals": ("data", "work_dir", "cpus"),
+            "hosting", "workers", "resident_hospitals", "study_dir", "identity", "identity_name"),
+    "hospitals": ("data", "work_dir", "cpus", "address"),
 }
 
 

@@ -19,6 +19,7 @@ simulation keeps one per hospital there); without either, the defaults below hol
       identity: /etc/fedward/identity   # its key and certificate (fedward request), ca.crt and crl.pem
       roster: [hospital_a, hospital_b, hospital_c]   # the hospitals it federates with
       fewest_hospitals: 3  # the fewest hospitals a round may complete with, and its noise share's size
+      updates: masked      # how its updates may leave: masked (the default), or plain to a driver it trusts with them
 
 A run's config may ask for more protection than the policy, never less: a hospital refuses, before
 it reads any data, a config that would release cells smaller than its floor (subgroups.min_count,
@@ -63,6 +64,7 @@ class Consortium:
     identity: Path  # folder of NAME.key, NAME.crt, ca.crt and crl.pem
     roster: frozenset[str]
     fewest_hospitals: int
+    updates: Literal["masked", "plain"] = "masked"
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class HospitalPolicy:
                     out.append("privacy.dp_sgd.unit=sample protects rows, but it protects patients (budget.unit: patient)")
                 if dp.delta > budget.delta:
                     out.append(f"privacy.dp_sgd.delta={dp.delta:g} is above its budget's delta {budget.delta:g}")
+        if self.consortium is not None and self.consortium.updates == "masked" and not config.privacy.masking.enabled:
+            out.append("privacy.masking is off, but in cross-site mode its updates leave only masked (consortium.updates: masked)")
         return out
 
     def require(self, config: FedwardConfig, hospital: str) -> None:
@@ -142,7 +146,9 @@ def load_policy(path: Path, data_dir: Path | None = None) -> HospitalPolicy:
 
 
 def _consortium(raw: Any, folder: Path, where: str) -> Consortium:
-    _fields(raw, {"identity", "roster", "fewest_hospitals"}, where)
+    _fields(raw, {"identity", "roster", "fewest_hospitals", "updates"}, where)
+    if raw.get("updates", "masked") not in ("masked", "plain"):
+        raise ConfigError(f"{where}.updates: expected 'masked' or 'plain', got {raw['updates']!r}")
     identity, roster = raw.get("identity"), raw.get("roster")
     if not isinstance(identity, str):
         raise ConfigError(f"{where}.identity: expected the folder of its key, certificate, ca.crt and crl.pem, got {identity!r}")
@@ -151,7 +157,7 @@ def _consortium(raw: Any, folder: Path, where: str) -> Consortium:
     fewest = _whole(raw.get("fewest_hospitals"), 2, f"{where}.fewest_hospitals", "hospitals")
     if fewest > len(roster):
         raise ConfigError(f"{where}.fewest_hospitals: {fewest} is more than the {len(roster)} hospitals of its roster")
-    return Consortium(folder / Path(identity).expanduser(), frozenset(roster), fewest)
+    return Consortium(folder / Path(identity).expanduser(), frozenset(roster), fewest, raw.get("updates", "masked"))
 
 
 def _budget(b: Any, where: str) -> Budget:

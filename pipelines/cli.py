@@ -109,6 +109,26 @@ def _approve(args) -> None:
     print(f"approved {args.digest} in {approve(Path(policy).expanduser(), args.digest, args.note)}")
 
 
+def _serve(args) -> None:
+    import signal
+    import threading
+
+    from fedward.actors.site import SiteSettings, serve_hospital
+
+    settings = SiteSettings(
+        name=args.name, identity=Path(args.identity), data=Path(args.data), work_dir=Path(args.work_dir), policy=Path(args.policy),
+        study=Path(args.study) if args.study else None, driver=args.driver, hosting=args.hosting,
+    )
+    server, port = serve_hospital(settings, args.address)
+    host = args.address.rsplit(":", 1)[0]
+    print(f"{args.name} serving on {host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+
+
 def _audit(args) -> None:
     from fedward.audit import read
 
@@ -208,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="the hospital's policy file; approvals are kept beside it (default: $FEDWARD_POLICY)")
     p.add_argument("--note", default="", help="why, or who reviewed it; kept with the approval")
     p.set_defaults(func=_approve)
+
+    p = sub.add_parser("serve", help="cross-site mode, at a hospital: run its own service, which a driver reaches over mutual TLS")
+    p.add_argument("--name", required=True, help="the hospital's name, as its certificate and the consortium's configs name it")
+    p.add_argument("--identity", required=True, help="its folder of NAME.key, NAME.crt, ca.crt and crl.pem (fedward request)")
+    p.add_argument("--address", required=True, help="host:port to listen on (port 0: any free one, printed)")
+    p.add_argument("--data", required=True, help="its data folder: whatever a run's config says")
+    p.add_argument("--work-dir", required=True, help="its own area for caches, state, reports and its audit log")
+    p.add_argument("--policy", required=True, help="its policy file, with a consortium section (roster, fewest_hospitals)")
+    p.add_argument("--study", help="the folder it imports approved study code from (fedward approve)")
+    p.add_argument("--driver", default="driver", help="the certified name of the only driver it answers")
+    p.add_argument("--hosting", choices=["ray", "in_process"], default="ray", help="its hospital a Ray actor on its own Ray (default), or in this process")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("audit", help="at a hospital: check and print its own audit log of what it released (audit.jsonl in its work area)")
     p.add_argument("log", help="the hospital's audit.jsonl")

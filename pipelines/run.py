@@ -38,6 +38,7 @@ from fedward.pipelines.global_model import GlobalModel
 from fedward.pipelines.handover import Handover, explanation_due, models_out, subgroups_due
 from fedward.pipelines.manifest import record_builds, record_data, record_invocation
 from fedward.pipelines.rounds import TRUSTED, Rounds, privacy_units, selection_after
+from fedward.pipelines.sites import open_sites
 from fedward.privacy.hooks import build_hook
 from fedward.strategies import build_strategy
 from fedward.tasks import build_task
@@ -137,7 +138,9 @@ class Pipeline:
         started = start_ray(self.config, self.address, pool)
         try:
             at_hospitals = self.config.with_paths_from(self.started_in)
-            if self.config.run.hosting == "in_process":
+            if self.config.run.hosting == "cross_site":
+                self.hospitals = open_sites(at_hospitals, self.run_id)
+            elif self.config.run.hosting == "in_process":
                 self.hospitals = start_in_process(at_hospitals, self.run_id)
             elif pool:
                 self.hospitals, self.processes = start_pool(at_hospitals, self.run_id)

@@ -49,7 +49,7 @@ def cross_site_hospital(demo_data, tmp_path, module: str):
     site.mkdir(parents=True)
     policy = site / "policy.yaml"
     policy.write_text(yaml.safe_dump({"consortium": {"identity": str(identities["hospital_a"].folder), "roster": ["hospital_a", "hospital_b"],
-                                                     "fewest_hospitals": 2}}))
+                                                     "fewest_hospitals": 2, "updates": "plain"}}))
     return config, study / module, policy
 
 

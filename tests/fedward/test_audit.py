@@ -29,7 +29,7 @@ def test_every_release_is_logged_chained_and_signed_and_an_altered_or_removed_li
     site = tmp_path / "sites" / "hospital_a"
     site.mkdir(parents=True)
     (site / "policy.yaml").write_text(yaml.safe_dump({"consortium": {"identity": str(identities["hospital_a"].folder),
-                                                                     "roster": ["hospital_a", "hospital_b"], "fewest_hospitals": 2}}))
+                                                                     "roster": ["hospital_a", "hospital_b"], "fewest_hospitals": 2, "updates": "plain"}}))
     hospital = Hospital("hospital_a", config, "audited")
     counts = hospital.load()
     summary = hospital.summarize()

@@ -44,6 +44,7 @@ def test_a_policy_is_read_from_the_work_area_or_the_node_and_each_bad_field_is_n
                       ({"consortium": {"identity": "id", "roster": ["a", "a"], "fewest_hospitals": 2}}, "consortium.roster: expected a list of at least two distinct"),
                       ({"consortium": {"identity": "id", "roster": ["a", "b"], "fewest_hospitals": 3}}, "consortium.fewest_hospitals: 3 is more than the 2 hospitals of its roster"),
                       ({"consortium": {"identity": "id", "roster": ["a", "b"]}}, "consortium.fewest_hospitals: expected a whole number of hospitals >= 2, got None"),
+                      ({"consortium": {"identity": "id", "roster": ["a", "b"], "fewest_hospitals": 2, "updates": "clear"}}, "consortium.updates: expected 'masked' or 'plain'"),
                       ({"floor": 5}, r"unknown field\(s\) \['floor'\]")]:
         write_policy(tmp_path, bad)
         with pytest.raises(ConfigError, match=f"{tmp_path / 'policy.yaml'}: {says}"):
@@ -82,6 +83,10 @@ def test_a_hospital_in_cross_site_mode_signs_as_its_certified_self_and_checks_it
     advert = hospital.hook_respond(1, Advertise())
     assert advert.weight == len(hospital.train_idx)  # its own weight, from its own data
     identities["hospital_b"].check_signature(advert.certificate, advert.signature, _advert_message("cross-site", 1, "hospital_a", advert), "hospital_a")
+
+    plain = parse_config(ehr_config(demo_data, tmp_path))  # a driver that turned masking off
+    with pytest.raises(HospitalError, match=r"privacy.masking is off, but in cross-site mode its updates leave only masked"):
+        Hospital("hospital_a", plain, "cross-site").load()
 
     write_policy(site, {"consortium": {"identity": "../../pki/hospital_a", "roster": ["hospital_b", "hospital_c"], "fewest_hospitals": 2}})
     with pytest.raises(HospitalError, match=r"hospital_a: its policy .* has a consortium roster \['hospital_b', 'hospital_c'\] without it"):

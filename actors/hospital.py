@@ -198,6 +198,7 @@ class Hospital:
         study_dir = self.config.run.study_dir
         code = None
         if self.policy.consortium is not None:
+            approval.keep_bytecode_out(self.work_dir / "bytecode")
             code = approval.study_code(self.config, study_dir)
             approval.require_approved(code, policy_file(self.work_dir), self.name, self.run_dir / "study_code.json")
         if self.task is None:
@@ -229,7 +230,7 @@ class Hospital:
                 f"; {name}" for name, on in (("DP-FedAvg: clipped, with its noise share", p.dp_fedavg.enabled and not self.hook.reveals_individual_updates),
                                              ("DP-FedAvg: clipped, noised by the driver", p.dp_fedavg.enabled and self.hook.reveals_individual_updates),
                                              ("trained under DP-SGD", p.dp_sgd.enabled)) if on)
-        if self._audit is None:  # released before its policy was read (a failed load): unsigned
+        if self._audit is None:  # released before it loaded and read its policy: unsigned
             self._audit = AuditLog(self.work_dir / AUDIT_LOG, self.name)
         self._audit.record(Release(self.run_id, round, what, "the driver", protection), result)
 
@@ -288,8 +289,8 @@ class Hospital:
             self._charge_hospital_level(plan.round)
         # Until the round's state is saved, a failure leaves the hospital to rewind in whatever round comes next.
         self._fitted = sys.maxsize
-        start = blake3(np.ascontiguousarray(weights).tobytes()).hexdigest()  # what the change is from, whatever the round's number
         weights, layout = self._own(weights, layout)  # a narrower hospital trains its slice of the global model
+        start = _digest(weights, layout)
         model = self._model_with(weights, layout)
         self._private_steps = {}
         round = LocalRound(plan, weights, layout, model, _TrainingSplit(self), broadcast)
@@ -576,6 +577,14 @@ class Hospital:
         if self.hook is None:
             raise HospitalError(f"{self.name}: data not loaded; the pipeline calls load() first")
         return self.hook.respond(round, request)
+
+
+def _digest(weights: np.ndarray, layout: Layout) -> str:
+    """What a round's change is trained from, whatever the round's number or seed: the weights this
+    hospital trains (its slice of them) and their layout, -0.0 as 0.0, which train the same."""
+    digest = blake3(repr((layout.names, layout.shapes)).encode())
+    digest.update(np.ascontiguousarray(weights + np.float32(0)).tobytes())
+    return digest.hexdigest()
 
 
 class _TrainingSplit:

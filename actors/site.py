@@ -12,6 +12,7 @@ with typed messages (fedward/wire.py); nothing it sends is code.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedward.errors import ConfigError, released_reason
 from fedward.policy import POLICY_ENV, load_policy
 from fedward.types import Placement
 
+RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 # What a driver may ask of a hospital: what the pipeline asks of its actors, nothing else.
 CALLABLE = frozenset({
     "placement", "load", "ready", "summarize", "summarize_targets", "prepare", "model_report", "fit", "restore", "hook_respond",
@@ -54,6 +56,9 @@ class HospitalService:
         policy = load_policy(settings.policy, settings.data)
         if policy.consortium is None:
             raise ConfigError(f"{settings.policy}: a hospital's service needs cross-site mode: its policy has no consortium section")
+        if Identity(policy.consortium.identity, settings.name).certificate != self.identity.certificate:
+            raise ConfigError(f"--identity {settings.identity} and the policy's consortium.identity {policy.consortium.identity} hold "
+                              f"different certificates for {settings.name}: the service and its signatures must be one identity")
         os.environ[POLICY_ENV] = str(settings.policy)  # the hospital reads its policy from here, whatever the run says
         self._lock = threading.Lock()  # one run's calls at a time, in the order they come
         self._hospital: Any = None
@@ -72,8 +77,9 @@ class HospitalService:
         if refusal := self._refusal(caller):
             return {"error": refusal}
         run_id, raw = message.get("run_id"), message.get("config")
-        if not (isinstance(run_id, str) and run_id and isinstance(raw, dict)):
-            return {"error": f"{self.settings.name}: Open expects a run_id and a config mapping"}
+        if not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id) and run_id not in (".", "..") and isinstance(raw, dict)):
+            return {"error": f"{self.settings.name}: Open expects a run_id of letters, digits, '.', '_' or '-' (it names a folder "
+                             f"in the hospital's work area) and a config mapping"}
         try:
             config = self._own(raw)
             with self._lock:
@@ -89,11 +95,11 @@ class HospitalService:
         method = message.get("method")
         if method not in CALLABLE:
             return {"error": f"{self.settings.name}: {method!r} is not a call a driver may make"}
-        if self._hospital is None or message.get("run_id") != self._run_id:
-            return {"error": f"{self.settings.name}: run {message.get('run_id')!r} is not open here; the driver opens it first"}
         try:
             args = wire.decode(message.get("args", []))
             with self._lock:
+                if self._hospital is None or message.get("run_id") != self._run_id:
+                    return {"error": f"{self.settings.name}: run {message.get('run_id')!r} is not open here; the driver opens it first"}
                 result = self._placement() if method == "placement" else self._hospital(method, *args)
             return {"result": wire.encode(result)}
         except Exception as e:  # noqa: BLE001 - the hospital's failure is its answer; the service goes on

@@ -27,7 +27,7 @@ from fedward.errors import ConfigError, HospitalError
 from fedward.files import append_lines, atomic_write_json
 
 APPROVALS = "approved_code.jsonl"
-SKIPPED_FOLDERS = {"__pycache__", "site-packages", "node_modules"}
+COMPILED = ("*.pyc", "*.pyo", "*.so", "*.pyd")  # code Python imports that no reviewer reads
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ def study_code(config: FedwardConfig, study_dir: str | None) -> StudyCode | None
     when the run uses only fedward's own components."""
     named = {s: t for s, t in (("model.target", config.model.target), ("task.target", config.task.target),
                                ("strategy.target", config.strategy.target)) if t is not None}
-    named |= {f"hospitals.{h.name}.model.target": h.model["target"] for h in config.hospitals if h.model.get("target")}
     if not named:
         return None
     covers = {setting: {"target": target, **_source(target, setting, study_dir)} for setting, target in sorted(named.items())}
@@ -67,19 +66,31 @@ def _source(target: str, setting: str, study_dir: str | None) -> dict[str, Any]:
         return {"files": _study_files(study)}
     packages = metadata.packages_distributions().get(top)
     if packages:
-        return {"package": packages[0], "version": metadata.version(packages[0])}
+        record = metadata.distribution(packages[0]).read_text("RECORD")  # its files' hashes: another build of the version differs
+        return {"package": packages[0], "version": metadata.version(packages[0]),
+                "record": hashlib.sha256(record.encode()).hexdigest() if record else None}
     raise ConfigError(f"{setting}: {target!r} is neither in the study folder {study_dir} nor an installed package; "
                       "a hospital approves only code it can find before running it")
 
 
 def _study_files(study: Path) -> dict[str, str]:
+    """Every Python source of the study folder by its hash. Compiled code is refused: Python would
+    import it, and no reviewer reads it. Bytecode caches are never read (`keep_bytecode_out`)."""
+    compiled = sorted(p.relative_to(study).as_posix() for pattern in COMPILED for p in study.rglob(pattern) if "__pycache__" not in p.parts)
+    if compiled:
+        raise ConfigError(f"{study}: holds compiled code {compiled[:5]}; a hospital approves only source it can read: remove it")
     files = {}
     for path in sorted(study.rglob("*.py")):
         relative = path.relative_to(study)
-        if any(part.startswith(".") or part in SKIPPED_FOLDERS for part in relative.parts[:-1]):
-            continue
-        files[relative.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not any(part.startswith(".") or part == "__pycache__" for part in relative.parts[:-1]):  # not importable
+            files[relative.as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return files
+
+
+def keep_bytecode_out(cache: Path) -> None:
+    """Compiled bytecode read from and written to `cache`, never the study folder's __pycache__,
+    which could hold bytecode whose source a reviewer never saw."""
+    sys.pycache_prefix = str(cache)
 
 
 def approvals_file(policy: Path) -> Path:
@@ -127,7 +138,7 @@ def check_imported(code: StudyCode | None, study_dir: str | None, hospital: str)
         if "files" in source:
             same = imported.get("sha256") is not None and source["files"].get(imported.get("file")) == imported["sha256"]
         else:
-            same = (imported.get("package"), imported.get("version")) == (source["package"], source["version"])
+            same = (imported.get("package"), imported.get("version")) == (source["package"], source["version"])  # RECORD: as approved, found before import
         if not same:
             module = sys.modules.get(source["target"].partition(":")[0])
             raise HospitalError(f"{hospital}: {setting} {source['target']!r} was imported from {getattr(module, '__file__', imported)}, "

@@ -2,7 +2,8 @@
 
 One JSON line per release, appended and synced in the hospital's work area (`audit.jsonl`) before
 the release leaves: when, the run and round, what left (as fedward/outflows.py names it), to
-whom, under which protection, and the BLAKE3 digest and size of what left. Each line holds the
+whom, under which protection, and the BLAKE3 digest and size of what left, as its protocol message
+(fedward/wire.py) that the driver can match against what it received. Each line holds the
 digest of the line before it, so a removed, inserted or altered line breaks the chain; in
 cross-site mode each line is also signed with the hospital's certified key. Its operator reads and
 checks it alone, with `fedward audit LOG [--certificate CRT]`: nothing of the consortium is needed.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedward import wire
 from fedward.certificates import Identity
 from fedward.errors import ConfigError
 from fedward.files import append_lines
@@ -49,7 +50,7 @@ class AuditLog:
 
     def record(self, release: Release, payload: Any) -> None:
         """Append the entry for `payload`, about to leave as `release`."""
-        content = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        content = message_bytes(payload)
         entry = {
             "time": dt.datetime.now(dt.timezone.utc).isoformat(),
             "hospital": self.hospital,
@@ -112,6 +113,11 @@ def read(path: Path, certificate: bytes | None = None) -> list[dict]:
         previous = _digest(line)
         entries.append(entry)
     return entries
+
+
+def message_bytes(payload: Any) -> bytes:
+    """A release as its protocol message: the bytes an audit entry's digest and size are of."""
+    return json.dumps(wire.encode(payload), sort_keys=True, allow_nan=False).encode()
 
 
 def _signed(entry: dict) -> bytes:

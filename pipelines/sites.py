@@ -84,7 +84,8 @@ def open_sites(config: FedwardConfig, run_id: str) -> dict[str, SiteHospital]:
     message = {"run_id": run_id, "config": config_to_dict(config)}
     hospitals = {}
     for h in config.hospitals:
-        site = Site(h.name, h.address, identity, config.run.identity_name, config.run.round_timeout_s)
+        # No call may wait longer than the rounds do; loading data waits longest.
+        site = Site(h.name, h.address, identity, config.run.identity_name, max(config.run.round_timeout_s, config.run.data_timeout_s))
         try:
             site.ask("Open", message)
             hospitals[h.name] = SiteHospital(site, run_id)

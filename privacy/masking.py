@@ -153,7 +153,7 @@ class MaskingSetup:
     """A hospital's set-up message: who masks with it, its scale, and the shares sealed for it."""
 
     round: int
-    scale: float  # its weight over the participants' total weight, as the driver computed it
+    scale: float  # its weight over the participants' total weight, as the driver computed it; the hospital checks it
     mask_keys: dict[str, bytes]  # participant -> mask public key
     shares: dict[str, bytes]  # participant -> its shares for this hospital, sealed
 
@@ -246,9 +246,6 @@ class MaskingHook(AggregationHook):
                 f"hospitals leaves a threshold of {threshold}; it must be at least 2 and more than half of them "
                 "(lower dropout_tolerance or plan more hospitals)"
             )
-        for h in planned:
-            if not weights[h] > 0:
-                raise AggregationError(f"round {round}, {h}: aggregation weight {weights[h]}, masking needs a positive weight")
         adverts = {h: a for h, a in ask({h: Advertise() for h in planned}).items() if h in weights}
         for h, advert in adverts.items():
             if not (isinstance(advert, Advertisement) and len(advert.cipher_key) == len(advert.mask_key) == 32 and advert.weight > 0):
@@ -304,7 +301,7 @@ class MaskingHook(AggregationHook):
         if len(confirmations) < state.threshold:
             raise AggregationError(
                 f"round {round}: {len(confirmations)} survivors confirmed the survivor set, unmasking needs {state.threshold}; "
-                f"silent: {sorted(set(survivors) - set(confirmations))}"
+                f"not confirming: {sorted(set(survivors) - set(confirmations))}"
             )
         answers = ask({h: Unmask(survivors, gone, confirmations) for h in survivors})
 
@@ -442,7 +439,7 @@ class MaskingHook(AggregationHook):
             raise AggregationError(f"round {round}, {me}: refuses to confirm survivors {list(survivors)}: {refusal}")
         state.confirmed = survivors
         identity = self.trust.identity
-        return identity.sign(_survivors_message(self.run_id, round, survivors)) if identity is not None else b""
+        return identity.sign(_survivors_message(self.run_id, round, state.peers, survivors)) if identity is not None else b""
 
     def _unmask(self, round: int, request: Unmask) -> UnmaskShares:
         me = self.hospital
@@ -461,12 +458,15 @@ class MaskingHook(AggregationHook):
             refusal = "lists this hospital as dropped, but it sent its update"
         elif missing := set(state.participants) - survivors - gone:
             refusal = f"leaves {sorted(missing)} neither survived nor dropped"
+        elif state.confirmed != tuple(sorted(survivors)):
+            refusal = f"asks about survivors {sorted(survivors)}, but it confirmed {list(state.confirmed or ())}"
         else:
             refusal = _confirmation_problem(self.trust, self.run_id, round, state, tuple(sorted(survivors)), request.confirmations)
         if refusal is None and (earlier := self._unmasked.survivors(state.start)) not in (None, sorted(survivors)):
             # A round retrained from the same weights gives the same changes, under any round number
             # or seed: two sums over different survivors would give the driver their difference.
-            refusal = f"already unmasked a sum of {earlier} from the same starting weights; another set would reveal the difference"
+            refusal = (f"already unmasked a sum of {earlier} from the same starting weights; another set would reveal the difference. "
+                       "The round can complete over those survivors, or from other starting weights (another run.seed)")
         if refusal:
             raise AggregationError(f"round {round}, {me}: refuses the unmask request: it {refusal}")
         self._unmasked.add(state.start, sorted(survivors), self.run_id, round)
@@ -505,8 +505,11 @@ def _advert_message(run_id: str, round: int, hospital: str, advert: Advertisemen
                     advert.commitment.hex(), repr(float(advert.weight)), advert.certificate.decode())
 
 
-def _survivors_message(run_id: str, round: int, survivors: Sequence[str]) -> bytes:
-    return _message("masking-survivors", run_id, round, *sorted(survivors))
+def _survivors_message(run_id: str, round: int, peers: Mapping[str, Advertisement], survivors: Sequence[str]) -> bytes:
+    """A survivor set, bound to this attempt at the round by the peers' fresh seed commitments: a
+    signature from an earlier attempt, or a restart, does not count."""
+    attempt = hashlib.sha256(b"".join(peers[p].commitment for p in sorted(peers))).hexdigest()
+    return _message("masking-survivors", run_id, round, attempt, *sorted(survivors))
 
 
 def _message(*parts: Any) -> bytes:
@@ -520,6 +523,9 @@ def _check_peers(trust: Trust, run_id: str, round: int, me: str, peers: Mapping[
     if trust.roster is not None and (strangers := sorted(set(peers) - trust.roster)):
         raise AggregationError(f"{where}: the share request names {strangers}, who are not in its policy's roster {sorted(trust.roster)}")
     for name, advert in sorted(peers.items()):
+        if not (isinstance(advert, Advertisement) and all(isinstance(b, bytes) for b in (advert.cipher_key, advert.mask_key, advert.commitment,
+                                                                                           advert.certificate, advert.signature))):
+            raise AggregationError(f"{where}: {name}'s advertisement is not one (keys, commitment, certificate and signature as bytes)")
         if not (isinstance(advert.weight, float) and math.isfinite(advert.weight) and advert.weight > 0):
             raise AggregationError(f"{where}: {name} advertises weight {advert.weight!r}, expected a positive number")
         if trust.identity is not None:
@@ -535,9 +541,9 @@ def _check_threshold(trust: Trust, round: int, me: str, threshold: int, holders:
     least = max(2, (holders + trust.colluders) // 2 + 1, trust.fewest or 0)
     if not least <= threshold <= holders:
         raise AggregationError(
-            f"round {round}, {me}: refuses threshold {threshold} among {holders} hospitals: it must be at least {least} (at least 2, "
-            f"its policy's fewest_hospitals {trust.fewest or 2}, and more than half of {holders} hospitals plus the "
-            f"{trust.colluders} colluder(s) its policy assumes) and at most {holders}"
+            f"round {round}, {me}: refuses threshold {threshold} among {holders} hospitals: it must be at least {least} (at least 2"
+            f"{f', its policy fewest_hospitals {trust.fewest}' if trust.fewest else ''}, and more than half of {holders} hospitals "
+            f"plus the {trust.colluders} colluder(s) its policy assumes) and at most {holders}"
         )
 
 
@@ -562,7 +568,7 @@ def _confirmation_problem(trust: Trust, run_id: str, round: int, state: _Hospita
         if name in survivors and name in state.peers:
             advert = state.peers[name]
             try:
-                trust.identity.check_signature(advert.certificate, signature, _survivors_message(run_id, round, survivors), name)
+                trust.identity.check_signature(advert.certificate, signature, _survivors_message(run_id, round, state.peers, survivors), name)
             except PeerRefused:
                 continue
             valid.append(name)
@@ -593,14 +599,16 @@ class UnmaskRecord:
     def _read(self) -> dict[str, list[str]]:
         if self._sets is None:
             self._sets = {}
-            if self.path is not None and self.path.exists():
-                for n, line in enumerate(self.path.read_text().splitlines(), 1):
-                    try:
-                        entry = json.loads(line)
-                        self._sets.setdefault(entry["start"], entry["survivors"])
-                    except (ValueError, KeyError, TypeError):
-                        raise AggregationError(f"{self.path}, line {n}: unreadable record of an unmasking; "
-                                               "the hospital refuses to unmask until it is mended") from None
+            lines = self.path.read_text().splitlines() if self.path is not None and self.path.exists() else []
+            for n, line in enumerate(lines, 1):
+                try:
+                    entry = json.loads(line)
+                    self._sets.setdefault(entry["start"], entry["survivors"])
+                except (ValueError, KeyError, TypeError):
+                    if n == len(lines):  # torn by a crash while appended, before anything was revealed
+                        continue
+                    raise AggregationError(f"{self.path}, line {n}: unreadable record of an unmasking; "
+                                           "the hospital refuses to unmask until it is mended") from None
         return self._sets
 
 

@@ -79,6 +79,10 @@ def test_unapproved_study_code_is_refused_before_it_is_imported_or_any_data_is_r
     with pytest.raises(ConfigError, match="expected a digest as a refused run names it"):
         approval.approve(policy, "abc123")
 
+    (module / "helper.cpython-311.pyc").write_bytes(b"compiled")  # code Python would import, which no one can review
+    with pytest.raises(ConfigError, match=r"holds compiled code \['ward_approved/helper.cpython-311.pyc'\]; a hospital approves only source"):
+        Hospital("hospital_a", config, "approval").load()
+
 
 def test_an_approved_module_altered_afterwards_is_refused_and_without_the_check_its_code_runs(demo_data, tmp_path, monkeypatch):
     config, module, policy = cross_site_hospital(demo_data, tmp_path, "ward_altered")

@@ -207,7 +207,8 @@ def two_stories_attack(config, updates, honest: Honest, identities: dict[str, Id
 
     def signed(survivors, by):
         told = ask({h: ConfirmSurvivors(survivors) for h in by})
-        return told | {colluder: identities[colluder].sign(masking._survivors_message(RUN, 1, survivors))}
+        peers = honest.hooks[colluder]._rounds[1].peers
+        return told | {colluder: identities[colluder].sign(masking._survivors_message(RUN, 1, peers, survivors))}
 
     seeds = ask({h: Unmask(everyone, (), signed(everyone, [TARGET, "h1"])) for h in (TARGET, "h1")})
     keys = ask({h: Unmask(story, (TARGET,), signed(story, ["h2", "h3"])) for h in ("h2", "h3")})
@@ -269,11 +270,14 @@ def test_unmasking_needs_the_threshold_of_survivors_to_have_signed_the_same_set(
     assert honest.refused(r"h1: refuses to confirm survivors .*: it already signed the survivor set")
     assert ask({"h1": Unmask(everyone, (), signed)}) == {}
     assert honest.refused(r"h1: refuses the unmask request: it holds 2 valid survivor signatures on .*, fewer than the threshold 4")
-    forged = signed | {h: identities["h1"].sign(masking._survivors_message(RUN, 1, everyone)) for h in ("h3", "h4")}
+    peers = honest.hooks["h1"]._rounds[1].peers
+    forged = signed | {h: identities["h1"].sign(masking._survivors_message(RUN, 1, peers, everyone)) for h in ("h3", "h4")}
     assert ask({"h1": Unmask(everyone, (), forged)}) == {}  # h1's signature passed off as theirs
     assert honest.refused(r"holds 2 valid survivor signatures")
     assert ask({"h1": Unmask(everyone, ("h4",), signed)}) == {}
     assert honest.refused(r"would reveal both the seed and the mask key of \['h4'\]")
+    assert ask({"h3": Unmask(everyone, (), signed)}) == {}
+    assert honest.refused(r"h3: refuses the unmask request: it asks about survivors \['h0', .*\], but it confirmed \['h1', 'h2', 'h3', 'h4'\]")
 
 
 def test_a_retry_over_the_same_survivors_gives_the_same_sum(tmp_path):

@@ -41,7 +41,7 @@ from fedward.tasks import Task, build_task
 from fedward.types import DataCounts, Evaluation, GroupBins, Layout, RoundPlan, SealedUpdate, Update
 from fedward.models.flat import flatten, layout_digest, layout_of, load_flat
 from fedward import width
-from fedward.models import export, training
+from fedward.models import device as devices, export, training
 from fedward.models.networks import build_model
 from fedward.strategies import build_strategy
 from fedward.strategies.base import LocalRound, LocalTraining, Strategy
@@ -89,6 +89,7 @@ class Hospital:
         self.model: nn.Module | None = None
         self.personal: frozenset[str] = frozenset()
         self.preprocessing: PreprocessingSpec | None = None
+        self.device = torch.device("cpu")  # resolved once prepared, in its own process
         self.explanation: LocalExplanation | None = None
         self.residual: np.ndarray | None = None  # top-k compression: what its updates have not sent yet
         self._private_steps: dict[str, float] = {}  # what DP-SGD did in the current round, for the ledger
@@ -260,6 +261,9 @@ class Hospital:
         self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         self.scale = scale
         self.y = self.task.tensor(samples.labels, scale)
+        self.device = devices.resolve(self.config.hospital(self.name).gpus, self.name)  # in its own process: what Ray granted it
+        if self.device.type != "cpu":  # in its own log: a resume on another device changes the weights (docs/gpus.md)
+            print(f"{self.name}: trains on {self.device} ({torch.cuda.get_device_name(self.device)})", file=sys.stderr, flush=True)
         self._fresh_state()  # personal layers start the same on every resume
         self.personal = self.strategy.personal_keys(self.model)
         return tuple(self.x.shape[1:])
@@ -479,6 +483,7 @@ class Hospital:
         model = self._model_with(weights, layout)
         from fedward.explain.local import explain_at_hospital  # shap: loaded by the hospitals that explain, when they do
 
+        model = copy.deepcopy(model).cpu() if self.device.type != "cpu" else model  # SHAP runs beside the data, on the CPU
         self.explanation = explain_at_hospital(self, model, round, derived_seed(self.config.run.seed, round, self.name))
         return self.explanation.summary
 
@@ -523,7 +528,8 @@ class Hospital:
         return str(folder)
 
     def _build(self) -> nn.Module:
-        return build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]), self.task.output_size, self.config.run.study_dir)
+        model = build_model(self.config.model_for(self.name), tuple(self.x.shape[1:]), self.task.output_size, self.config.run.study_dir)
+        return model.to(self.device)  # built on the CPU, as every hospital's is: its initial weights do not depend on the device
 
     def _model_with(self, weights: np.ndarray, layout: Layout) -> nn.Module:
         load_flat(self.model, *self._own(weights, layout), self.personal)
@@ -565,7 +571,7 @@ class Hospital:
         usable = [p for p in saved if int(p.stem.removeprefix("round_")) <= round]
         if not usable:
             return None
-        state = torch.load(usable[-1], weights_only=True)
+        state = torch.load(usable[-1], weights_only=True, map_location="cpu")  # saved on whatever device it trained on
         self.model.load_state_dict(state["model"])
         self.residual = state["residual"].numpy().copy() if "residual" in state else None
         self.local.load_state_dict(state, self.model)

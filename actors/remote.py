@@ -41,6 +41,9 @@ def check_placement(config: FedwardConfig) -> None:
             problems.append(f"{h.name}: {len(hosts)} nodes offer its resource ({where}); only the node holding its data may")
         elif (cpus := hosts[0]["Resources"].get("CPU", 0)) < h.cpus:
             problems.append(f"{h.name}: asks for cpus={h.cpus} but its node has {cpus} CPUs; lower hospitals.{h.name}.cpus")
+        elif (gpus := hosts[0]["Resources"].get("GPU", 0)) < h.gpus:
+            problems.append(f"{h.name}: asks for gpus={h.gpus:g} but its node has {gpus:g} GPUs (Ray found none, or fewer); "
+                            f"lower hospitals.{h.name}.gpus or start its node on a machine with them")
     if problems:
         raise DeploymentError("hospitals cannot be placed in this Ray cluster:\n  " + "\n  ".join(problems))
 
@@ -50,6 +53,7 @@ def start_hospital(config: FedwardConfig, name: str, run_id: str) -> ray.actor.A
     remote_cls = ray.remote(HospitalActor)
     return remote_cls.options(
         num_cpus=own.cpus,
+        num_gpus=own.gpus,
         resources={name: 1},
         # A hospital whose process dies is restarted empty; the driver has it reload its data and
         # its own state before the next round (Rounds.rejoin). The task it was running is not

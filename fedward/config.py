@@ -245,6 +245,9 @@ class TrainConfig:
     validation_fraction: float = 0.0
     select: Literal["last", "best"] = "last"
     patience: int = 0
+    # The forward pass in float32, or under autocast in bfloat16 or float16 (with loss scaling);
+    # the weights and what leaves a hospital stay float32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __post_init__(self):
         _need(self.local_epochs >= 1, "train.local_epochs: must be at least 1")
@@ -557,6 +560,7 @@ class HospitalConfig:
     data: str | None = None
     work_dir: str | None = None  # its own area for caches, reports, state; default DATA/.fedward
     cpus: float = 0.5
+    gpus: float = 0  # GPUs it asks Ray for: it trains on one, hosted in its own process (docs/gpus.md)
     model: dict[str, Any] = field(default_factory=dict)  # per-hospital model options
     address: str | None = None  # run.hosting cross_site: its service's host:port (fedward serve)
 
@@ -573,6 +577,7 @@ class HospitalConfig:
             f"per-hospital options are {sorted(PER_HOSPITAL_MODEL_OPTIONS)}",
         )
         _need(self.cpus >= 0, f"hospitals.{self.name}.cpus: must be >= 0")
+        _need(self.gpus >= 0, f"hospitals.{self.name}.gpus: must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -649,6 +654,17 @@ class FedwardConfig:
         _need(
             self.run.min_hospitals <= len(names),
             f"run.min_hospitals={self.run.min_hospitals} but only {len(names)} hospitals are listed",
+        )
+        with_gpus = [h.name for h in self.hospitals if h.gpus > 0]
+        _need(
+            not with_gpus or self.run.hosting not in ("pool", "cross_site"),
+            f"hospitals: {with_gpus} ask for GPUs; run.hosting {self.run.hosting} cannot grant them (the shared worker pool has none, "
+            "and a site's own service owns its devices): use run.hosting auto or per_hospital",
+        )
+        _need(
+            self.train.precision == "fp32" or not self.privacy.dp_sgd.enabled,
+            f"train.precision: {self.train.precision} with privacy.dp_sgd: per-sample clipping and the accountant are shown to hold in "
+            "float32 only; use train.precision: fp32",
         )
         if self.run.hosting == "cross_site":
             _need(self.run.identity is not None, "run.identity: run.hosting cross_site needs the driver's identity folder (fedward request)")
@@ -923,7 +939,7 @@ def config_to_dict(config: FedwardConfig) -> dict:
 OPERATIONAL = {
     "run": ("root", "round_timeout_s", "data_timeout_s", "round_retries", "hospital_restarts", "quorum_wait_s", "min_free_mb",
             "hosting", "workers", "resident_hospitals", "study_dir", "identity", "identity_name"),
-    "hospitals": ("data", "work_dir", "cpus", "address"),
+    "hospitals": ("data", "work_dir", "cpus", "gpus", "address"),
 }
 
 
@@ -944,7 +960,7 @@ def config_identity(config: FedwardConfig) -> dict:
         if not body["model"][key]:
             body["model"].pop(key)
     defaults = dataclasses.asdict(TrainConfig())
-    for key in ("lr_schedule", "lr_min", "lr_step_rounds", "lr_gamma", "validation_fraction", "select", "patience"):
+    for key in ("lr_schedule", "lr_min", "lr_step_rounds", "lr_gamma", "validation_fraction", "select", "patience", "precision"):
         if body["train"][key] == defaults[key]:
             body["train"].pop(key)
     data = body["data"]

@@ -36,7 +36,7 @@ def flatten(model: nn.Module, personal: frozenset[str] = frozenset()) -> tuple[n
     if not layout.names:
         return np.zeros(0, np.float32), layout
     flat = torch.cat([state[name].detach().reshape(-1).to(torch.float32) for name in layout.names])
-    return flat.numpy().copy(), layout
+    return flat.cpu().numpy().copy(), layout  # the flat buffer leaves on the CPU, whatever device trained
 
 
 def load_flat(model: nn.Module, weights: np.ndarray, layout: Layout, personal: frozenset[str] = frozenset()) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from fedward.config import TrainConfig
 from fedward.declarations import PLAIN_SGD, Declaration
 from fedward.errors import HospitalError
+from fedward.models import device as devices
 from fedward.tasks import Task, binary_task
 from fedward.tasks.base import batch_outputs
 
@@ -69,11 +70,14 @@ def train(
     added to each named parameter's gradient before every step. `only` trains just the named
     parameters (FedRep alternates between the head and the body); the others stay as they are.
     The loss is the task's (binary cross-entropy when None); a non-finite loss stops training.
+    The model trains on its own device, in `config.precision`; `x` and `y` may stay on the CPU.
     """
     task = task or binary_task()
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, lr, config, only)
+    device = devices.device_of(model)
+    scaler = devices.grad_scaler(device, config.precision)
     if proximal_mu > 0 and anchor is None:
         anchor = [p.detach().clone() for p in model.parameters()]
     anchor = list(anchor) if proximal_mu > 0 else []
@@ -86,16 +90,19 @@ def train(
             if len(batch) < 2:  # BatchNorm cannot normalise a batch of one
                 continue
             opt.zero_grad()
-            loss = task.loss(model(x[batch]), y[batch])
+            with devices.autocast(device, config.precision):
+                loss = task.loss(model(x[batch].to(device)), y[batch].to(device))
             objective = loss
             if anchor:
                 objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            objective.backward()
+            scaler.scale(objective).backward()
             if correction:
+                scaler.unscale_(opt)  # the correction is in the gradients' own units
                 for name, p in model.named_parameters():
                     if name in correction:
-                        p.grad.add_(correction[name])
-            opt.step()
+                        p.grad.add_(correction[name].to(p.grad.device))
+            scaler.step(opt)
+            scaler.update()
             losses.append(loss.item())
             if not np.isfinite(losses[-1]):
                 raise HospitalError(f"training: the model's loss is {losses[-1]} at step {len(losses)}; check the model's outputs, train.lr and the inputs")

@@ -53,7 +53,8 @@ def pooled(config: FedwardConfig, address: str | None) -> bool:
             f"run.hosting: {config.run.hosting} puts hospitals together {where}, which only a simulation does; on a cluster "
             f"each hospital runs on the node holding its data: set run.hosting to auto or per_hospital"
         )
-    return address is None and config.run.hosting != "per_hospital"
+    # A hospital with GPUs needs a process of its own to be granted them.
+    return address is None and config.run.hosting != "per_hospital" and not any(h.gpus > 0 for h in config.hospitals)
 
 
 def start_ray(config: FedwardConfig, address: str | None, pool: bool) -> bool:

@@ -164,8 +164,9 @@ def _step(sampled: GradSampleModule, optimizer: DPOptimizer, task: Task, x: torc
         optimizer.step()
         return None
     rows = torch.cat(units)
+    device = optimizer.params[0].device  # the model's: the data may stay on the CPU
     # Summed, so each row's gradient arrives unscaled by the batch size.
-    loss = task.loss(sampled(x[rows]), y[rows], reduction="sum")
+    loss = task.loss(sampled(x[rows].to(device)), y[rows].to(device), reduction="sum")
     with warnings.catch_warnings():
         # The first layer's backward hook sees no input gradient, as the data needs none.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -35,7 +35,7 @@ class PersonalTraining(LocalTraining):
 
     def finish(self, round: LocalRound, update: Update, trained: np.ndarray) -> Update:
         at = round.layout.slices()
-        anchor = [torch.from_numpy(round.weights[at[name]].copy()).reshape(p.shape) for name, p in self.personal.named_parameters()]
+        anchor = [torch.from_numpy(round.weights[at[name]].copy()).reshape(p.shape).to(p.device) for name, p in self.personal.named_parameters()]
         round.trainer.train(self.personal, round.plan, seed=round.plan.seed + 1, proximal_mu=self.config.strategy.ditto_lambda, anchor=anchor)
         return update
 

@@ -133,7 +133,9 @@ def null_mask(values: pa.ChunkedArray) -> np.ndarray:
 
 
 def batch_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's outputs (N, output_size) in evaluation mode, 256 samples at a time."""
+    """The model's outputs (N, output_size) in evaluation mode, 256 samples at a time, computed on
+    the model's device and returned on the CPU, where statistics and releases are made."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)])
+        return torch.cat([model(x[i : i + 256].to(device)).float().cpu() for i in range(0, len(x), 256)])

@@ -9,7 +9,8 @@ precision, on the same device (the GPU when torch sees one, else the CPU), data 
   reference), labels from the same CSV, then the classic loop over shuffled batches.
 The script asserts that both sides take the same number of optimizer steps (counted by a global
 optimizer hook), then prints each side's median images per second over `--repeats` interleaved
-runs and their ratio.
+runs after one untimed run of each (imports and kernels loaded, as in a long-lived hospital), and
+their ratio.
 
     python benchmarks/gpu.py                                  # 512 images at 224 px, fp32
     python benchmarks/gpu.py --precision bf16
@@ -131,6 +132,9 @@ def main() -> None:
         write_demo_data(root / "demo", hospitals=1, seed=0, images_per_hospital=(args.images,), rows_per_hospital=(60,))
         data = next((root / "demo").glob("hospital_*"))
         ours, theirs = [], []
+        # Warm: a hospital's process is long-lived, its imports and the device's kernels loaded once.
+        through_fedward(config_for(data, root / "warm-fedward", args))
+        plain(config_for(data, root / "warm-plain", args), data, args.batch)
         for run in range(args.repeats):
             seconds, steps, trained = through_fedward(config_for(data, root / f"fedward-{run}", args))
             ours.append(trained / seconds)

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedward.components import provenance
+from fedward.components import distributions_of, provenance
 from fedward.config import FedwardConfig
 from fedward.errors import ConfigError, HospitalError
 from fedward.files import append_lines, atomic_write_json
@@ -64,7 +64,7 @@ def _source(target: str, setting: str, study_dir: str | None) -> dict[str, Any]:
     study = Path(study_dir).resolve() if study_dir else None
     if study is not None and ((study / top).is_dir() or (study / f"{top}.py").is_file()):
         return {"files": _study_files(study)}
-    packages = metadata.packages_distributions().get(top)
+    packages = distributions_of(top)
     if packages:
         record = metadata.distribution(packages[0]).read_text("RECORD")  # its files' hashes: another build of the version differs
         return {"package": packages[0], "version": metadata.version(packages[0]),

@@ -2,8 +2,8 @@
 
 One JSON line per release, appended and synced in the hospital's work area (`audit.jsonl`) before
 the release leaves: when, the run and round, what left (as fedward/outflows.py names it), to
-whom, under which protection, and the BLAKE3 digest and size of what left, as its protocol message
-(fedward/wire.py) that the driver can match against what it received. Each line holds the
+whom, under which protection, and the digest and size of what left as its protocol message
+(`fedward.wire.digest`), which the driver can compute from what it received. Each line holds the
 digest of the line before it, so a removed, inserted or altered line breaks the chain; in
 cross-site mode each line is also signed with the hospital's certified key. Its operator reads and
 checks it alone, with `fedward audit LOG [--certificate CRT]`: nothing of the consortium is needed.
@@ -50,7 +50,7 @@ class AuditLog:
 
     def record(self, release: Release, payload: Any) -> None:
         """Append the entry for `payload`, about to leave as `release`."""
-        content = message_bytes(payload)
+        digest, size = wire.digest(payload)
         entry = {
             "time": dt.datetime.now(dt.timezone.utc).isoformat(),
             "hospital": self.hospital,
@@ -59,8 +59,8 @@ class AuditLog:
             "what": release.what,
             "to": release.to,
             "protection": release.protection,
-            "bytes": len(content),
-            "blake3": blake3(content).hexdigest(),
+            "bytes": size,
+            "blake3": digest,
             "previous": self._previous(),
         }
         if self.identity is not None:
@@ -113,11 +113,6 @@ def read(path: Path, certificate: bytes | None = None) -> list[dict]:
         previous = _digest(line)
         entries.append(entry)
     return entries
-
-
-def message_bytes(payload: Any) -> bytes:
-    """A release as its protocol message: the bytes an audit entry's digest and size are of."""
-    return json.dumps(wire.encode(payload), sort_keys=True, allow_nan=False).encode()
 
 
 def _signed(entry: dict) -> bytes:

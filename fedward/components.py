@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import sys
 import sysconfig
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def load_component(target: str, setting: str, study_dir: str | None = None) -> A
             obj = getattr(obj, part)
     except AttributeError:
         raise ConfigError(f"{setting}: {module_name!r} ({getattr(module, '__file__', '?')}) has no {attribute!r}") from None
-    _IMPORTED.setdefault(target, _provenance(target, obj, study_dir))
+    if target not in _IMPORTED:
+        _IMPORTED[target] = _provenance(target, obj, study_dir)
     return obj
 
 
@@ -57,6 +59,16 @@ def build_versions(config: FedwardConfig, study_dir: str | None) -> dict[str, An
         if target is not None:
             versions[setting] = provenance(target, setting, study_dir)
     return versions
+
+
+@cache
+def _installed() -> dict[str, list[str]]:
+    return metadata.packages_distributions()  # reads every installed package's file list: once a process
+
+
+def distributions_of(top: str) -> list[str]:
+    """The installed distributions providing the top-level module `top`."""
+    return _installed().get(top, [])
 
 
 def _version(package: str) -> str:
@@ -80,7 +92,7 @@ def _provenance(target: str, obj: Any, study_dir: str | None) -> dict[str, Any]:
     file = Path(module.__file__).resolve() if module is not None and getattr(module, "__file__", None) else None
     study = Path(study_dir).resolve() if study_dir else None
     top = (getattr(obj, "__module__", "") or target).split(".")[0]
-    packages = metadata.packages_distributions().get(top, [])
+    packages = distributions_of(top)
     installed = file is None or any(file.is_relative_to(Path(p).resolve()) for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     if packages and installed:
         return {"target": target, "package": packages[0], "version": metadata.version(packages[0])}

@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import importlib
+import json
 import math
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 import numpy as np
+from blake3 import blake3
 
 from fedward.errors import FedwardError
 
@@ -44,7 +47,9 @@ def message_types() -> dict[str, type]:
     return types
 
 
-def encode(value: Any) -> Any:
+def encode(value: Any, blob: Callable[[bytes], str] | None = None) -> Any:
+    """`value` as a JSON value; arrays and byte strings as base64, or as `blob` writes them."""
+    blob = blob or (lambda raw: base64.b64encode(raw).decode())
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, (int, np.integer)):
@@ -52,26 +57,41 @@ def encode(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else {"$float": repr(float(value))}
     if isinstance(value, bytes):
-        return {"$bytes": base64.b64encode(value).decode()}
+        return {"$bytes": blob(value)}
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in NUMERIC_KINDS:
             raise WireError(f"an array of {value.dtype} is not a protocol message")
         array = np.ascontiguousarray(value)
-        return {"$array": base64.b64encode(array.tobytes()).decode(), "dtype": array.dtype.str, "shape": list(array.shape)}
+        return {"$array": blob(array.tobytes()), "dtype": array.dtype.str, "shape": list(array.shape)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         name = type(value).__name__
         if message_types().get(name) is not type(value):
             raise WireError(f"{type(value).__module__}.{name} is not a protocol message")
-        return {"$type": name, "fields": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        return {"$type": name, "fields": {f.name: encode(getattr(value, f.name), blob) for f in dataclasses.fields(value)}}
     if isinstance(value, tuple):
-        return {"$tuple": [encode(v) for v in value]}
+        return {"$tuple": [encode(v, blob) for v in value]}
     if isinstance(value, list):
-        return [encode(v) for v in value]
+        return [encode(v, blob) for v in value]
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
-            return {k: encode(v) for k, v in value.items()}
-        return {"$map": [[encode(k), encode(v)] for k, v in value.items()]}
+            return {k: encode(v, blob) for k, v in value.items()}
+        return {"$map": [[encode(k, blob), encode(v, blob)] for k, v in value.items()]}
     raise WireError(f"a {type(value).__name__} is not a protocol message")
+
+
+def digest(value: Any) -> tuple[str, int]:
+    """A message's BLAKE3 digest and its size in bytes, computed from its values: its JSON form
+    with each array and byte string replaced by that content's own digest. Either side can name a
+    message this way without base64-encoding an update."""
+    size = 0
+
+    def hashed(raw: bytes) -> str:
+        nonlocal size
+        size += len(raw)
+        return blake3(raw).hexdigest()
+
+    text = json.dumps(encode(value, hashed), sort_keys=True, allow_nan=False).encode()
+    return blake3(text).hexdigest(), size + len(text)
 
 
 def decode(value: Any) -> Any:

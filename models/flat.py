@@ -18,9 +18,11 @@ from fedward.types import Layout
 
 def layout_of(model: nn.Module, personal: frozenset[str] = frozenset()) -> Layout:
     """The shared part of the state: floating-point entries not kept personal by the strategy."""
-    items = [
-        (k, tuple(v.shape)) for k, v in model.state_dict().items() if v.is_floating_point() and k not in personal
-    ]
+    return _layout(model.state_dict(), personal)
+
+
+def _layout(state: dict[str, torch.Tensor], personal: frozenset[str]) -> Layout:
+    items = [(k, tuple(v.shape)) for k, v in state.items() if v.is_floating_point() and k not in personal]
     return Layout(tuple(k for k, _ in items), tuple(s for _, s in items))
 
 
@@ -31,8 +33,8 @@ def layout_digest(layout: Layout) -> str:
 
 
 def flatten(model: nn.Module, personal: frozenset[str] = frozenset()) -> tuple[np.ndarray, Layout]:
-    layout = layout_of(model, personal)
-    state = model.state_dict()
+    state = model.state_dict()  # once: a deep model's state dict takes a while to gather
+    layout = _layout(state, personal)
     if not layout.names:
         return np.zeros(0, np.float32), layout
     flat = torch.cat([state[name].detach().reshape(-1).to(torch.float32) for name in layout.names])

@@ -35,6 +35,15 @@ def test_protocol_messages_cross_as_json_exactly():
         back = trip(message)
         assert type(back) is type(message)
         assert repr(back) == repr(message)  # arrays, bytes, tuples and non-finite numbers included
+        assert wire.digest(back) == wire.digest(message)  # the driver names what it received as the hospital's audit log does
+
+
+def test_a_digest_changes_with_any_value_and_counts_the_raw_bytes():
+    delta = np.zeros(1000, np.float32)
+    digest, size = wire.digest({"delta": delta})
+    changed = delta.copy()
+    changed[999] = np.float32(1e-30)
+    assert wire.digest({"delta": changed})[0] != digest and size > delta.nbytes
 
 
 @pytest.mark.parametrize("sent, says", [

@@ -1,0 +1,112 @@
+"""The GPU checks of docs/gpus.md in one prepared script, for a machine with a GPU (8 minutes).
+
+1. The images demo for 2 rounds with every hospital on the GPU (`hospitals[].gpus`, a share each),
+   in fp32: its final weights and pooled AUROC.
+2. The same run killed after round 1 (the driver's whole process group) and resumed: its final
+   weights compared bit for bit with run 1's.
+3. The same run in bf16: its pooled AUROC and round time against fp32's.
+4. `benchmarks/gpu.py` (DenseNet121 at 224 px through fedward against a plain loop).
+
+Every figure is printed with the device's name. `--cpu` runs the same checks on the CPU, to check
+the script itself on a machine without a GPU.
+
+    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --cpu --images 40   # the script, checked on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from fedward.checkpoint import load_checkpoint  # noqa: E402
+from fedward.config import parse_config  # noqa: E402
+from fedward.data_adapters.demo import write_demo_data  # noqa: E402
+from fedward.pipelines.run import Pipeline  # noqa: E402
+
+
+def demo(data: Path, runs: Path, name: str, precision: str, gpus: float) -> dict:
+    raw = yaml.safe_load((ROOT / "configs" / "demo_images.yaml").read_text())
+    raw["run"].update({"name": name, "root": str(runs), "rounds": 2, "hosting": "per_hospital"})
+    raw["train"]["precision"] = precision
+    raw["explain"] = {"enabled": False}
+    raw["data"]["min_samples"] = 20
+    raw["hospitals"] = [{"name": h.name, "data": str(h), "gpus": gpus} for h in sorted(data.glob("hospital_*"))]
+    return raw
+
+
+def figures(run_dir: Path) -> tuple[float, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records[-1]["pooled"]["auroc"], statistics.median(r["seconds"] for r in records)
+
+
+def killed_after_round_1(raw: dict, folder: Path) -> None:
+    """`fedward simulate` on `raw`, its process group killed once round 1 is checkpointed."""
+    config_file = folder / f"{raw['run']['name']}.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    driver = subprocess.Popen([sys.executable, "-m", "fedward.pipelines", "simulate", str(config_file), "--no-progress"], cwd=ROOT,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = parse_config(raw).run_dir
+    try:
+        deadline = time.monotonic() + 300
+        while (load_checkpoint(run_dir) is None or load_checkpoint(run_dir).round < 1) and time.monotonic() < deadline:
+            if driver.poll() is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="run the checks on the CPU (to check this script)")
+    parser.add_argument("--images", type=int, default=360, help="images per demo hospital")
+    args = parser.parse_args()
+    gpus = 0 if args.cpu else 1 / 3  # three hospitals share one GPU
+    where = "CPU" if args.cpu else torch.cuda.get_device_name(0)
+    print(f"GPU checks on {where}; torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        write_demo_data(root / "demo", hospitals=3, seed=0, images_per_hospital=(args.images,) * 3)
+        reference = parse_config(demo(root / "demo", root / "runs", "fp32", "fp32", gpus))
+        Pipeline(reference, progress=False).run()
+        auroc, seconds = figures(reference.run_dir)
+        print(f"1. fp32, 2 rounds: pooled AUROC {auroc:.3f}, median round {seconds:.2f} s", flush=True)
+
+        resumed_raw = demo(root / "demo", root / "runs", "resumed", "fp32", gpus)
+        killed_after_round_1(resumed_raw, root)
+        stopped = load_checkpoint(parse_config(resumed_raw).run_dir)
+        weights = Pipeline(parse_config(resumed_raw), progress=False).run()
+        expected = load_checkpoint(reference.run_dir).weights
+        same = np.array_equal(weights, expected)
+        print(f"2. killed after round {stopped.round if stopped else 0}, resumed: final weights {'bit for bit the same' if same else 'DIFFER'} "
+              f"(largest difference {float(np.abs(weights - expected).max()):.3g})", flush=True)
+
+        bf16 = parse_config(demo(root / "demo", root / "runs", "bf16", "bf16", gpus))
+        Pipeline(bf16, progress=False).run()
+        bf16_auroc, bf16_seconds = figures(bf16.run_dir)
+        print(f"3. bf16, 2 rounds: pooled AUROC {bf16_auroc:.3f} (fp32 {auroc:.3f}), median round {bf16_seconds:.2f} s (fp32 {seconds:.2f} s)", flush=True)
+
+    size = ["--images", "48", "--size", "64", "--repeats", "1"] if args.cpu else []
+    print("4. benchmarks/gpu.py:", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), *size], check=True)
+
+
+if __name__ == "__main__":
+    main()

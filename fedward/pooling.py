@@ -14,7 +14,7 @@ two derive, so the driver relays only public keys and sealed bytes. Each hospita
 its run area, where a hospital process restarted mid-run finds it again.
 
 Trust: the driver relays public keys faithfully (a driver that swapped them could read the key;
-cross-site deployments sign them), and no hospital colludes with the driver, since a hospital with
+they are not yet signed, in cross-site mode either), and no hospital colludes with the driver, since a hospital with
 the key could read another's padded statistics the driver showed it. A hospital opens only a sum of
 at least `MIN_CONTRIBUTORS` hospitals, itself among them, and each pad is used once: a fresh nonce
 per padded message, so no two messages' pads cancel.

@@ -44,7 +44,7 @@ class Sending:
     setup: Any  # the privacy hook's set-up message for this round
     size: int  # the global model's shared values; a SCAFFOLD control change follows them
     buffers: frozenset[str]  # the model's running statistics, which compression sends exactly
-    start: str  # a digest of the global weights the hospital trained from
+    start: str  # a digest of the weights the hospital trained from (its slice of the global ones)
     residual: np.ndarray | None = None  # top-k's error feedback, kept by the hospital from round to round
 
 

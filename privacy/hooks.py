@@ -77,7 +77,7 @@ class AggregationHook(ABC):
 
     @abstractmethod
     def encode(self, update: Update, setup: Any, start: str) -> Update | SealedUpdate:
-        """`start`: a digest of the global weights the update was trained from."""
+        """`start`: a digest of the weights the update was trained from (the hospital's slice of the global ones)."""
 
     @abstractmethod
     def combine(self, round: int, received: Iterable[Update | SealedUpdate]) -> Any: ...

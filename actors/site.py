@@ -3,8 +3,8 @@
 `fedward serve` runs it on the hospital's machines, under its own identity (fedward/channel.py:
 mutual TLS under the consortium's authority). It answers only the driver its operator names. The
 driver opens a run by sending the run's config, which is data: the service keeps its own settings
-over it (its data folder, its work area, the study folder it imports study code from, and, through
-its policy, everything it protects). The hospital then lives in this service, as a Ray actor on the
+over it (its data folder, its work area, the study folder it imports study code from, the GPUs it
+trains on, and, through its policy, everything it protects). The hospital then lives in this service, as a Ray actor on the
 hospital's own Ray or in the service's process, and the driver calls the methods in `CALLABLE`
 with typed messages (fedward/wire.py); nothing it sends is code.
 """
@@ -22,7 +22,8 @@ from fedward import wire
 from fedward.certificates import Identity
 from fedward.channel import serve
 from fedward.config import FedwardConfig, parse_config
-from fedward.errors import ConfigError, released_reason
+from fedward.errors import ConfigError, DeploymentError, released_reason
+from fedward.models import device as devices
 from fedward.policy import POLICY_ENV, load_policy
 from fedward.types import Placement
 
@@ -47,6 +48,7 @@ class SiteSettings:
     study: Path | None = None  # the folder study code is imported from; None: installed packages only
     driver: str = "driver"  # the certified name of the only party it answers
     hosting: Literal["ray", "in_process"] = "ray"  # its hospital a Ray actor on its own Ray, or in this process
+    gpus: float = 0  # the GPUs its hospital trains on (one): its operator's to grant, never the driver's
 
 
 class HospitalService:
@@ -59,6 +61,8 @@ class HospitalService:
         if Identity(policy.consortium.identity, settings.name).certificate != self.identity.certificate:
             raise ConfigError(f"--identity {settings.identity} and the policy's consortium.identity {policy.consortium.identity} hold "
                               f"different certificates for {settings.name}: the service and its signatures must be one identity")
+        if settings.gpus < 0:
+            raise ConfigError(f"--gpus {settings.gpus:g}: must be >= 0")
         os.environ[POLICY_ENV] = str(settings.policy)  # the hospital reads its policy from here, whatever the run says
         self._lock = threading.Lock()  # one run's calls at a time, in the order they come
         self._hospital: Any = None
@@ -68,6 +72,11 @@ class HospitalService:
 
             if not ray.is_initialized():
                 ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+            if (seen := ray.cluster_resources().get("GPU", 0)) < settings.gpus:  # else its actor would wait forever
+                raise DeploymentError(f"--gpus {settings.gpus:g}: the hospital's own Ray has {seen:g} GPUs; start the service on a "
+                                      f"machine with them, or lower --gpus")
+        elif settings.gpus > 0:
+            devices.resolve(settings.gpus, settings.name, "--gpus")  # refused now, not at its first run
 
     def methods(self) -> dict[str, Any]:
         return {"Open": self.open, "Call": self.call}
@@ -116,7 +125,7 @@ class HospitalService:
         hospitals = [h for h in raw.get("hospitals", []) if isinstance(h, dict) and h.get("name") == self.settings.name]
         if len(hospitals) != 1:
             raise ConfigError(f"{self.settings.name}: the run's config does not name this hospital once among its hospitals")
-        own = {**hospitals[0], "data": str(self.settings.data), "work_dir": str(self.settings.work_dir)}
+        own = {**hospitals[0], "data": str(self.settings.data), "work_dir": str(self.settings.work_dir), "gpus": self.settings.gpus}
         raw["hospitals"] = [own if h is hospitals[0] else h for h in raw["hospitals"]]
         raw["run"] = {**raw.get("run", {}), "study_dir": str(self.settings.study) if self.settings.study else None}
         return parse_config(raw)
@@ -130,7 +139,7 @@ class HospitalService:
             return lambda method, *args: getattr(hospital, method)(*args)
         import ray
 
-        actor = ray.remote(HospitalActor).options(num_cpus=0, max_restarts=0).remote(self.settings.name, config, run_id, threads=max(1, os.cpu_count() or 1))
+        actor = ray.remote(HospitalActor).options(num_cpus=0, num_gpus=self.settings.gpus, max_restarts=0).remote(self.settings.name, config, run_id, threads=max(1, os.cpu_count() or 1))
         return lambda method, *args: ray.get(getattr(actor, method).remote(*args))
 
     def _placement(self) -> Placement:

@@ -657,9 +657,9 @@ class FedwardConfig:
         )
         with_gpus = [h.name for h in self.hospitals if h.gpus > 0]
         _need(
-            not with_gpus or self.run.hosting not in ("pool", "cross_site"),
-            f"hospitals: {with_gpus} ask for GPUs; run.hosting {self.run.hosting} cannot grant them (the shared worker pool has none, "
-            "and a site's own service owns its devices): use run.hosting auto or per_hospital",
+            not with_gpus or self.run.hosting != "pool",
+            f"hospitals: {with_gpus} ask for GPUs; run.hosting pool cannot grant them (the shared worker pool has none): "
+            "use run.hosting auto or per_hospital",
         )
         _need(
             self.train.precision == "fp32" or not self.privacy.dp_sgd.enabled,

@@ -25,14 +25,15 @@ from fedward.errors import DeploymentError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve(gpus: float, hospital: str) -> torch.device:
-    """The device of a hospital that asked Ray for `gpus` GPUs, as its own process sees it."""
+def resolve(gpus: float, hospital: str, setting: str | None = None) -> torch.device:
+    """The device of a hospital that asked Ray for `gpus` GPUs, as its own process sees it;
+    `setting` names where the number came from, for the refusal (its config entry by default)."""
     if gpus <= 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         build = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, CUDA_VISIBLE_DEVICES={visible!r}"
-        raise DeploymentError(f"{hospital}: hospitals.{hospital}.gpus={gpus:g}, but torch {torch.__version__} in its process sees no GPU ({build})")
+        raise DeploymentError(f"{hospital}: {setting or f'hospitals.{hospital}.gpus'}={gpus:g}, but torch {torch.__version__} in its process sees no GPU ({build})")
     # Ray makes the GPUs it granted the only visible ones: the first is this hospital's.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
     torch.use_deterministic_algorithms(True, warn_only=True)

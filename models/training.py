@@ -81,6 +81,7 @@ def train(
     if proximal_mu > 0 and anchor is None:
         anchor = [p.detach().clone() for p in model.parameters()]
     anchor = list(anchor) if proximal_mu > 0 else []
+    correction = {name: c.to(device) for name, c in (correction or {}).items()}  # moved once, added every step
     model.train()
     losses = []
     for _ in range(epochs):
@@ -100,7 +101,7 @@ def train(
                 scaler.unscale_(opt)  # the correction is in the gradients' own units
                 for name, p in model.named_parameters():
                     if name in correction:
-                        p.grad.add_(correction[name].to(p.grad.device))
+                        p.grad.add_(correction[name])
             scaler.step(opt)
             scaler.update()
             losses.append(loss.item())

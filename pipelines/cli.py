@@ -117,7 +117,7 @@ def _serve(args) -> None:
 
     settings = SiteSettings(
         name=args.name, identity=Path(args.identity), data=Path(args.data), work_dir=Path(args.work_dir), policy=Path(args.policy),
-        study=Path(args.study) if args.study else None, driver=args.driver, hosting=args.hosting,
+        study=Path(args.study) if args.study else None, driver=args.driver, hosting=args.hosting, gpus=args.gpus,
     )
     server, port = serve_hospital(settings, args.address)
     host = args.address.rsplit(":", 1)[0]
@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="the folder it imports approved study code from (fedward approve)")
     p.add_argument("--driver", default="driver", help="the certified name of the only driver it answers")
     p.add_argument("--hosting", choices=["ray", "in_process"], default="ray", help="its hospital a Ray actor on its own Ray (default), or in this process")
+    p.add_argument("--gpus", type=float, default=0, help="GPUs its hospital trains on (it uses the first); default 0: the CPU")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("audit", help="at a hospital: check and print its own audit log of what it released (audit.jsonl in its work area)")

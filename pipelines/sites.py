@@ -20,7 +20,7 @@ from fedward import wire
 from fedward.certificates import Identity
 from fedward.channel import call, connect
 from fedward.config import FedwardConfig, config_to_dict
-from fedward.errors import HospitalError
+from fedward.errors import ConfigError, HospitalError
 from fedward.types import Failure
 
 
@@ -80,6 +80,9 @@ class _SiteMethod:
 
 def open_sites(config: FedwardConfig, run_id: str) -> dict[str, SiteHospital]:
     """Open the run at every hospital's service; one that refuses or is unreachable says why in each call."""
+    if with_gpus := [h.name for h in config.hospitals if h.gpus > 0]:
+        raise ConfigError(f"hospitals: {with_gpus} ask for GPUs, but in run.hosting cross_site a hospital's devices are its "
+                          f"operator's to grant (fedward serve --gpus); remove hospitals[].gpus from the run's config")
     identity = Path(config.run.identity).expanduser()
     message = {"run_id": run_id, "config": config_to_dict(config)}
     hospitals = {}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedward.actors.hospital import Hospital
+from fedward.actors.site import HospitalService, SiteSettings
 from fedward.actors.remote import check_placement
 from fedward.config import TrainConfig, config_hash, parse_config
 from fedward.data_adapters.harmonize import merge_summaries
@@ -19,9 +20,12 @@ from fedward.models import device, training
 from fedward.models.flat import flatten
 from fedward.models.networks import build_model
 from fedward.pipelines.run import pooled
+from fedward.policy import POLICY_ENV
+from fedward.pipelines.sites import open_sites
 from fedward.tasks.base import batch_outputs
 from fedward.types import RoundPlan
 from tests.conftest import ehr_config
+from tests.consortium import consortium
 
 
 def test_a_hospital_without_gpus_trains_on_the_cpu_and_one_asking_for_gpus_where_torch_sees_none_is_told_why():
@@ -42,12 +46,13 @@ def test_gpus_are_granted_only_by_hosting_that_can_and_reduced_precision_is_refu
     raw = ehr_config(demo_data, tmp_path)
     raw["hospitals"][0]["gpus"] = 1
     assert not pooled(parse_config(raw), None)  # auto: a hospital with GPUs gets a process of its own
-    for hosting in ("pool", "cross_site"):
-        bad = copy.deepcopy(raw)
-        bad["run"].update({"hosting": hosting, "identity": "id"})
-        bad["hospitals"] = [{**h, "address": "127.0.0.1:1"} for h in bad["hospitals"]]
-        with pytest.raises(ConfigError, match=rf"\['hospital_a'\] ask for GPUs; run.hosting {hosting} cannot grant them"):
-            parse_config(bad)
+    with pytest.raises(ConfigError, match=r"\['hospital_a'\] ask for GPUs; run.hosting pool cannot grant them"):
+        parse_config({**raw, "run": {**raw["run"], "hosting": "pool"}})
+    across = copy.deepcopy(raw)
+    across["run"].update({"hosting": "cross_site", "identity": str(tmp_path / "nowhere")})
+    across["hospitals"] = [{**h, "address": "127.0.0.1:1"} for h in across["hospitals"]]
+    with pytest.raises(ConfigError, match=r"\['hospital_a'\] ask for GPUs, but in run.hosting cross_site a hospital's devices are its operator's"):
+        open_sites(parse_config(across), "r")  # before any site is called
     private = config_with(demo_data, tmp_path, "bf16")
     private["privacy"] = {"dp_sgd": {"enabled": True, "noise_multiplier": 1.0, "epsilon": 10.0}}
     with pytest.raises(ConfigError, match="train.precision: bf16 with privacy.dp_sgd: per-sample clipping and the accountant are shown to hold in float32 only"):
@@ -62,6 +67,32 @@ def test_a_hospital_asking_for_more_gpus_than_its_node_has_stops_the_run_before_
         pytest.skip("this Ray has a GPU")
     with pytest.raises(DeploymentError, match=r"hospital_c: asks for gpus=1 but its node has 0 GPUs"):
         check_placement(parse_config(raw))
+
+
+def test_a_hospitals_own_service_grants_its_gpus_and_refuses_at_start_those_its_machine_lacks(demo_data, tmp_path, ray_session, monkeypatch):
+    """In cross-site mode the GPUs are the operator's (`fedward serve --gpus`): checked when the
+    service starts, not at a run's first round, where Ray would wait forever for them."""
+    monkeypatch.setenv(POLICY_ENV, "")  # the service points its process at its policy: restored after the test
+    consortium(tmp_path / "pki", ["hospital_a"])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"consortium: {{identity: {tmp_path / 'pki' / 'hospital_a'}, roster: [hospital_a, hospital_b], fewest_hospitals: 2}}\n")
+
+    def service(hosting: str, gpus: float) -> HospitalService:
+        return HospitalService(SiteSettings(name="hospital_a", identity=tmp_path / "pki" / "hospital_a", data=tmp_path, work_dir=tmp_path / "work",
+                                            policy=policy, hosting=hosting, gpus=gpus))
+
+    sent = ehr_config(demo_data, tmp_path)
+    sent["hospitals"][0]["gpus"] = 3
+    own = service("in_process", 0)._own(sent)
+    assert own.hospital("hospital_a").gpus == 0  # what the driver sent is replaced by the operator's setting
+    with pytest.raises(ConfigError, match=r"--gpus -1: must be >= 0"):
+        service("in_process", -1)
+    if ray_session.cluster_resources().get("GPU", 0) >= 1:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeploymentError, match=r"--gpus 1: the hospital's own Ray has 0 GPUs"):
+        service("ray", 1)
+    with pytest.raises(DeploymentError, match=r"hospital_a: --gpus=1, but torch .* in its process sees no GPU"):
+        service("in_process", 1)
 
 
 def test_precision_changes_the_runs_identity_and_the_device_does_not(demo_data, tmp_path):

@@ -25,6 +25,7 @@ from fedward.config import FedwardConfig, TrainConfig
 from fedward.declarations import ACCOUNTED, DRIVER_TRAINS_FREELY, PLAIN_EPOCHS, SAME_ROUND, SAMPLES_APART, Declaration
 from fedward.errors import ConfigError
 from fedward.tasks import Task, binary_task
+from fedward.models.device import device_of
 from fedward.models.training import make_optimizer
 from fedward.privacy.accounting import GaussianSteps, calibrate_noise_multiplier
 
@@ -118,14 +119,15 @@ def train_private(
     model.train()
     check_model(model)
     rows_of = _rows_per_unit(units)
-    generator = torch.Generator().manual_seed(secrets.randbits(64))
+    generator = torch.Generator().manual_seed(secrets.randbits(64))  # Poisson sampling, on the CPU where the data is
     sampled = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     optimizer = DPOptimizer(
         make_optimizer(model, lr, config),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=plan.sample_rate * len(rows_of),
-        generator=generator,
+        # The noise is drawn where the gradients are: a CUDA model needs a CUDA generator.
+        generator=torch.Generator(device=device_of(model)).manual_seed(secrets.randbits(64)),
         secure_mode=True,  # noise robust to floating-point attacks on its low bits
     )
     taken = 0
@@ -171,7 +173,7 @@ def _step(sampled: GradSampleModule, optimizer: DPOptimizer, task: Task, x: torc
         # The first layer's backward hook sees no input gradient, as the data needs none.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss.backward()
-    owner = torch.repeat_interleave(torch.arange(len(units)), torch.tensor([len(u) for u in units]))
+    owner = torch.repeat_interleave(torch.arange(len(units), device=device), torch.tensor([len(u) for u in units], device=device))
     for p in optimizer.params:  # one gradient per unit: DPOptimizer clips a patient as a whole
         p.grad_sample = p.grad_sample.new_zeros((len(units), *p.shape)).index_add_(0, owner, p.grad_sample)
     optimizer.step()

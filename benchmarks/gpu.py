@@ -6,7 +6,8 @@ precision, on the same device (the GPU when torch sees one, else the CPU), data 
 - fedward: a `Hospital` reads, checks, decodes and preprocesses its DICOM folder from an empty
   cache, prepares its model and trains one round (`load`, `prepare`, `fit`);
 - plain: `pydicom.dcmread`, slope and intercept, the window, the same resize (benchmarks/ingest.py's
-  reference), labels from the same CSV, then the classic loop over shuffled batches.
+  reference), labels from the same CSV, then the classic loop over shuffled batches, with torch's
+  defaults (fedward's deterministic algorithms on a GPU count among its costs).
 The script asserts that both sides take the same number of optimizer steps (counted by a global
 optimizer hook), then prints each side's median images per second over `--repeats` interleaved
 runs after one untimed run of each (imports and kernels loaded, as in a long-lived hospital), and
@@ -92,7 +93,10 @@ def plain(raw: dict, data: Path, images: int) -> tuple[float, int]:
             labels.append(float(finding in spec.label.positive_values))
     x = torch.from_numpy(reference(paths[:images], spec.image_size))[:, None]
     y = torch.tensor(labels[:images])
-    device = devices.resolve(config.hospitals[0].gpus, "plain")
+    # torch's defaults, as a plain loop has them: fedward's deterministic algorithms are its own cost.
+    device = torch.device("cuda", 0) if config.hospitals[0].gpus else torch.device("cpu")
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
     torch.manual_seed(0)
     model = build_model(config.model, tuple(x.shape[1:]), 1).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.train.lr)
@@ -113,6 +117,7 @@ def plain(raw: dict, data: Path, images: int) -> tuple[float, int]:
             scaler.update()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     return time.perf_counter() - began, STEPS[0]
 
 

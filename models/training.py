@@ -83,8 +83,9 @@ def train(
     anchor = list(anchor) if proximal_mu > 0 else []
     correction = {name: c.to(device) for name, c in (correction or {}).items()}  # moved once, added every step
     model.train()
-    losses = []
+    losses: list[float] = []
     for _ in range(epochs):
+        epoch = []  # kept on the device, read once an epoch: reading each step would wait for the GPU every step
         perm = torch.randperm(len(y), generator=order)
         for start in range(0, len(y), config.batch_size):
             batch = perm[start : start + config.batch_size]
@@ -104,9 +105,10 @@ def train(
                         p.grad.add_(correction[name])
             scaler.step(opt)
             scaler.update()
-            losses.append(loss.item())
-            if not np.isfinite(losses[-1]):
-                raise HospitalError(f"training: the model's loss is {losses[-1]} at step {len(losses)}; check the model's outputs, train.lr and the inputs")
+            epoch.append(loss.detach())
+        losses += torch.stack(epoch).tolist() if epoch else []
+        if bad := [i for i, value in enumerate(losses) if not np.isfinite(value)]:
+            raise HospitalError(f"training: the model's loss is {losses[bad[0]]} at step {bad[0] + 1}; check the model's outputs, train.lr and the inputs")
     return float(np.mean(losses)) if losses else float("nan")
 
 

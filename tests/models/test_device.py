@@ -15,7 +15,7 @@ from fedward.actors.site import HospitalService, SiteSettings
 from fedward.actors.remote import check_placement
 from fedward.config import TrainConfig, config_hash, parse_config
 from fedward.data_adapters.harmonize import merge_summaries
-from fedward.errors import ConfigError, DeploymentError
+from fedward.errors import ConfigError, DeploymentError, HospitalError
 from fedward.models import device, training
 from fedward.models.flat import flatten
 from fedward.models.networks import build_model
@@ -134,3 +134,13 @@ def test_every_boundary_of_a_hospital_is_on_the_cpu_and_float32(demo_data, tmp_p
     outputs = batch_outputs(hospital.model, hospital.x[:10])
     assert outputs.device == torch.device("cpu") and outputs.dtype == torch.float32
     assert hospital.evaluate(1, weights + update.delta, layout).figures["auroc"] > 0.5
+
+
+def test_a_loss_that_turns_non_finite_stops_training_naming_its_first_step():
+    """Losses are read once an epoch, not each step (each read waits for a GPU), but the first bad
+    step is still the one named."""
+    x, y = torch.ones((64, 4)), torch.ones(64)
+    x[37, 2] = float("nan")  # one bad input: the first batch holding it gives a NaN loss
+    first = int((torch.randperm(64, generator=torch.Generator().manual_seed(3)) == 37).nonzero()) // 16 + 1  # train's own shuffle
+    with pytest.raises(HospitalError, match=rf"training: the model's loss is nan at step {first}; check the model's outputs"):
+        training.train(torch.nn.Linear(4, 1), x, y, epochs=2, lr=0.1, seed=3, config=TrainConfig(batch_size=16, momentum=0.0))

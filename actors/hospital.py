@@ -263,7 +263,11 @@ class Hospital:
         self.y = self.task.tensor(samples.labels, scale)
         self.device = devices.resolve(self.config.hospital(self.name).gpus, self.name)  # in its own process: what Ray granted it
         if self.device.type != "cpu":  # in its own log: a resume on another device changes the weights (docs/gpus.md)
-            print(f"{self.name}: trains on {self.device} ({torch.cuda.get_device_name(self.device)})", file=sys.stderr, flush=True)
+            precision = self.config.train.precision
+            # Before compute capability 8.0 torch emulates bfloat16: it runs, slower than float32.
+            slow = precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False)
+            print(f"{self.name}: trains on {self.device} ({torch.cuda.get_device_name(self.device)}) in {precision}"
+                  + ("; this GPU emulates bfloat16, slower than fp32: fp16 is its fast precision" if slow else ""), file=sys.stderr, flush=True)
         self._fresh_state()  # personal layers start the same on every resume
         self.personal = self.strategy.personal_keys(self.model)
         return tuple(self.x.shape[1:])

@@ -29,6 +29,13 @@ def optimizer_declaration(config: TrainConfig) -> Declaration | None:
     return None
 
 
+def precision_declaration(config: TrainConfig) -> Declaration | None:
+    """float16's loss scaling, whose skipped steps are not plain SGD's."""
+    if config.precision == "fp16":
+        return Declaration("train.precision: fp16", breaks={PLAIN_SGD: "skips any step whose loss-scaled gradients overflow"})
+    return None
+
+
 def make_optimizer(model: nn.Module, lr: float, config: TrainConfig, only: frozenset[str] | None = None) -> torch.optim.Optimizer:
     """A fresh optimizer each round, shared by private and non-private training so they compare;
     `only` names the parameters it may change (all when None)."""

@@ -24,7 +24,7 @@ from fedward.declarations import Declaration, require_compatible
 from fedward.errors import ConfigError
 from fedward.explain.summary import DECLARATION as EXPLANATIONS
 from fedward.models.networks import declaration as norm_declaration
-from fedward.models.training import optimizer_declaration
+from fedward.models.training import optimizer_declaration, precision_declaration
 from fedward.pipelines import inbound
 from fedward.privacy import dp_sgd
 from fedward.privacy.hooks import build_hook
@@ -44,6 +44,7 @@ def declarations(config: FedwardConfig, study_dir: str | None = None) -> list[De
         *own_model_declarations(config),
         norm_declaration(config.model),
         optimizer_declaration(config.train),
+        precision_declaration(config.train),
         dp_sgd.DECLARATION if config.privacy.dp_sgd.enabled else None,
         *(step.declaration for step in outbound.steps(config, hook, hospital="")),
         *(step.declaration for step in inbound.steps(config, hook)),

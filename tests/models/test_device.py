@@ -19,6 +19,7 @@ from fedward.errors import ConfigError, DeploymentError, HospitalError
 from fedward.models import device, training
 from fedward.models.flat import flatten
 from fedward.models.networks import build_model
+from fedward.pipelines import compatibility
 from fedward.pipelines.run import pooled
 from fedward.policy import POLICY_ENV
 from fedward.pipelines.sites import open_sites
@@ -144,3 +145,14 @@ def test_a_loss_that_turns_non_finite_stops_training_naming_its_first_step():
     first = int((torch.randperm(64, generator=torch.Generator().manual_seed(3)) == 37).nonzero()) // 16 + 1  # train's own shuffle
     with pytest.raises(HospitalError, match=rf"training: the model's loss is nan at step {first}; check the model's outputs"):
         training.train(torch.nn.Linear(4, 1), x, y, epochs=2, lr=0.1, seed=3, config=TrainConfig(batch_size=16, momentum=0.0))
+
+
+def test_fp16_whose_loss_scaling_skips_steps_is_refused_with_scaffold_and_bf16_is_not(demo_data, tmp_path):
+    raw = config_with(demo_data, tmp_path, "fp16")
+    raw["train"]["momentum"] = 0.0
+    raw["strategy"] = {"name": "scaffold"}
+    with pytest.raises(ConfigError, match="strategy.name: scaffold cannot run with train.precision: fp16: strategy.name: scaffold derives its "
+                                          "control update from plain SGD steps, but train.precision: fp16 skips any step whose loss-scaled gradients overflow"):
+        compatibility.check(parse_config(raw))
+    raw["train"]["precision"] = "bf16"
+    compatibility.check(parse_config(raw))

@@ -49,7 +49,7 @@ from fedward.privacy import dp_fedavg, dp_sgd, ledger
 from fedward.privacy.accounting import GaussianSteps, epsilon
 from fedward.privacy.hooks import AggregationHook, Trust, build_hook
 from fedward.certificates import Identity
-from fedward.pooling import POOLED_DIGITS, EvaluationKey, PaddedSum
+from fedward.pooling import POOLED_DIGITS, EvaluationKey, EvaluationKeyOffer, PaddedSum
 
 if TYPE_CHECKING:
     from fedward.explain.local import LocalExplanation
@@ -116,7 +116,11 @@ class Hospital:
 
     @cached_property
     def evaluation_key(self) -> EvaluationKey:
-        return EvaluationKey(self.name, self.run_id, self.run_dir)
+        self._loaded()  # its policy, which names whom it shares the key with, is read with its data
+        consortium = self.policy.consortium
+        if consortium is None:
+            return EvaluationKey(self.name, self.run_id, self.run_dir)
+        return EvaluationKey(self.name, self.run_id, self.run_dir, Identity(consortium.identity, self.name), consortium.roster)
 
     def deployment_problem(self) -> str | None:
         """What keeps this hospital from reading its data on this node, if anything."""
@@ -413,15 +417,15 @@ class Hospital:
     # -- the evaluation key (fedward/pooling.py) ---------------------------------------------------
 
     @releases("aggregation protocol messages")
-    def evaluation_public_key(self) -> bytes:
+    def evaluation_public_key(self) -> EvaluationKeyOffer:
         return self.evaluation_key.public()
 
     @releases("aggregation protocol messages")
-    def evaluation_deal(self, publics: dict[str, bytes]) -> dict[str, bytes]:
-        return self.evaluation_key.deal(publics)
+    def evaluation_deal(self, offers: dict[str, EvaluationKeyOffer]) -> dict[str, bytes]:
+        return self.evaluation_key.deal(offers)
 
-    def evaluation_accept(self, dealer: str, dealer_public: bytes, sealed: bytes) -> None:
-        self.evaluation_key.accept(dealer, dealer_public, sealed)
+    def evaluation_accept(self, dealer: EvaluationKeyOffer, sealed: bytes) -> None:
+        self.evaluation_key.accept(dealer, sealed)
 
     @releases("evaluation statistics, every round")
     def open_pooled(self, summed: PaddedSum) -> dict:

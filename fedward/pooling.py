@@ -13,11 +13,14 @@ hospital by name draws the evaluation key and seals it to each other hospital un
 two derive, so the driver relays only public keys and sealed bytes. Each hospital keeps the key in
 its run area, where a hospital process restarted mid-run finds it again.
 
-Trust: the driver relays public keys faithfully (a driver that swapped them could read the key;
-they are not yet signed, in cross-site mode either), and no hospital colludes with the driver, since a hospital with
-the key could read another's padded statistics the driver showed it. A hospital opens only a sum of
-at least `MIN_CONTRIBUTORS` hospitals, itself among them, and each pad is used once: a fresh nonce
-per padded message, so no two messages' pads cancel.
+Trust: in cross-site mode each hospital signs its public key with its certified key, bound to the
+run and its name, and seals the evaluation key only to, or takes it only from, a hospital of its
+own roster whose offer its own authority vouches for: a driver that swapped a public key for its
+own gets nothing it can open. In one trust domain (no identity) the driver relays public keys
+faithfully. Either way no hospital colludes with the driver, since a hospital with the key could
+read another's padded statistics the driver showed it. A hospital opens only a sum of at least
+`MIN_CONTRIBUTORS` hospitals, itself among them, and each pad is used once: a fresh nonce per
+padded message, so no two messages' pads cancel.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fedward.certificates import Identity, PeerRefused
 from fedward.errors import AggregationError
 from fedward.files import atomic_write
 from fedward.keys import agree, derive_key, keystream, new_private_key, open_sealed, public_bytes, seal
@@ -42,6 +46,16 @@ NONCE_BYTES = 16
 KEY_FILE = "evaluation.key"
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]  # each statistic's name and shape, in order
+
+
+@dataclass(frozen=True)
+class EvaluationKeyOffer:
+    """A hospital's public key for the set-up; in cross-site mode with its certificate, and signed."""
+
+    hospital: str
+    public: bytes
+    certificate: bytes = b""  # PEM
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -78,14 +92,14 @@ def deal(hospitals: Sequence[str], call: Call) -> None:
     """The driver's half of the key set-up. A hospital that does not answer has no key: its
     evaluations add nothing to the pooled figures, whose `pooled_over` leaves it out, until the
     next driver session deals again."""
-    publics = call("evaluation_public_key", {h: () for h in hospitals})
-    if len(publics) < MIN_CONTRIBUTORS:
+    offers = call("evaluation_public_key", {h: () for h in hospitals})
+    if len(offers) < MIN_CONTRIBUTORS:
         return
-    dealer = min(publics)
-    sealed = call("evaluation_deal", {dealer: (dict(publics),)}).get(dealer)
+    dealer = min(offers)
+    sealed = call("evaluation_deal", {dealer: (dict(offers),)}).get(dealer)
     if sealed is None:
         raise AggregationError(f"{dealer}: failed to deal the evaluation key; no pooled figures can be computed")
-    call("evaluation_accept", {h: (dealer, publics[dealer], s) for h, s in sealed.items()})
+    call("evaluation_accept", {h: (offers[dealer], s) for h, s in sealed.items()})
 
 
 def in_process(keys: Sequence[EvaluationKey]) -> Call:
@@ -114,24 +128,51 @@ def pooled(padded: Sequence[PaddedStatistics | None], open_at: Callable[[str, Pa
 
 
 class EvaluationKey:
-    """A hospital's half: its key pair for the set-up, then the consortium's evaluation key."""
+    """A hospital's half: its key pair for the set-up, then the consortium's evaluation key.
 
-    def __init__(self, hospital: str, run_id: str, run_dir: Path):
+    With an `identity` (cross-site mode) it signs its offer and checks every peer's against its own
+    authority; with a `roster` it deals with no hospital outside it."""
+
+    def __init__(self, hospital: str, run_id: str, run_dir: Path, identity: Identity | None = None, roster: frozenset[str] | None = None):
         self.hospital, self.run_id, self.path = hospital, run_id, run_dir / KEY_FILE
+        self.identity, self.roster = identity, roster
         self._private = None
 
-    def public(self) -> bytes:
+    def public(self) -> EvaluationKeyOffer:
         self._private = new_private_key()
-        return public_bytes(self._private)
+        offer = EvaluationKeyOffer(self.hospital, public_bytes(self._private))
+        if self.identity is None:
+            return offer
+        return EvaluationKeyOffer(offer.hospital, offer.public, self.identity.certificate, self.identity.sign(_offer_message(self.run_id, offer)))
 
-    def deal(self, publics: Mapping[str, bytes]) -> dict[str, bytes]:
-        """As the dealer: draw the key, keep it, and seal it to every other hospital."""
+    def deal(self, offers: Mapping[str, EvaluationKeyOffer]) -> dict[str, bytes]:
+        """As the dealer: draw the key, keep it, and seal it to every other hospital, each offer checked first."""
+        peers = {h: offer for h, offer in offers.items() if h != self.hospital}
+        for name, offer in sorted(peers.items()):
+            self._check_offer(name, offer, "seal the evaluation key to")
         key = os.urandom(32)
         self._keep(key)
-        return {h: seal(self._pair_key(h, public), key, h.encode()) for h, public in publics.items() if h != self.hospital}
+        return {h: seal(self._pair_key(h, offer.public), key, h.encode()) for h, offer in peers.items()}
 
-    def accept(self, dealer: str, dealer_public: bytes, sealed: bytes) -> None:
-        self._keep(open_sealed(self._pair_key(dealer, dealer_public), sealed, self.hospital.encode(), f"{self.hospital}: the evaluation key"))
+    def accept(self, dealer: EvaluationKeyOffer, sealed: bytes) -> None:
+        """Keep the key `dealer` sealed to this hospital, once its offer is checked: a key the
+        driver chose would let it remove this hospital's pads."""
+        name = getattr(dealer, "hospital", None)
+        self._check_offer(name, dealer, "take the evaluation key from")
+        self._keep(open_sealed(self._pair_key(name, dealer.public), sealed, self.hospital.encode(), f"{self.hospital}: the evaluation key"))
+
+    def _check_offer(self, name: Any, offer: Any, act: str) -> None:
+        where = f"{self.hospital}: refuses to {act} {name!r}"
+        if not (isinstance(offer, EvaluationKeyOffer) and offer.hospital == name and isinstance(name, str)
+                and all(isinstance(b, bytes) for b in (offer.public, offer.certificate, offer.signature))):
+            raise AggregationError(f"{where}: its key offer is not one (a EvaluationKeyOffer naming it, with public key, certificate and signature as bytes)")
+        if self.roster is not None and name not in self.roster:
+            raise AggregationError(f"{where}: not in its policy's roster {sorted(self.roster)}")
+        if self.identity is not None:
+            try:
+                self.identity.check_signature(offer.certificate, offer.signature, _offer_message(self.run_id, offer), name)
+            except PeerRefused as e:
+                raise AggregationError(f"{where}: its key offer is refused: {e}") from None
 
     @property
     def ready(self) -> bool:
@@ -174,3 +215,8 @@ class EvaluationKey:
             raise AggregationError(f"{self.hospital}: has no evaluation key for this run (the driver sets it up before round 1)")
         key = derive_key(self.path.read_bytes(), purpose="evaluation pad", run_id=self.run_id, round=0, parties=(hospital, nonce.hex()))
         return np.frombuffer(keystream(key, 8 * size), np.uint64)
+
+
+def _offer_message(run_id: str, offer: EvaluationKeyOffer) -> bytes:
+    """What a hospital signs of its offer: bound to the run, the purpose and its name."""
+    return "\n".join([PURPOSE, run_id, offer.hospital, offer.public.hex()]).encode()

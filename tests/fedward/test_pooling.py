@@ -3,12 +3,16 @@ evaluation key, into exactly the pooled statistics, and never for one hospital a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from fedward.errors import AggregationError
 from fedward import pooling
+from fedward.keys import agree, derive_key, keystream, new_private_key, open_sealed, public_bytes
 from fedward.pooling import EvaluationKey
+from tests.consortium import consortium
 
 
 def _keys(tmp_path, names=("a", "b", "c")):
@@ -78,3 +82,43 @@ def test_pooled_figures_skip_a_hospital_that_fails_to_open_and_name_the_hospital
     figures = pooling.pooled([*padded, None], open_at)
     assert figures["pooled_over"] == ["a", "b"] and figures["n"] > 0
     assert pooling.pooled(padded[:1], open_at) == {}  # one hospital: its own exact figures, so none
+
+
+def _driver_reads(sealed: bytes, own_private, hospital: str, peer: str, peer_public: bytes) -> bytes:
+    """What a driver holding the private key behind a swapped public key opens of a sealed key."""
+    pair = agree(own_private, peer_public, purpose=pooling.PURPOSE, run_id="run-1", round=0, pair=(peer, hospital))
+    return open_sealed(pair, sealed, hospital.encode(), "the driver's copy")
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "check switched off"])
+def test_in_cross_site_mode_a_driver_that_swaps_a_key_offer_for_its_own_gets_no_evaluation_key(tmp_path, monkeypatch, checked):
+    """A lying driver puts its own public key in hospital b's signed offer, or deals b a key of its
+    own as if from a: with each hospital checking its peers' signed offers it gets nothing it can
+    open; with the check switched off it reads the key and removes b's pads."""
+    names = ("a", "b", "c")
+    _, identities = consortium(tmp_path / "pki", [*names, "stranger"])
+    keys = {h: EvaluationKey(h, "run-1", tmp_path / h, identities[h], frozenset(names)) for h in names}
+    if not checked:
+        monkeypatch.setattr(EvaluationKey, "_check_offer", lambda *_: None)
+    offers = {h: keys[h].public() for h in names}
+    ours = new_private_key()
+    swapped = {**offers, "b": dataclasses.replace(offers["b"], public=public_bytes(ours))}  # b's certificate and signature kept
+    if checked:
+        with pytest.raises(AggregationError, match=r"a: refuses to seal the evaluation key to 'b': its key offer is refused: b's signature does not match"):
+            keys["a"].deal(swapped)
+        impostor = dataclasses.replace(offers["a"], public=public_bytes(ours))
+        with pytest.raises(AggregationError, match=r"b: refuses to take the evaluation key from 'a': its key offer is refused"):
+            keys["b"].accept(impostor, b"")
+        stranger = EvaluationKey("stranger", "run-1", tmp_path / "stranger", identities["stranger"], frozenset([*names, "stranger"]))
+        with pytest.raises(AggregationError, match=r"a: refuses to seal the evaluation key to 'stranger': not in its policy's roster \['a', 'b', 'c'\]"):
+            keys["a"].deal({**offers, "stranger": stranger.public()})
+        assert not any(k.ready for k in keys.values())  # nothing was dealt
+        pooling.deal(sorted(keys), pooling.in_process(list(keys.values())))  # the honest set-up still works
+        assert len({(tmp_path / h / pooling.KEY_FILE).read_bytes() for h in names}) == 1
+        return
+    sealed = keys["a"].deal(swapped)
+    key = _driver_reads(sealed["b"], ours, "b", "a", offers["a"].public)
+    statistics = {"positive_hist": np.arange(5.0)}
+    padded = keys["a"].pad(statistics)  # any hospital's: the driver now holds every pad
+    pad = keystream(derive_key(key, purpose="evaluation pad", run_id="run-1", round=0, parties=("a", padded.nonce.hex())), 8 * 5)
+    assert np.array_equal((padded.values - np.frombuffer(pad, np.uint64)).view(np.int64) / 2.0**pooling.FRACTION_BITS, statistics["positive_hist"])

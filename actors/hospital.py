@@ -117,10 +117,18 @@ class Hospital:
     @cached_property
     def evaluation_key(self) -> EvaluationKey:
         self._loaded()  # its policy, which names whom it shares the key with, is read with its data
+        identity, roster = self._consortium()
+        return EvaluationKey(self.name, self.run_id, self.run_dir, identity, roster)
+
+    def _consortium(self) -> tuple[Identity | None, frozenset[str] | None]:
+        """In cross-site mode, the identity it signs with and the roster of hospitals it deals with
+        (its own policy's); none in one trust domain."""
         consortium = self.policy.consortium
         if consortium is None:
-            return EvaluationKey(self.name, self.run_id, self.run_dir)
-        return EvaluationKey(self.name, self.run_id, self.run_dir, Identity(consortium.identity, self.name), consortium.roster)
+            return None, None
+        if self.name not in consortium.roster:
+            raise HospitalError(f"{self.name}: its policy ({self.policy.source}) has a consortium roster {sorted(consortium.roster)} without it")
+        return Identity(consortium.identity, self.name), consortium.roster
 
     def deployment_problem(self) -> str | None:
         """What keeps this hospital from reading its data on this node, if anything."""
@@ -216,13 +224,9 @@ class Hospital:
         """What its half of the aggregation protocol relies on: its own policy and data."""
         weight = dp_fedavg.aggregation_weight(self.config, len(self.train_idx))
         record = self.work_dir / "masking_unmasked.jsonl"
-        consortium = self.policy.consortium
-        if consortium is None:
-            return Trust(weight=weight, colluders=self.policy.colluders, record=record)
-        if self.name not in consortium.roster:
-            raise HospitalError(f"{self.name}: its policy ({self.policy.source}) has a consortium roster {sorted(consortium.roster)} without it")
-        return Trust(weight=weight, colluders=self.policy.colluders, fewest=consortium.fewest_hospitals, roster=consortium.roster,
-                     identity=Identity(consortium.identity, self.name), record=record)
+        identity, roster = self._consortium()
+        fewest = self.policy.consortium.fewest_hospitals if identity else None
+        return Trust(weight=weight, colluders=self.policy.colluders, fewest=fewest, roster=roster, identity=identity, record=record)
 
     def record_release(self, what: str, args: tuple, result: Any) -> None:
         """Its audit log's entry for `result`, about to leave for the driver as `what`."""

@@ -11,6 +11,7 @@ with typed messages (fedward/wire.py); nothing it sends is code.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -61,8 +62,8 @@ class HospitalService:
         if Identity(policy.consortium.identity, settings.name).certificate != self.identity.certificate:
             raise ConfigError(f"--identity {settings.identity} and the policy's consortium.identity {policy.consortium.identity} hold "
                               f"different certificates for {settings.name}: the service and its signatures must be one identity")
-        if settings.gpus < 0:
-            raise ConfigError(f"--gpus {settings.gpus:g}: must be >= 0")
+        if not (math.isfinite(settings.gpus) and settings.gpus >= 0):
+            raise ConfigError(f"--gpus {settings.gpus:g}: expected a number of GPUs, 0 or more")
         os.environ[POLICY_ENV] = str(settings.policy)  # the hospital reads its policy from here, whatever the run says
         self._lock = threading.Lock()  # one run's calls at a time, in the order they come
         self._hospital: Any = None

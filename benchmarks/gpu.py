@@ -21,11 +21,13 @@ their ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +79,17 @@ def through_fedward(raw: dict) -> tuple[float, int, int]:
     return time.perf_counter() - began, STEPS[0], len(hospital.train_idx) * config.train.local_epochs
 
 
+@contextlib.contextmanager
+def torch_defaults() -> Iterator[None]:
+    """torch's defaults, as a plain loop has them: fedward's deterministic algorithms are its own cost."""
+    mode = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
+
+
 def plain(raw: dict, data: Path, images: int) -> tuple[float, int]:
     """Seconds and optimizer steps of the classic loop over `images` training images of the folder."""
     config = parse_config(raw)
@@ -93,31 +106,28 @@ def plain(raw: dict, data: Path, images: int) -> tuple[float, int]:
             labels.append(float(finding in spec.label.positive_values))
     x = torch.from_numpy(reference(paths[:images], spec.image_size))[:, None]
     y = torch.tensor(labels[:images])
-    # torch's defaults, as a plain loop has them: fedward's deterministic algorithms are its own cost.
     device = torch.device("cuda", 0) if config.hospitals[0].gpus else torch.device("cpu")
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    torch.manual_seed(0)
-    model = build_model(config.model, tuple(x.shape[1:]), 1).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    scaler, loss_of = devices.grad_scaler(device, config.train.precision), binary_task().loss
-    order = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(config.train.local_epochs):
-        perm = torch.randperm(len(y), generator=order)
-        for start in range(0, len(y), config.train.batch_size):
-            batch = perm[start : start + config.train.batch_size]
-            if len(batch) < 2:
-                continue
-            opt.zero_grad()
-            with devices.autocast(device, config.train.precision):
-                loss = loss_of(model(x[batch].to(device)), y[batch].to(device))
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    with torch_defaults():
+        torch.manual_seed(0)
+        model = build_model(config.model, tuple(x.shape[1:]), 1).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+        scaler, loss_of = devices.grad_scaler(device, config.train.precision), binary_task().loss
+        order = torch.Generator().manual_seed(1)
+        model.train()
+        for _ in range(config.train.local_epochs):
+            perm = torch.randperm(len(y), generator=order)
+            for start in range(0, len(y), config.train.batch_size):
+                batch = perm[start : start + config.train.batch_size]
+                if len(batch) < 2:
+                    continue
+                opt.zero_grad()
+                with devices.autocast(device, config.train.precision):
+                    loss = loss_of(model(x[batch].to(device)), y[batch].to(device))
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return time.perf_counter() - began, STEPS[0]
 
 

@@ -577,7 +577,7 @@ class HospitalConfig:
             f"per-hospital options are {sorted(PER_HOSPITAL_MODEL_OPTIONS)}",
         )
         _need(self.cpus >= 0, f"hospitals.{self.name}.cpus: must be >= 0")
-        _need(self.gpus >= 0, f"hospitals.{self.name}.gpus: must be >= 0")
+        _need(math.isfinite(self.gpus) and self.gpus >= 0, f"hospitals.{self.name}.gpus: expected a number of GPUs, 0 or more")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -63,6 +63,7 @@ class PaddedStatistics:
     """One hospital's evaluation statistics in fixed point under its one-time pad."""
 
     hospital: str
+    key_id: bytes  # which evaluation key drew the pad: sums under different keys cannot be opened
     nonce: bytes
     layout: Layout
     values: np.ndarray  # uint64
@@ -73,40 +74,47 @@ class PaddedSum:
     """The driver's sum of padded statistics, and whose pads it holds."""
 
     contributors: tuple[tuple[str, bytes], ...]  # (hospital, nonce)
+    key_id: bytes
     layout: Layout
     values: np.ndarray  # uint64
 
 
 def add(padded: Sequence[PaddedStatistics]) -> PaddedSum:
     """The driver's half: add padded statistics of the same layout (wrapping, as the pads do)."""
-    layouts = {p.layout for p in padded}
+    layouts, keys = {p.layout for p in padded}, {p.key_id for p in padded}
     if len(layouts) != 1:
         raise AggregationError(f"hospitals padded statistics of different layouts: {sorted(p.hospital for p in padded)}")
-    return PaddedSum(tuple((p.hospital, p.nonce) for p in padded), layouts.pop(), sum(p.values for p in padded[1:]) + padded[0].values)
+    if len(keys) != 1:
+        by_key = {k.hex(): sorted(p.hospital for p in padded if p.key_id == k) for k in keys}
+        raise AggregationError(f"hospitals padded statistics under different evaluation keys (a set-up one of them missed): {by_key}")
+    return PaddedSum(tuple((p.hospital, p.nonce) for p in padded), keys.pop(), layouts.pop(), sum(p.values for p in padded[1:]) + padded[0].values)
 
 
-Call = Callable[[str, Mapping[str, tuple]], Mapping[str, Any]]  # method, arguments per hospital -> answers of those that answered
+# method, arguments per hospital -> the answers of those that answered, and why each other did not
+Call = Callable[[str, Mapping[str, tuple]], tuple[Mapping[str, Any], Mapping[str, str]]]
 
 
-def deal(hospitals: Sequence[str], call: Call) -> None:
-    """The driver's half of the key set-up. A hospital that does not answer has no key: its
-    evaluations add nothing to the pooled figures, whose `pooled_over` leaves it out, until the
-    next driver session deals again."""
-    offers = call("evaluation_public_key", {h: () for h in hospitals})
+def deal(hospitals: Sequence[str], call: Call) -> dict[str, str]:
+    """The driver's half of the key set-up; returns each hospital left without the key, and why.
+    Such a hospital's evaluations add nothing to the pooled figures, whose `pooled_over` leaves it
+    out, until the next driver session deals again."""
+    offers, missing = call("evaluation_public_key", {h: () for h in hospitals})
     if len(offers) < MIN_CONTRIBUTORS:
-        return
+        return {**missing, **{h: f"fewer than {MIN_CONTRIBUTORS} hospitals answered the evaluation key's set-up" for h in offers}}
     dealer = min(offers)
-    sealed = call("evaluation_deal", {dealer: (dict(offers),)}).get(dealer)
-    if sealed is None:
-        raise AggregationError(f"{dealer}: failed to deal the evaluation key; no pooled figures can be computed")
-    call("evaluation_accept", {h: (offers[dealer], s) for h, s in sealed.items()})
+    dealt, failed = call("evaluation_deal", {dealer: (dict(offers),)})
+    if dealer not in dealt:
+        raise AggregationError(f"{dealer}: failed to deal the evaluation key, so no pooled figures can be computed: "
+                               f"{failed.get(dealer, 'no answer')}")
+    _, refused = call("evaluation_accept", {h: (offers[dealer], sealed) for h, sealed in dealt[dealer].items()})
+    return {**missing, **refused}
 
 
 def in_process(keys: Sequence[EvaluationKey]) -> Call:
-    """`deal`'s calls to hospitals' keys in this process (the demo's baselines, tests)."""
+    """`deal`'s calls to hospitals' keys in this process (the demo's baselines, tests): a refusal raises."""
     by_name = {k.hospital: k for k in keys}
     methods = {"evaluation_public_key": "public", "evaluation_deal": "deal", "evaluation_accept": "accept"}
-    return lambda method, arguments: {h: getattr(by_name[h], methods[method])(*a) for h, a in arguments.items()}
+    return lambda method, arguments: ({h: getattr(by_name[h], methods[method])(*a) for h, a in arguments.items()}, {})
 
 
 def pooled(padded: Sequence[PaddedStatistics | None], open_at: Callable[[str, PaddedSum], dict]) -> dict:
@@ -139,6 +147,9 @@ class EvaluationKey:
         self._private = None
 
     def public(self) -> EvaluationKeyOffer:
+        """Its offer for a new set-up: the key of an earlier one is dropped, so a hospital this
+        set-up leaves out pads nothing rather than pads under a key the others no longer hold."""
+        self.path.unlink(missing_ok=True)
         self._private = new_private_key()
         offer = EvaluationKeyOffer(self.hospital, public_bytes(self._private))
         if self.identity is None:
@@ -152,7 +163,9 @@ class EvaluationKey:
             self._check_offer(name, offer, "seal the evaluation key to")
         key = os.urandom(32)
         self._keep(key)
-        return {h: seal(self._pair_key(h, offer.public), key, h.encode()) for h, offer in peers.items()}
+        sealed = {h: seal(self._pair_key(h, offer.public), key, h.encode()) for h, offer in peers.items()}
+        self._private = None  # one set-up per key pair: a replayed request finds none
+        return sealed
 
     def accept(self, dealer: EvaluationKeyOffer, sealed: bytes) -> None:
         """Keep the key `dealer` sealed to this hospital, once its offer is checked: a key the
@@ -160,12 +173,14 @@ class EvaluationKey:
         name = getattr(dealer, "hospital", None)
         self._check_offer(name, dealer, "take the evaluation key from")
         self._keep(open_sealed(self._pair_key(name, dealer.public), sealed, self.hospital.encode(), f"{self.hospital}: the evaluation key"))
+        self._private = None
 
     def _check_offer(self, name: Any, offer: Any, act: str) -> None:
         where = f"{self.hospital}: refuses to {act} {name!r}"
-        if not (isinstance(offer, EvaluationKeyOffer) and offer.hospital == name and isinstance(name, str)
-                and all(isinstance(b, bytes) for b in (offer.public, offer.certificate, offer.signature))):
-            raise AggregationError(f"{where}: its key offer is not one (a EvaluationKeyOffer naming it, with public key, certificate and signature as bytes)")
+        if not (isinstance(offer, EvaluationKeyOffer) and all(isinstance(b, bytes) for b in (offer.public, offer.certificate, offer.signature))):
+            raise AggregationError(f"{where}: what was sent as its offer is not an EvaluationKeyOffer with public key, certificate and signature as bytes")
+        if offer.hospital != name:
+            raise AggregationError(f"{where}: the offer sent as {name!r}'s names {offer.hospital!r}")
         if self.roster is not None and name not in self.roster:
             raise AggregationError(f"{where}: not in its policy's roster {sorted(self.roster)}")
         if self.identity is not None:
@@ -182,7 +197,8 @@ class EvaluationKey:
         layout = tuple((name, tuple(np.shape(statistics[name]))) for name in sorted(statistics))
         fixed = np.concatenate([np.round(np.asarray(statistics[n], np.float64).ravel() * 2.0**FRACTION_BITS) for n, _ in layout])
         nonce = os.urandom(NONCE_BYTES)
-        return PaddedStatistics(self.hospital, nonce, layout, fixed.astype(np.int64).view(np.uint64) + self._pad(self.hospital, nonce, len(fixed)))
+        return PaddedStatistics(self.hospital, self._key_id(), nonce, layout,
+                                fixed.astype(np.int64).view(np.uint64) + self._pad(self.hospital, nonce, len(fixed)))
 
     def open(self, summed: PaddedSum) -> dict[str, np.ndarray]:
         """The statistics summed over the contributors, once their pads are removed."""
@@ -192,6 +208,9 @@ class EvaluationKey:
                 f"{self.hospital}: refuses to open a sum of {sorted(names)}: it opens only sums of {MIN_CONTRIBUTORS} or more different "
                 f"hospitals, itself among them"
             )
+        if summed.key_id != self._key_id():
+            raise AggregationError(f"{self.hospital}: the sum of {sorted(names)} was padded under another evaluation key than its own "
+                                   f"(a set-up it missed, or a key it no longer holds): it cannot open it")
         values = summed.values - sum(self._pad(h, nonce, len(summed.values)) for h, nonce in summed.contributors)
         flat = values.view(np.int64) / 2.0**FRACTION_BITS
         out, at = {}, 0
@@ -210,10 +229,16 @@ class EvaluationKey:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, key)
 
-    def _pad(self, hospital: str, nonce: bytes, size: int) -> np.ndarray:
+    def _key(self) -> bytes:
         if not self.path.is_file():
             raise AggregationError(f"{self.hospital}: has no evaluation key for this run (the driver sets it up before round 1)")
-        key = derive_key(self.path.read_bytes(), purpose="evaluation pad", run_id=self.run_id, round=0, parties=(hospital, nonce.hex()))
+        return self.path.read_bytes()
+
+    def _key_id(self) -> bytes:
+        return derive_key(self._key(), purpose="evaluation key id", run_id=self.run_id, round=0, parties=())[:8]
+
+    def _pad(self, hospital: str, nonce: bytes, size: int) -> np.ndarray:
+        key = derive_key(self._key(), purpose="evaluation pad", run_id=self.run_id, round=0, parties=(hospital, nonce.hex()))
         return np.frombuffer(keystream(key, 8 * size), np.uint64)
 
 

@@ -113,8 +113,9 @@ def train(
             scaler.step(opt)
             scaler.update()
             epoch.append(loss.detach())
+        done = len(losses)
         losses += torch.stack(epoch).tolist() if epoch else []
-        if bad := [i for i, value in enumerate(losses) if not np.isfinite(value)]:
+        if bad := [i for i in range(done, len(losses)) if not np.isfinite(losses[i])]:
             raise HospitalError(f"training: the model's loss is {losses[bad[0]]} at step {bad[0] + 1}; check the model's outputs, train.lr and the inputs")
     return float(np.mean(losses)) if losses else float("nan")
 

@@ -83,10 +83,11 @@ def pooled_figures(hospitals: Mapping[str, Any], evaluations: Mapping[str, Evalu
     return pooling.pooled([e.padded for e in evaluations.values()], opener(hospitals, "open_pooled", timeout))
 
 
-def deal_evaluation_key(hospitals: Mapping[str, Any], names: Sequence[str], timeout: float) -> None:
-    """The hospitals' evaluation key for this driver session, set up through their actors."""
+def deal_evaluation_key(hospitals: Mapping[str, Any], names: Sequence[str], timeout: float) -> dict[str, str]:
+    """The hospitals' evaluation key for this driver session, set up through their actors; each
+    hospital left without it, and why."""
 
-    def call(method: str, arguments: Mapping[str, tuple]) -> dict[str, Any]:
-        return gather({h: getattr(hospitals[h], method).remote(*a) for h, a in arguments.items()}, timeout)[0]
+    def call(method: str, arguments: Mapping[str, tuple]) -> tuple[dict[str, Any], dict[str, str]]:
+        return gather({h: getattr(hospitals[h], method).remote(*a) for h, a in arguments.items()}, timeout)
 
-    pooling.deal(names, call)
+    return pooling.deal(names, call)

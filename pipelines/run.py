@@ -158,7 +158,8 @@ class Pipeline:
                 self.config.run.round_timeout_s,
             )
             require_quorum(self.config, 0, shapes, failures)
-            deal_evaluation_key(self.hospitals, sorted(shapes), self.config.run.round_timeout_s)
+            for hospital, why in sorted(deal_evaluation_key(self.hospitals, sorted(shapes), self.config.run.round_timeout_s).items()):
+                self.log(f"{hospital}: has no evaluation key this session, so its evaluations leave the pooled figures: {why}")
             self.input_shape = next(iter(shapes.values()))
             self.personal = self.model.keep_personal(self.input_shape)
             dp_units = {h: privacy_units(self.config, self.counts[h]) for h in sorted(shapes)} if self.config.privacy.dp_sgd.enabled else {}

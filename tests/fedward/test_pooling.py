@@ -7,11 +7,15 @@ import dataclasses
 
 import numpy as np
 import pytest
+import yaml
 
+from fedward.actors.hospital import Hospital
+from fedward.config import parse_config
 from fedward.errors import AggregationError
 from fedward import pooling
 from fedward.keys import agree, derive_key, keystream, new_private_key, open_sealed, public_bytes
 from fedward.pooling import EvaluationKey
+from tests.conftest import ehr_config
 from tests.consortium import consortium
 
 
@@ -64,9 +68,29 @@ def test_the_driver_reads_no_key_and_a_restarted_hospital_finds_its_own(tmp_path
     summed = pooling.add([keys["a"].pad(stats[0]), keys["b"].pad(stats[1])])
     restarted = EvaluationKey("b", "run-1", tmp_path / "b")  # a new process of hospital b
     assert np.array_equal(restarted.open(summed)["positive_hist"], stats[0]["positive_hist"] + stats[1]["positive_hist"])
-    # Another run's key opens nothing of this one.
-    other = _keys(tmp_path / "other")
-    assert not np.array_equal(other["b"].open(summed)["positive_hist"], stats[0]["positive_hist"] + stats[1]["positive_hist"])
+    other = _keys(tmp_path / "other")  # another run's key opens nothing of this one
+    with pytest.raises(AggregationError, match=r"b: the sum of \['a', 'b'\] was padded under another evaluation key than its own"):
+        other["b"].open(summed)
+
+
+def test_a_hospital_a_new_set_up_leaves_out_pads_nothing_and_the_driver_is_told_why(tmp_path):
+    """A new driver session deals again; hospital c's acceptance is lost. Its old key is gone, so
+    it pads nothing, rather than pads no other hospital can remove, and the set-up names it."""
+    keys = _keys(tmp_path)
+    rng = np.random.default_rng(4)
+    before = keys["c"].pad(_statistics(rng))
+    honest = pooling.in_process(list(keys.values()))
+
+    def losing_c(method, arguments):
+        lost = method == "evaluation_accept" and "c" in arguments
+        answers, failed = honest(method, {h: a for h, a in arguments.items() if not (lost and h == "c")})
+        return answers, {**failed, **({"c": "HospitalError: c did not answer"} if lost else {})}
+
+    assert pooling.deal(sorted(keys), losing_c) == {"c": "HospitalError: c did not answer"}
+    assert keys["a"].ready and keys["b"].ready and not keys["c"].ready
+    with pytest.raises(AggregationError, match=r"hospitals padded statistics under different evaluation keys") as mixed:
+        pooling.add([keys["a"].pad(_statistics(rng)), before])
+    assert "['a']" in str(mixed.value) and "['c']" in str(mixed.value)  # each key's hospitals named
 
 
 def test_pooled_figures_skip_a_hospital_that_fails_to_open_and_name_the_hospitals_pooled(tmp_path):
@@ -122,3 +146,24 @@ def test_in_cross_site_mode_a_driver_that_swaps_a_key_offer_for_its_own_gets_no_
     padded = keys["a"].pad(statistics)  # any hospital's: the driver now holds every pad
     pad = keystream(derive_key(key, purpose="evaluation pad", run_id="run-1", round=0, parties=("a", padded.nonce.hex())), 8 * 5)
     assert np.array_equal((padded.values - np.frombuffer(pad, np.uint64)).view(np.int64) / 2.0**pooling.FRACTION_BITS, statistics["positive_hist"])
+
+
+def test_a_hospital_in_cross_site_mode_signs_its_offer_and_checks_those_it_is_sent(demo_data, tmp_path):
+    """The same checks, reached as a driver reaches a hospital: through its own policy and identity."""
+    names = ["hospital_a", "hospital_b"]
+    _, identities = consortium(tmp_path / "pki", names)
+    config = parse_config(ehr_config(demo_data, tmp_path, name="offers"))
+    for h in names:
+        site = tmp_path / "sites" / h
+        site.mkdir(parents=True, exist_ok=True)
+        (site / "policy.yaml").write_text(yaml.safe_dump({"consortium": {"identity": str(identities[h].folder), "roster": names,
+                                                                         "fewest_hospitals": 2, "updates": "plain"}}))
+    a, b = (Hospital(h, config, "offers") for h in names)
+    a.load(), b.load()
+    offers = {"hospital_a": a.evaluation_public_key(), "hospital_b": b.evaluation_public_key()}
+    assert all(o.signature and o.certificate for o in offers.values())
+    swapped = {**offers, "hospital_b": dataclasses.replace(offers["hospital_b"], public=public_bytes(new_private_key()))}
+    with pytest.raises(AggregationError, match=r"hospital_a: refuses to seal the evaluation key to 'hospital_b': its key offer is refused"):
+        a.evaluation_deal(swapped)
+    b.evaluation_accept(offers["hospital_a"], a.evaluation_deal(offers)["hospital_b"])
+    assert (a.run_dir / pooling.KEY_FILE).read_bytes() == (b.run_dir / pooling.KEY_FILE).read_bytes()

@@ -28,7 +28,7 @@ def test_protocol_messages_cross_as_json_exactly():
         Advertisement(b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, 40.0, b"-----BEGIN", b"\x00\xff"),
         MaskingSetup(2, 0.25, {"hospital_a": b"k"}, {"hospital_b": b"s"}),
         Unmask(("hospital_a", "hospital_b"), (), {"hospital_a": b"sig"}),
-        Evaluation(2, "hospital_a", 30, {"auroc": 0.81}, {"positive_bins": np.array([1, 2])}, PaddedStatistics("hospital_a", b"n", (("x", (2,)),), np.array([1, 2], np.uint64))),
+        Evaluation(2, "hospital_a", 30, {"auroc": 0.81}, {"positive_bins": np.array([1, 2])}, PaddedStatistics("hospital_a", b"k", b"n", (("x", (2,)),), np.array([1, 2], np.uint64))),
         {("hospital_a", 1): [1, 2.5, None, True, "x"], "inf": float("-inf")},
     ]
     for message in messages:

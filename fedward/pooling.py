@@ -162,8 +162,8 @@ class EvaluationKey:
         for name, offer in sorted(peers.items()):
             self._check_offer(name, offer, "seal the evaluation key to")
         key = os.urandom(32)
-        self._keep(key)
         sealed = {h: seal(self._pair_key(h, offer.public), key, h.encode()) for h, offer in peers.items()}
+        self._keep(key)  # only once it is sealed to every peer: a failed deal leaves no key here
         self._private = None  # one set-up per key pair: a replayed request finds none
         return sealed
 

@@ -3,18 +3,23 @@
 In cross-site mode each hospital runs its own service on its own machines. A caller gets through
 only with a certificate the consortium's authority signed (checked in the TLS handshake), that
 is within its validity and not revoked (checked on every call against the revocation list on the
-hospital's own disk, re-read when it changes). Messages are JSON objects: nothing a caller sends
+hospital's own disk, re-read when it changes). The driver checks each service's certificate the
+same way against its own list, and that it names the hospital it means to call. Messages are JSON objects: nothing a caller sends
 is code, or is deserialized as code.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fedward.certificates import Identity, PeerRefused
 from fedward.errors import ConfigError
@@ -56,6 +61,23 @@ def connect(identity: Identity, target: str, server_name: str) -> grpc.Channel:
     options = [("grpc.ssl_target_name_override", server_name), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
     return grpc.secure_channel(target, credentials, options=options)
+
+
+def service_name(identity: Identity, target: str, server_name: str, timeout_s: float) -> str:
+    """The name the certificate of the service at `target` vouches for now, checked against this
+    party's own revocation list; PeerRefused naming why not. gRPC's handshake checks the authority
+    and the validity, but Python's gRPC does not show the certificate it received, so it is read in
+    a TLS handshake of its own, with the same authority, certificate and server name."""
+    context = ssl.create_default_context(cafile=str(identity.authority_file))
+    context.load_cert_chain(identity.certificate_file, identity.key_file)
+    context.set_alpn_protocols(["h2"])
+    host, port = target.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as raw, context.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise PeerRefused(f"no TLS handshake with the service at {target}: {e}") from None
+    return identity.vouch(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM))
 
 
 def call(channel: grpc.Channel, method: str, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:

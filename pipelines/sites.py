@@ -17,8 +17,8 @@ import grpc
 import ray
 
 from fedward import wire
-from fedward.certificates import Identity
-from fedward.channel import call, connect
+from fedward.certificates import Identity, PeerRefused
+from fedward.channel import call, connect, service_name
 from fedward.config import FedwardConfig, config_to_dict
 from fedward.errors import ConfigError, HospitalError
 from fedward.types import Failure
@@ -36,9 +36,15 @@ class Site:
 
     def ask(self, method: str, message: dict[str, Any]) -> dict[str, Any]:
         """One call to the service; its answer, or HospitalError naming why there is none."""
-        host = self.address.rsplit(":", 1)[0]
+        host, identity = self.address.rsplit(":", 1)[0], Identity(self.identity, self.identity_name)
         try:
-            with connect(Identity(self.identity, self.identity_name), self.address, host) as channel:
+            named = service_name(identity, self.address, host, self.timeout_s)
+        except PeerRefused as e:
+            raise HospitalError(f"{self.hospital}: its service at {self.address} is refused: {e}") from None
+        if named != self.hospital:
+            raise HospitalError(f"{self.hospital}: the service at {self.address} is certified as {named!r}; check hospitals.{self.hospital}.address")
+        try:
+            with connect(identity, self.address, host) as channel:
                 reply = call(channel, method, message, self.timeout_s)
         except grpc.RpcError as e:
             raise HospitalError(f"{self.hospital}: its service at {self.address} did not answer: {e.code().name}: {e.details()}") from None

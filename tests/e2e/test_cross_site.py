@@ -17,7 +17,9 @@ from fedward.audit import AUDIT_LOG, read
 from fedward.certificates import Identity, revoke
 from fedward.channel import call, connect
 from fedward.config import parse_config
+from fedward.errors import HospitalError
 from fedward.pipelines.run import Pipeline
+from fedward.pipelines.sites import Site
 from tests.conftest import HOSPITALS, ehr_config
 from tests.consortium import consortium, enrol, publish
 
@@ -128,3 +130,18 @@ def test_a_caller_without_a_valid_certificate_a_revoked_one_another_authoritys_o
         with pytest.raises(grpc.RpcError) as refused:
             call(channel, "Open", opening, TIMEOUT_S)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "was revoked on" in refused.value.details()
+
+
+def test_the_driver_calls_only_the_hospital_it_means_and_refuses_a_service_its_own_list_revokes(one_site, tmp_path):
+    sites = one_site
+    address, driver = sites.addresses["hospital_b"], tmp_path / "pki" / "driver"
+    opening = {"run_id": "r", "config": {}}
+    with pytest.raises(HospitalError, match=r"hospital_a: the service at .* is certified as 'hospital_b'; check hospitals.hospital_a.address"):
+        Site("hospital_a", address, driver, "driver", TIMEOUT_S).ask("Open", opening)  # a config that points at the wrong site
+    reached = Site("hospital_b", address, driver, "driver", TIMEOUT_S)
+    with pytest.raises(HospitalError, match=r"hospital_b: the run's config does not name this hospital once"):  # the service's own answer
+        reached.ask("Open", opening)
+    revoke(sites.authority, tmp_path / "pki" / "hospital_b" / "hospital_b.crt")
+    publish(sites.authority, driver)  # the driver's operator installs the new revocation list
+    with pytest.raises(HospitalError, match=r"hospital_b: its service at .* is refused: .*was revoked on"):
+        reached.ask("Open", opening)

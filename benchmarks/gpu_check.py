@@ -43,13 +43,20 @@ from fedward.data_adapters.demo import write_demo_data  # noqa: E402
 from fedward.pipelines.run import Pipeline  # noqa: E402
 
 
-def demo(data: Path, runs: Path, name: str, precision: str, gpus: float) -> dict:
-    raw = yaml.safe_load((ROOT / "configs" / "demo_images.yaml").read_text())
-    raw["run"].update({"name": name, "root": str(runs), "rounds": 2, "hosting": "per_hospital"})
-    raw["train"]["precision"] = precision
-    raw["explain"] = {"enabled": False}
-    raw["data"]["min_samples"] = 20
+def demo(kind: str, data: Path, runs: Path, name: str, hosting: str, gpus: float, train: dict, **sections) -> dict:
+    """configs/demo_KIND.yaml for 2 rounds on the hospitals in `data`, explanations off, with
+    `train` and whole `sections` in place of the demo's."""
+    raw = yaml.safe_load((ROOT / "configs" / f"demo_{kind}.yaml").read_text())
+    raw["run"].update({"name": name, "root": str(runs), "rounds": 2, "hosting": hosting})
+    raw["train"].update(train)
+    raw.update({"explain": {"enabled": False}, **sections})
     raw["hospitals"] = [{"name": h.name, "data": str(h), "gpus": gpus} for h in sorted(data.glob("hospital_*"))]
+    return raw
+
+
+def images(data: Path, runs: Path, name: str, precision: str, gpus: float) -> dict:
+    raw = demo("images", data, runs, name, "per_hospital", gpus, {"precision": precision})
+    raw["data"]["min_samples"] = 20
     return raw
 
 
@@ -62,15 +69,6 @@ VARIANTS = {
     "fedrep": ({"name": "fedrep"}, "fp32", {}),
     "dp_sgd": ({"name": "fedavg"}, "fp32", {"dp_sgd": {"enabled": True, "noise_multiplier": 1.0, "epsilon": 10.0}}),
 }
-
-
-def ehr(data: Path, runs: Path, name: str, strategy: dict, precision: str, privacy: dict, gpus: float) -> dict:
-    raw = yaml.safe_load((ROOT / "configs" / "demo_ehr.yaml").read_text())
-    raw["run"].update({"name": name, "root": str(runs), "rounds": 2, "hosting": "in_process"})
-    raw["train"].update({"precision": precision, "momentum": 0.0})
-    raw.update({"strategy": strategy, "privacy": privacy, "explain": {"enabled": False}, "subgroups": {}})
-    raw["hospitals"] = [{"name": h.name, "data": str(h), "gpus": gpus} for h in sorted(data.glob("hospital_*"))]
-    return raw
 
 
 def figures(run_dir: Path) -> tuple[float, float]:
@@ -115,17 +113,19 @@ def main() -> None:
         root = Path(folder)
         write_demo_data(root / "demo", hospitals=3, seed=0, images_per_hospital=(args.images,) * 3)
         for i, (name, (strategy, precision, privacy)) in enumerate(VARIANTS.items()):
-            config = parse_config(ehr(root / "demo", root / "runs", f"ehr{i}", strategy, precision, privacy, 1 if gpus else 0))
+            raw = demo("ehr", root / "demo", root / "runs", f"ehr{i}", "in_process", 1 if gpus else 0, {"precision": precision, "momentum": 0.0},
+                       strategy=strategy, privacy=privacy, subgroups={})
+            config = parse_config(raw)
             weights = Pipeline(config, progress=False).run()
             assert np.isfinite(weights).all(), name
             print(f"1. EHR, {name}: 2 rounds, pooled AUROC {figures(config.run_dir)[0]:.3f}", flush=True)
 
-        reference = parse_config(demo(root / "demo", root / "runs", "fp32", "fp32", gpus))
+        reference = parse_config(images(root / "demo", root / "runs", "fp32", "fp32", gpus))
         Pipeline(reference, progress=False).run()
         auroc, seconds = figures(reference.run_dir)
         print(f"2. images, fp32, 2 rounds: pooled AUROC {auroc:.3f}, round 2 took {seconds:.2f} s", flush=True)
 
-        resumed_raw = demo(root / "demo", root / "runs", "resumed", "fp32", gpus)
+        resumed_raw = images(root / "demo", root / "runs", "resumed", "fp32", gpus)
         killed_after_round_1(resumed_raw, root)
         weights = Pipeline(parse_config(resumed_raw), progress=False).run()
         expected = load_checkpoint(reference.run_dir).weights
@@ -133,7 +133,7 @@ def main() -> None:
         print(f"3. killed after round 1, resumed: final weights {'bit for bit the same' if same else 'DIFFER'} "
               f"(largest difference {float(np.abs(weights - expected).max()):.3g})", flush=True)
 
-        bf16 = parse_config(demo(root / "demo", root / "runs", "bf16", "bf16", gpus))
+        bf16 = parse_config(images(root / "demo", root / "runs", "bf16", "bf16", gpus))
         Pipeline(bf16, progress=False).run()
         bf16_auroc, bf16_seconds = figures(bf16.run_dir)
         print(f"4. images, bf16, 2 rounds: pooled AUROC {bf16_auroc:.3f} (fp32 {auroc:.3f}), round 2 took {bf16_seconds:.2f} s "

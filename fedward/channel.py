@@ -4,8 +4,8 @@ In cross-site mode each hospital runs its own service on its own machines. A cal
 only with a certificate the consortium's authority signed (checked in the TLS handshake), that
 is within its validity and not revoked (checked on every call against the revocation list on the
 hospital's own disk, re-read when it changes). The driver checks each service's certificate the
-same way against its own list, and that it names the hospital it means to call. Messages are JSON objects: nothing a caller sends
-is code, or is deserialized as code.
+same way against its own list, and that it names the hospital it means to call. Messages are JSON
+objects: nothing a caller sends is code, or is deserialized as code.
 """
 
 from __future__ import annotations
